@@ -1,0 +1,7 @@
+"""Files the project ships and trained itself (see README.md in this folder)."""
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+EMBEDDED_MODEL = ASSETS_DIR / "digits-ddpm"
+DIGITS_FEATURES = ASSETS_DIR / "digits-features"

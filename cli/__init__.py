@@ -1,0 +1,1 @@
+"""The `timetuner` command line: a thin typer shell over the library."""

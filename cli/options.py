@@ -1,0 +1,35 @@
+"""Option aliases shared by the commands, and the one-line handling of user errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Annotated
+
+import typer
+
+from timetuner.errors import UserError
+
+Seed = Annotated[int, typer.Option("--seed", help="Seed of every random draw; same seed, same result.")]
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Hub id or local diffusers pipeline folder; default: the embedded "
+                 "digits model (assets/digits-ddpm)."),
+]
+Cpu = Annotated[bool, typer.Option("--cpu", help="Run on CPU even when a GPU is available.")]
+
+
+def user_command(fn):
+    """Turn a UserError into `Error: <message>` on stderr and exit code 2 (TIMETUNER_DEBUG=1: traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("TIMETUNER_DEBUG"):
+                raise
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

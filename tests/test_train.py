@@ -1,0 +1,118 @@
+"""The training loop and `timetuner train`: output pipeline, logs, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from timetuner.cli.main import app
+from timetuner.trainers import train
+from timetuner.trainers.loop import TrainConfig, checkpoint_dirs
+from typer.testing import CliRunner
+
+from timetuner.errors import UserError
+
+runner = CliRunner()
+
+
+def test_run_folder_is_a_ddpm_pipeline_that_samples(tiny_run):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    assert (tiny_run / "samples.png").is_file()
+    config = json.loads((tiny_run / "train_config.json").read_text())
+    assert config["preset"] == "digits-tiny" and config["steps"] == 20 and config["resolution"] == 8
+    assert [p.name for p in checkpoint_dirs(tiny_run)] == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_log_has_loss_per_timestep_bucket(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    buckets = records[-1]["bucket_loss"]
+    assert len(buckets) == 10
+    assert all(b is None or b > 0 for b in buckets) and any(b is not None for b in buckets)
+
+
+def test_saved_unet_holds_the_ema_weights(tiny_run):
+    final = load_file(tiny_run / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(tiny_run / "checkpoints" / "checkpoint-20" / "model.safetensors")
+    assert final.keys() == raw.keys()
+    assert any(not torch.equal(final[k], raw[k]) for k in final)
+
+
+def test_resume_continues_step_counter_and_optimizer_state(tmp_path):
+    straight = train(tiny_config(tmp_path / "straight"))
+    half = train(tiny_config(tmp_path / "resumed", steps=10))
+    resumed = train(tiny_config(tmp_path / "resumed", steps=20, resume=True))
+    assert resumed == half
+    ckpt_a, ckpt_b = straight / "checkpoints" / "checkpoint-20", resumed / "checkpoints" / "checkpoint-20"
+    opt_a = torch.load(ckpt_a / "optimizer.bin", weights_only=False)
+    opt_b = torch.load(ckpt_b / "optimizer.bin", weights_only=False)
+    # AdamW's own counter carried on from 10 to 20: the moments were restored, not restarted.
+    assert {float(s["step"]) for s in opt_b["state"].values()} == {20.0}
+    for key in opt_a["state"][0]:
+        assert torch.equal(opt_a["state"][0][key], opt_b["state"][0][key]), key
+    # Same seeds, same batches: the resumed run ends bit-identical to the uninterrupted one.
+    weights_a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    weights_b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_cli_train_finishes(tmp_path):
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["train", "--preset", "digits-tiny", "--steps", "4", "--out", str(out),
+                                 "--batch-size", "8", "--sample-n", "4", "--sample-steps", "2", "--cpu"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model_index.json").is_file() and (out / "unet" / "config.json").is_file()
+
+
+def _write_png(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--preset", "huge"], "--preset 'huge'"),
+        (["--data", "{tmp}/missing"], "missing"),
+        (["--data", "{tmp}/empty"], "holds no images"),
+        (["--data", "{tmp}/bad"], "broken.png"),
+        (["--preset", "digits", "--resolution", "10"], "--resolution 10"),
+        (["--resume"], "--resume"),
+        (["--sampler", "magic"], "--sampler 'magic'"),
+        (["--steps", "0"], "--steps 0"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_leaves_no_output(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    _write_png(tmp_path / "bad" / "ok.png")
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = runner.invoke(app, ["train", "--out", str(out), "--steps", "2", *args] if "--steps" not in args
+                           else ["train", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
+    assert not out.exists()
+
+
+def test_out_folder_of_another_run_is_not_clobbered(tiny_run):
+    with pytest.raises(UserError, match="already holds files"):
+        train(TrainConfig(out=str(tiny_run), preset="digits-tiny", steps=1))
+
+
+def test_resume_refuses_a_different_architecture(tiny_run):
+    with pytest.raises(UserError, match="--preset 'digits'"):
+        train(TrainConfig(out=str(tiny_run), preset="digits", steps=30, resume=True))

@@ -1,0 +1,339 @@
+"""The training loop behind `timetuner train`: accelerate, EMA, checkpoints and resume, pipeline output.
+
+    from timetuner.trainers import TrainConfig, train
+    train(TrainConfig(out="runs/digits", preset="digits", steps=20_000))
+
+The run folder ends up as a diffusers pipeline (`DDPMPipeline.from_pretrained(out)` loads it, with the EMA
+weights as its UNet) beside `train_config.json`, `log.jsonl`, `samples.png` and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timetuner.trainers.data import load_training_data
+from timetuner.trainers.presets import get_preset
+from timetuner.trainers.samplers import make_sampler
+from timetuner.trainers.weighting import make_weighting
+
+from timetuner.errors import UserError, check_choice
+
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+LOSS_BUCKETS = 10
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_MUST_MATCH = ("preset", "data", "resolution", "channels", "num_train_timesteps", "beta_schedule",
+                     "prediction_type", "sampler", "weighting")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; written to `train_config.json` beside its output."""
+
+    out: str
+    preset: str = "digits"
+    data: str = "digits"  # "digits" or an image folder
+    resolution: int | None = None  # None: the preset's default
+    channels: int | None = None  # None: 1 for digits, 3 for image folders
+    steps: int = 20_000
+    batch_size: int | None = None  # per process; None: the preset's default
+    learning_rate: float | None = None  # None: the preset's default
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    sampler: str = "uniform"
+    weighting: str = "none"
+    hflip: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    sample_n: int = 64
+    sample_steps: int = 100  # DDIM steps for the final sample grid
+    seed: int = 0
+    resume: bool = False
+    cpu: bool = False
+    mixed_precision: str = "no"
+
+
+@dataclass
+class TrainState:
+    """The step counter, checkpointed with the model by `accelerator.save_state`."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def _resolved(config: TrainConfig) -> TrainConfig:
+    """Fill the preset-dependent defaults and check every setting; raises UserError for a bad one."""
+    preset = get_preset(config.preset)
+    resolution = config.resolution or preset.resolution
+    preset.check_resolution(config.preset, resolution)
+    channels = config.channels or (1 if config.data == "digits" else 3)
+    for name, value, low in (("--steps", config.steps, 1), ("--batch-size", config.batch_size, 1),
+                             ("--checkpoint-every", config.checkpoint_every, 1),
+                             ("--keep-checkpoints", config.keep_checkpoints, 1),
+                             ("--log-every", config.log_every, 1), ("--sample-n", config.sample_n, 0),
+                             ("--sample-steps", config.sample_steps, 1), ("--warmup-steps", config.warmup_steps, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{name} {value} is invalid; accepted: integers >= {low}")
+    if config.learning_rate is not None and not config.learning_rate > 0:
+        raise UserError(f"--learning-rate {config.learning_rate} is invalid; accepted: a positive number")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise UserError(f"--ema-decay {config.ema_decay} is invalid; accepted: 0 <= decay < 1")
+    check_choice("--lr-schedule", config.lr_schedule, {"constant", "cosine"})
+    check_choice("--beta-schedule", config.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
+    check_choice("--prediction-type", config.prediction_type, {"epsilon", "v_prediction", "sample"})
+    check_choice("--mixed-precision", config.mixed_precision, {"no", "fp16", "bf16"})
+    make_sampler(config.sampler, config.num_train_timesteps)
+    make_weighting(config.weighting)
+    return dataclasses.replace(
+        config,
+        resolution=resolution,
+        channels=channels,
+        batch_size=config.batch_size or preset.batch_size,
+        learning_rate=config.learning_rate or preset.learning_rate,
+    )
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+            and p.name.split("-", 1)[1].isdigit()]
+    return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def _check_output(config: TrainConfig) -> None:
+    """Refuse to clobber another run, and `--resume` without a compatible checkpoint."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {config.out!r} is a file; accepted: a new or existing run folder")
+    if config.resume:
+        if not checkpoint_dirs(out):
+            raise UserError(f"--resume: no checkpoint under {str(out / CHECKPOINTS)!r}; accepted: the --out "
+                            "folder of an earlier run that saved a checkpoint")
+        saved_path = out / CONFIG_FILE
+        if saved_path.is_file():
+            saved = json.loads(saved_path.read_text())
+            for key in RESUME_MUST_MATCH:
+                if key in saved and saved[key] != getattr(config, key):
+                    raise UserError(f"--resume: --{key.replace('_', '-')} {getattr(config, key)!r} differs from "
+                                    f"the checkpointed run's {saved[key]!r}; accepted: the same value")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {config.out!r} already holds files; accepted: an empty or new folder, "
+                        "or --resume to continue that run")
+
+
+def _noise_scheduler(config: TrainConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                         prediction_type=config.prediction_type)
+
+
+def _target(noise_scheduler, x0, noise, t, prediction_type):
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _save_pipeline(unet, noise_scheduler, out: Path) -> None:
+    """Write the diffusers pipeline files into `out` via a temp folder, so no half-written model remains."""
+    from diffusers import DDPMPipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix=".pipeline-", dir=out))
+    try:
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp)
+        for entry in tmp.iterdir():
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a UNet2DModel DDPM as `config` says; return the run folder (a diffusers pipeline)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from timetuner.plots import save_grid
+    from timetuner.sampling import initial_noise, sample_loop
+
+    config = _resolved(config)
+    _check_output(config)
+    data = load_training_data(config.data, config.resolution, config.channels)  # errors before any output
+
+    out = Path(config.out)
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                              project_config=ProjectConfiguration(project_dir=str(out)))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / CONFIG_FILE, {**dataclasses.asdict(config),
+                                               "num_processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+
+    preset = get_preset(config.preset)
+    torch.manual_seed(config.seed)  # model initialisation
+    unet = UNet2DModel(**preset.unet_config(config.resolution, config.channels))
+    noise_scheduler = _noise_scheduler(config)
+    sampler = make_sampler(config.sampler, config.num_train_timesteps)
+    weighting = make_weighting(config.weighting)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_scheduler = get_scheduler(
+        "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+        num_training_steps=config.steps * accelerator.num_processes,
+    )
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+    state = TrainState()
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema.to(accelerator.device)
+    for obj in (ema, sampler, state):
+        accelerator.register_for_checkpointing(obj)
+
+    if config.resume:
+        latest = checkpoint_dirs(out)[-1]
+        accelerator.load_state(str(latest))
+        accelerator.print(f"resumed from {latest} at step {state.step}")
+
+    data = data.to(accelerator.device)
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    bucket_sum = torch.zeros(LOSS_BUCKETS, device=accelerator.device)
+    bucket_count = torch.zeros(LOSS_BUCKETS, device=accelerator.device)
+    log_path = out / LOG_FILE
+    progress = tqdm(total=config.steps, initial=min(state.step, config.steps), desc="train",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    running, started = None, time.perf_counter()
+
+    while state.step < config.steps:
+        # Every draw of a step comes from a generator keyed by (seed, step, process): a resumed run sees
+        # exactly the batches, timesteps and noise the uninterrupted run would have seen.
+        gen = torch.Generator(device="cpu").manual_seed(
+            (config.seed * 1_000_003 + state.step) * 4099 + accelerator.process_index)
+        idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen)
+        x0 = data[idx.to(data.device)]
+        if config.hflip:
+            flip = torch.rand(config.batch_size, generator=gen) < 0.5
+            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        t, w_sampler = sampler.sample(config.batch_size, state.step, gen, x0=x0)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t, w_sampler = t.to(x0.device), w_sampler.to(x0.device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        with accelerator.accumulate(unet):
+            pred = unet(noisy, t).sample
+            target = _target(noise_scheduler, x0, noise, t, config.prediction_type)
+            per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+            weight = w_sampler * weighting(t, noise_scheduler).to(x0.device)
+            loss = (weight * per_sample).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.grad_clip > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        sampler.update(t, per_sample.detach(), state.step)
+        ema.step(accelerator.unwrap_model(unet).parameters())
+        state.step += 1
+
+        bucket = (t * LOSS_BUCKETS // config.num_train_timesteps).clamp(max=LOSS_BUCKETS - 1)
+        bucket_sum.index_add_(0, bucket, per_sample.detach().float())
+        bucket_count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float32))
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        progress.update(1)
+        progress.set_postfix(loss=f"{running:.4f}", refresh=False)
+
+        if state.step % config.log_every == 0 or state.step == config.steps:
+            sums, counts = accelerator.reduce(bucket_sum, "sum"), accelerator.reduce(bucket_count, "sum")
+            if accelerator.is_main_process:
+                record = {
+                    "step": state.step, "loss": value, "loss_ema": running, "lr": lr_scheduler.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "bucket_loss": [round(float(s / c), 6) if c > 0 else None
+                                    for s, c in zip(sums, counts, strict=True)],
+                    "alpha_bar_at_bucket_edges": [
+                        round(float(alphas[min(i * config.num_train_timesteps // LOSS_BUCKETS,
+                                                config.num_train_timesteps - 1)]), 6)
+                        for i in range(LOSS_BUCKETS)],
+                }
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bucket_sum.zero_()
+            bucket_count.zero_()
+
+        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+            _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
+        ema.copy_to(final.parameters())
+        final.eval()
+        _save_pipeline(final, noise_scheduler, out)
+        if config.sample_n > 0:
+            gen = torch.Generator(device="cpu").manual_seed(config.seed)
+            noise = initial_noise(config.sample_n, (config.channels, config.resolution, config.resolution), gen)
+            ddim = DDIMScheduler.from_config(noise_scheduler.config)
+            images = sample_loop(final.to(accelerator.device), ddim, noise, config.sample_steps)
+            save_grid(images, out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    """`accelerator.save_state` into checkpoints/checkpoint-STEP via a temp folder; keep the newest `keep`."""
+    root = out / CHECKPOINTS
+    final = root / f"checkpoint-{step}"
+    if final.exists():
+        return
+    tmp = root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
