@@ -1,0 +1,190 @@
+"""`TauTable`: the fitted artifact — one network timestep τ per evaluation of a few-step sampler.
+
+Notation (paper §3, Alg. 1):
+
+    t    the timesteps the solver uses for its update coefficients (the scheduler's own `timesteps`)
+    tau  τ, the timesteps the network is fed instead, one per network evaluation
+
+Stored as safetensors (tensors `t`, `tau`, float64) with the metadata as JSON in the header: which scheduler
+and configuration, step count, model, how it was fitted, and how well it did on held-out seeds. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from timetuner.errors import UserError
+
+FORMAT = "timetuner.TauTable/1"
+# Scheduler config keys that decide the timesteps or the update; a table refuses schedulers differing in one.
+# `lower_order_final` is ignored: DPM-Solver rewrites it itself inside set_timesteps for some configurations.
+IGNORED_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_use_default_values", "lower_order_final"}
+
+
+@dataclass(frozen=True)
+class TauTable:
+    """τ per network evaluation for one scheduler configuration and step count."""
+
+    t: torch.Tensor
+    tau: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        t = torch.as_tensor(self.t, dtype=torch.float64).flatten()
+        tau = torch.as_tensor(self.tau, dtype=torch.float64).flatten()
+        object.__setattr__(self, "t", t)
+        object.__setattr__(self, "tau", tau)
+        _validate(t, tau, self.metadata, source="TauTable")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations the table covers."""
+        return int(self.t.numel())
+
+    @property
+    def num_inference_steps(self) -> int:
+        """The `num_inference_steps` the table was made for (what the pipeline is called with)."""
+        return int(self.metadata["num_inference_steps"])
+
+    @property
+    def scheduler_class(self) -> str:
+        return str(self.metadata["scheduler_class"])
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.metadata.get("scheduler_config", {}))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when τ = t everywhere (the plain sampler)."""
+        return bool(torch.equal(self.t, self.tau))
+
+    @classmethod
+    def identity(cls, scheduler, num_inference_steps: int, **metadata) -> TauTable:
+        """τ = t for `scheduler` at `num_inference_steps` (the plain sampler, the starting point of a fit)."""
+        config = config_dict(scheduler.config)  # before set_timesteps, which some schedulers let rewrite it
+        fresh = type(scheduler).from_config(scheduler.config)
+        fresh.set_timesteps(num_inference_steps)
+        t = fresh.timesteps.detach().to(torch.float64).cpu()
+        meta = {
+            "scheduler_class": type(scheduler).__name__,
+            "scheduler_config": config,
+            "num_inference_steps": num_inference_steps,
+            "nfe": int(t.numel()),
+            **metadata,
+        }
+        return cls(t, t.clone(), meta)
+
+    def with_tau(self, tau, **metadata) -> TauTable:
+        """A copy with new τ values and extra metadata."""
+        return TauTable(self.t, torch.as_tensor(tau, dtype=torch.float64), {**self.metadata, **metadata})
+
+    def check_scheduler(self, scheduler) -> None:
+        """Raise a UserError unless `scheduler` has this table's class and configuration."""
+        name = type(scheduler).__name__
+        if name != self.scheduler_class:
+            raise UserError(f"table made for {self.scheduler_class} cannot load onto {name}; accepted: a "
+                            f"{self.scheduler_class} with the table's configuration")
+        mine, theirs = self.scheduler_config, config_dict(scheduler.config)
+        for key in sorted(set(mine) | set(theirs)):
+            if key in IGNORED_CONFIG_KEYS or key.startswith("_"):
+                continue
+            if key in mine and key in theirs and mine[key] != theirs[key]:
+                raise UserError(f"table made for {name} with {key}={mine[key]!r} cannot load onto one with "
+                                f"{key}={theirs[key]!r}; accepted: the table's configuration")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as safetensors with JSON metadata, atomically (temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            header = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True, default=_json_default)}
+            save_file({"t": self.t.contiguous(), "tau": self.tau.contiguous()}, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TauTable:
+        """Read and validate a table file; a missing, foreign or corrupt file is a UserError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"table {str(path)!r} does not exist; accepted: a .safetensors file written by "
+                            "`timetuner fit`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise UserError(f"table {str(path)!r} is not a readable safetensors file ({err.__class__.__name__})"
+                            "; accepted: a file written by `timetuner fit`") from None
+        if header.get("format") != FORMAT or set(tensors) != {"t", "tau"}:
+            raise UserError(f"table {str(path)!r} is not a timetuner table (format {header.get('format')!r}); "
+                            f"accepted: format {FORMAT!r} with tensors t and tau")
+        try:
+            metadata = json.loads(header["metadata"])
+        except (KeyError, json.JSONDecodeError):
+            raise UserError(f"table {str(path)!r} has corrupt metadata; accepted: a file written by "
+                            "`timetuner fit`") from None
+        try:
+            return cls(tensors["t"], tensors["tau"], metadata)
+        except UserError as err:
+            raise UserError(f"table {str(path)!r}: {err}") from None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (what `TunedScheduler` stores in its saved config)."""
+        return {"t": self.t.tolist(), "tau": self.tau.tolist(), "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TauTable:
+        return cls(torch.tensor(data["t"], dtype=torch.float64), torch.tensor(data["tau"], dtype=torch.float64),
+                   dict(data.get("metadata", {})))
+
+
+def config_dict(config) -> dict:
+    """A scheduler config as a plain JSON-able dict (lists for tuples, no private keys)."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
+                                 default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _validate(t: torch.Tensor, tau: torch.Tensor, metadata: dict, source: str) -> None:
+    """Shapes, finiteness and monotonic sense of a table; UserError naming the problem."""
+    for key in ("scheduler_class", "num_inference_steps"):
+        if key not in metadata:
+            raise UserError(f"{source}: metadata lacks {key!r}; accepted: tables made by TauTable.identity or fit")
+    if t.numel() == 0 or t.shape != tau.shape:
+        raise UserError(f"{source}: t has {t.numel()} entries and tau {tau.numel()}; accepted: equal, non-zero")
+    if "nfe" in metadata and int(metadata["nfe"]) != t.numel():
+        raise UserError(f"{source}: metadata says nfe={metadata['nfe']} but the table has {t.numel()} entries")
+    if not (torch.isfinite(t).all() and torch.isfinite(tau).all()):
+        raise UserError(f"{source}: t or tau holds a non-finite value; accepted: finite timesteps")
+    # Samplers run from noise to data: t never increases (Heun repeats each t once).
+    if t.numel() > 1 and (t[1:] > t[:-1] + 1e-9).any():
+        raise UserError(f"{source}: t increases somewhere ({t.tolist()}); accepted: non-increasing timesteps")
+    total = metadata.get("scheduler_config", {}).get("num_train_timesteps")
+    if total is not None and ((tau < 0).any() or (tau > total).any()):
+        raise UserError(f"{source}: tau leaves [0, {total}] ({tau.tolist()}); accepted: timesteps in range")
