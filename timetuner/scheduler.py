@@ -26,7 +26,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from timetuner.errors import UserError
-from timetuner.table import TauTable, config_dict
+from timetuner.table import TauTable, config_dict, set_grid
 
 logger = logging.getLogger(__name__)
 MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps
@@ -109,12 +109,16 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         for name in custom:
             if name not in accepted:
                 raise ValueError(f"{type(self.inner).__name__}.set_timesteps does not accept custom {name}")
-        self.inner.set_timesteps(num_inference_steps, device=device, **custom, **kwargs)
+        table = self.tables.get(num_inference_steps) if not custom else None
+        if table is not None and "timesteps" in table.metadata:
+            # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
+            set_grid(self.inner, num_inference_steps, table.metadata["timesteps"], device=device)
+        else:
+            self.inner.set_timesteps(num_inference_steps, device=device, **custom, **kwargs)
         t = self.inner.timesteps
         self._inner_timesteps = t
-        self.num_inference_steps = getattr(self.inner, "num_inference_steps", num_inference_steps)
+        self.num_inference_steps = getattr(self.inner, "num_inference_steps", None) or num_inference_steps
         self._k = 0
-        table = self.tables.get(self.num_inference_steps) if not custom else None
         if table is None:
             if self.tables and not custom:
                 logger.warning("TunedScheduler has no table for %s steps (tables: %s); sampling with plain "

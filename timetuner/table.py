@@ -66,17 +66,23 @@ class TauTable:
         return bool(torch.equal(self.t, self.tau))
 
     @classmethod
-    def identity(cls, scheduler, num_inference_steps: int, **metadata) -> TauTable:
-        """τ = t for `scheduler` at `num_inference_steps` (the plain sampler, the starting point of a fit)."""
+    def identity(cls, scheduler, num_inference_steps: int, timesteps: list[int] | None = None,
+                 **metadata) -> TauTable:
+        """τ = t for `scheduler` at `num_inference_steps` (the plain sampler, the starting point of a fit).
+
+        `timesteps`: an explicit grid (see `timetuner.trajectories`); the table carries it, so that
+        `TunedScheduler.set_timesteps(num_inference_steps)` sets the same grid on the wrapped scheduler.
+        """
         config = config_dict(scheduler.config)  # before set_timesteps, which some schedulers let rewrite it
         fresh = type(scheduler).from_config(scheduler.config)
-        fresh.set_timesteps(num_inference_steps)
+        set_grid(fresh, num_inference_steps, timesteps)
         t = fresh.timesteps.detach().to(torch.float64).cpu()
         meta = {
             "scheduler_class": type(scheduler).__name__,
             "scheduler_config": config,
             "num_inference_steps": num_inference_steps,
             "nfe": int(t.numel()),
+            **({"timesteps": [int(v) for v in timesteps]} if timesteps is not None else {}),
             **metadata,
         }
         return cls(t, t.clone(), meta)
@@ -153,6 +159,16 @@ class TauTable:
     def from_dict(cls, data: dict) -> TauTable:
         return cls(torch.tensor(data["t"], dtype=torch.float64), torch.tensor(data["tau"], dtype=torch.float64),
                    dict(data.get("metadata", {})))
+
+
+def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = None, device=None) -> None:
+    """`scheduler.set_timesteps` for K steps, on its own spacing or on an explicit grid of K timesteps."""
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    if len(timesteps) != num_inference_steps:
+        raise UserError(f"explicit grid has {len(timesteps)} timesteps for {num_inference_steps} steps")
+    scheduler.set_timesteps(timesteps=list(timesteps), device=device)
 
 
 def config_dict(config) -> dict:

@@ -1,0 +1,71 @@
+"""Named timestep grids ("trajectories") for K steps, as diffusers scheduler settings or explicit timesteps.
+
+A trajectory is either a configuration of the scheduler itself (DDIM's `timestep_spacing`, Karras σ) or an
+explicit list of timesteps handed to `set_timesteps(timesteps=...)`. Explicit lists travel inside the table's
+metadata, so `TunedScheduler` reproduces them when a pipeline calls `set_timesteps(num_inference_steps)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from timetuner.errors import UserError
+from timetuner.loading import SCHEDULERS, make_scheduler
+
+
+def quadratic_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """t_i = (i/K)² (T−1): dense near the data (Song et al., 2021, DDIM's CIFAR-10 grid)."""
+    grid = (np.linspace(0, np.sqrt((num_train_timesteps - 1) * 0.8), steps) ** 2).round().astype(int)
+    return _descending_unique(grid, num_train_timesteps, steps)
+
+
+def logsnr_timesteps(alphas_cumprod, steps: int) -> list[int]:
+    """Uniform in half log-SNR λ = log(α/σ) between t = T−1 and t = 0 (Lu et al., 2022, DPM-Solver)."""
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = 0.5 * np.log(a / (1 - a))
+    targets = np.linspace(lam[-1], lam[0], steps)
+    grid = np.array([int(np.argmin(np.abs(lam - v))) for v in targets])
+    return _descending_unique(grid, len(a), steps)
+
+
+def _descending_unique(grid, total: int, steps: int) -> list[int]:
+    grid = np.unique(np.clip(grid, 0, total - 1))[::-1].tolist()
+    if len(grid) != steps:
+        raise UserError(f"--nfe asks for {steps} distinct timesteps, more than this grid can place on "
+                        f"{total} training timesteps; accepted: fewer steps")
+    return grid
+
+
+# scheduler name → trajectory name → config overrides ("explicit": computed timesteps instead).
+TRAJECTORIES: dict[str, dict[str, dict]] = {
+    "ddim": {"uniform": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
+             "linspace": {"timestep_spacing": "linspace"}},
+    "dpm2": {"uniform": {}, "logsnr": {"explicit": "logsnr"}, "quadratic": {"explicit": "quadratic"},
+             "karras": {"use_karras_sigmas": True}},
+    "heun": {"karras": {}, "uniform": {"use_karras_sigmas": False}},
+    "euler": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
+    "ddpm": {"uniform": {}},
+}
+DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
+
+
+def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int):
+    """(scheduler, explicit timesteps or None) for a named scheduler and trajectory at K steps."""
+    if scheduler not in SCHEDULERS:
+        make_scheduler(scheduler, base_config)  # raises the one-line error listing the names
+    trajectory = trajectory or DEFAULT_TRAJECTORY[scheduler]
+    options = TRAJECTORIES[scheduler]
+    if trajectory not in options:
+        raise UserError(f"--trajectory {trajectory!r} is not available for --scheduler {scheduler}; accepted: "
+                        f"{', '.join(sorted(options))}")
+    overrides = dict(options[trajectory])
+    explicit = overrides.pop("explicit", None)
+    sched = make_scheduler(scheduler, base_config)
+    if overrides:
+        sched = type(sched).from_config(sched.config, **overrides)
+    timesteps = None
+    if explicit == "quadratic":
+        timesteps = quadratic_timesteps(sched.config.num_train_timesteps, num_inference_steps)
+    elif explicit == "logsnr":
+        timesteps = logsnr_timesteps(sched.alphas_cumprod, num_inference_steps)
+    return sched, timesteps
