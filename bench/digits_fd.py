@@ -17,12 +17,12 @@ import torch
 
 def main() -> None:
     from diffusers import DDPMScheduler, UNet2DModel
-    from timetuner.assets import EMBEDDED_MODEL
-    from timetuner.trainers.data import load_digits_tensor
 
+    from timetuner.assets import EMBEDDED_MODEL
     from timetuner.loading import make_scheduler
     from timetuner.metrics import digits_fd
     from timetuner.sampling import initial_noise, sample_loop
+    from timetuner.trainers.data import load_digits_tensor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(EMBEDDED_MODEL))

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+
 from timetuner.cli.options import Seed, user_command
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from timetuner.cli.features import train_features
-from timetuner.cli.sample import sample
-from timetuner.cli.train import train
 
 from timetuner import __version__
+from timetuner.cli.features import train_features
+from timetuner.cli.fit import fit
+from timetuner.cli.sample import sample
+from timetuner.cli.train import train
 
 app = typer.Typer(
     name="timetuner",
@@ -34,6 +35,7 @@ def _root(
     """Timestep tuning for few-step diffusion sampling, and faster diffusion training."""
 
 
+app.command(name="fit")(fit)
 app.command(name="train")(train)
 app.command(name="train-features")(train_features)
 app.command(name="sample")(sample)

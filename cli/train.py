@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
 from timetuner.cli.options import Cpu, Seed, user_command
 
 

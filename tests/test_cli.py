@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 from PIL import Image
-from timetuner.cli.main import app
 from typer.testing import CliRunner
+
+from timetuner.cli.main import app
 
 runner = CliRunner()
 

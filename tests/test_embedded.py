@@ -7,13 +7,13 @@ import sys
 import textwrap
 
 import torch
-from timetuner.assets import EMBEDDED_MODEL
-from timetuner.trainers.data import load_digits_tensor
 
+from timetuner.assets import EMBEDDED_MODEL
 from timetuner.features import load_digits_features
 from timetuner.loading import make_scheduler
 from timetuner.metrics import digits_fd
 from timetuner.sampling import initial_noise, sample_loop
+from timetuner.trainers.data import load_digits_tensor
 
 
 def test_embedded_model_loads_with_plain_diffusers():

@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-from timetuner.assets import DIGITS_FEATURES, EMBEDDED_MODEL
-
 import timetuner
+from timetuner.assets import DIGITS_FEATURES, EMBEDDED_MODEL
 
 
 def test_namespaced_subpackages_import():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timetuner.trainers import SAMPLERS, WEIGHTINGS, TimestepSampler, make_sampler, make_weighting
 
 from timetuner.errors import UserError
+from timetuner.trainers import SAMPLERS, WEIGHTINGS, TimestepSampler, make_sampler, make_weighting
 
 
 def test_uniform_sampler_follows_the_protocol_and_covers_all_timesteps():

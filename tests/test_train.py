@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
-from timetuner.cli.main import app
-from timetuner.trainers import train
-from timetuner.trainers.loop import TrainConfig, checkpoint_dirs
 from typer.testing import CliRunner
 
+from timetuner.cli.main import app
 from timetuner.errors import UserError
+from timetuner.trainers import train
+from timetuner.trainers.loop import TrainConfig, checkpoint_dirs
 
 runner = CliRunner()
 

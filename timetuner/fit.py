@@ -103,6 +103,11 @@ def _validate(config: FitConfig) -> None:
                         ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
         if value < 1:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
+    from timetuner.trajectories import TRAJECTORIES
+
+    if config.trajectory is not None and config.trajectory not in TRAJECTORIES[config.scheduler]:
+        raise UserError(f"--trajectory {config.trajectory!r} is not available for --scheduler {config.scheduler}; "
+                        f"accepted: {', '.join(sorted(TRAJECTORIES[config.scheduler]))}")
     if config.strategy == "parallel" and config.scheduler not in PARALLEL_SCHEDULERS:
         raise UserError(f"--strategy parallel needs a solver whose evaluations are whole steps; --scheduler "
                         f"{config.scheduler} carries state between them; accepted: {', '.join(PARALLEL_SCHEDULERS)}")

@@ -29,16 +29,38 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, min_tile: int = 32
     return Image.fromarray(array)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a sample grid PNG atomically (temp file, then rename) and return its path."""
+def save_png(image, path: str | Path) -> Path:
+    """Write a PIL image as PNG atomically (temp file, then rename) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        grid_image(images, nrow).save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write a sample grid PNG atomically and return its path."""
+    return save_png(grid_image(images, nrow), path)
+
+
+def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | Path,
+                      labels: tuple[str, str] = ("plain", "tuned")) -> Path:
+    """Two grids of the same noises (e.g. plain and tuned) side by side, labelled, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    a, b = grid_image(left), grid_image(right)
+    gap, top = 16, 14
+    canvas = Image.new(a.mode, (a.width + gap + b.width, top + max(a.height, b.height)), 255 if a.mode == "L" else
+                       (255, 255, 255))
+    canvas.paste(a, (0, top))
+    canvas.paste(b, (a.width + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), labels[0], fill=0 if a.mode == "L" else (0, 0, 0))
+    draw.text((a.width + gap + 2, 1), labels[1], fill=0 if a.mode == "L" else (0, 0, 0))
+    return save_png(canvas, path)

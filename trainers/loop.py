@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from timetuner.errors import UserError, check_choice
 from timetuner.trainers.data import load_training_data
 from timetuner.trainers.presets import get_preset
 from timetuner.trainers.samplers import make_sampler
 from timetuner.trainers.weighting import make_weighting
-
-from timetuner.errors import UserError, check_choice
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
