@@ -47,6 +47,10 @@ def fit(
     from timetuner.fit import fit as run
     from timetuner.trajectories import DEFAULT_TRAJECTORY
 
+    if as_json:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     name = out or f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}.safetensors"
     result = run(model, out=name, progress=not as_json, nfe=nfe, scheduler=scheduler, trajectory=trajectory,
                  strategy=strategy, objective=objective, optimizer=optimizer, samples=samples,

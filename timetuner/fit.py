@@ -260,7 +260,7 @@ def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float) 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    tau = float((s * r - (s - t)).clamp(lo, hi))
+    tau = float((s * r.detach() - (s - t)).clamp(lo, hi))
     with torch.no_grad():
         return tau, float(loss_fn(torch.tensor(tau)).mean())
 

@@ -1,0 +1,153 @@
+"""fit: strategies, objectives, optimisers, cached states, held-out verdict, checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline
+from typer.testing import CliRunner
+
+import timetuner.fit as fit_module
+from timetuner import TauTable, TunedScheduler
+from timetuner.cli.main import app
+from timetuner.fit import adam_search, fit, golden_search
+
+FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
+runner = CliRunner()
+
+
+def test_golden_search_finds_the_minimum_and_never_loses_to_the_start():
+    x, fx = golden_search(lambda v: (v - 3.3) ** 2, 0.0, 10.0, start=5.0, points=7, refine=20)
+    assert x == pytest.approx(3.3, abs=1e-2) and fx < 1e-4
+    x, fx = golden_search(lambda v: abs(v - 5.0), 0.0, 10.0, start=5.0, points=4, refine=3)
+    assert x == 5.0 and fx == 0.0
+
+
+def test_adam_recipe_moves_tau_down_a_slope():
+    tau, loss = adam_search(lambda tau: ((tau - 40.0) ** 2).reshape(1), t=50.0, iters=300, lr=2e-2, lo=0, hi=999)
+    assert tau == pytest.approx(40.0, abs=0.5) and loss < 0.25
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm2", "heun"])
+def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
+    result = fit(str(tiny_run), progress=False, nfe=3, scheduler=scheduler, **FAST)
+    table = result.tuned
+    assert len(result.rows) == table.nfe == len(table.tau)
+    assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
+    assert not table.is_identity
+    assert {"gap_plain", "gap_tuned", "fd_plain", "fd_tuned"} <= set(result.held_out)
+    assert table.metadata["model_hash"] and table.metadata["strategy"] == "sequential"
+
+
+def test_sequential_cost_is_linear_in_the_number_of_evaluations(tiny_run, monkeypatch):
+    # Held-out evaluation and reference costs scale with K too; count only what the per-τ fit spends.
+    monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 1.0, "gap_tuned": 0.5})
+    costs = {}
+    for nfe in (2, 6):
+        costs[nfe] = fit(str(tiny_run), progress=False, nfe=nfe, **FAST).network_evaluations
+    # O(K) rollouts cost 3× from K=2 to K=6; re-rolling from x_T per candidate (the official code) would cost ~9×.
+    assert costs[6] / costs[2] < 3.5
+
+
+def test_parallel_strategy_uses_data_and_other_objectives_run(tiny_run):
+    par = fit(str(tiny_run), progress=False, nfe=3, strategy="parallel", data="digits", **FAST)
+    assert par.tuned.metadata["strategy"] == "parallel" and len(par.rows) == 3
+    teacher = fit(str(tiny_run), progress=False, nfe=3, objective="teacher", **FAST)
+    assert all(r["loss_after"] <= r["loss_before"] for r in teacher.rows)
+    e2e = fit(str(tiny_run), progress=False, nfe=3, objective="e2e", e2e_iters=3, **FAST)
+    assert e2e.rows[0]["loss_after"] <= e2e.rows[0]["loss_before"]
+    adam = fit(str(tiny_run), progress=False, nfe=2, optimizer="adam", adam_iters=3, **FAST)
+    assert adam.tuned.metadata["optimizer"] == "adam"
+
+
+def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 0.5, "gap_tuned": 0.6})
+    result = fit(str(tiny_run), out=tmp_path / "t.safetensors", progress=False, nfe=2, **FAST)
+    assert not result.better and TauTable.load(tmp_path / "t.safetensors").is_identity
+    forced = fit(str(tiny_run), out=tmp_path / "f.safetensors", progress=False, nfe=2, force=True, **FAST)
+    assert not TauTable.load(tmp_path / "f.safetensors").is_identity and not forced.better
+
+
+def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeypatch):
+    straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **FAST)
+    calls = {"n": 0}
+    real = fit_module.golden_search
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "r.safetensors"
+    monkeypatch.setattr(fit_module, "golden_search", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **FAST)
+    partial = json.loads(out.with_name(out.name + ".partial.json").read_text())
+    assert len(partial["taus"]) == 2 and not out.exists()
+    monkeypatch.setattr(fit_module, "golden_search", real)
+    resumed = fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **FAST)
+    assert resumed.network_evaluations < straight.network_evaluations
+    assert torch.allclose(resumed.tuned.tau, straight.tuned.tau)
+    assert not out.with_name(out.name + ".partial.json").exists()
+
+
+def test_fitted_table_changes_pipeline_output(tiny_run):
+    result = fit(str(tiny_run), progress=False, nfe=3, force=True, **FAST)
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    plain = run()
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, result.tuned, unet=pipe.unet)
+    assert not (run() == plain).all()
+
+
+def test_cli_fit_json_and_table_file(tiny_run, tmp_path):
+    out = tmp_path / "t.safetensors"
+    result = runner.invoke(app, ["fit", "--model", str(tiny_run), "--nfe", "2", "--samples", "8", "--eval-samples",
+                                 "8", "--reference-steps", "5", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(line for line in result.output.splitlines() if line.startswith('{"out"')))
+    assert record["out"] == str(out) and len(record["tau"]) == 2 and "gap_plain" in record["held_out"]
+    assert TauTable.load(out).nfe == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--scheduler", "plms"], "--scheduler 'plms'"),
+        (["--trajectory", "cosine"], "--trajectory 'cosine'"),
+        (["--objective", "magic"], "--objective 'magic'"),
+        (["--strategy", "both"], "--strategy 'both'"),
+        (["--nfe", "0"], "--nfe 0"),
+        (["--nfe", "5000"], "--nfe 5000"),
+        (["--strategy", "parallel", "--scheduler", "heun"], "--strategy parallel"),
+        (["--model", "{tmp}"], "model_index.json"),
+        (["--out", "{tmp}/table.txt"], ".safetensors"),
+    ],
+)
+def test_cli_fit_bad_input(tiny_run, tmp_path, args, needle):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--model" not in args:
+        args = ["--model", str(tiny_run), *args]
+    result = runner.invoke(app, ["fit", *args, "--samples", "4", "--eval-samples", "4", "--reference-steps", "2"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_sample_refuses_a_corrupt_table(tiny_run, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    result = runner.invoke(app, ["sample", "--model", str(tiny_run), "--table", str(bad), "--out",
+                                 str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "not a readable safetensors" in result.output
+    assert not (tmp_path / "x.png").exists()
