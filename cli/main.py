@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from timetuner import __version__
+from timetuner.cli.eval import evaluate
 from timetuner.cli.features import train_features
 from timetuner.cli.fit import fit
 from timetuner.cli.sample import sample
@@ -36,6 +37,7 @@ def _root(
 
 
 app.command(name="fit")(fit)
+app.command(name="eval")(evaluate)
 app.command(name="train")(train)
 app.command(name="train-features")(train_features)
 app.command(name="sample")(sample)

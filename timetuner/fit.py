@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch
 
 from timetuner.denoiser import Denoiser, to_epsilon
 from timetuner.errors import UserError, check_choice
+from timetuner.reference import cache_key, reference_samples, reference_trajectory
 from timetuner.table import TauTable, set_grid
 
 STRATEGIES = ("sequential", "parallel")
@@ -178,42 +178,6 @@ class Sampler:
             x = self.advance(sched, x, k, tau)
             states.append(x)
         return (x, states) if keep_states else x
-
-
-def _reference_sampler(denoiser, base_config, kind: str, steps: int):
-    import diffusers
-
-    cls = diffusers.DPMSolverMultistepScheduler if kind == "dpm++" else diffusers.DDIMScheduler
-    sched = cls.from_config(base_config, **({"solver_order": 2} if kind == "dpm++" else {}))
-    return sched
-
-
-@torch.no_grad()
-def reference_samples(denoiser: Denoiser, base_config, noise: torch.Tensor, kind: str, steps: int,
-                      cache_key: str | None = None) -> torch.Tensor:
-    """Final samples of a high-NFE reference sampler from `noise`, cached on disk under `cache_key`."""
-    from safetensors.torch import load_file, save_file
-
-    path = None
-    if cache_key is not None:
-        root = Path(os.environ.get("TIMETUNER_CACHE", Path.home() / ".cache" / "timetuner")) / "references"
-        path = root / f"{cache_key}.safetensors"
-        if path.is_file():
-            try:
-                return load_file(path)["x0"].to(noise.device)
-            except Exception:  # a damaged cache entry is recomputed
-                path.unlink(missing_ok=True)
-    sched = _reference_sampler(denoiser, base_config, kind, steps)
-    sched.set_timesteps(steps, device=denoiser.device)
-    x = noise * sched.init_noise_sigma
-    for t in sched.timesteps:
-        x = sched.step(denoiser(sched.scale_model_input(x, t), t), t, x).prev_sample
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"x0": x.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
-    return x
 
 
 # -- 1-D optimisers ------------------------------------------------------------------------------------------------
@@ -464,14 +428,10 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
     fit_noise, eval_noise = fit_noise.to(den.device), eval_noise.to(den.device)
 
-    def ref_key(seed, n):
-        parts = json.dumps([weights, dict(base_scheduler_config), config.reference, config.reference_steps, seed, n,
-                            list(shape)], sort_keys=True, default=str)
-        return hashlib.sha256(parts.encode()).hexdigest()[:24]
-
     def reference(noise, seed):
-        return reference_samples(den, base_scheduler_config, noise, config.reference, config.reference_steps,
-                                 ref_key(seed, noise.shape[0]))
+        key = cache_key("samples", weights, dict(base_scheduler_config), config.reference, config.reference_steps,
+                        seed, noise.shape[0], list(shape))
+        return reference_samples(den, base_scheduler_config, noise, config.reference, config.reference_steps, key)
 
     # Checkpoint: resume only a fit of the same configuration on the same model.
     ckpt_path = _checkpoint_path(out)
@@ -515,7 +475,10 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         else:
             x0_parallel = reference(fit_noise, config.seed).clamp(-1, 1)
     if config.objective == "teacher":
-        reference_states = _reference_states(den, base_scheduler_config, sampler, fit_noise, config)
+        reference_states = reference_trajectory(
+            sampler, fit_noise, config.reference_steps,
+            key=cache_key("trajectory", weights, sampler.identity_table().metadata, config.reference_steps,
+                          config.seed, config.samples))
 
     if config.objective == "e2e":
         taus, rows = _fit_e2e(sampler, config, fit_noise, reference(fit_noise, config.seed), checkpoint, on_progress)
@@ -562,46 +525,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
             ckpt_path.unlink(missing_ok=True)
     return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,
                      network_evaluations=den.evaluations, config=config)
-
-
-@torch.no_grad()
-def _reference_states(den, base_config, sampler: Sampler, noise, config: FitConfig) -> list[torch.Tensor]:
-    """For `teacher`: the reference trajectory's state at the time of each few-step state, in scheduler space.
-
-    The few-step state after evaluation k lives at the time of evaluation k+1 (t = 0 after the last). A DDIM
-    reference with `reference_steps` steps is run on a grid that contains those times, in VP space, and
-    converted to the sampler's space (σ-space samplers hold x / √ᾱ).
-    """
-    a_bar = sampler.alphas_cumprod.double()
-    total = sampler.num_train_timesteps
-    targets = [float(v) for v in sampler.t[1:]] + [0.0]
-    fine = torch.linspace(total - 1, 0, config.reference_steps + 1, dtype=torch.float64).tolist()
-    grid = sorted({round(v, 6) for v in fine + targets + [float(sampler.t[0])]}, reverse=True)
-    grid = [v for v in grid if v <= float(sampler.t[0]) + 1e-9]
-
-    def abar(t):
-        t = min(max(t, 0.0), total - 1.0)
-        lo = int(math.floor(t))
-        hi = min(lo + 1, total - 1)
-        la, lb = math.log(a_bar[lo]), math.log(a_bar[hi])
-        return math.exp(la + (t - lo) * (lb - la))
-
-    sigma_space = sampler.init_noise_sigma > 1.0 + 1e-6
-    x0_scale = math.sqrt(abar(float(sampler.t[0])))
-    x = noise * sampler.init_noise_sigma * (x0_scale if sigma_space else 1.0)  # VP state at t_0
-    states = {round(grid[0], 6): x}
-    for a, b in zip(grid[:-1], grid[1:], strict=True):
-        ab_a, ab_b = abar(a), abar(b)
-        out = den(x, torch.tensor(a))
-        eps = to_epsilon(out, x, torch.tensor(a), sampler.alphas_cumprod, sampler.prediction_type)
-        x0 = (x - math.sqrt(1 - ab_a) * eps) / math.sqrt(ab_a)
-        x = math.sqrt(ab_b) * x0 + math.sqrt(1 - ab_b) * eps
-        states[round(b, 6)] = x
-    result = [noise * sampler.init_noise_sigma]
-    for v in targets:
-        vp = states[round(v, 6)]
-        result.append(vp / math.sqrt(abar(v)) if sigma_space and v > 0 else vp)
-    return result
 
 
 def _versions() -> dict:

@@ -41,3 +41,25 @@ def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> 
 
     ref = load_digits_tensor(reference)[0]
     return frechet_distance(digits_features(images, extractor), digits_features(ref, extractor))
+
+
+@torch.no_grad()
+def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None) -> dict:
+    """Per-state and final RMS distance (VP space) of a few-step rollout to the reference trajectory (paper Fig. 2).
+
+    `reference_states` from `timetuner.reference.reference_trajectory` for the same sampler and noise; `taus`
+    the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
+    clamped final samples, "final": the final states}.
+    """
+    from timetuner.reference import state_times, to_vp
+
+    _, states = sampler.rollout(noise, None if taus is None else torch.as_tensor(taus), keep_states=True)
+    times = state_times(sampler)
+    per_state = []
+    for x, ref, t in zip(states, reference_states, times, strict=True):
+        diff = to_vp(sampler, x, t) - to_vp(sampler, ref, t)
+        per_state.append(float(diff.pow(2).mean(dim=tuple(range(1, diff.ndim))).sqrt().mean()))
+    # The x0 figure compares what a user sees: final samples clamped to the data range [-1, 1].
+    x0 = (states[-1].clamp(-1, 1) - reference_states[-1].clamp(-1, 1)).pow(2)
+    x0 = float(x0.mean(dim=tuple(range(1, x0.ndim))).sqrt().mean())
+    return {"times": times, "per_state": per_state, "x0": x0, "final": states[-1]}

@@ -1,0 +1,77 @@
+"""`timetuner eval`: truncation gap per step and at x0 against a 1000-step DDIM reference, and FD."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from timetuner.cli.options import Model, user_command
+
+
+@user_command
+def evaluate(
+    table: Annotated[str, typer.Option(help="A τ table (.safetensors) from `timetuner fit`.")],
+    model: Model = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out noises.")] = 256,
+    reference_steps: Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")] = 1000,
+    seed: Annotated[int | None, typer.Option(help="Noise seed; default: the table's held-out seed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare plain and tuned sampling from the same held-out noises against a fine DDIM reference.
+
+        timetuner eval --table tau-ddim-uniform-nfe10.safetensors
+    """
+    import torch
+
+    from timetuner.denoiser import Denoiser
+    from timetuner.errors import UserError
+    from timetuner.fit import Sampler, _uses_digits_features
+    from timetuner.loading import load_pipeline, resolve_model
+    from timetuner.metrics import digits_fd, truncation_gap
+    from timetuner.reference import cache_key, reference_trajectory
+    from timetuner.scheduler import check_model, model_hash
+    from timetuner.table import TauTable
+
+    if n < 2 or reference_steps < 1:
+        raise UserError(f"--n {n} / --reference-steps {reference_steps}: accepted: --n >= 2, steps >= 1")
+    tau_table = TauTable.load(table)
+    if as_json:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    pipe = load_pipeline(model)
+    check_model(tau_table, pipe.unet)
+    den = Denoiser(pipe.unet.eval())
+    meta = tau_table.metadata
+    sampler = Sampler(den, pipe.scheduler.config, meta.get("scheduler_name", "ddim"), meta.get("trajectory"),
+                      tau_table.num_inference_steps)
+    tau_table.check_scheduler(sampler.template)
+    seed = meta.get("eval_seed", 1_000_003) if seed is None else seed
+    noise = torch.randn((n, *den.sample_shape), generator=torch.Generator().manual_seed(seed))
+    key = cache_key("trajectory", model_hash(pipe.unet), sampler.identity_table().metadata, reference_steps, seed, n)
+    refs = reference_trajectory(sampler, noise, reference_steps, key=key)
+    plain = truncation_gap(sampler, noise, refs)
+    tuned = truncation_gap(sampler, noise, refs, tau_table.tau.float())
+    record = {"table": table, "n": n, "seed": seed, "reference": f"ddim-{reference_steps}",
+              "t": tau_table.t.tolist(), "tau": tau_table.tau.tolist(), "state_times": plain["times"],
+              "gap_plain": plain["per_state"], "gap_tuned": tuned["per_state"],
+              "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"]}
+    from timetuner.fit import FitConfig
+
+    if _uses_digits_features(FitConfig(), resolve_model(model), den):
+        record["fd_plain"] = digits_fd(plain["final"].clamp(-1, 1))
+        record["fd_tuned"] = digits_fd(tuned["final"].clamp(-1, 1))
+        record["fd_reference"] = digits_fd(refs[-1].clamp(-1, 1))
+    if as_json:
+        typer.echo(json.dumps(record))
+        return
+    typer.echo(f"truncation gap (RMS, VP space) to a {reference_steps}-step DDIM reference, {n} noises (seed {seed})")
+    typer.echo(f"{'state':>5} {'time':>9} {'plain':>10} {'tuned':>10}")
+    for i, (t, a, b) in enumerate(zip(plain["times"], plain["per_state"], tuned["per_state"], strict=True)):
+        typer.echo(f"{i:>5} {t:>9.2f} {a:>10.5f} {b:>10.5f}")
+    typer.echo(f"x0 gap: plain {plain['x0']:.5f} -> tuned {tuned['x0']:.5f}")
+    if "fd_plain" in record:
+        typer.echo(f"FD (digits features, vs held-out digits): plain {record['fd_plain']:.3f} -> tuned "
+                   f"{record['fd_tuned']:.3f}; reference {record['fd_reference']:.3f}")
