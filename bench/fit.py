@@ -1,0 +1,161 @@
+"""Figures for the TimeTuner core on the embedded digits model, one JSON line each, all from one run.
+
+    python bench/fit.py                  # everything (about an hour on a 2-core CPU)
+    python bench/fit.py --quick          # NFE 5 and 10 only, fewer configurations
+
+(a) default optimiser (search) vs the official Adam recipe: network evaluations, wall time, held-out paper loss
+    and x0 gap, at NFE 10 on the same fit/held-out noises;
+(b) held-out x0 gap and FD, plain vs tuned, per objective, at NFE 5/10/20 for DDIM (uniform, trailing),
+    DPM-Solver-2 (log-SNR) and Heun (Karras), with the share of the excess FD over the reference sampler
+    that tuning removes ("headroom");
+(c) sampling time of a DDPMPipeline with the plain scheduler vs the TunedScheduler, and its network calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def held_out_paper_loss(sampler, taus, noise) -> float:
+    """Σ_k of the paper loss (Eq. 9) at τ_k along the trajectory that τ itself produces, on held-out noise."""
+    import copy
+
+    sched, x = sampler.fresh(), noise * sampler.init_noise_sigma
+    total = 0.0
+    with torch.no_grad():
+        for k in range(sampler.evaluations):
+            target = sampler.eps_at(copy.deepcopy(sched), x, k)
+            s = copy.deepcopy(sched)
+            x_next = sampler.advance(s, x, k, taus[k])
+            total += float((sampler.eps_at(s, x_next, k + 1) - target).pow(2).mean())
+            x = sampler.advance(sched, x, k, taus[k])
+    return total
+
+
+def optimiser_comparison(args) -> None:
+    from timetuner.fit import EVAL_SEED_OFFSET, Sampler, fit
+    from timetuner.denoiser import Denoiser
+    from timetuner.loading import load_pipeline
+
+    pipe = load_pipeline(None)
+    sampler = Sampler(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", None, 10)
+    noise = torch.randn((args.eval_samples, *sampler.den.sample_shape),
+                        generator=torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET))
+    for optimizer in ("search", "adam"):
+        start = time.perf_counter()
+        result = fit(None, progress=False, nfe=10, optimizer=optimizer, samples=args.adam_samples,
+                     eval_samples=args.eval_samples, adam_iters=args.adam_iters, seed=args.seed, force=True)
+        seconds = time.perf_counter() - start
+        emit({"figure": "optimizer", "optimizer": optimizer, "nfe": 10, "samples": args.adam_samples,
+              "adam_iters": args.adam_iters if optimizer == "adam" else None,
+              "network_evaluations": result.network_evaluations, "seconds": round(seconds, 1),
+              "held_out_paper_loss_plain": held_out_paper_loss(sampler, sampler.t.float(), noise),
+              "held_out_paper_loss_tuned": held_out_paper_loss(sampler, result.tuned.tau.float(), noise),
+              "gap_plain": result.held_out["gap_plain"], "gap_tuned": result.held_out["gap_tuned"]})
+
+
+def default_fit_time(args) -> None:
+    from timetuner.fit import fit
+
+    start = time.perf_counter()
+    result = fit(None, progress=False, nfe=10, seed=args.seed, objective=args.default_objective)
+    emit({"figure": "default_fit", "nfe": 10, "objective": args.default_objective,
+          "seconds": round(time.perf_counter() - start, 1), "network_evaluations": result.network_evaluations,
+          **{k: round(v, 5) for k, v in result.held_out.items()}, "better": result.better})
+
+
+def quality_grid(args) -> None:
+    from timetuner.fit import fit
+
+    configs = [("ddim", "uniform"), ("ddim", "trailing"), ("dpm2", "logsnr"), ("heun", "karras")]
+    nfes = [5, 10] if args.quick else [5, 10, 20]
+    objectives = args.objectives.split(",")
+    for nfe in nfes:
+        for scheduler, trajectory in configs:
+            for objective in objectives:
+                start = time.perf_counter()
+                result = fit(None, progress=False, nfe=nfe, scheduler=scheduler, trajectory=trajectory,
+                             objective=objective, samples=args.samples, eval_samples=args.eval_samples,
+                             e2e_iters=args.e2e_iters, seed=args.seed, force=True)
+                h = result.held_out
+                excess = h["fd_plain"] - h["fd_reference"]
+                emit({"figure": "quality", "scheduler": scheduler, "trajectory": trajectory, "nfe": nfe,
+                      "evaluations": result.tuned.nfe, "objective": objective,
+                      "gap_plain": round(h["gap_plain"], 5), "gap_tuned": round(h["gap_tuned"], 5),
+                      "gap_change_pct": round(100 * (h["gap_tuned"] / h["gap_plain"] - 1), 1),
+                      "fd_plain": round(h["fd_plain"], 3), "fd_tuned": round(h["fd_tuned"], 3),
+                      "fd_change_pct": round(100 * (h["fd_tuned"] / h["fd_plain"] - 1), 1),
+                      "fd_reference": round(h["fd_reference"], 3),
+                      "headroom_removed_pct": round(100 * (h["fd_plain"] - h["fd_tuned"]) / excess, 1)
+                      if excess > 0 else None,
+                      "better": result.better, "fit_seconds": round(time.perf_counter() - start, 1)})
+
+
+def sampling_overhead(args) -> None:
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from timetuner import TauTable, TunedScheduler
+    from timetuner.assets import EMBEDDED_MODEL
+
+    pipe = DDPMPipeline.from_pretrained(EMBEDDED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    plain = DDIMScheduler.from_config(pipe.scheduler.config)
+    table = TauTable.identity(plain, 10)
+    table = table.with_tau((table.t + 7.5).clamp(max=999))
+    tuned = TunedScheduler.from_table(plain, table)
+    calls = {"n": 0}
+    pipe.unet.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    timings = {"plain": [], "tuned": []}
+    evaluations = {}
+    for _ in range(args.repeats):
+        for name, sched in (("plain", plain), ("tuned", tuned)):
+            pipe.scheduler = sched
+            calls["n"] = 0
+            start = time.perf_counter()
+            pipe(batch_size=256, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+            timings[name].append(time.perf_counter() - start)
+            evaluations[name] = calls["n"]
+    med = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
+    emit({"figure": "sampling_time", "pipeline": "DDPMPipeline", "scheduler": "ddim", "nfe": 10, "batch": 256,
+          "repeats": args.repeats, "plain_seconds": round(med["plain"], 4), "tuned_seconds": round(med["tuned"], 4),
+          "overhead_pct": round(100 * (med["tuned"] / med["plain"] - 1), 2),
+          "network_calls_plain": evaluations["plain"], "network_calls_tuned": evaluations["tuned"]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="optimizer,default,quality,sampling")
+    parser.add_argument("--objectives", default="paper,teacher,e2e")
+    parser.add_argument("--default-objective", default="paper")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=512)
+    parser.add_argument("--adam-samples", type=int, default=64)
+    parser.add_argument("--adam-iters", type=int, default=500)
+    parser.add_argument("--e2e-iters", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parts = args.only.split(",")
+    emit({"figure": "machine", "threads": torch.get_num_threads(), "torch": torch.__version__})
+    if "sampling" in parts:
+        sampling_overhead(args)
+    if "default" in parts:
+        default_fit_time(args)
+    if "optimizer" in parts:
+        optimiser_comparison(args)
+    if "quality" in parts:
+        quality_grid(args)
+
+
+if __name__ == "__main__":
+    main()
