@@ -41,8 +41,8 @@ def held_out_paper_loss(sampler, taus, noise) -> float:
 
 
 def optimiser_comparison(args) -> None:
-    from timetuner.fit import EVAL_SEED_OFFSET, Sampler, fit
     from timetuner.denoiser import Denoiser
+    from timetuner.fit import EVAL_SEED_OFFSET, Sampler, fit
     from timetuner.loading import load_pipeline
 
     pipe = load_pipeline(None)
@@ -151,10 +151,10 @@ def main() -> None:
         sampling_overhead(args)
     if "default" in parts:
         default_fit_time(args)
-    if "optimizer" in parts:
-        optimiser_comparison(args)
     if "quality" in parts:
         quality_grid(args)
+    if "optimizer" in parts:
+        optimiser_comparison(args)
 
 
 if __name__ == "__main__":

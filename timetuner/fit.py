@@ -337,12 +337,12 @@ def _fit_e2e(sampler, config, noise, reference_final, checkpoint, progress) -> t
     start_iter = int(checkpoint.get("iteration", 0))
     for it in range(start_iter, config.e2e_iters):
         loss = loss_of(delta)
-        if float(loss) < best[0]:
-            best = (float(loss), delta.detach().clone())
+        if loss.item() < best[0]:
+            best = (loss.item(), delta.detach().clone())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        progress(it, {"k": it, "loss": float(loss)}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True)
+        progress(it, {"k": it, "loss": loss.item()}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True)
     with torch.no_grad():
         last = float(loss_of(delta))
     if last < best[0]:
