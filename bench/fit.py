@@ -115,8 +115,9 @@ def sampling_overhead(args) -> None:
     pipe.unet.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     timings = {"plain": [], "tuned": []}
     evaluations = {}
-    for _ in range(args.repeats):
-        for name, sched in (("plain", plain), ("tuned", tuned)):
+    for repeat in range(args.repeats):
+        order = (("plain", plain), ("tuned", tuned))
+        for name, sched in order if repeat % 2 else order[::-1]:  # alternate who runs first
             pipe.scheduler = sched
             calls["n"] = 0
             start = time.perf_counter()

@@ -47,12 +47,15 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             raise UserError(f"inner_class {inner_class!r} is not a diffusers scheduler; accepted: e.g. "
                             "DDIMScheduler, DPMSolverSinglestepScheduler, HeunDiscreteScheduler")
         self.inner = cls.from_config(inner_config or {})
+        # Looked up once: `step` runs once per network evaluation and must add no measurable time.
+        self._step_params = frozenset(inspect.signature(self.inner.step).parameters)
         self.tables: dict[int, TauTable] = {}
         for table in (tables or {}).values():
             self._add(TauTable.from_dict(table))
         self.timesteps = None
         self.num_inference_steps = None
         self._inner_timesteps = None
+        self._tau_values: list[float] = []
         self._k = 0
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -124,12 +127,14 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                 logger.warning("TunedScheduler has no table for %s steps (tables: %s); sampling with plain "
                                "timesteps", self.num_inference_steps, sorted(self.tables))
             self.timesteps = t
+            self._tau_values = [float(v) for v in t.tolist()]
             return
         mine = t.detach().to("cpu", torch.float64)
         if table.t.numel() != mine.numel() or not torch.allclose(table.t, mine, atol=MATCH_ATOL, rtol=0):
             raise UserError(f"table for {self.num_inference_steps} steps expects t = {table.t.tolist()} but the "
                             f"scheduler runs t = {mine.tolist()}; accepted: the scheduler the table was fitted for")
         self.timesteps = table.tau.to(device=t.device, dtype=torch.float32)
+        self._tau_values = [float(v) for v in self.timesteps.tolist()]
 
     def _inner_t(self, timestep) -> torch.Tensor:
         """t_k for the current evaluation k, after checking that the pipeline passed τ_k."""
@@ -140,10 +145,11 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             raise RuntimeError(f"TunedScheduler got evaluation {k + 1} of a {len(self.timesteps)}-evaluation run; "
                                "call set_timesteps to start a new one")
         if timestep is not None:
-            expected = float(self.timesteps[k])
-            if abs(float(torch.as_tensor(timestep).flatten()[0]) - expected) > MATCH_ATOL * max(1.0, abs(expected)):
+            expected = self._tau_values[k]
+            got = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            if abs(got - expected) > MATCH_ATOL * max(1.0, abs(expected)):
                 raise RuntimeError(f"TunedScheduler expected the pipeline to pass τ_{k} = {expected} but got "
-                                   f"{float(torch.as_tensor(timestep).flatten()[0])}; pass scheduler.timesteps[k]")
+                                   f"{got}; pass scheduler.timesteps[k]")
         return self._inner_timesteps[k]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
@@ -157,8 +163,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         t = self._inner_t(timestep)
         offered = dict(eta=eta, use_clipped_model_output=use_clipped_model_output, generator=generator,
                        variance_noise=variance_noise, **kwargs)
-        accepted = inspect.signature(self.inner.step).parameters
-        extra = {k: v for k, v in offered.items() if k in accepted}
+        extra = {k: v for k, v in offered.items() if k in self._step_params}
         out = self.inner.step(model_output, t, sample, return_dict=return_dict, **extra)
         self._k += 1
         return out
