@@ -19,7 +19,9 @@ def fit(
                                                    "default per scheduler (ddim: uniform, dpm2: logsnr, heun: karras)."
                                                    )] = None,
     strategy: Annotated[str, typer.Option(help="sequential (Alg. 1) or parallel (Eq. 11).")] = "sequential",
-    objective: Annotated[str, typer.Option(help="paper (Eq. 9/11), teacher or e2e.")] = "paper",
+    objective: Annotated[str | None, typer.Option(help="e2e (the default: best on held-out figures), paper "
+                                                  "(Eq. 9/11; the default with --strategy parallel) or teacher."
+                                                  )] = None,
     optimizer: Annotated[str, typer.Option(help="search (bracketed 1-D search) or adam (official recipe).")] = "search",
     samples: Annotated[int, typer.Option(help="Noises the fit uses.")] = 256,
     eval_samples: Annotated[int, typer.Option(help="Held-out noises for the verdict.")] = 256,

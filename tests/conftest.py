@@ -18,6 +18,20 @@ def tiny_config(out, **overrides):
     return TrainConfig(**base)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_reference_cache(tmp_path_factory):
+    """Reference trajectories are cached on disk; tests use a fresh cache, never the user's."""
+    import os
+
+    old = os.environ.get("TIMETUNER_CACHE")
+    os.environ["TIMETUNER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("TIMETUNER_CACHE", None)
+    else:
+        os.environ["TIMETUNER_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A finished 20-step digits-tiny run folder (a DDPM pipeline with checkpoints at 10 and 20)."""

@@ -15,6 +15,7 @@ from timetuner.cli.main import app
 from timetuner.fit import adam_search, fit, golden_search
 
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
+PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
 
 
@@ -32,7 +33,7 @@ def test_adam_recipe_moves_tau_down_a_slope():
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm2", "heun"])
 def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
-    result = fit(str(tiny_run), progress=False, nfe=3, scheduler=scheduler, **FAST)
+    result = fit(str(tiny_run), progress=False, nfe=3, scheduler=scheduler, **PAPER)
     table = result.tuned
     assert len(result.rows) == table.nfe == len(table.tau)
     assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
@@ -46,32 +47,32 @@ def test_sequential_cost_is_linear_in_the_number_of_evaluations(tiny_run, monkey
     monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 1.0, "gap_tuned": 0.5})
     costs = {}
     for nfe in (2, 6):
-        costs[nfe] = fit(str(tiny_run), progress=False, nfe=nfe, **FAST).network_evaluations
+        costs[nfe] = fit(str(tiny_run), progress=False, nfe=nfe, **PAPER).network_evaluations
     # O(K) rollouts cost 3× from K=2 to K=6; re-rolling from x_T per candidate (the official code) would cost ~9×.
     assert costs[6] / costs[2] < 3.5
 
 
 def test_parallel_strategy_uses_data_and_other_objectives_run(tiny_run):
-    par = fit(str(tiny_run), progress=False, nfe=3, strategy="parallel", data="digits", **FAST)
+    par = fit(str(tiny_run), progress=False, nfe=3, strategy="parallel", data="digits", **PAPER)
     assert par.tuned.metadata["strategy"] == "parallel" and len(par.rows) == 3
     teacher = fit(str(tiny_run), progress=False, nfe=3, objective="teacher", **FAST)
     assert all(r["loss_after"] <= r["loss_before"] for r in teacher.rows)
     e2e = fit(str(tiny_run), progress=False, nfe=3, objective="e2e", e2e_iters=3, **FAST)
     assert e2e.rows[0]["loss_after"] <= e2e.rows[0]["loss_before"]
-    adam = fit(str(tiny_run), progress=False, nfe=2, optimizer="adam", adam_iters=3, **FAST)
+    adam = fit(str(tiny_run), progress=False, nfe=2, optimizer="adam", adam_iters=3, **PAPER)
     assert adam.tuned.metadata["optimizer"] == "adam"
 
 
 def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 0.5, "gap_tuned": 0.6})
-    result = fit(str(tiny_run), out=tmp_path / "t.safetensors", progress=False, nfe=2, **FAST)
+    result = fit(str(tiny_run), out=tmp_path / "t.safetensors", progress=False, nfe=2, **PAPER)
     assert not result.better and TauTable.load(tmp_path / "t.safetensors").is_identity
-    forced = fit(str(tiny_run), out=tmp_path / "f.safetensors", progress=False, nfe=2, force=True, **FAST)
+    forced = fit(str(tiny_run), out=tmp_path / "f.safetensors", progress=False, nfe=2, force=True, **PAPER)
     assert not TauTable.load(tmp_path / "f.safetensors").is_identity and not forced.better
 
 
 def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeypatch):
-    straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **FAST)
+    straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **PAPER)
     calls = {"n": 0}
     real = fit_module.golden_search
 
@@ -84,18 +85,25 @@ def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeyp
     out = tmp_path / "r.safetensors"
     monkeypatch.setattr(fit_module, "golden_search", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **FAST)
+        fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     partial = json.loads(out.with_name(out.name + ".partial.json").read_text())
     assert len(partial["taus"]) == 2 and not out.exists()
     monkeypatch.setattr(fit_module, "golden_search", real)
-    resumed = fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **FAST)
+    resumed = fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     assert resumed.network_evaluations < straight.network_evaluations
     assert torch.allclose(resumed.tuned.tau, straight.tuned.tau)
     assert not out.with_name(out.name + ".partial.json").exists()
 
 
+def test_e2e_is_the_default_objective_and_checkpoints_its_iterations(tiny_run, tmp_path):
+    out = tmp_path / "e.safetensors"
+    result = fit(str(tiny_run), out=out, progress=False, nfe=2, e2e_iters=2, force=True, **FAST)
+    assert result.tuned.metadata["objective"] == "e2e" and out.is_file()
+    assert not out.with_name(out.name + ".partial.json").exists()
+
+
 def test_fitted_table_changes_pipeline_output(tiny_run):
-    result = fit(str(tiny_run), progress=False, nfe=3, force=True, **FAST)
+    result = fit(str(tiny_run), progress=False, nfe=3, force=True, **PAPER)
     pipe = DDPMPipeline.from_pretrained(tiny_run)
     pipe.set_progress_bar_config(disable=True)
 

@@ -1,7 +1,7 @@
 """Fitting τ: one network timestep per evaluation of a few-step sampler (TimeTuner, Xia et al., 2023).
 
     from timetuner import fit
-    result = fit(nfe=10)                       # embedded digits model, DDIM, sequential, paper loss
+    result = fit(nfe=10)                       # embedded digits model, DDIM, e2e objective
     result.table.save("ddim-10.safetensors")
 
 Strategies (how the state x̃_k at evaluation k is obtained):
@@ -56,7 +56,9 @@ class FitConfig:
     scheduler: str = "ddim"
     trajectory: str | None = None  # None: the scheduler's default (timetuner.trajectories.DEFAULT_TRAJECTORY)
     strategy: str = "sequential"
-    objective: str = "paper"
+    # None: "e2e" (chosen by held-out evidence in bench/fit.py, README "Results"); "paper" for --strategy parallel,
+    # whose states are independent of the other τ by construction.
+    objective: str | None = None
     optimizer: str = "search"
     samples: int = 256
     eval_samples: int = 256
@@ -402,6 +404,8 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     from timetuner.scheduler import model_hash
 
     config = FitConfig(**options)
+    if config.objective is None:
+        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
     _validate(config)
     out = Path(out) if out is not None else None
     if out is not None and (out.is_dir() or out.suffix != ".safetensors"):

@@ -1,0 +1,63 @@
+"""Named trajectories, explicit grids carried by tables, and `timetuner eval`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from typer.testing import CliRunner
+
+from timetuner import TauTable, TunedScheduler
+from timetuner.cli.main import app
+from timetuner.errors import UserError
+from timetuner.trajectories import build, logsnr_timesteps, quadratic_timesteps
+
+BASE = DDPMScheduler(num_train_timesteps=1000).config
+runner = CliRunner()
+
+
+def test_logsnr_grid_is_descending_and_uniform_in_lambda():
+    a = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.numpy().astype(np.float64)
+    grid = logsnr_timesteps(a, 10)
+    assert grid[0] == 999 and grid[-1] == 0 and grid == sorted(grid, reverse=True) and len(set(grid)) == 10
+    lam = 0.5 * np.log(a[grid] / (1 - a[grid]))
+    steps = np.diff(lam)
+    assert steps.std() / steps.mean() < 0.15  # integer rounding only
+
+
+def test_quadratic_grid_is_dense_near_the_data():
+    grid = quadratic_timesteps(1000, 10)
+    gaps = -np.diff(grid)
+    assert len(set(grid)) == 10 and gaps[0] > gaps[-1]
+
+
+def test_explicit_grid_travels_in_the_table_and_the_scheduler_reproduces_it():
+    sched, grid = build("dpm2", "logsnr", BASE, 6)
+    table = TauTable.identity(sched, 6, timesteps=grid)
+    assert table.metadata["timesteps"] == grid
+    tuned = TunedScheduler.from_table(build("dpm2", "uniform", BASE, 6)[0], table.with_tau(table.t.clamp(min=1) - 1))
+    tuned.set_timesteps(6)  # what a pipeline calls: no grid passed
+    assert torch.equal(tuned.inner.timesteps.double().cpu(), table.t)
+
+
+def test_unknown_trajectory_for_a_scheduler_is_refused():
+    with pytest.raises(UserError, match="--trajectory 'logsnr' is not available for --scheduler heun"):
+        build("heun", "logsnr", BASE, 5)
+
+
+def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
+    from timetuner.fit import fit
+
+    out = tmp_path / "t.safetensors"
+    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
+        reference_steps=5, force=True)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "8",
+                                 "--reference-steps", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert len(record["gap_plain"]) == len(record["gap_tuned"]) == 3 + 1  # x_T and after each evaluation
+    assert record["gap_plain"][0] == 0.0  # both start from the same x_T
+    assert {"fd_plain", "fd_tuned", "x0_gap_plain", "x0_gap_tuned"} <= set(record)
