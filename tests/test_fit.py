@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -9,11 +10,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline
 from typer.testing import CliRunner
 
-import timetuner.fit as fit_module
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.fit import adam_search, fit, golden_search
 
+fit_module = importlib.import_module("timetuner.fit")
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
 PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
