@@ -76,7 +76,7 @@ def quality_grid(args) -> None:
     from timetuner.fit import fit
 
     configs = [("ddim", "uniform"), ("ddim", "trailing"), ("dpm2", "logsnr"), ("heun", "karras")]
-    nfes = [5, 10] if args.quick else [5, 10, 20]
+    nfes = [int(v) for v in args.nfes.split(",")] if args.nfes else ([5, 10] if args.quick else [5, 10, 20])
     objectives = args.objectives.split(",")
     for nfe in nfes:
         for scheduler, trajectory in configs:
@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="optimizer,default,quality,sampling")
     parser.add_argument("--objectives", default="paper,teacher,e2e")
-    parser.add_argument("--default-objective", default="paper")
+    parser.add_argument("--nfes", default=None, help="comma-separated NFEs for the quality grid")
+    parser.add_argument("--default-objective", default="e2e")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=512)
     parser.add_argument("--adam-samples", type=int, default=64)
