@@ -51,7 +51,7 @@ def optimiser_comparison(args) -> None:
                         generator=torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET))
     for optimizer in ("search", "adam"):
         start = time.perf_counter()
-        result = fit(None, progress=False, nfe=10, optimizer=optimizer, samples=args.adam_samples,
+        result = fit(None, progress=False, nfe=10, objective="paper", optimizer=optimizer, samples=args.adam_samples,
                      eval_samples=args.eval_samples, adam_iters=args.adam_iters, seed=args.seed, force=True)
         seconds = time.perf_counter() - start
         emit({"figure": "optimizer", "optimizer": optimizer, "nfe": 10, "samples": args.adam_samples,
