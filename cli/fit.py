@@ -23,7 +23,7 @@ def fit(
                                                   "(Eq. 9/11; the default with --strategy parallel) or teacher."
                                                   )] = None,
     optimizer: Annotated[str, typer.Option(help="search (bracketed 1-D search) or adam (official recipe).")] = "search",
-    samples: Annotated[int, typer.Option(help="Noises the fit uses.")] = 256,
+    samples: Annotated[int, typer.Option(help="Noises the fit uses.")] = 128,
     eval_samples: Annotated[int, typer.Option(help="Held-out noises for the verdict.")] = 256,
     data: Annotated[str | None, typer.Option(help="parallel: x0 from 'digits' or an image folder; default: the "
                                              "model's own high-NFE samples.")] = None,
@@ -64,12 +64,17 @@ def fit(
                                result.table.is_identity else "identity", "t": result.tuned.t.tolist(),
                                "tau": result.tuned.tau.tolist(), "rows": result.rows, "held_out": held,
                                "seconds": round(result.seconds, 2),
-                               "network_evaluations": result.network_evaluations}))
+                               "network_evaluations": result.network_evaluations,
+                               "fit_network_evaluations": result.fit_evaluations}))
         return
-    typer.echo(f"{'k':>3} {'t':>9} {'tau':>9} {'loss before':>12} {'loss after':>12}")
+    joint = result.config.objective == "e2e"
+    typer.echo(f"{'k':>3} {'t':>9} {'tau':>9}" + ("" if joint else f" {'loss before':>12} {'loss after':>12}"))
     for row in result.rows:
-        typer.echo(f"{row['k']:>3} {row['t']:>9.2f} {row['tau']:>9.2f} {row['loss_before']:>12.5g} "
-                   f"{row['loss_after']:>12.5g}")
+        typer.echo(f"{row['k']:>3} {row['t']:>9.2f} {row['tau']:>9.2f}" + (
+            "" if joint else f" {row['loss_before']:>12.5g} {row['loss_after']:>12.5g}"))
+    if joint and result.rows:
+        typer.echo(f"joint loss (final samples vs reference, fit noises): {result.rows[0]['loss_before']:.5g} -> "
+                   f"{result.rows[0]['loss_after']:.5g}")
     typer.echo(f"held-out x0 gap (RMS to the {result.table.metadata['reference']} reference, "
                f"{result.config.eval_samples} samples): plain {held['gap_plain']:.5f} -> tuned {held['gap_tuned']:.5f}"
                f" ({_pct(held['gap_plain'], held['gap_tuned'])})")
