@@ -8,6 +8,8 @@ import typer
 
 from timetuner.cli.options import Cpu, Seed, user_command
 
+M = "Timestep sampling, loss weighting, MDLRC"
+
 
 @user_command
 def train(
@@ -27,8 +29,56 @@ def train(
     num_train_timesteps: Annotated[int, typer.Option(help="Diffusion steps T.")] = 1000,
     beta_schedule: Annotated[str, typer.Option(help="linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
     prediction_type: Annotated[str, typer.Option(help="epsilon, v_prediction or sample.")] = "epsilon",
-    sampler: Annotated[str, typer.Option(help="Timestep sampler (see timetuner.trainers.SAMPLERS).")] = "uniform",
-    weighting: Annotated[str, typer.Option(help="Loss weighting (see timetuner.trainers.WEIGHTINGS).")] = "none",
+    sampler: Annotated[str, typer.Option(
+        help="Timestep sampler: uniform, speed, adaptive, clts, lognormal, logit-normal.", rich_help_panel=M)
+    ] = "uniform",
+    weighting: Annotated[str, typer.Option(
+        help="Loss weighting: none, caw (SpeeD), min-snr, p2.", rich_help_panel=M)] = "none",
+    importance: Annotated[bool, typer.Option(
+        help="Weight samples by 1/(T·p(t)) (unbiased uniform objective); off in every paper.", rich_help_panel=M)
+    ] = False,
+    speed_k: Annotated[float, typer.Option(help="SpeeD: suppression intensity k (> 0).", rich_help_panel=M)] = 2.0,
+    speed_tau: Annotated[int, typer.Option(help="SpeeD: threshold τ in [0, T).", rich_help_panel=M)] = 700,
+    speed_r: Annotated[float | None, typer.Option(
+        help="SpeeD: derive τ from magnitude r (paper Sec. 2.5) instead of --speed-tau.", rich_help_panel=M)] = None,
+    speed_dual: Annotated[bool, typer.Option(
+        help="SpeeD: the official code's dual partner timesteps.", rich_help_panel=M)] = False,
+    caw_lam: Annotated[float, typer.Option(
+        "--caw-lambda", help="CAW: symmetry ceiling λ in [0.5, 1].", rich_help_panel=M)] = 0.6,
+    caw_tau: Annotated[int | None, typer.Option(
+        help="CAW: threshold τ; default: SpeeD's.", rich_help_panel=M)] = None,
+    adaptive_update_every: Annotated[int, typer.Option(
+        help="Adaptive: policy update every N steps.", rich_help_panel=M)] = 40,
+    adaptive_subset: Annotated[int, typer.Option(help="Adaptive: |S| reward timesteps.", rich_help_panel=M)] = 3,
+    adaptive_buffer: Annotated[int, typer.Option(help="Adaptive: F-statistic buffer rows.", rich_help_panel=M)] = 20,
+    adaptive_lr: Annotated[float, typer.Option(help="Adaptive: policy Adam learning rate.", rich_help_panel=M)] = 1e-2,
+    adaptive_entropy: Annotated[float, typer.Option(
+        help="Adaptive: entropy bonus coefficient.", rich_help_panel=M)] = 1e-2,
+    adaptive_probe_stride: Annotated[int, typer.Option(
+        help="Adaptive: probe every k-th timestep for the F-statistic (1 = all, as published).", rich_help_panel=M)
+    ] = 1,
+    adaptive_reward: Annotated[str, typer.Option(help="Adaptive: loss drop in vlb or mse.", rich_help_panel=M)] = "vlb",
+    clts_mu: Annotated[float, typer.Option(help="CLTS: Gaussian centre as a fraction of T.", rich_help_panel=M)] = 0.3,
+    clts_sigma: Annotated[float, typer.Option(help="CLTS: Gaussian width as a fraction of T.", rich_help_panel=M)
+                          ] = 0.2,
+    clts_lambda_start: Annotated[float, typer.Option(help="CLTS: mixture weight at step 0.", rich_help_panel=M)] = 0.0,
+    clts_lambda_end: Annotated[float, typer.Option(help="CLTS: mixture weight after the ramp.", rich_help_panel=M)
+                               ] = 0.8,
+    clts_ramp_steps: Annotated[int | None, typer.Option(
+        help="CLTS: ramp length in steps; default: half the run.", rich_help_panel=M)] = None,
+    lognormal_mean: Annotated[float, typer.Option(help="Log-normal (EDM): P_mean of ln σ.", rich_help_panel=M)] = -1.2,
+    lognormal_std: Annotated[float, typer.Option(help="Log-normal (EDM): P_std of ln σ.", rich_help_panel=M)] = 1.2,
+    logit_normal_mean: Annotated[float, typer.Option(
+        help="Logit-normal (SD3): mean; > 0 favours noise.", rich_help_panel=M)] = 0.0,
+    logit_normal_std: Annotated[float, typer.Option(help="Logit-normal (SD3): std.", rich_help_panel=M)] = 1.0,
+    min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR: γ (> 0).", rich_help_panel=M)] = 5.0,
+    p2_k: Annotated[float, typer.Option(help="P2: k (> 0).", rich_help_panel=M)] = 1.0,
+    p2_gamma: Annotated[float, typer.Option(help="P2: γ (> 0).", rich_help_panel=M)] = 1.0,
+    mdlrc: Annotated[bool, typer.Option(
+        help="MDLRC: decay Adam's β1 with learning-rate compensation.", rich_help_panel=M)] = False,
+    mdlrc_beta1_end: Annotated[float, typer.Option(help="MDLRC: final β1 in [0, 1).", rich_help_panel=M)] = 0.5,
+    mdlrc_steps: Annotated[int | None, typer.Option(
+        help="MDLRC: decay length in steps; default: the whole run.", rich_help_panel=M)] = None,
     hflip: Annotated[bool, typer.Option(help="Random horizontal flips (not for digits).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 1000,
     keep_checkpoints: Annotated[int, typer.Option(help="How many checkpoints to keep.")] = 2,
@@ -47,6 +97,10 @@ def train(
         timetuner train --preset digits-tiny --steps 300 --out runs/tiny
 
         timetuner train --preset digits --steps 20000 --out runs/digits-ddpm --resume
+
+        timetuner train --preset digits --sampler speed --weighting caw --out runs/speed
+
+        timetuner train --preset digits --sampler clts --mdlrc --out runs/clts
 
         accelerate launch -m timetuner.cli.main train --preset small --data ./images --out runs/small
     """

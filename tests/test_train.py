@@ -66,6 +66,30 @@ def test_resume_continues_step_counter_and_optimizer_state(tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize(
+    "method",
+    [dict(sampler="speed", weighting="caw", speed_dual=True),
+     dict(sampler="adaptive", weighting="min-snr", adaptive_update_every=3, adaptive_probe_stride=100),
+     dict(sampler="clts", clts_ramp_steps=15, mdlrc=True, mdlrc_steps=20)],
+    ids=["speed+caw", "adaptive+min-snr", "clts+mdlrc"],
+)
+def test_resume_restores_sampler_and_mdlrc_state(tmp_path, method):
+    """A run interrupted at a checkpoint and resumed ends bit-identical: learned sampler state is saved too."""
+    straight = train(tiny_config(tmp_path / "straight", **method))
+    train(tiny_config(tmp_path / "resumed", steps=10, **method))
+    resumed = train(tiny_config(tmp_path / "resumed", steps=20, resume=True, **method))
+    weights_a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    weights_b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert abs(sum(log[-1]["sampler_bucket_mass"]) - 1) < 1e-5  # rounded to 6 places
+    assert (resumed / "sampler.png").is_file()
+    if method.get("mdlrc"):
+        assert log[-1]["beta1"] == pytest.approx(0.5)  # decayed over its 20 steps: 0.9 → 0.5
+    if method["sampler"] == "adaptive":
+        assert "sampler_reward" in log[-1]
+
+
 def test_cli_train_finishes(tmp_path):
     out = tmp_path / "cli"
     result = runner.invoke(app, ["train", "--preset", "digits-tiny", "--steps", "4", "--out", str(out),
@@ -92,6 +116,14 @@ def _write_png(path):
         (["--resume"], "--resume"),
         (["--sampler", "magic"], "--sampler 'magic'"),
         (["--steps", "0"], "--steps 0"),
+        (["--sampler", "speed", "--speed-k", "0"], "--speed-k 0"),
+        (["--sampler", "speed", "--speed-tau", "1000"], "--speed-tau 1000"),
+        (["--weighting", "caw", "--caw-lambda", "0.4"], "--caw-lambda 0.4"),
+        (["--weighting", "min-snr", "--min-snr-gamma", "0"], "--min-snr-gamma 0"),
+        (["--weighting", "p2", "--p2-gamma", "-1"], "--p2-gamma -1"),
+        (["--sampler", "clts", "--clts-lambda-end", "1.5"], "--clts-lambda-end 1.5"),
+        (["--sampler", "adaptive", "--adaptive-update-every", "0"], "--adaptive-update-every 0"),
+        (["--mdlrc", "--mdlrc-beta1-end", "1"], "--mdlrc-beta1-end 1"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_leaves_no_output(tmp_path, args, needle):

@@ -1,4 +1,4 @@
-"""Figures as PNG files: sample grids (more plots arrive with the measurement work)."""
+"""Figures as PNG files: sample grids, side-by-side comparisons, training-sampler distributions."""
 
 from __future__ import annotations
 
@@ -64,3 +64,39 @@ def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | Path,
     draw.text((2, 1), labels[0], fill=0 if a.mode == "L" else (0, 0, 0))
     draw.text((a.width + gap + 2, 1), labels[1], fill=0 if a.mode == "L" else (0, 0, 0))
     return save_png(canvas, path)
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, close it, and return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """A training sampler's p(t) (scaled to T·p, uniform = 1) and the loss weighting w(t), over t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = p.numel()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(T), (T * p.double()).cpu().numpy(), label="T·p(t) (sampling)")
+    ax.plot(range(T), weight.double().cpu().numpy(), label="w(t) (loss weight)")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("t (0 = clean, T−1 = noise)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,9 +1,15 @@
-"""Training companion: timestep samplers, loss weightings and the `timetuner train` loop."""
+"""Training companion: timestep samplers, loss weightings, MDLRC and the `timetuner train` loop."""
 
+from timetuner.trainers.adaptive import AdaptiveSampler, BetaPolicy
 from timetuner.trainers.loop import TrainConfig, train
+from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import PRESETS, Preset, get_preset
 from timetuner.trainers.samplers import (
     SAMPLERS,
+    CLTSSampler,
+    LogitNormalSampler,
+    LogNormalSampler,
+    SpeedSampler,
     TimestepSampler,
     UniformSampler,
     make_sampler,
@@ -11,19 +17,32 @@ from timetuner.trainers.samplers import (
 )
 from timetuner.trainers.weighting import (
     WEIGHTINGS,
+    ChangeAwareWeighting,
     LossWeighting,
+    MinSNRWeighting,
     NoWeighting,
+    P2Weighting,
     make_weighting,
     register_weighting,
 )
 
 __all__ = [
+    "MDLRC",
     "PRESETS",
     "SAMPLERS",
     "WEIGHTINGS",
+    "AdaptiveSampler",
+    "BetaPolicy",
+    "CLTSSampler",
+    "ChangeAwareWeighting",
+    "LogNormalSampler",
+    "LogitNormalSampler",
     "LossWeighting",
+    "MinSNRWeighting",
     "NoWeighting",
+    "P2Weighting",
     "Preset",
+    "SpeedSampler",
     "TimestepSampler",
     "TrainConfig",
     "UniformSampler",

@@ -10,6 +10,7 @@ weights as its UNet) beside `train_config.json`, `log.jsonl`, `samples.png` and 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -23,8 +24,9 @@ import torch
 
 from timetuner.errors import UserError, check_choice
 from timetuner.trainers.data import load_training_data
+from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import get_preset
-from timetuner.trainers.samplers import make_sampler
+from timetuner.trainers.samplers import SAMPLERS, make_sampler
 from timetuner.trainers.weighting import make_weighting
 
 CONFIG_FILE = "train_config.json"
@@ -33,7 +35,7 @@ CHECKPOINTS = "checkpoints"
 LOSS_BUCKETS = 10
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("preset", "data", "resolution", "channels", "num_train_timesteps", "beta_schedule",
-                     "prediction_type", "sampler", "weighting")
+                     "prediction_type", "sampler", "weighting", "importance", "mdlrc")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,36 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     sampler: str = "uniform"
     weighting: str = "none"
+    importance: bool = False  # weight 1/(T·p(t)): non-uniform sampling as an unbiased uniform objective
+    # Method hyperparameters: a field "<name>_<kwarg>" is passed as <kwarg> to the sampler or weighting <name>.
+    speed_k: float = 2.0
+    speed_tau: int = 700
+    speed_r: float | None = None  # set: τ from SpeeD's threshold formula instead of speed_tau
+    speed_dual: bool = False
+    caw_lam: float = 0.6
+    caw_tau: int | None = None  # None: speed_tau (or τ from speed_r)
+    adaptive_update_every: int = 40
+    adaptive_subset: int = 3
+    adaptive_buffer: int = 20
+    adaptive_lr: float = 1e-2
+    adaptive_entropy: float = 1e-2
+    adaptive_probe_stride: int = 1
+    adaptive_reward: str = "vlb"
+    clts_mu: float = 0.3
+    clts_sigma: float = 0.2
+    clts_lambda_start: float = 0.0
+    clts_lambda_end: float = 0.8
+    clts_ramp_steps: int | None = None  # None: half the run
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    mdlrc: bool = False
+    mdlrc_beta1_end: float = 0.5
+    mdlrc_steps: int | None = None  # None: the whole run
     hflip: bool = False
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -104,8 +136,17 @@ def _resolved(config: TrainConfig) -> TrainConfig:
     check_choice("--beta-schedule", config.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
     check_choice("--prediction-type", config.prediction_type, {"epsilon", "v_prediction", "sample"})
     check_choice("--mixed-precision", config.mixed_precision, {"no", "fp16", "bf16"})
-    make_sampler(config.sampler, config.num_train_timesteps)
-    make_weighting(config.weighting)
+    config = dataclasses.replace(
+        config,
+        caw_tau=config.caw_tau if config.caw_tau is not None else (
+            _speed_threshold(config) if config.speed_r is not None else config.speed_tau),
+        clts_ramp_steps=config.clts_ramp_steps or max(1, config.steps // 2),
+        mdlrc_steps=config.mdlrc_steps or config.steps,
+    )
+    build_sampler(config, _noise_scheduler(config))
+    build_weighting(config)
+    if config.mdlrc:
+        MDLRC(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), config.mdlrc_steps, config.mdlrc_beta1_end)
     return dataclasses.replace(
         config,
         resolution=resolution,
@@ -113,6 +154,32 @@ def _resolved(config: TrainConfig) -> TrainConfig:
         batch_size=config.batch_size or preset.batch_size,
         learning_rate=config.learning_rate or preset.learning_rate,
     )
+
+
+def _method_options(config: TrainConfig, name: str) -> dict:
+    """The config fields "<name>_<kwarg>" as {kwarg: value} (name with '-' read as '_')."""
+    prefix = name.replace("-", "_") + "_"
+    return {f[len(prefix):]: getattr(config, f) for f in TrainConfig.__dataclass_fields__ if f.startswith(prefix)}
+
+
+def _speed_threshold(config: TrainConfig) -> int:
+    from timetuner.trainers.samplers import schedule_of, speed_threshold
+
+    return speed_threshold(schedule_of(_noise_scheduler(config), config.num_train_timesteps), config.speed_r)
+
+
+def build_sampler(config: TrainConfig, noise_scheduler):
+    """The timestep sampler `config` names, with its hyperparameters from the config."""
+    cls = SAMPLERS[check_choice("--sampler", config.sampler, SAMPLERS)]
+    accepted = inspect.signature(cls).parameters
+    extra = {"noise_scheduler": noise_scheduler, "importance": config.importance, "seed": config.seed}
+    options = {**{k: v for k, v in extra.items() if k in accepted}, **_method_options(config, config.sampler)}
+    return make_sampler(config.sampler, config.num_train_timesteps, **options)
+
+
+def build_weighting(config: TrainConfig):
+    """The loss weighting `config` names, with its hyperparameters from the config."""
+    return make_weighting(config.weighting, **_method_options(config, config.weighting))
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:
@@ -161,6 +228,22 @@ def _target(noise_scheduler, x0, noise, t, prediction_type):
     return x0
 
 
+def _probe(model, noise_scheduler, config: TrainConfig):
+    """probe(x0, t, noise) → per-sample training loss without gradient, in chunks of the batch size."""
+
+    def probe(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for a, b, c in zip(x0.split(config.batch_size), t.split(config.batch_size),
+                               noise.split(config.batch_size), strict=True):
+                pred = model(noise_scheduler.add_noise(a, c, b), b).sample
+                target = _target(noise_scheduler, a, c, b, config.prediction_type)
+                out.append((pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)))
+        return torch.cat(out)
+
+    return probe
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -193,7 +276,7 @@ def train(config: TrainConfig) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from timetuner.plots import save_grid
+    from timetuner.plots import save_distribution_plot, save_grid
     from timetuner.sampling import initial_noise, sample_loop
 
     config = _resolved(config)
@@ -213,8 +296,8 @@ def train(config: TrainConfig) -> Path:
     torch.manual_seed(config.seed)  # model initialisation
     unet = UNet2DModel(**preset.unet_config(config.resolution, config.channels))
     noise_scheduler = _noise_scheduler(config)
-    sampler = make_sampler(config.sampler, config.num_train_timesteps)
-    weighting = make_weighting(config.weighting)
+    sampler = build_sampler(config, noise_scheduler)
+    weighting = build_weighting(config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_scheduler = get_scheduler(
         "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
@@ -224,14 +307,19 @@ def train(config: TrainConfig) -> Path:
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     state = TrainState()
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    mdlrc = MDLRC(optimizer, config.mdlrc_steps, config.mdlrc_beta1_end) if config.mdlrc else None
     ema.to(accelerator.device)
-    for obj in (ema, sampler, state):
+    for obj in (ema, sampler, state, *([mdlrc] if mdlrc else [])):
         accelerator.register_for_checkpointing(obj)
+    if hasattr(sampler, "bind"):  # learned samplers score the model's loss before and after an update
+        sampler.bind(_probe(accelerator.unwrap_model(unet), noise_scheduler, config))
 
     if config.resume:
         latest = checkpoint_dirs(out)[-1]
         accelerator.load_state(str(latest))
         accelerator.print(f"resumed from {latest} at step {state.step}")
+    if mdlrc:
+        mdlrc.step(state.step)
 
     data = data.to(accelerator.device)
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
@@ -267,6 +355,8 @@ def train(config: TrainConfig) -> Path:
                 accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
             optimizer.step()
             lr_scheduler.step()
+            if mdlrc:
+                mdlrc.step(state.step + 1)
             optimizer.zero_grad(set_to_none=True)
         sampler.update(t, per_sample.detach(), state.step)
         ema.step(accelerator.unwrap_model(unet).parameters())
@@ -286,6 +376,12 @@ def train(config: TrainConfig) -> Path:
                 record = {
                     "step": state.step, "loss": value, "loss_ema": running, "lr": lr_scheduler.get_last_lr()[0],
                     "seconds": round(time.perf_counter() - started, 2),
+                    "sampler_bucket_mass": [round(float(m), 6) for m in
+                                            sampler.probabilities(state.step).reshape(LOSS_BUCKETS, -1).sum(1)]
+                    if config.num_train_timesteps % LOSS_BUCKETS == 0 else None,
+                    **({"beta1": optimizer.param_groups[0]["betas"][0]} if mdlrc else {}),
+                    **({"sampler_reward": sampler.last_reward} if getattr(sampler, "last_reward", None) is not None
+                       else {}),
                     "bucket_loss": [round(float(s / c), 6) if c > 0 else None
                                     for s, c in zip(sums, counts, strict=True)],
                     "alpha_bar_at_bucket_edges": [
@@ -300,6 +396,10 @@ def train(config: TrainConfig) -> Path:
 
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
+            if accelerator.is_main_process:
+                save_distribution_plot(sampler.probabilities(state.step), weighting(
+                    torch.arange(config.num_train_timesteps), noise_scheduler), out / "sampler.png",
+                    f"{config.sampler} + {config.weighting}, step {state.step}")
     progress.close()
 
     accelerator.wait_for_everyone()

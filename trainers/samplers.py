@@ -2,16 +2,25 @@
 
 A sampler draws the training timesteps of a batch and may learn from the per-sample losses:
 
-    sampler = make_sampler("uniform", num_train_timesteps=1000)
+    sampler = make_sampler("speed", num_train_timesteps=1000)          # SpeeD, k = 2, τ = 700
     t, weight = sampler.sample(batch_size, step, generator)          # weight: per-sample loss factor
     loss = (weight * per_sample_loss).mean()
     sampler.update(t, per_sample_loss.detach(), step)                # a no-op for static samplers
 
-`state_dict()` / `load_state_dict()` let `accelerator.save_state` checkpoint it with the model.
+`probabilities(step)` is the distribution over {0, …, T−1} the sampler draws from at `step` (logged and
+plotted by `timetuner train`); `state_dict()` / `load_state_dict()` let `accelerator.save_state`
+checkpoint it with the model.
+
+Importance correction (`importance=True`, off by default as in every paper here): the returned weight
+becomes 1 / (T·p(t)), so the weighted loss is an unbiased estimate of the *uniform* objective. Leave it
+off to get the method as published (the non-uniform sampling then *is* the re-weighting).
+
+Timesteps follow diffusers' training convention: t = 0 is the cleanest, t = T − 1 the noisiest.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -39,6 +48,10 @@ class TimestepSampler(Protocol):
         """Learn from the losses of the last batch (no-op for static samplers)."""
         ...
 
+    def probabilities(self, step: int) -> torch.Tensor:
+        """The distribution (float64, length T) that `sample` draws from at `step`."""
+        ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -54,9 +67,46 @@ def register_sampler(cls: type) -> type:
 
 
 def make_sampler(name: str, num_train_timesteps: int, **hyperparameters) -> TimestepSampler:
-    """Build the sampler registered as `name`."""
+    """Build the sampler registered as `name` (hyperparameters as keyword arguments, see each class)."""
     cls = SAMPLERS[check_choice("--sampler", name, SAMPLERS)]
     return cls(num_train_timesteps=num_train_timesteps, **hyperparameters)
+
+
+def default_alphas_cumprod(num_train_timesteps: int) -> torch.Tensor:
+    """ᾱ_t of DDPM's linear β schedule (1e-4 … 0.02 scaled to T steps), float64."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps).alphas_cumprod.double()
+
+
+def schedule_of(noise_scheduler, num_train_timesteps: int) -> torch.Tensor:
+    """ᾱ_t (float64) of a diffusers noise scheduler, or of the linear DDPM schedule when None."""
+    if noise_scheduler is None:
+        return default_alphas_cumprod(num_train_timesteps)
+    alphas = noise_scheduler.alphas_cumprod.double().cpu()
+    if alphas.numel() != num_train_timesteps:
+        raise UserError(f"the noise scheduler has {alphas.numel()} timesteps, the sampler {num_train_timesteps}; "
+                        "accepted: the same T")
+    return alphas
+
+
+def importance_weight(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 / (T·p(t)): turns an expectation under p into one under the uniform distribution."""
+    return (1.0 / (p.numel() * p.to(t.device)[t])).float()
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> float:
+    """Return `value` if it lies in the interval, else raise a UserError naming the argument and the interval."""
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UserError(f"{name} {value!r} is invalid; accepted: a number in {interval}")
+    return value
 
 
 class StaticSampler:
@@ -64,10 +114,34 @@ class StaticSampler:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, num_train_timesteps: int):
+    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False):
         if num_train_timesteps < 1:
             raise UserError(f"num_train_timesteps {num_train_timesteps} is invalid; accepted: 1 or more")
         self.num_train_timesteps = int(num_train_timesteps)
+        self.importance = bool(importance)
+        self._cached: torch.Tensor | None = None
+
+    def _probabilities(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def probabilities(self, step: int = 0) -> torch.Tensor:
+        if self._cached is None or self.time_varying:
+            p = self._probabilities(step).double()
+            p = p / p.sum()
+            if self.time_varying:
+                return p
+            self._cached = p
+        return self._cached
+
+    time_varying: ClassVar[bool] = False
+
+    def sample(self, batch_size, step, generator=None, x0=None):
+        p = self.probabilities(step)
+        t = torch.multinomial(p.float(), batch_size, replacement=True, generator=generator).to(_device(generator))
+        return t, self._weight(p, t)
+
+    def _weight(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return importance_weight(p, t) if self.importance else torch.ones(t.shape, device=t.device)
 
     def update(self, t: torch.Tensor, per_sample_loss: torch.Tensor, step: int) -> None:
         return None
@@ -85,7 +159,191 @@ class UniformSampler(StaticSampler):
 
     name: ClassVar[str] = "uniform"
 
+    def _probabilities(self, step):
+        return torch.ones(self.num_train_timesteps, dtype=torch.float64)
+
     def sample(self, batch_size, step, generator=None, x0=None):
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = _device(generator)
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
         return t, torch.ones(batch_size, device=device)
+
+
+def speed_threshold(alphas_cumprod: torch.Tensor, r: float) -> int:
+    """SpeeD's τ for magnitude r (Sec. 2.5): the first t in the convergence area, where 1/ᾱ_t ≥ r.
+
+    For the linear schedule this is the paper's closed form τ = √(2T log r/Δβ + T²β₀²/Δβ²) − Tβ₀/Δβ up to
+    discretisation (r_t = exp((β₀ + Δβ t/2T) t) = exp(∫β) ≈ 1/ᾱ_t); the ᾱ form holds for any schedule.
+    """
+    inside = (1.0 / alphas_cumprod >= r).nonzero()
+    if r <= 1 or inside.numel() == 0:
+        top = float(1.0 / alphas_cumprod[-1])
+        raise UserError(f"--speed-r {r!r} is invalid; accepted: 1 < r <= {top:.4g} (1/ᾱ at the last timestep)")
+    return int(inside[0])
+
+
+def speed_dual_pivot(alphas_cumprod: torch.Tensor, threshold: float = 1e-4) -> int:
+    """The official code's pivot m of the dual partner: one past the first t where ∂_t √(1 − ᾱ_t) < threshold."""
+    grad = torch.gradient(torch.sqrt(1.0 - alphas_cumprod))[0]
+    below = (grad < threshold).nonzero()
+    return int(below[0]) + 1 if below.numel() else alphas_cumprod.numel()
+
+
+@register_sampler
+class SpeedSampler(StaticSampler):
+    """SpeeD asymmetric sampling (Wang et al., 2024, Eq. 3): P(t) ∝ k for t < τ, 1 for t ≥ τ.
+
+    t ≥ τ is the convergence area, where the process increment barely changes and the loss is low; it is
+    sampled k times less than the rest. τ is fixed (the run configs' 700) or, with `r`, derived from the
+    paper's threshold formula. `dual=True` adds the official code's partner t' = m − t (t − m above m,
+    m = the first t where ∂_t √(1 − ᾱ_t) < 1e-4: 642 for the linear schedule) for half of the batch —
+    not in the paper; it makes the marginal distribution the mixture that `probabilities` returns.
+    Pair it with `--weighting caw` for the full method.
+    """
+
+    name: ClassVar[str] = "speed"
+
+    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
+                 k: float = 2.0, tau: int | None = 700, r: float | None = None, dual: bool = False):
+        super().__init__(num_train_timesteps, noise_scheduler, importance)
+        T = self.num_train_timesteps
+        if not (math.isfinite(k) and k > 0):
+            raise UserError(f"--speed-k {k!r} is invalid; accepted: a positive number (the paper uses k > 1)")
+        alphas = schedule_of(noise_scheduler, T)
+        if r is not None:
+            tau = speed_threshold(alphas, r)
+        elif tau is None or not 0 <= tau < T:
+            raise UserError(f"--speed-tau {tau!r} is invalid; accepted: an integer in [0, {T})")
+        self.k, self.tau, self.r, self.dual = float(k), int(tau), r, bool(dual)
+        self.pivot = speed_dual_pivot(alphas) if dual else None
+
+    def _base(self) -> torch.Tensor:
+        p = torch.ones(self.num_train_timesteps, dtype=torch.float64)
+        p[: self.tau] = self.k
+        return p / p.sum()
+
+    def _partner(self, t: torch.Tensor) -> torch.Tensor:
+        m = self.pivot
+        return torch.where(t < m, m - t, t - m).clamp(0, self.num_train_timesteps - 1)
+
+    def _probabilities(self, step):
+        p = self._base()
+        if not self.dual:
+            return p
+        t = torch.arange(self.num_train_timesteps)
+        return 0.5 * p + 0.5 * torch.zeros_like(p).index_add_(0, self._partner(t), p)
+
+    def sample(self, batch_size, step, generator=None, x0=None):
+        if not self.dual:
+            return super().sample(batch_size, step, generator, x0)
+        # Official layout: n//2 + 1 draws and their partners, truncated to n. With an odd batch the first
+        # half is one longer, so the marginal is the 50/50 mixture up to one sample.
+        base = torch.multinomial(self._base().float(), batch_size // 2 + 1, replacement=True, generator=generator)
+        t = torch.cat([base, self._partner(base)])[:batch_size].to(_device(generator))
+        return t, self._weight(self.probabilities(step), t)
+
+
+@register_sampler
+class CLTSSampler(StaticSampler):
+    """Curriculum-learning timestep schedule (CLTS): p_k(t) = (1 − λ_k) U(t) + λ_k N(t; μT, σT), truncated.
+
+    Written from the paper (its authors published no code): high-noise timesteps are learned early and
+    easily, so training mass moves over the run towards μ (≈ 0.3T) as λ_k rises linearly from
+    `lambda_start` to `lambda_end` over `ramp_steps` steps, then stays. λ is clamped to [0, 1] (the one
+    public copy forgets to, and mis-parenthesises the mixture). μ, σ are fractions of T.
+    """
+
+    name: ClassVar[str] = "clts"
+    time_varying: ClassVar[bool] = True
+
+    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
+                 mu: float = 0.3, sigma: float = 0.2, lambda_start: float = 0.0, lambda_end: float = 0.8,
+                 ramp_steps: int = 10_000):
+        super().__init__(num_train_timesteps, noise_scheduler, importance)
+        self.mu = check_range("--clts-mu", mu, 0.0, 1.0)
+        self.sigma = check_range("--clts-sigma", sigma, 0.0, math.inf, low_open=True, high_open=True)
+        self.lambda_start = check_range("--clts-lambda-start", lambda_start, 0.0, 1.0)
+        self.lambda_end = check_range("--clts-lambda-end", lambda_end, 0.0, 1.0)
+        if ramp_steps < 1:
+            raise UserError(f"--clts-ramp-steps {ramp_steps!r} is invalid; accepted: an integer >= 1")
+        self.ramp_steps = int(ramp_steps)
+
+    def mixture_weight(self, step: int) -> float:
+        """λ_k: linear from lambda_start to lambda_end over ramp_steps, clamped to [0, 1]."""
+        progress = min(max(step, 0) / self.ramp_steps, 1.0)
+        return min(max(self.lambda_start + (self.lambda_end - self.lambda_start) * progress, 0.0), 1.0)
+
+    def _probabilities(self, step):
+        T = self.num_train_timesteps
+        t = torch.arange(T, dtype=torch.float64)
+        gauss = torch.exp(-0.5 * ((t - self.mu * T) / (self.sigma * T)) ** 2)
+        lam = self.mixture_weight(step)
+        return (1.0 - lam) / T + lam * gauss / gauss.sum()
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+@register_sampler
+class LogNormalSampler(StaticSampler):
+    """EDM's training distribution (Karras et al., 2022): ln σ ~ N(P_mean, P_std²), σ mapped to the nearest t.
+
+    σ_t = √((1 − ᾱ_t)/ᾱ_t) of the model's own schedule; nearest in ln σ, so the discrete distribution is
+    the normal mass between the midpoints of neighbouring ln σ_t (σ beyond the schedule's ends clamps).
+    """
+
+    name: ClassVar[str] = "lognormal"
+
+    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
+                 mean: float = -1.2, std: float = 1.2):
+        super().__init__(num_train_timesteps, noise_scheduler, importance)
+        self.mean = check_range("--lognormal-mean", mean, -math.inf, math.inf, low_open=True, high_open=True)
+        self.std = check_range("--lognormal-std", std, 0.0, math.inf, low_open=True, high_open=True)
+        alphas = schedule_of(noise_scheduler, self.num_train_timesteps)
+        self.log_sigmas = 0.5 * torch.log((1.0 - alphas) / alphas)
+
+    def _probabilities(self, step):
+        edges = (self.log_sigmas[1:] + self.log_sigmas[:-1]) / 2
+        cdf = _normal_cdf((edges - self.mean) / self.std)
+        cdf = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf, torch.ones(1, dtype=cdf.dtype)])
+        return cdf[1:] - cdf[:-1]
+
+    def sample(self, batch_size, step, generator=None, x0=None):
+        device = _device(generator)
+        log_sigma = self.mean + self.std * torch.randn(batch_size, generator=generator, device=device).double()
+        edges = ((self.log_sigmas[1:] + self.log_sigmas[:-1]) / 2).to(device)
+        t = torch.bucketize(log_sigma, edges)
+        return t, self._weight(self.probabilities(step), t)
+
+
+@register_sampler
+class LogitNormalSampler(StaticSampler):
+    """SD3's logit-normal (Esser et al., 2024): u = sigmoid(N(m, s²)) ∈ (0, 1), t = ⌊u·T⌋ (u → 1 is noise).
+
+    Drawn with diffusers' `compute_density_for_timestep_sampling`. Direction: here u is the noise level as
+    in the SD3 paper, so `mean` > 0 favours noisier timesteps. diffusers' SD3 scripts index their
+    *descending* `timesteps` with ⌊u·T⌋, which flips that: their logit_mean = −ours.
+    """
+
+    name: ClassVar[str] = "logit-normal"
+
+    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
+                 mean: float = 0.0, std: float = 1.0):
+        super().__init__(num_train_timesteps, noise_scheduler, importance)
+        self.mean = check_range("--logit-normal-mean", mean, -math.inf, math.inf, low_open=True, high_open=True)
+        self.std = check_range("--logit-normal-std", std, 0.0, math.inf, low_open=True, high_open=True)
+
+    def _probabilities(self, step):
+        T = self.num_train_timesteps
+        u = torch.arange(T + 1, dtype=torch.float64) / T
+        cdf = _normal_cdf((torch.logit(u) - self.mean) / self.std)  # logit(0) = −inf, logit(1) = inf
+        return cdf[1:] - cdf[:-1]
+
+    def sample(self, batch_size, step, generator=None, x0=None):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        device = _device(generator)
+        u = compute_density_for_timestep_sampling("logit_normal", batch_size, logit_mean=self.mean,
+                                                  logit_std=self.std, device=device, generator=generator)
+        t = (u.double() * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        return t, self._weight(self.probabilities(step), t)
