@@ -293,3 +293,48 @@ def test_every_registered_sampler_has_a_normalised_distribution_and_a_state_roun
         assert t.shape == w.shape == (4,)
         assert sampler.probabilities(0).sum().item() == pytest.approx(1.0, abs=1e-9)
         make_sampler(name, T).load_state_dict(sampler.state_dict())
+
+
+@pytest.mark.parametrize("name", ["speed", "adaptive", "clts"])
+def test_plug_in_loop_of_the_readme_trains(name):
+    """The README's dozen-line loop, with a tiny UNet: the loss is finite and the weights move."""
+    from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=T)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    lr_scheduler = get_scheduler("constant", optimizer)
+    before = [p.detach().clone() for p in unet.parameters()]
+    generator = torch.Generator().manual_seed(0)
+
+    sampler = make_sampler(name, T, noise_scheduler=noise_scheduler, **({"update_every": 2} if name == "adaptive"
+                                                                        else {}))
+    weighting = make_weighting("caw")
+    mdlrc = MDLRC(optimizer, decay_steps=4)
+
+    def per_sample_loss_without_grad(x0, t, noise):
+        with torch.no_grad():
+            return (unet(noise_scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).mean(dim=(1, 2, 3))
+
+    if name == "adaptive":
+        sampler.bind(per_sample_loss_without_grad)
+    for step in range(4):
+        x0 = torch.rand(8, 1, 8, 8, generator=generator) * 2 - 1
+        t, w = sampler.sample(x0.shape[0], step, generator, x0=x0)
+        noise = torch.randn(x0.shape, generator=generator)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (w * weighting(t, noise_scheduler) * per_sample).mean()
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        mdlrc.step(step + 1)
+        optimizer.zero_grad()
+        sampler.update(t, per_sample.detach(), step)
+        assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))
+    assert optimizer.param_groups[0]["betas"][0] == pytest.approx(0.5)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,8 +268,12 @@ def _save_pipeline(unet, noise_scheduler, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a UNet2DModel DDPM as `config` says; return the run folder (a diffusers pipeline)."""
+def train(config: TrainConfig, on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
+    """Train a UNet2DModel DDPM as `config` says; return the run folder (a diffusers pipeline).
+
+    `on_checkpoint(step, ema_unet)`, if given, runs on the main process after every checkpoint with a copy
+    of the EMA model in eval mode (e.g. to measure FD against iteration, as `bench/train.py` does).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDIMScheduler, UNet2DModel
@@ -396,6 +401,10 @@ def train(config: TrainConfig) -> Path:
 
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
+            if on_checkpoint is not None and accelerator.is_main_process:
+                snapshot = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
+                ema.copy_to(snapshot.parameters())
+                on_checkpoint(state.step, snapshot.to(accelerator.device).eval())
             if accelerator.is_main_process:
                 save_distribution_plot(sampler.probabilities(state.step), weighting(
                     torch.arange(config.num_train_timesteps), noise_scheduler), out / "sampler.png",
