@@ -338,3 +338,40 @@ def test_plug_in_loop_of_the_readme_trains(name):
         assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))
     assert optimizer.param_groups[0]["betas"][0] == pytest.approx(0.5)
+
+
+def _adaptive_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sampler = _adaptive()
+    calls = {"n": 0}
+
+    def probe(x, t, noise):  # the "model" changes between calls, differently on each process
+        calls["n"] += 1
+        return (x.flatten(1).mean(1) * calls["n"] * (rank + 1) + t.float() / 100).abs()
+
+    sampler.bind(probe)
+    x0 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(rank))  # each process its own data
+    for step in range(3):
+        t, _ = sampler.sample(16, step, torch.Generator().manual_seed(100 * rank + step), x0=x0)
+        sampler.update(t, torch.ones(16), step)
+    torch.save(sampler.state_dict()["policy"], f"{out}/policy{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_adaptive_keeps_one_policy_across_processes(tmp_path):
+    """On several processes the policy gradients are averaged: every process ends with the same policy."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_adaptive_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"policy{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in _adaptive_initial_policy().items())
+
+
+def _adaptive_initial_policy() -> dict:
+    sampler = _adaptive()
+    sampler._ensure_policy(1, torch.device("cpu"))
+    return sampler.policy.state_dict()

@@ -16,8 +16,9 @@ Differences from the official code, on purpose:
 - Beta draws are inverse-CDF draws from the caller's generator, so runs are reproducible and resumable.
 
 Cost per step: one policy forward on the batch. Every `update_every` steps: 2·|S| extra forwards of the batch
-and 2 forwards of T/`probe_stride` copies of one image (≈ 2·T/(update_every·batch) extra network work per step,
-about 40 % at T = 1000, batch 128; `probe_stride` 10 cuts that to 4 %).
+and 2 forwards of T/`probe_stride` copies of one image, i.e. (2·|S|·B + 2·T/stride)/update_every extra forwards
+per step (≈ 70 at T = 1000, B = 128, against ≈ 3·B forward-equivalents of the training step itself: ~18 %;
+`--adaptive-probe-stride 10` cuts the probe part tenfold). `bench/train.py` measures the wall-clock overhead.
 
 The loop supplies the model through `bind(probe)`: `probe(x0, t, noise)` returns the per-sample training loss
 without gradient. `timetuner train` does this; in your own loop call `sampler.bind(...)` once.
