@@ -1,6 +1,7 @@
-"""Render the JSON lines of bench/fit.py as the Markdown tables of the README.
+"""Render the JSON lines of bench/fit.py and bench/train.py as the Markdown tables of the README.
 
-    python bench/fit.py --quick | tee fit.jsonl && python bench/markdown.py fit.jsonl
+    python bench/fit.py | tee fit.jsonl && python bench/markdown.py fit.jsonl
+    python bench/train.py --steps 1200 --eval-every 200 | tee train.jsonl && python bench/markdown.py train.jsonl
 """
 
 from __future__ import annotations
@@ -9,23 +10,70 @@ import json
 import sys
 
 
-def main(path: str) -> None:
-    records = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
-    quality = [r for r in records if r["figure"] == "quality"]
-    if quality:
-        print("| solver | grid | NFE | objective | x0 gap plain → tuned | FD plain → tuned | FD change | "
-              "headroom removed | verdict | fit s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in quality:
-            verdict = "better" if r["better"] else "**not better**"
-            print(f"| {r['scheduler']} | {r['trajectory']} | {r['nfe']} | {r['objective']} | "
-                  f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f} ({r['gap_change_pct']:+.1f} %) | "
-                  f"{r['fd_plain']:.2f} → {r['fd_tuned']:.2f} | {r['fd_change_pct']:+.1f} % | "
-                  f"{r['headroom_removed_pct']} % | {verdict} | {r['fit_seconds']} |")
+def quality_table(quality: list[dict]) -> None:
+    print("| solver | grid | NFE | objective | x0 gap plain → tuned | FD plain → tuned | FD change | "
+          "headroom removed | verdict | fit s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in quality:
+        verdict = "better" if r["better"] else "**not better**"
+        print(f"| {r['scheduler']} | {r['trajectory']} | {r['nfe']} | {r['objective']} | "
+              f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f} ({r['gap_change_pct']:+.1f} %) | "
+              f"{r['fd_plain']:.2f} → {r['fd_tuned']:.2f} | {r['fd_change_pct']:+.1f} % | "
+              f"{r['headroom_removed_pct']} % | {verdict} | {r['fit_seconds']} |")
+
+
+def optimizer_table(rows: list[dict]) -> None:
+    print("| optimiser | fit network evaluations | all evaluations (incl. held-out check) | wall s | "
+          "held-out paper loss plain → tuned | held-out x0 gap plain → tuned |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['optimizer']}{' (' + str(r['adam_iters']) + ' it/τ)' if r['adam_iters'] else ''} | "
+              f"{r['fit_network_evaluations']:,} | {r['network_evaluations']:,} | {r['seconds']} | "
+              f"{r['held_out_paper_loss_plain']:.4f} → {r['held_out_paper_loss_tuned']:.4f} | "
+              f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f} |")
+    if len(rows) == 2:
+        search, adam = rows
+        fit_ratio = adam["fit_network_evaluations"] / search["fit_network_evaluations"]
+        all_ratio = adam["network_evaluations"] / search["network_evaluations"]
+        print(f"\nsearch uses 1/{fit_ratio:.1f} of adam's fit evaluations (1/{all_ratio:.1f} counting the held-out "
+              "check both share).")
+
+
+def train_tables(speedup: list[dict], overhead: list[dict]) -> None:
+    if speedup:
+        print("| method | iterations to uniform's final FD: speed-up (median, range over seeds) | per seed | "
+              "final FD mean (range) |")
+        print("|---|---|---|---|")
+        for r in speedup:
+            ratio = "not reached" if r["ratio_median"] is None else (
+                f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})")
+            per_seed = ", ".join("—" if v is None else f"{v:.2f}" for v in r["ratio_per_seed"])
+            low, high = r["final_fd_range"]
+            print(f"| {r['method']} | {ratio} | {per_seed} | {r['final_fd_mean']:.2f} ({low:.2f}–{high:.2f}) |")
+    if overhead:
+        print("\n| method | seconds / step | overhead vs uniform |")
+        print("|---|---|---|")
+        for r in overhead:
+            print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['overhead_pct']:+.1f} % |")
+
+
+def main(paths: list[str]) -> None:
+    records = [json.loads(line) for path in paths for line in open(path) if line.strip().startswith("{")]
+    by = {}
     for r in records:
-        if r["figure"] in ("optimizer", "default_fit", "sampling_time", "machine"):
+        by.setdefault(r["figure"], []).append(r)
+    if "quality" in by:
+        quality_table(by["quality"])
+    if "optimizer" in by:
+        print()
+        optimizer_table(by["optimizer"])
+    if "speedup" in by or "overhead" in by:
+        print()
+        train_tables(by.get("speedup", []), by.get("overhead", []))
+    for r in records:
+        if r["figure"] in ("default_fit", "sampling_time", "machine"):
             print(f"\n`{json.dumps(r)}`")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

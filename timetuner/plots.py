@@ -29,19 +29,24 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, min_tile: int = 32
     return Image.fromarray(array)
 
 
-def save_png(image, path: str | Path) -> Path:
-    """Write a PIL image as PNG atomically (temp file, then rename) and return its path."""
+def _write_atomic(path: str | Path, write) -> Path:
+    """Call write(temp_path) beside `path`, then rename it into place; no half-written file remains."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        image.save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write a PIL image as PNG atomically (temp file, then rename) and return its path."""
+    return _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -70,18 +75,10 @@ def save_figure(figure, path: str | Path) -> Path:
     """Write a matplotlib figure as PNG atomically, close it, and return the path."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        return _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Path, title: str = "") -> Path:
