@@ -93,6 +93,8 @@ def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Pa
     ax.plot(range(T), (T * p.double()).cpu().numpy(), label="T·p(t) (sampling)")
     ax.plot(range(T), weight.double().cpu().numpy(), label="w(t) (loss weight)")
     ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_ylim(bottom=0.0, top=max(1.2, 1.05 * float(max((T * p).max(), weight.max()))))
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("t (0 = clean, T−1 = noise)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
