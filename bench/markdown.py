@@ -39,22 +39,27 @@ def optimizer_table(rows: list[dict]) -> None:
               "check both share).")
 
 
-def train_tables(speedup: list[dict], overhead: list[dict]) -> None:
+def train_tables(speedup: list[dict], overhead: list[dict], draw: list[dict]) -> None:
     if speedup:
         print("| method | iterations to uniform's final FD: speed-up (median, range over seeds) | per seed | "
               "final FD mean (range) |")
         print("|---|---|---|---|")
         for r in speedup:
+            reached = sum(v is not None for v in r["ratio_per_seed"])
             ratio = "not reached" if r["ratio_median"] is None else (
-                f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})")
+                f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
+                + (f" on the {reached} of {len(r['ratio_per_seed'])} seeds that reach it"
+                   if reached < len(r["ratio_per_seed"]) else ""))
             per_seed = ", ".join("—" if v is None else f"{v:.2f}" for v in r["ratio_per_seed"])
             low, high = r["final_fd_range"]
             print(f"| {r['method']} | {ratio} | {per_seed} | {r['final_fd_mean']:.2f} ({low:.2f}–{high:.2f}) |")
     if overhead:
-        print("\n| method | seconds / step | overhead vs uniform |")
-        print("|---|---|---|")
+        cost = {r["method"]: r["ms_per_step"] for r in draw}
+        print("\n| method | seconds / training step | overhead vs uniform | draw + weight alone, ms / step |")
+        print("|---|---|---|---|")
         for r in overhead:
-            print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['overhead_pct']:+.1f} % |")
+            print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['overhead_pct']:+.1f} % | "
+                  f"{cost.get(r['method'], '—')} |")
 
 
 def main(paths: list[str]) -> None:
@@ -69,7 +74,7 @@ def main(paths: list[str]) -> None:
         optimizer_table(by["optimizer"])
     if "speedup" in by or "overhead" in by:
         print()
-        train_tables(by.get("speedup", []), by.get("overhead", []))
+        train_tables(by.get("speedup", []), by.get("overhead", []), by.get("draw_cost", []))
     for r in records:
         if r["figure"] in ("default_fit", "sampling_time", "machine"):
             print(f"\n`{json.dumps(r)}`")

@@ -11,7 +11,7 @@ noises and its FD against the held-out digits is measured with the shipped featu
 - one "speedup" line per method: the iterations it needs to reach uniform's final FD (same seed, FD linearly
   interpolated between evaluations), as uniform's steps / its steps: median and range over seeds;
 - one "overhead" line per method: median wall-clock seconds per training step relative to uniform, measured in
-  separate interleaved short runs without evaluation;
+  separate interleaved short runs without evaluation, and the cost of the draw + weight alone ("draw_cost");
 and the FD-vs-iteration plot is saved to `--plot`.
 """
 
@@ -102,6 +102,32 @@ def overhead(args) -> None:
               "threads": torch.get_num_threads()})
 
 
+def draw_cost(args) -> None:
+    """Time of the sampler draw + loss weight alone, per step (batch 128), without the network."""
+    from diffusers import DDPMScheduler
+
+    from timetuner.trainers import TrainConfig
+    from timetuner.trainers.loop import build_sampler, build_weighting
+
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    x0 = torch.randn(128, 1, 8, 8)
+    for method, options in METHODS.items():
+        config = TrainConfig(out="unused", **options)
+        sampler, weighting = build_sampler(config, noise_scheduler), build_weighting(config)
+        for step in range(1, 50):  # warm-up; steps not divisible by the adaptive update interval
+            t, _ = sampler.sample(128, step, torch.Generator().manual_seed(step), x0=x0)
+            weighting(t, noise_scheduler)
+        start, calls = time.perf_counter(), 0
+        for step in range(1, 2001):
+            if step % 40 == 0:
+                continue  # learned samplers' update steps need the model; their cost is in "overhead"
+            t, _ = sampler.sample(128, step, torch.Generator().manual_seed(step), x0=x0)
+            weighting(t, noise_scheduler)
+            calls += 1
+        emit({"figure": "draw_cost", "method": method, "batch": 128,
+              "ms_per_step": round(1e3 * (time.perf_counter() - start) / calls, 4)})
+
+
 def plot(curves: dict[str, list[list[tuple[int, float]]]], path: str) -> None:
     import matplotlib
 
@@ -163,6 +189,7 @@ def main() -> None:
                                      round(max(c[-1][1] for c in curves[method]), 3)]})
         plot(curves, args.plot)
     if "overhead" in parts:
+        draw_cost(args)
         overhead(args)
 
 

@@ -137,13 +137,7 @@ def _resolved(config: TrainConfig) -> TrainConfig:
     check_choice("--beta-schedule", config.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
     check_choice("--prediction-type", config.prediction_type, {"epsilon", "v_prediction", "sample"})
     check_choice("--mixed-precision", config.mixed_precision, {"no", "fp16", "bf16"})
-    config = dataclasses.replace(
-        config,
-        caw_tau=config.caw_tau if config.caw_tau is not None else (
-            _speed_threshold(config) if config.speed_r is not None else config.speed_tau),
-        clts_ramp_steps=config.clts_ramp_steps or max(1, config.steps // 2),
-        mdlrc_steps=config.mdlrc_steps or config.steps,
-    )
+    config = _method_defaults(config)
     build_sampler(config, _noise_scheduler(config))
     build_weighting(config)
     if config.mdlrc:
@@ -163,6 +157,17 @@ def _method_options(config: TrainConfig, name: str) -> dict:
     return {f[len(prefix):]: getattr(config, f) for f in TrainConfig.__dataclass_fields__ if f.startswith(prefix)}
 
 
+def _method_defaults(config: TrainConfig) -> TrainConfig:
+    """Fill the method settings whose default depends on others (CAW's τ, CLTS's ramp, MDLRC's length)."""
+    return dataclasses.replace(
+        config,
+        caw_tau=config.caw_tau if config.caw_tau is not None else (
+            _speed_threshold(config) if config.speed_r is not None else config.speed_tau),
+        clts_ramp_steps=config.clts_ramp_steps or max(1, config.steps // 2),
+        mdlrc_steps=config.mdlrc_steps or config.steps,
+    )
+
+
 def _speed_threshold(config: TrainConfig) -> int:
     from timetuner.trainers.samplers import schedule_of, speed_threshold
 
@@ -171,6 +176,7 @@ def _speed_threshold(config: TrainConfig) -> int:
 
 def build_sampler(config: TrainConfig, noise_scheduler):
     """The timestep sampler `config` names, with its hyperparameters from the config."""
+    config = _method_defaults(config)
     cls = SAMPLERS[check_choice("--sampler", config.sampler, SAMPLERS)]
     accepted = inspect.signature(cls).parameters
     extra = {"noise_scheduler": noise_scheduler, "importance": config.importance, "seed": config.seed}
@@ -180,6 +186,7 @@ def build_sampler(config: TrainConfig, noise_scheduler):
 
 def build_weighting(config: TrainConfig):
     """The loss weighting `config` names, with its hyperparameters from the config."""
+    config = _method_defaults(config)
     return make_weighting(config.weighting, **_method_options(config, config.weighting))
 
 
