@@ -17,9 +17,14 @@ def evaluate(
     n: Annotated[int, typer.Option("--n", help="Held-out noises.")] = 256,
     reference_steps: Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")] = 1000,
     seed: Annotated[int | None, typer.Option(help="Noise seed; default: the table's held-out seed.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples for the intervals (FD: at most 200).")
+                         ] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compare plain and tuned sampling from the same held-out noises against a fine DDIM reference.
+
+    Before/after figures come with a 95 % paired bootstrap interval over the noises; an interval that covers
+    zero is reported as "no significant change".
 
         timetuner eval --table tau-ddim-uniform-nfe10.safetensors
     """
@@ -29,13 +34,21 @@ def evaluate(
     from timetuner.errors import UserError
     from timetuner.fit import Sampler, _uses_digits_features
     from timetuner.loading import load_pipeline, resolve_model
-    from timetuner.metrics import digits_fd, truncation_gap
+    from timetuner.metrics import (
+        describe_change,
+        digits_fd,
+        digits_features,
+        frechet_distance,
+        paired_bootstrap,
+        truncation_gap,
+    )
     from timetuner.reference import cache_key, reference_trajectory
     from timetuner.scheduler import check_model, model_hash
     from timetuner.table import TauTable
 
-    if n < 2 or reference_steps < 1:
-        raise UserError(f"--n {n} / --reference-steps {reference_steps}: accepted: --n >= 2, steps >= 1")
+    if n < 2 or reference_steps < 1 or bootstrap < 1:
+        raise UserError(f"--n {n} / --reference-steps {reference_steps} / --bootstrap {bootstrap}: accepted: "
+                        "--n >= 2, --reference-steps >= 1, --bootstrap >= 1")
     tau_table = TauTable.load(table)
     if as_json:
         from diffusers.utils import logging as diffusers_logging
@@ -54,15 +67,21 @@ def evaluate(
     refs = reference_trajectory(sampler, noise, reference_steps, key=key)
     plain = truncation_gap(sampler, noise, refs)
     tuned = truncation_gap(sampler, noise, refs, tau_table.tau.float())
+    x0_change = paired_bootstrap(plain["x0_per_sample"].numpy(), tuned["x0_per_sample"].numpy(),
+                                 resamples=bootstrap)
     record = {"table": table, "n": n, "seed": seed, "reference": f"ddim-{reference_steps}",
               "t": tau_table.t.tolist(), "tau": tau_table.tau.tolist(), "state_times": plain["times"],
               "gap_plain": plain["per_state"], "gap_tuned": tuned["per_state"],
-              "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"]}
+              "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"], "x0_gap_change": x0_change}
     from timetuner.fit import FitConfig
+    from timetuner.trainers.data import load_digits_tensor
 
     if _uses_digits_features(FitConfig(), resolve_model(model), den):
-        record["fd_plain"] = digits_fd(plain["final"].clamp(-1, 1))
-        record["fd_tuned"] = digits_fd(tuned["final"].clamp(-1, 1))
+        held_out = digits_features(load_digits_tensor("test")[0])
+        fd_change = paired_bootstrap(
+            digits_features(plain["final"].clamp(-1, 1)), digits_features(tuned["final"].clamp(-1, 1)),
+            statistic=lambda rows: frechet_distance(rows, held_out), resamples=min(bootstrap, 200))
+        record["fd_plain"], record["fd_tuned"], record["fd_change"] = fd_change["plain"], fd_change["tuned"], fd_change
         record["fd_reference"] = digits_fd(refs[-1].clamp(-1, 1))
     if as_json:
         typer.echo(json.dumps(record))
@@ -71,7 +90,7 @@ def evaluate(
     typer.echo(f"{'state':>5} {'time':>9} {'plain':>10} {'tuned':>10}")
     for i, (t, a, b) in enumerate(zip(plain["times"], plain["per_state"], tuned["per_state"], strict=True)):
         typer.echo(f"{i:>5} {t:>9.2f} {a:>10.5f} {b:>10.5f}")
-    typer.echo(f"x0 gap: plain {plain['x0']:.5f} -> tuned {tuned['x0']:.5f}")
+    typer.echo(describe_change("x0 gap", x0_change))
     if "fd_plain" in record:
-        typer.echo(f"FD (digits features, vs held-out digits): plain {record['fd_plain']:.3f} -> tuned "
-                   f"{record['fd_tuned']:.3f}; reference {record['fd_reference']:.3f}")
+        typer.echo(describe_change("FD (digits features, vs held-out digits)", record["fd_change"], digits=3)
+                   + f"; reference sampler {record['fd_reference']:.3f}")

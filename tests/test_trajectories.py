@@ -61,3 +61,17 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
     assert len(record["gap_plain"]) == len(record["gap_tuned"]) == 3 + 1  # x_T and after each evaluation
     assert record["gap_plain"][0] == 0.0  # both start from the same x_T
     assert {"fd_plain", "fd_tuned", "x0_gap_plain", "x0_gap_tuned"} <= set(record)
+
+
+def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
+    from timetuner.fit import fit
+
+    out = tmp_path / "t.safetensors"
+    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
+        reference_steps=5, force=True)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "16",
+                                 "--reference-steps", "20", "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    x0_line = next(line for line in result.output.splitlines() if line.startswith("x0 gap:"))
+    fd_line = next(line for line in result.output.splitlines() if line.startswith("FD "))
+    assert "95 % CI [" in x0_line and "95 % CI [" in fd_line

@@ -1,4 +1,4 @@
-"""Sample-quality metrics: Fréchet distance through clean-fid over a feature extractor's features."""
+"""Sample-quality metrics: Fréchet distance through clean-fid, truncation gaps, paired bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Te
 
     `reference_states` from `timetuner.reference.reference_trajectory` for the same sampler and noise; `taus`
     the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
-    clamped final samples, "final": the final states}.
+    clamped final samples, "x0_per_sample": that RMS per sample, "final": the final states}.
     """
     from timetuner.reference import state_times, to_vp
 
@@ -61,5 +61,43 @@ def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Te
         per_state.append(float(diff.pow(2).mean(dim=tuple(range(1, diff.ndim))).sqrt().mean()))
     # The x0 figure compares what a user sees: final samples clamped to the data range [-1, 1].
     x0 = (states[-1].clamp(-1, 1) - reference_states[-1].clamp(-1, 1)).pow(2)
-    x0 = float(x0.mean(dim=tuple(range(1, x0.ndim))).sqrt().mean())
-    return {"times": times, "per_state": per_state, "x0": x0, "final": states[-1]}
+    x0_per_sample = x0.mean(dim=tuple(range(1, x0.ndim))).sqrt()
+    return {"times": times, "per_state": per_state, "x0": float(x0_per_sample.mean()),
+            "x0_per_sample": x0_per_sample, "final": states[-1]}
+
+
+def paired_bootstrap(plain, tuned, statistic=None, resamples: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Change statistic(tuned) − statistic(plain) with a paired percentile-bootstrap interval over samples.
+
+    `plain[i]` and `tuned[i]` come from the same noise i (rows of arrays, or feature rows); each resample draws
+    the same indices for both, so the noise shared by the pair cancels. `statistic` maps rows to a number
+    (default: the mean). Returns {"plain", "tuned", "change", "low", "high", "level", "significant"};
+    `significant` is False when the interval covers 0.
+    """
+    plain, tuned = np.asarray(plain, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
+    if plain.shape != tuned.shape or plain.shape[0] < 2:
+        raise UserError(f"a paired bootstrap needs two equal-length sets of >= 2 samples; got {plain.shape} and "
+                        f"{tuned.shape}")
+    if not 0 < level < 1 or resamples < 1:
+        raise UserError(f"bootstrap level {level} / resamples {resamples}: accepted: 0 < level < 1, resamples >= 1")
+    stat = statistic or (lambda rows: float(np.mean(rows)))
+    rng = np.random.default_rng(seed)
+    n = plain.shape[0]
+    changes = np.empty(resamples)
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        changes[i] = stat(tuned[idx]) - stat(plain[idx])
+    low, high = np.quantile(changes, [(1 - level) / 2, 1 - (1 - level) / 2])
+    a, b = stat(plain), stat(tuned)
+    return {"plain": a, "tuned": b, "change": b - a, "low": float(low), "high": float(high), "level": level,
+            "significant": not (low <= 0.0 <= high)}
+
+
+def describe_change(name: str, result: dict, digits: int = 5) -> str:
+    """One line: plain → tuned, the change with its interval, and "no significant change" when it covers 0."""
+    verdict = "" if result["significant"] else " — no significant change"
+    pct = 100 * result["change"] / result["plain"] if result["plain"] else float("nan")
+    return (f"{name}: plain {result['plain']:.{digits}f} -> tuned {result['tuned']:.{digits}f} "
+            f"(change {result['change']:+.{digits}f}, {pct:+.1f} %; {100 * result['level']:.0f} % CI "
+            f"[{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]){verdict}")
