@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -19,6 +20,8 @@ def evaluate(
     seed: Annotated[int | None, typer.Option(help="Noise seed; default: the table's held-out seed.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples for the intervals (FD: at most 200).")
                          ] = 1000,
+    plots: Annotated[str | None, typer.Option(
+        help="Folder for PNGs: tau_shift.png, gap_per_step.png, samples.png (plain | tuned, same noises).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compare plain and tuned sampling from the same held-out noises against a fine DDIM reference.
@@ -26,7 +29,7 @@ def evaluate(
     Before/after figures come with a 95 % paired bootstrap interval over the noises; an interval that covers
     zero is reported as "no significant change".
 
-        timetuner eval --table tau-ddim-uniform-nfe10.safetensors
+        timetuner eval --table tau-ddim-uniform-nfe10.safetensors --plots eval-plots
     """
     import torch
 
@@ -49,6 +52,8 @@ def evaluate(
     if n < 2 or reference_steps < 1 or bootstrap < 1:
         raise UserError(f"--n {n} / --reference-steps {reference_steps} / --bootstrap {bootstrap}: accepted: "
                         "--n >= 2, --reference-steps >= 1, --bootstrap >= 1")
+    if plots is not None and os.path.exists(plots) and not os.path.isdir(plots):
+        raise UserError(f"--plots {plots!r} is a file; accepted: a folder (created if missing)")
     tau_table = TauTable.load(table)
     if as_json:
         from diffusers.utils import logging as diffusers_logging
@@ -83,6 +88,18 @@ def evaluate(
             statistic=lambda rows: frechet_distance(rows, held_out), resamples=min(bootstrap, 200))
         record["fd_plain"], record["fd_tuned"], record["fd_change"] = fd_change["plain"], fd_change["tuned"], fd_change
         record["fd_reference"] = digits_fd(refs[-1].clamp(-1, 1))
+    if plots is not None:
+        from pathlib import Path
+
+        from timetuner.plots import save_gap_plot, save_side_by_side, save_tau_shift_plot
+
+        folder, label = Path(plots), f"{Path(table).name}, {n} noises"
+        record["plots"] = [str(p) for p in (
+            save_tau_shift_plot(tau_table.t, tau_table.tau, folder / "tau_shift.png", label),
+            save_gap_plot(plain["times"], plain["per_state"], tuned["per_state"], folder / "gap_per_step.png", label),
+            save_side_by_side(plain["final"][:64].clamp(-1, 1), tuned["final"][:64].clamp(-1, 1),
+                              folder / "samples.png"),
+        )]
     if as_json:
         typer.echo(json.dumps(record))
         return
@@ -94,3 +111,5 @@ def evaluate(
     if "fd_plain" in record:
         typer.echo(describe_change("FD (digits features, vs held-out digits)", record["fd_change"], digits=3)
                    + f"; reference sampler {record['fd_reference']:.3f}")
+    for path in record.get("plots", []):
+        typer.echo(f"wrote {path}")

@@ -70,8 +70,21 @@ def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
     fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
         reference_steps=5, force=True)
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "16",
-                                 "--reference-steps", "20", "--bootstrap", "200"])
+                                 "--reference-steps", "20", "--bootstrap", "200", "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     x0_line = next(line for line in result.output.splitlines() if line.startswith("x0 gap:"))
     fd_line = next(line for line in result.output.splitlines() if line.startswith("FD "))
     assert "95 % CI [" in x0_line and "95 % CI [" in fd_line
+    from PIL import Image
+
+    for name in ("tau_shift.png", "gap_per_step.png", "samples.png"):
+        with Image.open(tmp_path / "p" / name) as image:
+            assert image.format == "PNG" and image.width > 100
+
+
+def test_eval_refuses_a_file_as_plots_folder(tmp_path):
+    table, plots = tmp_path / "missing.safetensors", tmp_path / "a-file"
+    plots.write_text("x")
+    result = runner.invoke(app, ["eval", "--table", str(table), "--plots", str(plots)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "--plots" in lines[0], result.output

@@ -102,3 +102,41 @@ def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Pa
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _figure(width: float = 6.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_tau_shift_plot(t: torch.Tensor, tau: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """The learned shift τ − t per network evaluation (the table at a glance)."""
+    fig, ax = _figure()
+    k = range(len(t))
+    ax.bar(k, (tau.double() - t.double()).numpy(), color="tab:orange")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xticks(list(k), [f"{v:.0f}" for v in t.tolist()], rotation=45, fontsize=7)
+    ax.set_xlabel("solver timestep t of each network evaluation")
+    ax.set_ylabel("τ − t")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_gap_plot(times: list[float], plain: list[float], tuned: list[float], path: str | Path,
+                  title: str = "") -> Path:
+    """Truncation gap to the reference trajectory after every step, plain vs tuned (the paper's Fig. 2)."""
+    fig, ax = _figure()
+    steps = range(len(times))
+    ax.plot(steps, plain, marker="o", ms=3, label="plain")
+    ax.plot(steps, tuned, marker="o", ms=3, label="tuned")
+    ax.set_xticks(list(steps), [f"{v:.0f}" for v in times], rotation=45, fontsize=7)
+    ax.set_xlabel("state (time)")
+    ax.set_ylabel("RMS gap to the reference")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
