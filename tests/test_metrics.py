@@ -43,3 +43,20 @@ def test_bootstrap_is_reproducible_and_works_for_fd_on_feature_rows():
 def test_bootstrap_refuses_unpaired_input():
     with pytest.raises(UserError, match="equal-length"):
         paired_bootstrap(np.ones(5), np.ones(6))
+
+
+def test_clean_fid_distances_offline_with_the_digits_extractor():
+    """Held-out vs training digits sit near the floor; noise is far above it (FD and KID, via clean-fid)."""
+    import torch
+
+    from timetuner.metrics import digits_features, kernel_distance
+    from timetuner.trainers.data import load_digits_tensor
+
+    test, train = load_digits_tensor("test")[0], load_digits_tensor("train")[0]
+    noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    f_test, f_train, f_noise = digits_features(test), digits_features(train), digits_features(noise)
+    floor, far = frechet_distance(f_test, f_train), frechet_distance(f_noise, f_train)
+    assert floor < 10 and far > 20 * floor
+    kid_floor, kid_far = kernel_distance(f_test, f_train), kernel_distance(f_noise, f_train)
+    assert kid_far > 20 * abs(kid_floor)  # KID is unbiased: the floor scatters around 0 (here about -250)
+    assert kernel_distance(f_test, f_train, seed=1) == kernel_distance(f_test, f_train, seed=1)

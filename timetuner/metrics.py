@@ -25,6 +25,24 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(clean_fid_frechet(mu_a, sigma_a, mu_b, sigma_b))
 
 
+def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, seed: int = 0) -> float:
+    """Kernel (Inception) distance, KID (Bińkowski et al., 2018), computed by clean-fid; reproducible by `seed`.
+
+    clean-fid draws its subsets from NumPy's global generator; it is seeded here and restored afterwards.
+    """
+    from cleanfid.fid import kernel_distance as clean_fid_kernel
+
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise UserError(f"kernel distance needs at least 2 feature rows on each side; got {a.shape}, {b.shape}")
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(clean_fid_kernel(a, b))
+    finally:
+        np.random.set_state(state)
+
+
 @torch.no_grad()
 def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024) -> np.ndarray:
     """Features of N×1×H×W images in [-1, 1] under the digits feature extractor (shipped by default)."""
