@@ -39,7 +39,6 @@ def evaluate(
     from timetuner.loading import load_pipeline, resolve_model
     from timetuner.metrics import (
         describe_change,
-        digits_fd,
         digits_features,
         frechet_distance,
         paired_bootstrap,
@@ -87,7 +86,7 @@ def evaluate(
             digits_features(plain["final"].clamp(-1, 1)), digits_features(tuned["final"].clamp(-1, 1)),
             statistic=lambda rows: frechet_distance(rows, held_out), resamples=min(bootstrap, 200))
         record["fd_plain"], record["fd_tuned"], record["fd_change"] = fd_change["plain"], fd_change["tuned"], fd_change
-        record["fd_reference"] = digits_fd(refs[-1].clamp(-1, 1))
+        record["fd_reference"] = frechet_distance(digits_features(refs[-1].clamp(-1, 1)), held_out)
     if plots is not None:
         from pathlib import Path
 

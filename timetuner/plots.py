@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from timetuner.files import write_atomic
 
 
 def grid_image(images: torch.Tensor, nrow: int | None = None, min_tile: int = 32):
@@ -29,27 +29,9 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, min_tile: int = 32
     return Image.fromarray(array)
 
 
-def _write_atomic(path: str | Path, write) -> Path:
-    """Call write(temp_path) beside `path`, then rename it into place; no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_png(image, path: str | Path) -> Path:
     """Write a PIL image as PNG atomically (temp file, then rename) and return its path."""
-    return _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"), ".png")
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -79,29 +61,9 @@ def save_figure(figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"), ".png")
     finally:
         plt.close(figure)
-
-
-def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """A training sampler's p(t) (scaled to T·p, uniform = 1) and the loss weighting w(t), over t."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T = p.numel()
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(range(T), (T * p.double()).cpu().numpy(), label="T·p(t) (sampling)")
-    ax.plot(range(T), weight.double().cpu().numpy(), label="w(t) (loss weight)")
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_ylim(bottom=0.0, top=max(1.2, 1.05 * float(max((T * p).max(), weight.max()))))
-    ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_xlabel("t (0 = clean, T−1 = noise)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def _figure(width: float = 6.0, height: float = 3.2):
@@ -111,6 +73,21 @@ def _figure(width: float = 6.0, height: float = 3.2):
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
+
+
+def save_distribution_plot(p: torch.Tensor, weight: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """A training sampler's p(t) (scaled to T·p, uniform = 1) and the loss weighting w(t), over t."""
+    T = p.numel()
+    fig, ax = _figure(6.0, 3.0)
+    ax.plot(range(T), (T * p.double()).cpu().numpy(), label="T·p(t) (sampling)")
+    ax.plot(range(T), weight.double().cpu().numpy(), label="w(t) (loss weight)")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_ylim(bottom=0.0, top=max(1.2, 1.05 * float(max((T * p).max(), weight.max()))))
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("t (0 = clean, T−1 = noise)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def save_tau_shift_plot(t: torch.Tensor, tau: torch.Tensor, path: str | Path, title: str = "") -> Path:

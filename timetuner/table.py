@@ -12,14 +12,13 @@ and configuration, step count, model, how it was fitted, and how well it did on 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from timetuner.errors import UserError
+from timetuner.files import write_atomic
 
 FORMAT = "timetuner.TauTable/1"
 # Scheduler config keys that decide the timesteps or the update; a table refuses schedulers differing in one.
@@ -109,18 +108,9 @@ class TauTable:
         """Write the table as safetensors with JSON metadata, atomically (temp file, then rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            header = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True, default=_json_default)}
-            save_file({"t": self.t.contiguous(), "tau": self.tau.contiguous()}, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        header = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True, default=_json_default)}
+        tensors = {"t": self.t.contiguous(), "tau": self.tau.contiguous()}
+        return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
     def load(cls, path: str | Path) -> TauTable:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from timetuner.errors import UserError, check_choice
+from timetuner.files import write_atomic
 from timetuner.trainers.data import load_training_data
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import get_preset
@@ -253,10 +254,7 @@ def _probe(model, noise_scheduler, config: TrainConfig):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def _save_pipeline(unet, noise_scheduler, out: Path) -> None:
