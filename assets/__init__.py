@@ -5,3 +5,4 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ASSETS_DIR / "digits-ddpm"
 DIGITS_FEATURES = ASSETS_DIR / "digits-features"
+DEFAULT_TABLE = ASSETS_DIR / "tables" / "tau-ddim-uniform-nfe10.safetensors"  # `timetuner fit --nfe 10`

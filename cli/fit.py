@@ -75,12 +75,13 @@ def fit(
     if joint and result.rows:
         typer.echo(f"joint loss (final samples vs reference, fit noises): {result.rows[0]['loss_before']:.5g} -> "
                    f"{result.rows[0]['loss_after']:.5g}")
-    typer.echo(f"held-out x0 gap (RMS to the {result.table.metadata['reference']} reference, "
-               f"{result.config.eval_samples} samples): plain {held['gap_plain']:.5f} -> tuned {held['gap_tuned']:.5f}"
-               f" ({_pct(held['gap_plain'], held['gap_tuned'])})")
-    if "fd_plain" in held:
-        typer.echo(f"held-out FD (digits features): plain {held['fd_plain']:.3f} -> tuned {held['fd_tuned']:.3f} "
-                   f"({_pct(held['fd_plain'], held['fd_tuned'])}); reference sampler {held['fd_reference']:.3f}")
+    from timetuner.metrics import describe_change
+
+    typer.echo(describe_change(f"held-out x0 gap (RMS to the {result.table.metadata['reference']} reference, "
+                               f"{result.config.eval_samples} samples)", held["gap_change"]))
+    if "fd_change" in held:
+        typer.echo(describe_change("held-out FD (digits features)", held["fd_change"], digits=3)
+                   + f"; reference sampler {held['fd_reference']:.3f}")
     if result.better:
         typer.echo(f"tuned table is better on held-out seeds; wrote {name} ({result.seconds:.1f} s)")
     elif force:
@@ -89,6 +90,3 @@ def fit(
         typer.echo(f"tuned table is NOT better on held-out seeds; wrote the identity table (tau = t) to {name}; "
                    "--force writes the tuned one")
 
-
-def _pct(before: float, after: float) -> str:
-    return f"{100 * (after - before) / before:+.1f} %" if before else "n/a"

@@ -10,6 +10,7 @@ from timetuner import __version__
 from timetuner.cli.eval import evaluate
 from timetuner.cli.features import train_features
 from timetuner.cli.fit import fit
+from timetuner.cli.report import report
 from timetuner.cli.sample import sample
 from timetuner.cli.train import train
 
@@ -41,6 +42,7 @@ app.command(name="eval")(evaluate)
 app.command(name="train")(train)
 app.command(name="train-features")(train_features)
 app.command(name="sample")(sample)
+app.command(name="report")(report)
 
 
 def main() -> None:

@@ -33,3 +33,13 @@ def user_command(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+Features = Annotated[str, typer.Option(
+    help="FD/KID feature extractor: auto (digits for digits models, else inception), inception, digits, or "
+    "package.module:factory (returns a torch module: N×3×H×W in [0, 255] → N×D).")]
+InceptionWeights = Annotated[str | None, typer.Option(
+    help="The Inception weights file inception-2015-12-05.pt (default: $TIMETUNER_INCEPTION_WEIGHTS, the cache, "
+    "or a download when online).")]
+Bootstrap = Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95 % intervals (FD: at most 200, "
+                                        "KID: at most 50).")]

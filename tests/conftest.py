@@ -20,11 +20,12 @@ def tiny_config(out, **overrides):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_reference_cache(tmp_path_factory):
-    """Reference trajectories are cached on disk; tests use a fresh cache, never the user's."""
+    """Reference trajectories are cached on disk; tests use a fresh cache, never the user's, and stay offline."""
     import os
 
     old = os.environ.get("TIMETUNER_CACHE")
     os.environ["TIMETUNER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["TIMETUNER_OFFLINE"] = "1"  # nothing in the tests touches the network (Inception weights included)
     yield
     if old is None:
         os.environ.pop("TIMETUNER_CACHE", None)

@@ -16,12 +16,18 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between two feature sets (Heusel et al., 2017), computed by clean-fid."""
+def frechet_distance(features_a: np.ndarray, features_b) -> float:
+    """Fréchet distance between two feature sets (Heusel et al., 2017), computed by clean-fid.
+
+    `features_b` may also be precomputed statistics (mu, sigma), e.g. of a reference set.
+    """
     from cleanfid.fid import frechet_distance as clean_fid_frechet
 
     mu_a, sigma_a = feature_statistics(features_a)
-    mu_b, sigma_b = feature_statistics(features_b)
+    mu_b, sigma_b = features_b if isinstance(features_b, tuple) else feature_statistics(features_b)
+    if mu_a.shape != np.shape(mu_b):
+        raise UserError(f"features of dimension {mu_a.shape[0]} cannot be compared with reference statistics of "
+                        f"dimension {np.shape(mu_b)[0]}; accepted: the same feature extractor on both sides")
     return float(clean_fid_frechet(mu_a, sigma_a, mu_b, sigma_b))
 
 
@@ -115,7 +121,8 @@ def paired_bootstrap(plain, tuned, statistic=None, resamples: int = 1000, level:
 def describe_change(name: str, result: dict, digits: int = 5) -> str:
     """One line: plain → tuned, the change with its interval, and "no significant change" when it covers 0."""
     verdict = "" if result["significant"] else " — no significant change"
-    pct = 100 * result["change"] / result["plain"] if result["plain"] else float("nan")
+    # A relative change only means something against a positive baseline (an unbiased KID can be negative).
+    pct = f", {100 * result['change'] / result['plain']:+.1f} %" if result["plain"] > 0 else ""
     return (f"{name}: plain {result['plain']:.{digits}f} -> tuned {result['tuned']:.{digits}f} "
-            f"(change {result['change']:+.{digits}f}, {pct:+.1f} %; {100 * result['level']:.0f} % CI "
+            f"(change {result['change']:+.{digits}f}{pct}; {100 * result['level']:.0f} % CI "
             f"[{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]){verdict}")

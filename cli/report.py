@@ -1,0 +1,78 @@
+"""`timetuner report`: one page (HTML, and Markdown with PNGs) for a τ table, with its figures and plots."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from timetuner.cli.options import Bootstrap, Features, InceptionWeights, Model, user_command
+
+
+@user_command
+def report(
+    tables: Annotated[list[str], typer.Argument(help="The τ table to report on; more tables of the same solver and "
+                                                "trajectory (other step counts) join its FD-against-steps plot.")],
+    model: Model = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Report folder; default: <table name>-report.")
+                   ] = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out noises (samples for FD/KID).")] = 256,
+    gap_n: Annotated[int, typer.Option(help="Of those, how many get the fine reference trajectory.")] = 256,
+    nfes: Annotated[str, typer.Option(help="Step counts of the plain sampler in the FD-against-steps plot.")
+                    ] = "5,10,20",
+    reference_steps: Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")] = 1000,
+    ref: Annotated[str | None, typer.Option(help="FD/KID reference: a folder or .zip of images, a clean-fid .npz, "
+                                            "or digits:test; default: digits:test for digits models, else no FD."
+                                            )] = None,
+    features: Features = "auto",
+    inception_weights: InceptionWeights = None,
+    bootstrap: Bootstrap = 1000,
+) -> None:
+    """Write report.html (self-contained), report.md and the PNGs for a table.
+
+        timetuner report tau-ddim-uniform-nfe10.safetensors
+
+        timetuner report tau-10.safetensors tau-5.safetensors --model my-model --ref val-images/ --n 5000
+    """
+    from timetuner.errors import UserError
+    from timetuner.evaluation import FidOptions, Measure, Setup, evaluate, fd_versus_nfe, save_plots
+    from timetuner.report import write_report
+    from timetuner.table import TauTable
+
+    try:
+        steps = [int(v) for v in nfes.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--nfes {nfes!r} is invalid; accepted: comma-separated step counts, e.g. 5,10,20") from None
+    folder = Path(out or f"{Path(tables[0]).stem}-report")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {str(folder)!r} is a file; accepted: a folder (created if missing)")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    setup = Setup(tables[0], model)
+    others = [TauTable.load(path) for path in tables[1:]]
+    for path, other in zip(tables[1:], others, strict=True):
+        mine, theirs = setup.table.metadata, other.metadata
+        if (theirs.get("scheduler_name"), theirs.get("trajectory")) != (mine.get("scheduler_name"),
+                                                                        mine.get("trajectory")):
+            raise UserError(f"table {path!r} is for {theirs.get('scheduler_name')}/{theirs.get('trajectory')}; "
+                            f"accepted: tables of {mine.get('scheduler_name')}/{mine.get('trajectory')} like "
+                            f"{tables[0]!r}")
+    measure = None
+    if ref is not None or setup.is_digits:
+        measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),
+                                setup.is_digits, n if ref is not None else None)
+    result = evaluate(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, bootstrap=bootstrap,
+                      measure=measure)
+    rows = None
+    if measure is not None and steps:
+        rows = fd_versus_nfe(setup, measure, steps, others, n=n, bootstrap=bootstrap)
+        result.record["fd_vs_nfe"] = rows
+    plots = save_plots(setup, result, folder, rows)
+    command = "timetuner " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else ""
+    written = write_report(folder, setup.table, result.record, plots, command)
+    for path in [*written.values(), *plots.values()]:
+        typer.echo(f"wrote {path}")

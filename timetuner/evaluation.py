@@ -1,0 +1,227 @@
+"""Plain against tuned from the same held-out noises: what `timetuner eval` prints and `timetuner report` lays out.
+
+Truncation gap per state and at x0 against a fine DDIM reference trajectory (cached), FD and KID through
+clean-fid against a reference set, FD against NFE — every before/after figure with a paired bootstrap
+interval over the noises. The noises come from the table's held-out seed, never the fit's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timetuner.errors import UserError
+from timetuner.metrics import (
+    feature_statistics,
+    frechet_distance,
+    kernel_distance,
+    paired_bootstrap,
+    truncation_gap,
+)
+
+FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
+KID_RESAMPLES = 50  # each KID resample runs clean-fid's 100 subsets
+
+
+@dataclass(frozen=True)
+class FidOptions:
+    """How FD/KID are measured: the reference set and the feature extractor."""
+
+    ref: str | None = None  # folder, .zip, clean-fid .npz, digits:test / digits:train; None: digits:test for digits
+    features: str = "auto"  # auto (digits for digits models, else inception), inception, digits, package.module:factory
+    inception_weights: str | None = None
+    kid: bool = True
+
+
+@dataclass
+class Measure:
+    """A feature extractor with its reference features (or statistics), ready to score sample sets."""
+
+    extractor: object
+    reference: np.ndarray | tuple
+    label: str
+
+    @classmethod
+    def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0) -> Measure:
+        from timetuner.fid import default_reference, load_extractor, reference_features
+
+        ref = options.ref or default_reference(is_digits_model)
+        if ref is None:
+            raise UserError("--fid needs a reference set for this model; accepted: --ref FOLDER (or .zip, a "
+                            "clean-fid .npz, digits:test)")
+        features = options.features
+        if features == "auto":
+            features = "digits" if is_digits_model else "inception"
+        extractor = load_extractor(features, options.inception_weights)
+        reference = reference_features(ref, extractor, n=n, seed=seed)
+        return cls(extractor=extractor, reference=reference, label=f"{features} features vs {ref}")
+
+    @property
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.reference, tuple):
+            return self.reference
+        if not hasattr(self, "_stats"):
+            self._stats = feature_statistics(self.reference)
+        return self._stats
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        from timetuner.fid import tensor_features
+
+        return tensor_features(images, self.extractor)
+
+    def fd(self, features: np.ndarray) -> float:
+        return frechet_distance(features, self.stats)
+
+    def kid(self, features: np.ndarray) -> float | None:
+        if isinstance(self.reference, tuple):
+            return None
+        scale = self.extractor.kid_scale
+        return kernel_distance(features / scale, self.reference / scale)
+
+
+@dataclass
+class Evaluation:
+    """The JSON-able record, and the final samples (plain, tuned) for grids."""
+
+    record: dict
+    plain_final: torch.Tensor
+    tuned_final: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+
+class Setup:
+    """A table with the model and the sampler it was fitted for, checked against each other."""
+
+    def __init__(self, table: str, model: str | None):
+        from timetuner.denoiser import Denoiser
+        from timetuner.fit import FitConfig, Sampler, _uses_digits_features
+        from timetuner.loading import load_pipeline, resolve_model
+        from timetuner.scheduler import check_model, model_hash
+        from timetuner.table import TauTable
+
+        self.path = table
+        self.table = TauTable.load(table)
+        pipe = load_pipeline(model)
+        if getattr(pipe, "unet", None) is None:
+            raise UserError(f"--model {model!r} has no unet; accepted: UNet2DModel pipelines (DDPM, DDIM)")
+        check_model(self.table, pipe.unet)
+        self.den = Denoiser(pipe.unet.eval())
+        self.base_config = pipe.scheduler.config
+        meta = self.table.metadata
+        self.scheduler_name, self.trajectory = meta.get("scheduler_name", "ddim"), meta.get("trajectory")
+        self.sampler = Sampler(self.den, self.base_config, self.scheduler_name, self.trajectory,
+                               self.table.num_inference_steps)
+        self.table.check_scheduler(self.sampler.template)
+        self.weights = model_hash(pipe.unet)
+        self.is_digits = _uses_digits_features(FitConfig(), resolve_model(model), self.den)
+
+    def noise(self, n: int, seed: int | None) -> tuple[torch.Tensor, int]:
+        """n held-out noises: the table's evaluation seed unless one is given."""
+        meta = self.table.metadata
+        if seed is not None and seed == meta.get("fit_seed"):
+            raise UserError(f"--seed {seed} is the seed the table was fitted on; accepted: any other seed (default: "
+                            f"the table's held-out seed {meta.get('eval_seed')})")
+        seed = meta.get("eval_seed", 1_000_003) if seed is None else seed
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
+
+
+def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
+    if n < 2 or gap_n < 2 or reference_steps < 1 or bootstrap < 1:
+        raise UserError(f"--n {n} / --gap-n {gap_n} / --reference-steps {reference_steps} / --bootstrap {bootstrap}:"
+                        " accepted: --n >= 2, --gap-n >= 2, --reference-steps >= 1, --bootstrap >= 1")
+
+
+@torch.no_grad()
+def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int = 1000, seed: int | None = None,
+             bootstrap: int = 1000, measure: Measure | None = None) -> Evaluation:
+    """Gap per state and at x0 (first min(n, gap_n) noises), FD and KID (all n) of plain vs tuned sampling."""
+    from timetuner.reference import cache_key, reference_trajectory
+
+    _check(n, gap_n, reference_steps, bootstrap)
+    noise, seed = setup.noise(n, seed)
+    sampler, taus = setup.sampler, setup.table.tau.float()
+    g = min(n, gap_n)
+    key = cache_key("trajectory", setup.weights, sampler.identity_table().metadata, reference_steps, seed, g)
+    refs = reference_trajectory(sampler, noise[:g], reference_steps, key=key)
+    plain, tuned = truncation_gap(sampler, noise[:g], refs), truncation_gap(sampler, noise[:g], refs, taus)
+    record = {"table": setup.path, "steps": setup.table.num_inference_steps, "n": n, "gap_n": g, "seed": seed,
+              "reference": f"ddim-{reference_steps}",
+              "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],
+              "gap_plain": plain["per_state"], "gap_tuned": tuned["per_state"],
+              "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"],
+              "x0_gap_change": paired_bootstrap(plain["x0_per_sample"].numpy(), tuned["x0_per_sample"].numpy(),
+                                                resamples=bootstrap)}
+    plain_final, tuned_final = plain["final"], tuned["final"]
+    if n > g:
+        plain_final = torch.cat([plain_final, sampler.rollout(noise[g:])])
+        tuned_final = torch.cat([tuned_final, sampler.rollout(noise[g:], taus)])
+    if measure is not None:
+        record.update(_distances(measure, plain_final, tuned_final, bootstrap))
+        if g == n:  # the fine reference sampler on the same noises: the yardstick tuning can approach
+            record["fd_reference"] = measure.fd(measure.features(refs[-1].clamp(-1, 1)))
+            excess = record["fd_plain"] - record["fd_reference"]
+            if excess > 0:
+                record["fd_headroom_removed"] = (record["fd_plain"] - record["fd_tuned"]) / excess
+    return Evaluation(record, plain_final.clamp(-1, 1), tuned_final.clamp(-1, 1))
+
+
+def _distances(measure: Measure, plain_final: torch.Tensor, tuned_final: torch.Tensor, bootstrap: int) -> dict:
+    fa, fb = measure.features(plain_final.clamp(-1, 1)), measure.features(tuned_final.clamp(-1, 1))
+    fd = paired_bootstrap(fa, fb, statistic=measure.fd, resamples=min(bootstrap, FD_RESAMPLES))
+    out = {"fd_measure": measure.label, "fd_plain": fd["plain"], "fd_tuned": fd["tuned"], "fd_change": fd}
+    if not isinstance(measure.reference, tuple):
+        kid = paired_bootstrap(fa, fb, statistic=measure.kid, resamples=min(bootstrap, KID_RESAMPLES))
+        out.update(kid_plain=kid["plain"], kid_tuned=kid["tuned"], kid_change=kid)
+    return out
+
+
+@torch.no_grad()
+def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list | None = None, n: int = 256,
+                  seed: int | None = None, bootstrap: int = 200) -> list[dict]:
+    """FD of plain sampling at each NFE, and of each tuned table (same solver and trajectory) at its NFE.
+
+    Rows {"nfe", "fd_plain"[, "fd_tuned", "fd_change" (paired interval)]}, from the same held-out noises.
+    """
+    from timetuner.fit import Sampler
+
+    if not nfes or min(nfes) < 1:
+        raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
+    noise, _ = setup.noise(n, seed)
+    by_steps = {t.num_inference_steps: t for t in [setup.table, *(tables or [])]}
+    rows = []
+    for nfe in sorted(set(nfes) | set(by_steps)):
+        sampler = Sampler(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
+        plain = measure.features(sampler.rollout(noise).clamp(-1, 1))
+        row = {"nfe": nfe, "fd_plain": measure.fd(plain)}
+        table = by_steps.get(nfe)
+        if table is not None and not table.is_identity:
+            table.check_scheduler(sampler.template)
+            tuned = measure.features(sampler.rollout(noise, table.tau.float()).clamp(-1, 1))
+            change = paired_bootstrap(plain, tuned, statistic=measure.fd, resamples=min(bootstrap, FD_RESAMPLES))
+            row.update(fd_tuned=change["tuned"], fd_change=change)
+        rows.append(row)
+    return rows
+
+
+def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, fd_rows: list[dict] | None = None
+               ) -> dict[str, Path]:
+    """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given rows, fd_vs_nfe."""
+    from timetuner.plots import save_fd_nfe_plot, save_gap_plot, save_side_by_side, save_tau_shift_plot
+
+    folder, rec = Path(folder), evaluation.record
+    label = f"{Path(setup.path).name}, {rec['gap_n']} noises"
+    paths = {
+        "tau_shift": save_tau_shift_plot(setup.table.t, setup.table.tau, folder / "tau_shift.png", label),
+        "gap_per_step": save_gap_plot(rec["state_times"], rec["gap_plain"], rec["gap_tuned"],
+                                      folder / "gap_per_step.png", label),
+        "samples": save_side_by_side(evaluation.plain_final[:64], evaluation.tuned_final[:64], folder / "samples.png"),
+    }
+    if fd_rows:
+        title = f"{setup.scheduler_name} / {setup.sampler.trajectory}, {rec['n']} noises"
+        paths["fd_vs_nfe"] = save_fd_nfe_plot(fd_rows, folder / "fd_vs_nfe.png", title, rec.get("fd_reference"),
+                                              f"{rec['reference'].upper()} reference")
+    return paths
