@@ -5,3 +5,5 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ASSETS_DIR / "digits-ddpm"
 DIGITS_FEATURES = ASSETS_DIR / "digits-features"
+FIT_PROMPTS = ASSETS_DIR / "prompts" / "fit.txt"  # default prompts for fitting text-to-image models
+EVAL_PROMPTS = ASSETS_DIR / "prompts" / "eval.txt"  # disjoint default prompts for the held-out verdict
