@@ -33,3 +33,9 @@ def user_command(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+# Loading a pipeline (hub id or folder): the usual `from_pretrained` arguments.
+Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.")]
+Variant = Annotated[str | None, typer.Option("--variant", help="Weights variant of --model, e.g. fp16.")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="Load the weights as float32, float16 or bfloat16; "
+                                           "default: as stored.")]

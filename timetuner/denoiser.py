@@ -121,7 +121,8 @@ FAMILIES: dict[str, type] = {
 }
 
 
-def _family(model) -> type:
+def family_of(model) -> type:
+    """The adapter for a network, by its class (or a diffusers base class); UserError if unsupported."""
     name = type(model).__name__
     family = FAMILIES.get(name)
     if family is None:  # subclasses (wrappers, patched models) adapt like their diffusers base
@@ -154,7 +155,7 @@ class Denoiser:
 
     def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
                  guidance_scale: float | None = None):
-        self.family = _family(unet)
+        self.family = family_of(unet)
         _refuse_integer_time_embedding(unet)
         if conditioning is not None and conditioning.kind != self.family.conditional:
             raise UserError(f"{type(unet).__name__} takes {self.family.conditional or 'no'} conditioning, not "

@@ -496,6 +496,14 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 16) -> torch.Te
     return torch.cat(out).to(latents.device)
 
 
+def conditioning_kind(pipeline) -> str | None:
+    """"text" (Stable Diffusion), "class" (DiT) or None (unconditional) for a loaded pipeline."""
+    from timetuner.denoiser import family_of
+
+    network = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    return None if network is None else family_of(network).conditional
+
+
 class _DecodedSampler:
     """A sampler view whose rollouts come back decoded by the VAE: the held-out verdict compares images."""
 
@@ -510,7 +518,8 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         base_scheduler_config=None, pipeline=None, **options) -> FitResult:
     """Fit a τ table for `model` (hub id or folder; default: the embedded digits model); see `FitConfig`.
 
-    `pipeline`: an already loaded pipeline (e.g. to fit several guidance scales without reloading); `unet` with
+    `pipeline`: the pipeline `model` names, already loaded (e.g. to fit several guidance scales without
+    reloading); `unet` with
     `base_scheduler_config`: a bare unconditional network. Writes the table to `out` when given (the identity
     table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
     every τ and resumes from `out`'s checkpoint.
@@ -530,11 +539,9 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     if unet is None:
         from timetuner.loading import load_pipeline, resolve_model
 
+        model_path = resolve_model(model)  # with `pipeline`: where it came from (None: the embedded model)
         if pipeline is None:
-            model_path = resolve_model(model)
             pipeline = load_pipeline(model)
-        elif model is not None and Path(model).expanduser().is_dir():
-            model_path = str(Path(model).expanduser())
         unet = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
         if unet is None:
             raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "

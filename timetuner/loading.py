@@ -49,6 +49,18 @@ def load_pipeline(model: str | None = None, revision: str | None = None, variant
         raise UserError(f"--model {source!r} could not be loaded: {first}") from None
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_dtype(name: str | None):
+    """'float16' → torch.float16 (None stays None: the weights' own dtype)."""
+    import torch
+
+    if name is None:
+        return None
+    return getattr(torch, check_choice("--dtype", name, DTYPES))
+
+
 def make_scheduler(name: str, base_config):
     """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler) built from a pipeline's scheduler config."""
     import diffusers
