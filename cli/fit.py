@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import Dtype, Model, Revision, Seed, Variant, user_command
+from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, user_command
 
 
 @user_command
@@ -48,6 +48,7 @@ def fit(
     revision: Revision = None,
     variant: Variant = None,
     dtype: Dtype = None,
+    cpu: Cpu = False,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Table file (.safetensors); default: "
                                             "tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors. With several "
                                             "--guidance-scale values, -cfgS is added to each.")] = None,
@@ -90,6 +91,10 @@ def fit(
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()  # "Loading weights" of a text encoder would prefix the JSON
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
     kind = conditioning_kind(pipe)
     stem = f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}"
     for scale in scales:

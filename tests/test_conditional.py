@@ -327,20 +327,22 @@ def test_tuned_stable_diffusion_round_trips_in_a_fresh_process(sd_folders, fitte
 
 
 # -- the CLI: one table per scale, and one-line refusals --------------------------------------------------------------
-def test_cli_fits_one_table_per_guidance_scale(sd_folders, tmp_path):
+@pytest.mark.parametrize("named", [False, True], ids=["default-names", "out"])
+def test_cli_fits_one_table_per_guidance_scale(sd_folders, tmp_path, monkeypatch, named):
+    monkeypatch.chdir(tmp_path)
     prompts, eval_prompts = tmp_path / "fit.txt", tmp_path / "eval.txt"
     prompts.write_text("\n".join(FIT_PROMPTS) + "\n\n# a comment\n")
     eval_prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")
-    out = tmp_path / "tau-sd.safetensors"
     result = runner.invoke(app, ["fit", "--model", str(sd_folders["sd"]), "--prompts", str(prompts), "--eval-prompts",
                                  str(eval_prompts), "--guidance-scale", "3,7.5", "--nfe", "4", "--samples", "2",
                                  "--eval-samples", "2", "--reference-steps", "6", "--e2e-iters", "2",
-                                 "--dtype", "float32", "--out", str(out), "--json"])
+                                 "--dtype", "float32", "--json", *(["--out", "sd.safetensors"] if named else [])])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.output.strip().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [line["guidance_scale"] for line in lines] == [3.0, 7.5]
+    stem = "sd" if named else "tau-ddim-uniform-nfe4"
     for scale, tag in ((3.0, "cfg3"), (7.5, "cfg7.5")):
-        table = TauTable.load(tmp_path / f"tau-sd-{tag}.safetensors")
+        table = TauTable.load(tmp_path / f"{stem}-{tag}.safetensors")
         assert table.metadata["guidance_scale"] == scale and table.nfe == 4
         assert table.metadata["fit_config"]["prompts"] == FIT_PROMPTS
 
@@ -364,6 +366,12 @@ def test_cli_refuses_bad_conditioning_in_one_line(sd_folders, tmp_path, args, me
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.strip().count("\n") == 0
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_sample_refuses_a_latent_conditional_model_in_one_line(sd_folders, tmp_path):
+    result = runner.invoke(app, ["sample", "--model", str(sd_folders["sd"]), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "not an unconditional pixel-space UNet2DModel pipeline" in result.output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_conditioning_options_on_an_unconditional_model_are_refused():
