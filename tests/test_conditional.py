@@ -205,10 +205,16 @@ def test_gradient_reaches_tau_through_the_guided_output(sd_pipe, dit_pipe, kind)
     pipe = sd_pipe if kind == "sd" else dit_pipe
     network = pipe.unet if kind == "sd" else pipe.transformer
     cond = (text_conditioning(pipe, FIT_PROMPTS, 3) if kind == "sd" else class_conditioning(network, [1, 2], 3))
-    sampler = Sampler(Denoiser(network, guidance_scale=6.0).bind(cond), pipe.scheduler.config, "ddim", None, 3)
-    taus = sampler.t.float().clone().requires_grad_(True)
-    sampler.rollout(torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3)), taus).pow(2).sum().backward()
-    assert torch.isfinite(taus.grad).all() and (taus.grad[:-1] != 0).all()
+    grads = []
+    for checkpoint in (False, True):  # gradient checkpointing (latent fits) must not change the gradient
+        den = Denoiser(network, guidance_scale=6.0, checkpoint=checkpoint, batch_size=2).bind(cond)
+        sampler = Sampler(den, pipe.scheduler.config, "ddim", None, 3)
+        taus = sampler.t.float().clone().requires_grad_(True)
+        noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        sampler.rollout(noise, taus).pow(2).sum().backward()
+        grads.append(taus.grad)
+    assert torch.isfinite(grads[0]).all() and (grads[0][:-1] != 0).all()
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 # -- fit end to end ---------------------------------------------------------------------------------------------------

@@ -151,10 +151,13 @@ class Denoiser:
 
     `Denoiser(unet)` is unconditional; `bind(conditioning)` gives a view for one batch layout sharing the network
     and the evaluation counter. A guided evaluation of N samples costs 2N network evaluations and counts 2N.
+    `checkpoint=True` recomputes each network call in the backward pass instead of storing its activations
+    (gradient checkpointing): e2e fitting differentiates through every call of a K-step trajectory, which for a
+    large latent model would not fit in memory otherwise; same gradients, about one more forward pass of time.
     """
 
     def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
-                 guidance_scale: float | None = None):
+                 guidance_scale: float | None = None, checkpoint: bool = False):
         self.family = family_of(unet)
         _refuse_integer_time_embedding(unet)
         if conditioning is not None and conditioning.kind != self.family.conditional:
@@ -164,6 +167,7 @@ class Denoiser:
         self.batch_size = batch_size
         self.conditioning = conditioning
         self.guidance_scale = guidance_scale
+        self.checkpoint = checkpoint
         self._count = [0]  # shared with bound views
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -207,18 +211,26 @@ class Denoiser:
         for lo in range(0, x.shape[0], self.batch_size):
             hi = min(lo + self.batch_size, x.shape[0])
             xb, tb = x[lo:hi].to(self.dtype), t[lo:hi]
-            if cond is None:
-                out = self.family.call(self.unet, xb, tb, None)
-            else:
+            values = null = None
+            if cond is not None:
                 values, null = (r.to(self.device) for r in cond.rows(lo, hi))
                 if values.is_floating_point():
                     values, null = values.to(self.dtype), null.to(self.dtype)
-                if self.guided:
-                    out = self.family.guided(self.unet, xb, tb, values, null, float(self.guidance_scale))
-                else:
-                    out = self.family.call(self.unet, xb, tb, values)
+            if self.checkpoint and torch.is_grad_enabled() and (xb.requires_grad or tb.requires_grad):
+                from torch.utils.checkpoint import checkpoint
+
+                out = checkpoint(self._forward, xb, tb, values, null, use_reentrant=False)
+            else:
+                out = self._forward(xb, tb, values, null)
             outs.append(out.to(torch.float32))
         return torch.cat(outs)
+
+    def _forward(self, x, t, values, null):
+        if values is None:
+            return self.family.call(self.unet, x, t, None)
+        if self.guided:
+            return self.family.guided(self.unet, x, t, values, null, float(self.guidance_scale))
+        return self.family.call(self.unet, x, t, values)
 
 
 @torch.no_grad()

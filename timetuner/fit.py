@@ -563,6 +563,10 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
                             "parallel strategy then uses the model's own high-NFE samples)")
     fit_cond, eval_cond = _conditionings(config, kind, pipeline, unet)
     den.guidance_scale = config.guidance_scale
+    if vae is not None:
+        # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
+        # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
+        den.checkpoint, den.batch_size = True, 16
     fit_den, eval_den = den.bind(fit_cond), den.bind(eval_cond)
     sampler = Sampler(fit_den, base_scheduler_config, config.scheduler, config.trajectory, config.nfe)
     refuse_integer_timesteps(fit_den, sampler.num_train_timesteps)
