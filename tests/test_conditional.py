@@ -199,6 +199,22 @@ def test_class_adapter_reproduces_dit_with_guidance_and_learned_sigma(dit_pipe):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def test_conditioning_follows_the_samples_through_batch_splits(sd_pipe):
+    cond = text_conditioning(sd_pipe, FIT_PROMPTS, 5)
+    assert cond.index.tolist() == [0, 1, 2, 0, 1]  # sample i uses prompt i mod P
+    x = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([900.0, 700.5, 500.0, 300.25, 100.0])
+    with torch.no_grad():
+        whole = Denoiser(sd_pipe.unet, guidance_scale=7.5).bind(cond)(x, t)
+        split = Denoiser(sd_pipe.unet, guidance_scale=7.5, batch_size=2).bind(cond)(x, t)
+        alone = [Denoiser(sd_pipe.unet, guidance_scale=7.5).bind(text_conditioning(sd_pipe, [FIT_PROMPTS[i % 3]], 1))(
+            x[i : i + 1], t[i : i + 1]) for i in range(5)]
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(alone), whole, rtol=0, atol=1e-4)  # text encoder: batch of 1 vs 3
+    with pytest.raises(RuntimeError, match="bound conditioning has 5 rows but the batch has 4"):
+        Denoiser(sd_pipe.unet, guidance_scale=7.5).bind(cond)(x[:4], t[:4])
+
+
 @pytest.mark.parametrize("kind", ["sd", "dit"])
 def test_gradient_reaches_tau_through_the_guided_output(sd_pipe, dit_pipe, kind):
     # What e2e and adam optimise: d(final sample)/dτ through CFG, the timestep embedding and scheduler.step.
@@ -361,6 +377,7 @@ def test_cli_fits_one_table_per_guidance_scale(sd_folders, tmp_path, monkeypatch
     (["--prompts", "missing.txt"], "--prompts 'missing.txt' is not a readable prompt file"),
     (["--class-labels", "1,2"], "--class-labels applies to class-conditional models"),
     (["--dtype", "float64"], "--dtype 'float64' is not known"),
+    (["--variant", "fp16"], "could not be loaded: You are trying to load the model files of the `variant=fp16`"),
 ])
 def test_cli_refuses_bad_conditioning_in_one_line(sd_folders, tmp_path, args, message):
     fit_file, overlap = tmp_path / "fit.txt", tmp_path / "overlap.txt"

@@ -248,8 +248,7 @@ def select_guidance_scale(tables: list[TauTable], guidance_scale: float | None) 
     if len(scales) > 1:
         given = [v for v in scales if v is not None]
         raise UserError(f"the tables are for {names}; a table is tuned for one guidance scale, so pass "
-                        f"guidance_scale= one of {', '.join(f'{v:g}' for v in given)} (timetuner CLI: "
-                        "--guidance-scale)")
+                        f"guidance_scale= one of {', '.join(f'{v:g}' for v in given)}")
     return tables, (scales[0] if scales else None)
 
 
