@@ -209,7 +209,7 @@ def test_conditioning_follows_the_samples_through_batch_splits(sd_pipe):
         split = Denoiser(sd_pipe.unet, guidance_scale=7.5, batch_size=2).bind(cond)(x, t)
         alone = [Denoiser(sd_pipe.unet, guidance_scale=7.5).bind(text_conditioning(sd_pipe, [FIT_PROMPTS[i % 3]], 1))(
             x[i : i + 1], t[i : i + 1]) for i in range(5)]
-    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-4)  # float noise of other batch sizes only
     torch.testing.assert_close(torch.cat(alone), whole, rtol=0, atol=1e-4)  # text encoder: batch of 1 vs 3
     with pytest.raises(RuntimeError, match="bound conditioning has 5 rows but the batch has 4"):
         Denoiser(sd_pipe.unet, guidance_scale=7.5).bind(cond)(x[:4], t[:4])
