@@ -246,7 +246,8 @@ def test_fit_at_nfe_4_runs_end_to_end(fitted, tables_dir, name):
     assert meta["conditioning"]["kind"] == ("class" if name == "dit" else "text")
     assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
     if name == "dit":
-        assert meta["fit_config"]["class_labels"] == [1, 7, 42] and meta["fit_config"]["eval_class_labels"] is None
+        # held out: the same labels on held-out noises, recorded as such
+        assert meta["fit_config"]["class_labels"] == meta["fit_config"]["eval_class_labels"] == [1, 7, 42]
     else:
         assert meta["fit_config"]["prompts"] == FIT_PROMPTS and meta["fit_config"]["eval_prompts"] == EVAL_PROMPTS
     if name == "sd-v":

@@ -419,7 +419,7 @@ def _uses_digits_features(config: FitConfig, model_path: str, denoiser: Denoiser
 DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0}  # StableDiffusionPipeline's and DiTPipeline's own defaults
 
 
-def _resolve_conditioning(config: FitConfig, kind: str | None, model_name: str) -> FitConfig:
+def _resolve_conditioning(config: FitConfig, kind: str | None, model_name: str, network) -> FitConfig:
     """The config with every conditioning default filled in (so the table records what was used), checked."""
     given = [name for name, value in (("--prompts", config.prompts), ("--eval-prompts", config.eval_prompts),
                                       ("--class-labels", config.class_labels),
@@ -455,10 +455,14 @@ def _resolve_conditioning(config: FitConfig, kind: str | None, model_name: str) 
         if name in given:
             raise UserError(f"{name} applies to text-to-image models, and {model_name} takes class labels; "
                             "accepted: --class-labels / --eval-class-labels")
-    return dataclasses.replace(config, guidance_scale=scale,
-                               class_labels=None if config.class_labels is None else tuple(config.class_labels),
-                               eval_class_labels=None if config.eval_class_labels is None
-                               else tuple(config.eval_class_labels))
+    classes = int(network.config.num_embeds_ada_norm)
+    labels = tuple(sorted({i * classes // 16 for i in range(min(16, classes))}) if config.class_labels is None
+                   else config.class_labels)
+    eval_labels = labels if config.eval_class_labels is None else tuple(config.eval_class_labels)
+    for name, value in (("--class-labels", labels), ("--eval-class-labels", eval_labels)):
+        if not value:
+            raise UserError(f"{name} is empty; accepted: class labels separated by commas, e.g. 207,360,387")
+    return dataclasses.replace(config, guidance_scale=scale, class_labels=labels, eval_class_labels=eval_labels)
 
 
 def _conditionings(config: FitConfig, kind: str | None, pipeline, network) -> tuple:
@@ -471,12 +475,8 @@ def _conditionings(config: FitConfig, kind: str | None, pipeline, network) -> tu
                             "the prompts; accepted: fit(model=...) or fit(pipeline=...)")
         return (text_conditioning(pipeline, list(config.prompts), config.samples, config.negative_prompt),
                 text_conditioning(pipeline, list(config.eval_prompts), config.eval_samples, config.negative_prompt))
-    classes = int(network.config.num_embeds_ada_norm)
-    labels = list(config.class_labels) if config.class_labels is not None else sorted(
-        {i * classes // 16 for i in range(min(16, classes))})
-    eval_labels = list(config.eval_class_labels) if config.eval_class_labels is not None else labels
-    return class_conditioning(network, labels, config.samples), class_conditioning(network, eval_labels,
-                                                                                   config.eval_samples)
+    return (class_conditioning(network, list(config.class_labels), config.samples),
+            class_conditioning(network, list(config.eval_class_labels), config.eval_samples))
 
 
 def _latent_decoder(pipeline):
@@ -551,7 +551,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     unet.eval().requires_grad_(False)
     den = Denoiser(unet)
     kind = den.family.conditional
-    config = _resolve_conditioning(config, kind, repr(model_name))
+    config = _resolve_conditioning(config, kind, repr(model_name), unet)
     vae = _latent_decoder(pipeline)
     if vae is not None:
         vae.eval().requires_grad_(False)
