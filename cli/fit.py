@@ -52,7 +52,8 @@ def fit(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Table file (.safetensors); default: "
                                             "tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors. With several "
                                             "--guidance-scale values, -cfgS is added to each.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per table (a line each) instead of "
+                                          "the table.")] = False,
     seed: Seed = 0,
 ) -> None:
     """Fit one network timestep τ per evaluation of a few-step sampler, and write the table.
