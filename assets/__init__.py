@@ -6,3 +6,5 @@ ASSETS_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL = ASSETS_DIR / "digits-ddpm"
 DIGITS_FEATURES = ASSETS_DIR / "digits-features"
 DEFAULT_TABLE = ASSETS_DIR / "tables" / "tau-ddim-uniform-nfe10.safetensors"  # `timetuner fit --nfe 10`
+FIT_PROMPTS = ASSETS_DIR / "prompts" / "fit.txt"  # default prompts for fitting text-to-image models
+EVAL_PROMPTS = ASSETS_DIR / "prompts" / "eval.txt"  # disjoint default prompts for the held-out verdict

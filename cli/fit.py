@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import Model, Seed, user_command
+from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, user_command
 
 
 @user_command
@@ -32,9 +32,28 @@ def fit(
     e2e_iters: Annotated[int, typer.Option(help="e2e: Adam iterations on all τ.")] = 40,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
+    prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "
+                                                "sample i uses prompt i mod P. Default: the shipped "
+                                                "assets/prompts/fit.txt.")] = None,
+    eval_prompts: Annotated[str | None, typer.Option(help="Text models: held-out prompts for the verdict, disjoint "
+                                                     "from --prompts. Default: assets/prompts/eval.txt.")] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Text models: the unconditional branch of guidance.")] = "",
+    class_labels: Annotated[str | None, typer.Option(help="DiT: class labels, e.g. 207,360,387; sample i uses label "
+                                                     "i mod P. Default: 16 classes spread over the range.")] = None,
+    eval_class_labels: Annotated[str | None, typer.Option(help="DiT: labels for the held-out verdict. Default: "
+                                                          "--class-labels, on held-out noises.")] = None,
+    guidance_scale: Annotated[str | None, typer.Option(help="Conditional models: classifier-free guidance scale(s);"
+                                                       " 3,5,7.5 fits one table per scale. Default: the pipeline's "
+                                                       "(SD 7.5, DiT 4).")] = None,
+    revision: Revision = None,
+    variant: Variant = None,
+    dtype: Dtype = None,
+    cpu: Cpu = False,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Table file (.safetensors); default: "
-                                            "tau-SCHEDULER-TRAJECTORY-nfeN.safetensors.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+                                            "tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors. With several "
+                                            "--guidance-scale values, -cfgS is added to each.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per table (a line each) instead of "
+                                          "the table.")] = False,
     seed: Seed = 0,
 ) -> None:
     """Fit one network timestep τ per evaluation of a few-step sampler, and write the table.
@@ -43,24 +62,64 @@ def fit(
 
         timetuner fit --model runs/digits-ddpm --scheduler dpm2 --nfe 5 --objective e2e --out dpm2-5.safetensors
 
+        timetuner fit --model runwayml/stable-diffusion-v1-5 --prompts prompts.txt --guidance-scale 3,7.5 --nfe 10
+
+        timetuner fit --model facebook/DiT-XL-2-256 --class-labels 207,360,387,974 --guidance-scale 4 --nfe 10
+
     The fit ends by sampling plain and tuned from held-out noises: if the tuned table is not better (x0 gap to
     the reference and, for digits models, FD), it says so and writes the identity table unless --force.
+
+    Text-to-image and class-conditional models are fitted in latent space on the guided output at each
+    --guidance-scale (the table records the scale); the held-out gap is measured on VAE-decoded images.
     """
+    from timetuner.fit import DEFAULT_GUIDANCE, conditioning_kind
     from timetuner.fit import fit as run
+    from timetuner.loading import load_pipeline, parse_dtype
+    from timetuner.prompts import parse_class_labels, parse_guidance_scales, scale_tag
     from timetuner.trajectories import DEFAULT_TRAJECTORY
 
+    scales = parse_guidance_scales(guidance_scale)
+    labels = parse_class_labels(class_labels)
+    eval_labels = parse_class_labels(eval_class_labels, "--eval-class-labels")
+    if out is not None and not out.endswith(".safetensors"):
+        from timetuner.errors import UserError
+
+        raise UserError(f"--out {out!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
     if as_json:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
-    name = out or f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}.safetensors"
-    result = run(model, out=name, progress=not as_json, nfe=nfe, scheduler=scheduler, trajectory=trajectory,
-                 strategy=strategy, objective=objective, optimizer=optimizer, samples=samples,
-                 eval_samples=eval_samples, seed=seed, data=data, reference_steps=reference_steps,
-                 adam_iters=adam_iters, e2e_iters=e2e_iters, force=force)
+        transformers_logging.disable_progress_bar()  # "Loading weights" of a text encoder would prefix the JSON
+    pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
+    kind = conditioning_kind(pipe)
+    stem = f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}"
+    for scale in scales:
+        tag = "" if kind is None else "-" + scale_tag(DEFAULT_GUIDANCE[kind] if scale is None else scale)
+        if out is None:
+            name = f"{stem}{tag}.safetensors"
+        else:
+            name = out if len(scales) == 1 else out.removesuffix(".safetensors") + tag + ".safetensors"
+        result = run(model, out=name, progress=not as_json, pipeline=pipe, nfe=nfe, scheduler=scheduler,
+                     trajectory=trajectory, strategy=strategy, objective=objective, optimizer=optimizer,
+                     samples=samples, eval_samples=eval_samples, seed=seed, data=data, reference_steps=reference_steps,
+                     adam_iters=adam_iters, e2e_iters=e2e_iters, force=force, guidance_scale=scale, prompts=prompts,
+                     eval_prompts=eval_prompts, negative_prompt=negative_prompt,
+                     class_labels=None if labels is None else tuple(labels),
+                     eval_class_labels=None if eval_labels is None else tuple(eval_labels))
+        _report(result, name, force, as_json)
+
+
+def _report(result, name: str, force: bool, as_json: bool) -> None:
+    """Print one fitted table: t, τ and losses, then the held-out verdict (or one JSON line)."""
     held = result.held_out
+    scale = result.table.metadata.get("guidance_scale")
     if as_json:
-        typer.echo(json.dumps({"out": name, "better": result.better, "written": "tuned" if not
+        typer.echo(json.dumps({"out": name, "guidance_scale": scale, "better": result.better, "written": "tuned" if not
                                result.table.is_identity else "identity", "t": result.tuned.t.tolist(),
                                "tau": result.tuned.tau.tolist(), "rows": result.rows, "held_out": held,
                                "seconds": round(result.seconds, 2),
@@ -68,6 +127,8 @@ def fit(
                                "fit_network_evaluations": result.fit_evaluations}))
         return
     joint = result.config.objective == "e2e"
+    if scale is not None:
+        typer.echo(f"guidance scale {scale:g}")
     typer.echo(f"{'k':>3} {'t':>9} {'tau':>9}" + ("" if joint else f" {'loss before':>12} {'loss after':>12}"))
     for row in result.rows:
         typer.echo(f"{row['k']:>3} {row['t']:>9.2f} {row['tau']:>9.2f}" + (
@@ -77,7 +138,8 @@ def fit(
                    f"{result.rows[0]['loss_after']:.5g}")
     from timetuner.metrics import describe_change
 
-    typer.echo(describe_change(f"held-out x0 gap (RMS to the {result.table.metadata['reference']} reference, "
+    space = ", decoded images" if result.table.metadata.get("latent") else ""
+    typer.echo(describe_change(f"held-out x0 gap (RMS to the {result.table.metadata['reference']} reference{space}, "
                                f"{result.config.eval_samples} samples)", held["gap_change"]))
     if "fd_change" in held:
         typer.echo(describe_change("held-out FD (digits features)", held["fd_change"], digits=3)

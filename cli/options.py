@@ -43,3 +43,9 @@ InceptionWeights = Annotated[str | None, typer.Option(
     "or a download when online).")]
 Bootstrap = Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95 % intervals (FD: at most 200, "
                                         "KID: at most 50).")]
+
+# Loading a pipeline (hub id or folder): the usual `from_pretrained` arguments.
+Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.")]
+Variant = Annotated[str | None, typer.Option("--variant", help="Weights variant of --model, e.g. fp16.")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="Load the weights as float32, float16 or bfloat16; "
+                                           "default: as stored.")]

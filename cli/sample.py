@@ -51,9 +51,11 @@ def sample(
         tau_table = TauTable.load(table)
     pipe = load_pipeline(model)
     unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet.config, "sample_size"):
-        raise UserError(f"--model {model!r} has no UNet2DModel; accepted: unconditional image pipelines "
-                        "(conditional and latent models come with `timetuner fit --prompts`)")
+    latent = getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None
+    if unet is None or type(unet).__name__ != "UNet2DModel" or latent:
+        raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
+                        "those (sample conditional and latent models with their own pipeline and TunedScheduler, "
+                        "README 'Text-to-image and class-conditional models')")
     size = unet.config.sample_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = initial_noise(n, (unet.config.in_channels, size, size), gen)

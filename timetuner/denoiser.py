@@ -1,29 +1,195 @@
 """One callable over a diffusers network: `model_output = denoiser(x_in, t)`, with float t into the embedding.
 
+Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern) to this one interface:
+
+    UNet2DModel                      unconditional, pixel or latent space
+    UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion)
+    DiTTransformer2DModel,           class labels; classifier-free guidance with the null class; DiT's learned-σ
+    Transformer2DModel (DiT config)  output channels split off as `DiTPipeline` does
+
+Conditioning is bound to the denoiser (`Denoiser.bind`), one row per sample of the batches it will see: sample i
+of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exactly as the pipelines do —
+ε̃ = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)) from one batched call of 2N (Ho & Salimans, 2022) — so the guided output is
+what τ is tuned for. Guidance s ≤ 1 is the conditional output alone, as in the pipelines.
+
 The raw output (ε, v or x0, as the model was trained) is what the scheduler's `step` consumes, so fitting and
 sampling hand it on unchanged; `to_epsilon` converts it where a loss compares noise predictions.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+from dataclasses import dataclass
+
 import torch
 
 from timetuner.errors import UserError
 
 
-class Denoiser:
-    """Wraps a `UNet2DModel`; counts network evaluations (per sample) for the benchmarks."""
+@dataclass(frozen=True)
+class Conditioning:
+    """Per-sample conditioning: `values[index[i]]` conditions sample i, `null[index[i]]` is its unconditional twin.
 
-    def __init__(self, unet, batch_size: int = 1024):
-        config = unet.config
-        if getattr(config, "time_embedding_type", "positional") == "learned":
-            raise UserError("the model's time embedding is learned (time_embedding_type='learned'): it cannot take "
-                            "a tuned, fractional timestep; accepted: positional or fourier embeddings")
-        self.unet = unet
+    values  text: prompt embeddings (P, L, D); class: labels (P,)
+    null    the same shape: negative-prompt embeddings, or the null class label
+    index   (N,) long: which row conditions each sample (i mod P for fitting)
+    """
+
+    kind: str  # "text" or "class"
+    values: torch.Tensor
+    null: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) rows for samples lo…hi−1."""
+        idx = self.index[lo:hi]
+        return self.values[idx], self.null[idx]
+
+    def fingerprint(self) -> str:
+        """A short hash of the tensors: what reference caches are keyed by (prompts, labels, text encoder)."""
+        digest = hashlib.sha256(self.kind.encode())
+        for tensor in (self.values, self.null, self.index):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def cyclic_index(n: int, rows: int) -> torch.Tensor:
+    """Row i mod P for samples 0…n−1: the fixed per-sample conditioning used for fitting and evaluation."""
+    return torch.arange(n) % rows
+
+
+# -- model families: one small adapter each, looked up by class name ---------------------------------------------
+class _Unconditional:
+    """`UNet2DModel`: output = model(x, t)."""
+
+    conditional = None
+
+    @staticmethod
+    def call(model, x, t, cond):
+        return model(x, t).sample
+
+
+class _TextUNet:
+    """`UNet2DConditionModel`: cross-attention on prompt embeddings; CFG batch ordered [uncond, cond] as SD does."""
+
+    conditional = "text"
+
+    @staticmethod
+    def call(model, x, t, cond):
+        return model(x, t, encoder_hidden_states=cond).sample
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
+        uncond, text = out.chunk(2)
+        return uncond + scale * (text - uncond)
+
+
+class _ClassTransformer:
+    """DiT: class labels through AdaLN-Zero; CFG batch ordered [cond, null] and learned σ split off as DiTPipeline."""
+
+    conditional = "class"
+
+    @staticmethod
+    def _eps(model, out):
+        channels = model.config.in_channels
+        return out[:, :channels] if model.config.out_channels // 2 == channels else out
+
+    @classmethod
+    def call(cls, model, x, t, cond):
+        return cls._eps(model, model(x, timestep=t, class_labels=cond).sample)
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        eps = cls._eps(model, model(torch.cat([x, x]), timestep=torch.cat([t, t]),
+                                    class_labels=torch.cat([cond, null])).sample)
+        cond_eps, uncond_eps = eps.chunk(2)
+        return uncond_eps + scale * (cond_eps - uncond_eps)
+
+
+FAMILIES: dict[str, type] = {
+    "UNet2DModel": _Unconditional,
+    "UNet2DConditionModel": _TextUNet,
+    "DiTTransformer2DModel": _ClassTransformer,
+    "Transformer2DModel": _ClassTransformer,
+}
+
+
+def family_of(model) -> type:
+    """The adapter for a network, by its class (or a diffusers base class); UserError if unsupported."""
+    name = type(model).__name__
+    family = FAMILIES.get(name)
+    if family is None:  # subclasses (wrappers, patched models) adapt like their diffusers base
+        family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
+    if family is None:
+        raise UserError(f"network {name} is not supported; accepted: {', '.join(sorted(FAMILIES))}")
+    if family is _ClassTransformer and getattr(model.config, "num_embeds_ada_norm", None) is None:
+        raise UserError(f"{name} has no class-label embedding (num_embeds_ada_norm is None); accepted: DiT "
+                        "configurations (norm_type='ada_norm_zero' with num_embeds_ada_norm)")
+    return family
+
+
+def _refuse_integer_time_embedding(model) -> None:
+    """A learned (lookup-table) time embedding cannot take a fractional τ; a guidance embedding is not CFG."""
+    config = model.config
+    if getattr(config, "time_embedding_type", "positional") == "learned":
+        raise UserError("the model's time embedding is learned (time_embedding_type='learned'): it cannot take "
+                        "a tuned, fractional timestep; accepted: positional or fourier embeddings")
+    if getattr(config, "time_cond_proj_dim", None) is not None:
+        raise UserError("the model embeds the guidance scale (time_cond_proj_dim is set, LCM-style) instead of "
+                        "classifier-free guidance; accepted: models sampled with classifier-free guidance")
+
+
+class Denoiser:
+    """Wraps a diffusers network (see the module docstring); counts network evaluations (per sample).
+
+    `Denoiser(unet)` is unconditional; `bind(conditioning)` gives a view for one batch layout sharing the network
+    and the evaluation counter. A guided evaluation of N samples costs 2N network evaluations and counts 2N.
+    `checkpoint=True` recomputes each network call in the backward pass instead of storing its activations
+    (gradient checkpointing): e2e fitting differentiates through every call of a K-step trajectory, which for a
+    large latent model would not fit in memory otherwise; same gradients, about one more forward pass of time.
+    """
+
+    def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
+                 guidance_scale: float | None = None, checkpoint: bool = False):
+        self.family = family_of(unet)
+        _refuse_integer_time_embedding(unet)
+        if conditioning is not None and conditioning.kind != self.family.conditional:
+            raise UserError(f"{type(unet).__name__} takes {self.family.conditional or 'no'} conditioning, not "
+                            f"{conditioning.kind}; accepted: prompts for text models, class labels for DiT")
+        self.unet = unet  # the name callers know; any supported network
         self.batch_size = batch_size
-        self.evaluations = 0  # network evaluations, counted per sample
+        self.conditioning = conditioning
+        self.guidance_scale = guidance_scale
+        self.checkpoint = checkpoint
+        self._count = [0]  # shared with bound views
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations so far, counted per sample, over this denoiser and every bound view."""
+        return self._count[0]
+
+    @evaluations.setter
+    def evaluations(self, value: int) -> None:
+        self._count[0] = value
+
+    @property
+    def guided(self) -> bool:
+        return self.conditioning is not None and self.guidance_scale is not None and self.guidance_scale > 1
+
+    def bind(self, conditioning: Conditioning | None) -> Denoiser:
+        """A view with per-sample `conditioning` (same network, same guidance scale, same evaluation counter)."""
+        view = copy.copy(self)
+        view.conditioning = conditioning
+        return view
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -32,13 +198,81 @@ class Denoiser:
         return (c.in_channels, size, size)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        """Network output at (float) timestep t — a scalar or one per sample — in float32."""
+        """Network output at (float) timestep t — a scalar or one per sample — in float32, guided if bound so."""
         t = torch.as_tensor(t, device=x.device)
         t = t.to(torch.float32).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.to(torch.float32)
-        self.evaluations += x.shape[0]
-        outs = [self.unet(xb.to(self.dtype), tb).sample.to(torch.float32)
-                for xb, tb in zip(x.split(self.batch_size), t.split(self.batch_size), strict=True)]
+        cond = self.conditioning
+        if self.family.conditional is not None and cond is None:
+            raise RuntimeError("a conditional network needs Denoiser.bind(conditioning) before it is called")
+        if cond is not None and len(cond) != x.shape[0]:
+            raise RuntimeError(f"the bound conditioning has {len(cond)} rows but the batch has {x.shape[0]} samples")
+        self.evaluations += x.shape[0] * (2 if self.guided else 1)
+        outs = []
+        for lo in range(0, x.shape[0], self.batch_size):
+            hi = min(lo + self.batch_size, x.shape[0])
+            xb, tb = x[lo:hi].to(self.dtype), t[lo:hi]
+            values = null = None
+            if cond is not None:
+                values, null = (r.to(self.device) for r in cond.rows(lo, hi))
+                if values.is_floating_point():
+                    values, null = values.to(self.dtype), null.to(self.dtype)
+            if self.checkpoint and torch.is_grad_enabled() and (xb.requires_grad or tb.requires_grad):
+                from torch.utils.checkpoint import checkpoint
+
+                out = checkpoint(self._forward, xb, tb, values, null, use_reentrant=False)
+            else:
+                out = self._forward(xb, tb, values, null)
+            outs.append(out.to(torch.float32))
         return torch.cat(outs)
+
+    def _forward(self, x, t, values, null):
+        if values is None:
+            return self.family.call(self.unet, x, t, None)
+        if self.guided:
+            return self.family.guided(self.unet, x, t, values, null, float(self.guidance_scale))
+        return self.family.call(self.unet, x, t, values)
+
+
+@torch.no_grad()
+def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000) -> None:
+    """Refuse a network that rounds or truncates its timestep (τ would be ignored between integers).
+
+    A cheap probe: one sample at t = T/2 (an even integer) and t + 0.5; identical outputs mean the network
+    cast t to an integer somewhere (`.long()`, an index into a table, round-half-even). Not counted as
+    evaluations.
+    """
+    count = denoiser.evaluations
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *denoiser.sample_shape), generator=gen).to(denoiser.device)
+    cond = denoiser.conditioning
+    probe = denoiser.bind(None if cond is None else Conditioning(cond.kind, cond.values, cond.null,
+                                                                 cond.index[:1]))
+    t0 = float(2 * (num_train_timesteps // 4))
+    same = torch.equal(probe(x, torch.tensor(t0)), probe(x, torch.tensor(t0 + 0.5)))
+    denoiser.evaluations = count
+    if same:
+        raise UserError(f"{type(denoiser.unet).__name__} gives identical outputs at t = {t0:g} and {t0 + 0.5:g}: it "
+                        "casts timesteps to integers, so a tuned fractional τ would be ignored; accepted: networks "
+                        "that take float timesteps into their embedding (sinusoidal or Fourier)")
+
+
+@torch.no_grad()
+def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
+    """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P."""
+    device = next(pipe.text_encoder.parameters()).device
+    cond, null = pipe.encode_prompt(list(prompts), device, 1, True, [negative_prompt] * len(prompts))
+    return Conditioning("text", cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32),
+                        cyclic_index(n, len(prompts)))
+
+
+def class_conditioning(model, labels: list[int], n: int) -> Conditioning:
+    """Class labels for a DiT, sample i ↦ label i mod P; null class `num_embeds_ada_norm` (DiTPipeline: 1000)."""
+    classes = int(model.config.num_embeds_ada_norm)
+    for label in labels:
+        if not 0 <= label < classes:
+            raise UserError(f"--class-labels {label} is out of range; accepted: integers 0 to {classes - 1}")
+    values = torch.tensor(labels, dtype=torch.long)
+    return Conditioning("class", values, torch.full_like(values, classes), cyclic_index(n, len(labels)))
 
 
 def to_epsilon(output: torch.Tensor, x_in: torch.Tensor, t, alphas_cumprod: torch.Tensor,

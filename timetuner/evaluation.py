@@ -105,8 +105,12 @@ class Setup:
         self.path = table
         self.table = TauTable.load(table)
         pipe = load_pipeline(model)
-        if getattr(pipe, "unet", None) is None:
-            raise UserError(f"--model {model!r} has no unet; accepted: UNet2DModel pipelines (DDPM, DDIM)")
+        unet = getattr(pipe, "unet", None)
+        latent = getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None
+        if unet is None or type(unet).__name__ != "UNet2DModel" or latent:
+            raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
+                            "those (for conditional and latent models `timetuner fit` prints the held-out verdict "
+                            "and stores it in the table's metadata['held_out'])")
         check_model(self.table, pipe.unet)
         self.den = Denoiser(pipe.unet.eval())
         self.base_config = pipe.scheduler.config

@@ -21,6 +21,12 @@ Optimisers: `search` (grid scan plus golden-section refinement of the 1-D batch 
 The update is always the wrapped diffusers `scheduler.step` (its state snapshotted per candidate), so what is
 tuned is exactly what `TunedScheduler` runs. Fit and held-out seeds never overlap; every table records its
 held-out x0 gap (and FD where a feature extractor exists) before and after.
+
+Conditional and latent models (Stable Diffusion, DiT): fitting runs in latent space on the guided model output
+at one guidance scale (`guidance_scale`, recorded in the table); sample i of the fit uses prompt (or class
+label) i mod P, sample i of the held-out verdict eval prompt i mod P' from a disjoint set (DiT: the same labels
+by default, on held-out noises). The VAE only decodes the held-out samples, so the verdict's x0 gap is measured
+on images. Prompts are embedded once, with the pipeline's own `encode_prompt`.
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from timetuner.denoiser import Denoiser, to_epsilon
+from timetuner.denoiser import (
+    Conditioning,
+    Denoiser,
+    class_conditioning,
+    refuse_integer_timesteps,
+    text_conditioning,
+    to_epsilon,
+)
 from timetuner.errors import UserError, check_choice
 from timetuner.reference import cache_key, reference_samples, reference_trajectory
 from timetuner.table import TauTable, set_grid
@@ -74,6 +86,13 @@ class FitConfig:
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
     force: bool = False
+    # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
+    guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, DiT 4.0); <= 1: no CFG
+    prompts: tuple[str, ...] | None = None  # text models; None: assets/prompts/fit.txt
+    eval_prompts: tuple[str, ...] | None = None  # held out, disjoint from prompts; None: assets/prompts/eval.txt
+    negative_prompt: str = ""  # the unconditional branch of CFG, as StableDiffusionPipeline's default
+    class_labels: tuple[int, ...] | None = None  # DiT; None: 16 classes spread evenly over the label range
+    eval_class_labels: tuple[int, ...] | None = None  # None: the fit's labels, on held-out noises
 
 
 @dataclass
@@ -116,6 +135,9 @@ def _validate(config: FitConfig) -> None:
                         f"{config.scheduler} carries state between them; accepted: {', '.join(PARALLEL_SCHEDULERS)}")
     if config.objective == "e2e" and config.strategy == "parallel":
         raise UserError("--objective e2e fits along the whole trajectory; accepted: --strategy sequential")
+    if config.guidance_scale is not None and not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 1):
+        raise UserError(f"--guidance-scale {config.guidance_scale!r} is invalid; accepted: numbers >= 1 (1 means no "
+                        "classifier-free guidance)")
 
 
 class Sampler:
@@ -405,12 +427,114 @@ def _uses_digits_features(config: FitConfig, model_path: str, denoiser: Denoiser
     return run_config.is_file() and json.loads(run_config.read_text()).get("data") == "digits"
 
 
+# -- conditional and latent models --------------------------------------------------------------------------------
+DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0}  # StableDiffusionPipeline's and DiTPipeline's own defaults
+
+
+def _resolve_conditioning(config: FitConfig, kind: str | None, model_name: str, network) -> FitConfig:
+    """The config with every conditioning default filled in (so the table records what was used), checked."""
+    given = [name for name, value in (("--prompts", config.prompts), ("--eval-prompts", config.eval_prompts),
+                                      ("--class-labels", config.class_labels),
+                                      ("--eval-class-labels", config.eval_class_labels),
+                                      ("--guidance-scale", config.guidance_scale)) if value is not None]
+    if kind is None:
+        if given:
+            raise UserError(f"{given[0]} applies to conditional models, and {model_name} is unconditional; "
+                            "accepted: text-to-image (Stable Diffusion) or class-conditional (DiT) pipelines")
+        return config
+    from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
+    from timetuner.prompts import check_disjoint, read_prompts
+
+    scale = DEFAULT_GUIDANCE[kind] if config.guidance_scale is None else float(config.guidance_scale)
+    if kind == "text":
+        for name in ("--class-labels", "--eval-class-labels"):
+            if name in given:
+                raise UserError(f"{name} applies to class-conditional models, and {model_name} takes prompts; "
+                                "accepted: --prompts / --eval-prompts")
+
+        def prompts(value, option, default):
+            if value is None or isinstance(value, str):
+                return tuple(read_prompts(value, option, default))
+            if not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise UserError(f"{option} holds an empty prompt; accepted: non-empty prompt texts")
+            return tuple(value)
+
+        fit_prompts = prompts(config.prompts, "--prompts", FIT_PROMPTS)
+        eval_prompts = prompts(config.eval_prompts, "--eval-prompts", EVAL_PROMPTS)
+        check_disjoint(list(fit_prompts), list(eval_prompts))
+        return dataclasses.replace(config, guidance_scale=scale, prompts=fit_prompts, eval_prompts=eval_prompts)
+    for name in ("--prompts", "--eval-prompts"):
+        if name in given:
+            raise UserError(f"{name} applies to text-to-image models, and {model_name} takes class labels; "
+                            "accepted: --class-labels / --eval-class-labels")
+    classes = int(network.config.num_embeds_ada_norm)
+    labels = tuple(sorted({i * classes // 16 for i in range(min(16, classes))}) if config.class_labels is None
+                   else config.class_labels)
+    eval_labels = labels if config.eval_class_labels is None else tuple(config.eval_class_labels)
+    for name, value in (("--class-labels", labels), ("--eval-class-labels", eval_labels)):
+        if not value:
+            raise UserError(f"{name} is empty; accepted: class labels separated by commas, e.g. 207,360,387")
+    return dataclasses.replace(config, guidance_scale=scale, class_labels=labels, eval_class_labels=eval_labels)
+
+
+def _conditionings(config: FitConfig, kind: str | None, pipeline, network) -> tuple:
+    """(fit, held-out) per-sample conditioning: sample i uses prompt / label i mod P of its set."""
+    if kind is None:
+        return None, None
+    if kind == "text":
+        if pipeline is None or getattr(pipeline, "encode_prompt", None) is None:
+            raise UserError("a text-conditional network needs its pipeline (text encoder and tokenizer) to embed "
+                            "the prompts; accepted: fit(model=...) or fit(pipeline=...)")
+        return (text_conditioning(pipeline, list(config.prompts), config.samples, config.negative_prompt),
+                text_conditioning(pipeline, list(config.eval_prompts), config.eval_samples, config.negative_prompt))
+    return (class_conditioning(network, list(config.class_labels), config.samples),
+            class_conditioning(network, list(config.eval_class_labels), config.eval_samples))
+
+
+def _latent_decoder(pipeline):
+    """The pipeline's autoencoder (`vae`, or `vqvae` for LDM), or None for a pixel-space model."""
+    if pipeline is None:
+        return None
+    return getattr(pipeline, "vae", None) or getattr(pipeline, "vqvae", None)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Images in about [-1, 1] from latents, as the pipelines decode them (divide by the VAE's scaling factor)."""
+    param = next(vae.parameters())
+    scale = getattr(vae.config, "scaling_factor", 1.0)
+    out = [vae.decode((chunk / scale).to(param.device, param.dtype)).sample.to(torch.float32)
+           for chunk in latents.split(batch_size)]
+    return torch.cat(out).to(latents.device)
+
+
+def conditioning_kind(pipeline) -> str | None:
+    """"text" (Stable Diffusion), "class" (DiT) or None (unconditional) for a loaded pipeline."""
+    from timetuner.denoiser import family_of
+
+    network = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    return None if network is None else family_of(network).conditional
+
+
+class _DecodedSampler:
+    """A sampler view whose rollouts come back decoded by the VAE: the held-out verdict compares images."""
+
+    def __init__(self, sampler: Sampler, vae):
+        self.sampler, self.vae = sampler, vae
+
+    def rollout(self, noise, taus=None, keep_states: bool = False):
+        return decode_latents(self.vae, self.sampler.rollout(noise, taus))
+
+
 def fit(model: str | None = None, out: str | Path | None = None, progress: bool = True, unet=None,
-        base_scheduler_config=None, **options) -> FitResult:
+        base_scheduler_config=None, pipeline=None, **options) -> FitResult:
     """Fit a τ table for `model` (hub id or folder; default: the embedded digits model); see `FitConfig`.
 
-    Writes the table to `out` when given (the identity table if tuning did not beat the plain sampler on
-    held-out seeds, unless `force=True`); checkpoints after every τ and resumes from `out`'s checkpoint.
+    `pipeline`: the pipeline `model` names, already loaded (e.g. to fit several guidance scales without
+    reloading); `unet` with
+    `base_scheduler_config`: a bare unconditional network. Writes the table to `out` when given (the identity
+    table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
+    every τ and resumes from `out`'s checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -427,15 +551,39 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     if unet is None:
         from timetuner.loading import load_pipeline, resolve_model
 
-        model_path = resolve_model(model)
-        pipe = load_pipeline(model)
-        unet = getattr(pipe, "unet", None)
+        model_path = resolve_model(model)  # with `pipeline`: where it came from (None: the embedded model)
+        if pipeline is None:
+            pipeline = load_pipeline(model)
+        unet = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
         if unet is None:
-            raise UserError(f"--model {model!r} has no unet; accepted: UNet2DModel pipelines (DDPM, DDIM)")
-        base_scheduler_config = pipe.scheduler.config
+            raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
+                            "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
+        base_scheduler_config = pipeline.scheduler.config
+    model_name = model or ("embedded:digits-ddpm" if model_path else "in-memory")
     unet.eval().requires_grad_(False)
     den = Denoiser(unet)
-    sampler = Sampler(den, base_scheduler_config, config.scheduler, config.trajectory, config.nfe)
+    kind = den.family.conditional
+    config = _resolve_conditioning(config, kind, repr(model_name), unet)
+    vae = _latent_decoder(pipeline)
+    if vae is not None:
+        vae.eval().requires_grad_(False)
+        if config.features == "digits":
+            raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "
+                            "accepted: --features none or auto")
+        if config.data is not None:
+            raise UserError("--data gives images, and this model samples latents; accepted: no --data (the "
+                            "parallel strategy then uses the model's own high-NFE samples)")
+    fit_cond, eval_cond = _conditionings(config, kind, pipeline, unet)
+    den.guidance_scale = config.guidance_scale
+    if vae is not None:
+        # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
+        # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
+        den.checkpoint, den.batch_size = True, 16
+    fit_den, eval_den = den.bind(fit_cond), den.bind(eval_cond)
+    sampler = Sampler(fit_den, base_scheduler_config, config.scheduler, config.trajectory, config.nfe)
+    refuse_integer_timesteps(fit_den, sampler.num_train_timesteps)
+    eval_sampler = copy.copy(sampler)
+    eval_sampler.den = eval_den
     weights = model_hash(unet)
     started = time.perf_counter()
 
@@ -445,15 +593,21 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
     fit_noise, eval_noise = fit_noise.to(den.device), eval_noise.to(den.device)
 
-    def reference(noise, seed):
-        key = cache_key("samples", weights, dict(base_scheduler_config), config.reference, config.reference_steps,
-                        seed, noise.shape[0], list(shape))
-        return reference_samples(den, base_scheduler_config, noise, config.reference, config.reference_steps, key)
+    def conditioned(d: Denoiser) -> list:
+        """Extra cache-key parts for a conditional denoiser: what it is conditioned on, and how strongly."""
+        cond: Conditioning | None = d.conditioning
+        return [] if cond is None else [cond.fingerprint(), d.guidance_scale]
 
-    # Checkpoint: resume only a fit of the same configuration on the same model.
+    def reference(noise, seed, d):
+        key = cache_key("samples", weights, dict(base_scheduler_config), config.reference, config.reference_steps,
+                        seed, noise.shape[0], list(shape), *conditioned(d))
+        return reference_samples(d, base_scheduler_config, noise, config.reference, config.reference_steps, key)
+
+    # Checkpoint: resume only a fit of the same configuration on the same model (JSON-normalised, tuples → lists).
     ckpt_path = _checkpoint_path(out)
     checkpoint: dict = {}
-    identity_key = {"config": dataclasses.asdict(config), "model_hash": weights}
+    identity_key = json.loads(json.dumps({"config": dataclasses.asdict(config), "model_hash": weights,
+                                          "conditioning": conditioned(fit_den)}))
     if ckpt_path is not None and ckpt_path.is_file():
         saved = json.loads(ckpt_path.read_text())
         if saved.get("key") == identity_key:
@@ -462,13 +616,14 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     def save_checkpoint(**state):
         if ckpt_path is None:
             return
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": identity_key, **state}))
-        os.replace(tmp, ckpt_path)
+        from timetuner.files import write_atomic
 
+        text = json.dumps({"key": identity_key, **state})
+        write_atomic(ckpt_path, lambda tmp: Path(tmp).write_text(text))
+
+    scale_note = "" if kind is None else f" cfg={config.guidance_scale:g}"
     bar = tqdm(total=config.e2e_iters if config.objective == "e2e" else sampler.evaluations,
-               desc=f"fit {config.scheduler} nfe={config.nfe}", disable=not progress, dynamic_ncols=True)
+               desc=f"fit {config.scheduler} nfe={config.nfe}{scale_note}", disable=not progress, dynamic_ncols=True)
 
     def on_progress(k, row, **state):
         bar.update(1)
@@ -490,15 +645,18 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
                 config.seed + 1))
             x0_parallel = x0_parallel[idx].to(den.device)
         else:
-            x0_parallel = reference(fit_noise, config.seed).clamp(-1, 1)
+            x0_parallel = reference(fit_noise, config.seed, fit_den)
+            if vae is None:  # images live in [-1, 1]; latents have no such range
+                x0_parallel = x0_parallel.clamp(-1, 1)
     if config.objective == "teacher":
         reference_states = reference_trajectory(
             sampler, fit_noise, config.reference_steps,
             key=cache_key("trajectory", weights, sampler.identity_table().metadata, config.reference_steps,
-                          config.seed, config.samples))
+                          config.seed, config.samples, *conditioned(fit_den)))
 
     if config.objective == "e2e":
-        taus, rows = _fit_e2e(sampler, config, fit_noise, reference(fit_noise, config.seed), checkpoint, on_progress)
+        taus, rows = _fit_e2e(sampler, config, fit_noise, reference(fit_noise, config.seed, fit_den), checkpoint,
+                              on_progress)
     else:
         taus, rows = _fit_per_eval(sampler, config, fit_noise, x0_parallel, reference_states, checkpoint,
                                    on_progress)
@@ -506,16 +664,21 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
 
     extractor = None
-    if _uses_digits_features(config, model_path, den):
+    if vae is None and _uses_digits_features(config, model_path, den):
         from timetuner.features import load_digits_features
 
         extractor = load_digits_features()
-    held = _held_out(sampler, taus, eval_noise, reference(eval_noise, eval_seed), extractor)
+    reference_final = reference(eval_noise, eval_seed, eval_den)
+    if vae is None:
+        held = _held_out(eval_sampler, taus, eval_noise, reference_final, extractor)
+    else:
+        held = _held_out(_DecodedSampler(eval_sampler, vae), taus, eval_noise,
+                         decode_latents(vae, reference_final), None)
     better = _is_better(held)
     seconds = time.perf_counter() - started
 
     meta = {
-        "model": model or ("embedded:digits-ddpm" if model_path else "in-memory"),
+        "model": model_name,
         "model_hash": weights,
         "trajectory": sampler.trajectory,
         "scheduler_name": config.scheduler,
@@ -530,11 +693,17 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         "fit_config": dataclasses.asdict(config),
         "rows": rows,
         "held_out": held,
+        "held_out_space": "images decoded by the VAE" if vae is not None else "samples",
+        "latent": vae is not None,
         "better_on_held_out": better,
         "fit_seconds": round(seconds, 2),
         "network_evaluations": {"fit": fit_evaluations, "total": den.evaluations},
         "versions": _versions(),
     }
+    if kind is not None:
+        meta["guidance_scale"] = config.guidance_scale
+        meta["conditioning"] = {"kind": kind, "per_sample": "sample i uses row i mod P of its set",
+                                "fit": fit_cond.fingerprint(), "eval": eval_cond.fingerprint()}
     tuned = sampler.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
     written = tuned if (better or config.force) else sampler.identity_table(**meta, identity_because_not_better=True)
     if out is not None:

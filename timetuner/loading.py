@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from timetuner.errors import UserError, check_choice
@@ -42,11 +43,26 @@ def load_pipeline(model: str | None = None, revision: str | None = None, variant
 
     source = resolve_model(model)
     try:
-        return DiffusionPipeline.from_pretrained(source, revision=revision, variant=variant,
-                                                 torch_dtype=torch_dtype)
+        with warnings.catch_warnings():
+            # Newer diffusers renamed `torch_dtype` to `dtype` and warn; `torch_dtype` works on every supported one.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return DiffusionPipeline.from_pretrained(source, revision=revision, variant=variant,
+                                                     torch_dtype=torch_dtype)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise UserError(f"--model {source!r} could not be loaded: {first}") from None
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_dtype(name: str | None):
+    """'float16' → torch.float16 (None stays None: the weights' own dtype)."""
+    import torch
+
+    if name is None:
+        return None
+    return getattr(torch, check_choice("--dtype", name, DTYPES))
 
 
 def make_scheduler(name: str, base_config):

@@ -12,6 +12,18 @@ unknown value. With τ = t it is bit-identical to the wrapped scheduler.
 Notation: k counts network evaluations (Heun and DPM-Solver-2 evaluate twice per step); t_k = inner.timesteps[k];
 τ_k = self.timesteps[k].
 
+Guidance scales: a table fitted on a conditional model records the classifier-free guidance scale s it was tuned
+at (the optimal τ differs per scale), and a TunedScheduler holds the tables of one scale — chosen explicitly:
+
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, ["tau-…-cfg3.safetensors", "tau-…-cfg7.5.safetensors"],
+                                               guidance_scale=7.5)   # keeps the 7.5 tables; refuses if none
+    images = pipe(prompt, num_inference_steps=10, guidance_scale=7.5).images   # call the pipeline at that scale
+
+Without `guidance_scale`, tables of more than one scale are refused (naming the scales available); tables of a
+single scale, or of unconditional models, load as they are. `scheduler.guidance_scale` says which scale the
+tables are for (None: unconditional); pipelines do not pass their scale to the scheduler, so keeping the two
+equal is the caller's part.
+
 Saving a pipeline writes `["timetuner", "TunedScheduler"]` into `model_index.json`; loading it in a fresh
 process needs `import timetuner` first, as for any scheduler from outside diffusers.
 """
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -39,7 +52,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, inner_class: str = "DDIMScheduler", inner_config: dict | None = None,
-                 tables: dict | None = None):
+                 tables: dict | None = None, guidance_scale: float | None = None):
         import diffusers
 
         cls = getattr(diffusers, inner_class, None)
@@ -60,27 +73,44 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_table(cls, scheduler, tables, unet=None) -> TunedScheduler:
+    def from_table(cls, scheduler, tables, unet=None, guidance_scale: float | None = None) -> TunedScheduler:
         """Wrap `scheduler` (or extend a TunedScheduler) with one table or several (objects or file paths).
 
         Each table must match the scheduler's class and configuration; with `unet`, also the model it was
-        fitted for (by weights hash). A mismatch is a UserError naming the difference.
+        fitted for (by weights hash). `guidance_scale` keeps the tables fitted at that classifier-free guidance
+        scale; without it, tables of several scales are ambiguous and refused. A mismatch is a UserError naming
+        the difference and what is available.
         """
         if not isinstance(tables, list | tuple):
             tables = [tables]
         loaded = [t if isinstance(t, TauTable) else TauTable.load(t) for t in tables]
+        loaded, scale = select_guidance_scale(loaded, guidance_scale)
         if isinstance(scheduler, TunedScheduler):
+            held = scheduler.guidance_scale
+            if scheduler.tables and not _same_scale(held, scale):
+                raise UserError(f"this TunedScheduler holds tables for {_scale_name(held)}, not "
+                                f"{_scale_name(scale)}; accepted: tables of one guidance scale per scheduler")
             wrapped = cls.from_config(scheduler.config)
         else:
             wrapped = cls(inner_class=type(scheduler).__name__, inner_config=config_dict(scheduler.config))
+        wrapped.register_to_config(guidance_scale=scale)
         for table in loaded:
             if unet is not None:
                 check_model(table, unet)
             wrapped._add(table)
         return wrapped
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale the tables were fitted at (None: unconditional tables)."""
+        return self.config.get("guidance_scale")
+
     def _add(self, table: TauTable) -> None:
         table.check_scheduler(self.inner)
+        if not _same_scale(table_scale(table), self.guidance_scale):
+            raise UserError(f"table for {table.num_inference_steps} steps was fitted for "
+                            f"{_scale_name(table_scale(table))}, and this scheduler holds "
+                            f"{_scale_name(self.guidance_scale)}; accepted: tables of one guidance scale")
         self.tables[table.num_inference_steps] = table
         self.register_to_config(tables={str(k): v.to_dict() for k, v in sorted(self.tables.items())})
 
@@ -189,6 +219,37 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             hits = (taus - v).abs() <= MATCH_ATOL * max(1.0, abs(float(v)))
             mapped.append(self._inner_timesteps[int(hits.nonzero()[0])] if hits.any() else v.to(values.dtype))
         return torch.stack(mapped).to(device=values.device).reshape(torch.as_tensor(timesteps).shape)
+
+
+def table_scale(table: TauTable) -> float | None:
+    """The guidance scale a table was fitted at, or None for an unconditional model."""
+    value = table.metadata.get("guidance_scale")
+    return None if value is None else float(value)
+
+
+def _same_scale(a: float | None, b: float | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6))
+
+
+def _scale_name(scale: float | None) -> str:
+    return "an unconditional model" if scale is None else f"guidance scale {scale:g}"
+
+
+def select_guidance_scale(tables: list[TauTable], guidance_scale: float | None) -> tuple[list[TauTable], float | None]:
+    """The tables of one guidance scale, and that scale: `guidance_scale` if given, else the only one there is."""
+    scales = sorted({table_scale(t) for t in tables}, key=lambda v: (v is not None, v or 0.0))
+    names = ", ".join(_scale_name(v) for v in scales)
+    if guidance_scale is not None:
+        chosen = [t for t in tables if _same_scale(table_scale(t), float(guidance_scale))]
+        if not chosen:
+            raise UserError(f"no table was fitted at guidance scale {float(guidance_scale):g} (the tables are for "
+                            f"{names}); accepted: guidance_scale one of the tables' scales")
+        return chosen, float(guidance_scale)
+    if len(scales) > 1:
+        given = [v for v in scales if v is not None]
+        raise UserError(f"the tables are for {names}; a table is tuned for one guidance scale, so pass "
+                        f"guidance_scale= one of {', '.join(f'{v:g}' for v in given)}")
+    return tables, (scales[0] if scales else None)
 
 
 def model_hash(module: torch.nn.Module) -> str:

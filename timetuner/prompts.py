@@ -1,0 +1,84 @@
+"""What conditional fits are conditioned on: prompt files or texts, class labels, guidance scales — parsed and checked.
+
+Fitting uses fixed per-sample conditioning: sample i of the fit uses prompt (or class label) i mod P, and sample
+i of the held-out verdict uses eval prompt i mod P' — a disjoint prompt set, so the verdict measures prompts the
+fit never saw. The shipped defaults are `assets/prompts/fit.txt` and `assets/prompts/eval.txt`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from timetuner.errors import UserError
+
+
+def read_prompts(file_or_text: str | None, option: str = "--prompts", default: Path | None = None) -> list[str]:
+    """Prompts from a file (one per line; blank lines and lines starting with '#' skipped) or one literal prompt."""
+    if file_or_text is None:
+        if default is None:
+            raise UserError(f"{option} is required; accepted: a prompt file (one per line) or a prompt text")
+        file_or_text = str(default)
+    path = Path(file_or_text).expanduser()
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+        if not prompts:
+            raise UserError(f"{option} {file_or_text!r} holds no prompt; accepted: a text file, one prompt per line")
+        return prompts
+    if path.suffix == ".txt" or path.is_dir():
+        raise UserError(f"{option} {file_or_text!r} is not a readable prompt file; accepted: an existing text "
+                        "file (one prompt per line) or a prompt text")
+    if not file_or_text.strip():
+        raise UserError(f"{option} is empty; accepted: a prompt file (one per line) or a prompt text")
+    return [file_or_text.strip()]
+
+
+def _normal(prompt: str) -> str:
+    return " ".join(prompt.split()).casefold()
+
+
+def check_disjoint(fit_prompts: list[str], eval_prompts: list[str]) -> None:
+    """Refuse held-out prompts that the fit also uses (compared ignoring case and repeated spaces)."""
+    shared = sorted({_normal(p) for p in fit_prompts} & {_normal(p) for p in eval_prompts})
+    if shared:
+        raise UserError(f"--eval-prompts shares {len(shared)} prompt(s) with --prompts (e.g. {shared[0]!r}); "
+                        "accepted: disjoint prompt sets, so the held-out verdict measures unseen prompts")
+
+
+def parse_guidance_scales(text: str | None) -> list[float | None]:
+    """'3,5,7.5' → [3.0, 5.0, 7.5]; None → [None] (the pipeline's default scale). Each finite, ≥ 1, distinct."""
+    if text is None:
+        return [None]
+    scales: list[float | None] = []
+    for part in str(text).split(","):
+        try:
+            value = float(part.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 1:
+            raise UserError(f"--guidance-scale {part.strip()!r} is invalid; accepted: numbers >= 1 separated by "
+                            "commas, e.g. 7.5 or 3,5,7.5 (1 means no classifier-free guidance)")
+        if value in scales:
+            raise UserError(f"--guidance-scale lists {value:g} twice; accepted: distinct scales, e.g. 3,5,7.5")
+        scales.append(value)
+    return scales
+
+
+def parse_class_labels(text: str | None, option: str = "--class-labels") -> list[int] | None:
+    """'1,2,3' → [1, 2, 3] (range checked against the model later); None stays None."""
+    if text is None:
+        return None
+    labels = []
+    for part in str(text).split(","):
+        try:
+            labels.append(int(part.strip()))
+        except ValueError:
+            raise UserError(f"{option} {part.strip()!r} is not a class label; accepted: integers separated by "
+                            "commas, e.g. 207,360,387") from None
+    return labels
+
+
+def scale_tag(scale: float) -> str:
+    """The guidance scale as written in file names: 7.5 → 'cfg7.5', 3.0 → 'cfg3'."""
+    return f"cfg{scale:g}"
