@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import Bootstrap, Features, InceptionWeights, Model, user_command
+from timetuner.cli.options import (
+    Bootstrap,
+    Features,
+    HeldOutClassLabels,
+    HeldOutPrompts,
+    InceptionWeights,
+    Model,
+    NegativePrompt,
+    user_command,
+)
 
 
 @user_command
@@ -27,6 +36,9 @@ def evaluate(
     features: Features = "auto",
     inception_weights: InceptionWeights = None,
     bootstrap: Bootstrap = 1000,
+    prompts: HeldOutPrompts = None,
+    class_labels: HeldOutClassLabels = None,
+    negative_prompt: NegativePrompt = None,
     plots: Annotated[str | None, typer.Option(
         help="Folder for PNGs: tau_shift.png, gap_per_step.png, samples.png (plain | tuned, same noises).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -34,7 +46,9 @@ def evaluate(
     """Compare plain and tuned sampling from the same held-out noises against a fine DDIM reference.
 
     Before/after figures come with a 95 % paired bootstrap interval over the noises; an interval that covers
-    zero is reported as "no significant change".
+    zero is reported as "no significant change". Conditional tables are evaluated as they were fitted: guided at
+    their scale, on held-out prompts or class labels (the table's own by default); latent models are measured in
+    latent space for the gaps and on VAE-decoded images for FD and KID.
 
         timetuner eval --table tau-ddim-uniform-nfe10.safetensors --plots eval-plots
 
@@ -49,10 +63,12 @@ def evaluate(
         raise UserError(f"--plots {plots!r} is a file; accepted: a folder (created if missing)")
     if ref is not None and not fid:
         raise UserError(f"--ref {ref!r} is only used with --fid; accepted: --fid --ref {ref}")
-    from diffusers.utils import logging as diffusers_logging
+    from timetuner.loading import quiet_loading
 
-    diffusers_logging.disable_progress_bar()  # loading bars would only interleave with the figures
-    setup = Setup(table, model)
+    quiet_loading()
+    from timetuner.prompts import parse_class_labels
+
+    setup = Setup(table, model, prompts, parse_class_labels(class_labels), negative_prompt)
     measure = None
     if fid or setup.is_digits:
         measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),
@@ -65,8 +81,10 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(record))
         return
-    typer.echo(f"truncation gap (RMS, VP space) to a {reference_steps}-step DDIM reference, {record['gap_n']} "
-               f"noises (seed {record['seed']})")
+    if record.get("conditioning"):
+        typer.echo(f"conditioned on {record['conditioning']}")
+    typer.echo(f"truncation gap (RMS, {record['gap_space']}) to a {reference_steps}-step DDIM reference, "
+               f"{record['gap_n']} noises (seed {record['seed']})")
     typer.echo(f"{'state':>5} {'time':>9} {'plain':>10} {'tuned':>10}")
     for i, (t, a, b) in enumerate(zip(record["state_times"], record["gap_plain"], record["gap_tuned"], strict=True)):
         typer.echo(f"{i:>5} {t:>9.2f} {a:>10.5f} {b:>10.5f}")

@@ -85,12 +85,9 @@ def fit(
         from timetuner.errors import UserError
 
         raise UserError(f"--out {out!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
-    if as_json:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
+    from timetuner.loading import quiet_loading
 
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()  # "Loading weights" of a text encoder would prefix the JSON
+    quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
     import torch
 

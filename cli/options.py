@@ -49,3 +49,12 @@ Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (
 Variant = Annotated[str | None, typer.Option("--variant", help="Weights variant of --model, e.g. fp16.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="Load the weights as float32, float16 or bfloat16; "
                                            "default: as stored.")]
+
+# Conditional models in eval / report: what the held-out samples are conditioned on (default: the table's own).
+HeldOutPrompts = Annotated[str | None, typer.Option(
+    "--prompts", help="Text models: held-out prompts (a file, one per line, or one prompt); sample i uses prompt "
+    "i mod P. Default: the table's held-out prompts. Must share none with the prompts it was fitted on.")]
+HeldOutClassLabels = Annotated[str | None, typer.Option(
+    "--class-labels", help="DiT: class labels, e.g. 207,360,387. Default: the table's held-out labels.")]
+NegativePrompt = Annotated[str | None, typer.Option(
+    "--negative-prompt", help="Text models: the unconditional branch of guidance. Default: the table's.")]

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import Bootstrap, Features, InceptionWeights, Model, user_command
+from timetuner.cli.options import (
+    Bootstrap,
+    Features,
+    HeldOutClassLabels,
+    HeldOutPrompts,
+    InceptionWeights,
+    Model,
+    NegativePrompt,
+    user_command,
+)
 
 
 @user_command
@@ -30,6 +39,9 @@ def report(
     features: Features = "auto",
     inception_weights: InceptionWeights = None,
     bootstrap: Bootstrap = 1000,
+    prompts: HeldOutPrompts = None,
+    class_labels: HeldOutClassLabels = None,
+    negative_prompt: NegativePrompt = None,
 ) -> None:
     """Write report.html (self-contained), report.md and the PNGs for a table.
 
@@ -49,10 +61,12 @@ def report(
     folder = Path(out or f"{Path(tables[0]).stem}-report")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {str(folder)!r} is a file; accepted: a folder (created if missing)")
-    from diffusers.utils import logging as diffusers_logging
+    from timetuner.loading import quiet_loading
 
-    diffusers_logging.disable_progress_bar()
-    setup = Setup(tables[0], model)
+    quiet_loading()
+    from timetuner.prompts import parse_class_labels
+
+    setup = Setup(tables[0], model, prompts, parse_class_labels(class_labels), negative_prompt)
     others = [TauTable.load(path) for path in tables[1:]]
     for path, other in zip(tables[1:], others, strict=True):
         mine, theirs = setup.table.metadata, other.metadata
@@ -61,6 +75,9 @@ def report(
             raise UserError(f"table {path!r} is for {theirs.get('scheduler_name')}/{theirs.get('trajectory')}; "
                             f"accepted: tables of {mine.get('scheduler_name')}/{mine.get('trajectory')} like "
                             f"{tables[0]!r}")
+        if theirs.get("guidance_scale") != mine.get("guidance_scale"):
+            raise UserError(f"table {path!r} is for guidance scale {theirs.get('guidance_scale')}; accepted: tables "
+                            f"of guidance scale {mine.get('guidance_scale')} like {tables[0]!r}")
     measure = None
     if ref is not None or setup.is_digits:
         measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),

@@ -447,3 +447,94 @@ def test_a_network_that_casts_timesteps_to_integers_is_refused():
     with pytest.raises(UserError, match="IntegerTimeDiT gives identical outputs at t = 500 and 500.5"):
         refuse_integer_timesteps(den)
     assert den.evaluations == 0  # the probe is not counted
+
+
+# -- eval and report on conditional and latent tables ------------------------------------------------------------
+FEATURES = "tests.feature_module:build"  # a user's feature module: offline, any image size
+
+
+@pytest.fixture(scope="session")
+def small_images(tmp_path_factory):
+    """Reference images of the tiny VAE's output size (16×16 RGB)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("ref16")
+    gen = torch.Generator().manual_seed(5)
+    for i in range(12):
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _eval_json(args):
+    result = runner.invoke(app, ["eval", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_eval_of_a_text_to_image_table(sd_folders, fitted, tables_dir, small_images):
+    """Guided at the table's scale, on its held-out prompts; gaps in latent space, FD/KID on decoded images."""
+    record = _eval_json(["--table", str(tables_dir / "sd.safetensors"), "--model", str(sd_folders["sd"]),
+                         "--n", "6", "--gap-n", "4", "--reference-steps", "8", "--fid", "--ref", str(small_images),
+                         "--features", FEATURES, "--bootstrap", "20"])
+    assert record["conditioning"] == f"{len(EVAL_PROMPTS)} held-out prompts, guidance 7.5"
+    assert record["gap_space"] == "latent space"
+    assert len(record["gap_plain"]) == len(record["gap_tuned"]) == len(record["state_times"]) >= 4
+    assert record["gap_plain"] != record["gap_tuned"]  # the tuned τ changes the trajectory
+    for name in ("x0_gap_change", "fd_change", "kid_change"):
+        assert record[name]["low"] <= record[name]["change"] <= record[name]["high"]
+    assert record["fd_plain"] > 0 and "fd_reference" not in record  # the reference runs on the first 4 only
+
+
+def test_eval_conditioning_follows_the_samples_through_the_gap_split(sd_pipe, sd_folders, fitted, tables_dir):
+    """Samples beyond --gap-n keep their own prompts: the final samples do not depend on where the split falls."""
+    from timetuner.evaluation import Setup, evaluate
+
+    setup = Setup(str(tables_dir / "sd.safetensors"), str(sd_folders["sd"]))
+    split = evaluate(setup, n=5, gap_n=2, reference_steps=4, bootstrap=5)
+    whole = evaluate(setup, n=5, gap_n=5, reference_steps=4, bootstrap=5)
+    assert split.plain_final.shape == (5, 3, 16, 16)  # decoded by the VAE
+    torch.testing.assert_close(split.plain_final, whole.plain_final, atol=1e-4, rtol=0)
+    torch.testing.assert_close(split.tuned_final, whole.tuned_final, atol=1e-4, rtol=0)
+    other = Setup(str(tables_dir / "sd.safetensors"), str(sd_folders["sd"]), prompts="a purple owl")
+    assert not torch.allclose(evaluate(other, n=5, gap_n=2, reference_steps=4, bootstrap=5).plain_final,
+                              whole.plain_final)
+
+
+def test_report_of_a_class_conditional_table(dit_folder, fitted, tables_dir, small_images, tmp_path):
+    from test_report import check_report
+
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(tables_dir / "dit.safetensors"), "--model", str(dit_folder),
+                                 "--out", str(out), "--n", "4", "--gap-n", "4", "--reference-steps", "6",
+                                 "--nfes", "3", "--ref", str(small_images), "--features", FEATURES,
+                                 "--bootstrap", "10", "--class-labels", "3,9"])
+    assert result.exit_code == 0, result.output
+    check_report(out)
+    record = json.loads((out / "report.json").read_text())
+    assert record["conditioning"] == "class labels 3,9, guidance 4"
+    assert [row["nfe"] for row in record["fd_vs_nfe"]] == [3, 4]
+    assert "class labels 3,9, guidance 4" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("table, args, message", [
+    ("sd", ["--prompts", FIT_PROMPTS[0]], "shares 1 prompt(s) with the prompts the table was fitted on"),
+    ("sd", ["--class-labels", "1,2"], "--class-labels applies to class-conditional models"),
+    ("dit", ["--prompts", "a cat"], "--prompts applies to text-to-image models"),
+    ("dit", ["--class-labels", "1,x"], "--class-labels 'x' is not a class label"),
+    ("dit", ["--class-labels", "5000"], "--class-labels 5000 is out of range"),
+])
+def test_eval_refuses_bad_conditioning_in_one_line(sd_folders, dit_folder, fitted, tables_dir, table, args,
+                                                   message):
+    model = dit_folder if table == "dit" else sd_folders["sd"]
+    result = runner.invoke(app, ["eval", "--table", str(tables_dir / f"{table}.safetensors"), "--model", str(model),
+                                 "--n", "2", "--gap-n", "2", "--reference-steps", "2", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_refuses_conditioning_options_on_an_unconditional_model(tiny_run, tmp_path):
+    table = tmp_path / "t.safetensors"
+    fit(str(tiny_run), out=table, progress=False, nfe=2, force=True, **FAST)
+    result = runner.invoke(app, ["eval", "--table", str(table), "--model", str(tiny_run), "--prompts", "a cat"])
+    assert result.exit_code == 2 and "--prompts applies to conditional models" in result.output

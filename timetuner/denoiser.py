@@ -49,6 +49,10 @@ class Conditioning:
         idx = self.index[lo:hi]
         return self.values[idx], self.null[idx]
 
+    def slice(self, lo: int, hi: int) -> Conditioning:
+        """The conditioning of samples lo…hi−1 alone (to run a part of the batch with its own rows)."""
+        return Conditioning(self.kind, self.values, self.null, self.index[lo:hi])
+
     def fingerprint(self) -> str:
         """A short hash of the tensors: what reference caches are keyed by (prompts, labels, text encoder)."""
         digest = hashlib.sha256(self.kind.encode())

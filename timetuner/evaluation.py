@@ -93,11 +93,18 @@ class Evaluation:
 
 
 class Setup:
-    """A table with the model and the sampler it was fitted for, checked against each other."""
+    """A table with the model and the sampler it was fitted for, checked against each other.
 
-    def __init__(self, table: str, model: str | None):
+    Conditional models are evaluated as they were fitted: guided at the table's scale, sample i conditioned on
+    prompt (or class label) i mod P of a held-out set — by default the table's own held-out set, and never one
+    that shares a prompt with the fit. Latent models sample latents (the gaps are measured there) and the VAE
+    decodes the final samples for FD, KID and the sample grids.
+    """
+
+    def __init__(self, table: str, model: str | None, prompts: str | None = None,
+                 class_labels: list[int] | None = None, negative_prompt: str | None = None):
         from timetuner.denoiser import Denoiser
-        from timetuner.fit import FitConfig, Sampler, _uses_digits_features
+        from timetuner.fit import FitConfig, Sampler, _latent_decoder, _uses_digits_features
         from timetuner.loading import load_pipeline, resolve_model
         from timetuner.scheduler import check_model, model_hash
         from timetuner.table import TauTable
@@ -105,22 +112,100 @@ class Setup:
         self.path = table
         self.table = TauTable.load(table)
         pipe = load_pipeline(model)
-        unet = getattr(pipe, "unet", None)
-        latent = getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None
-        if unet is None or type(unet).__name__ != "UNet2DModel" or latent:
-            raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
-                            "those (for conditional and latent models `timetuner fit` prints the held-out verdict "
-                            "and stores it in the table's metadata['held_out'])")
-        check_model(self.table, pipe.unet)
-        self.den = Denoiser(pipe.unet.eval())
+        network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if network is None:
+            raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
+                            "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
+        check_model(self.table, network)
+        if torch.cuda.is_available():
+            pipe = pipe.to("cuda")  # as `timetuner fit` does
+        self.den = Denoiser(network.eval())
+        self.vae = _latent_decoder(pipe)
+        self.kind = self.den.family.conditional
+        self._conditioning = self._conditioner(pipe, network, prompts, class_labels, negative_prompt)
         self.base_config = pipe.scheduler.config
         meta = self.table.metadata
         self.scheduler_name, self.trajectory = meta.get("scheduler_name", "ddim"), meta.get("trajectory")
         self.sampler = Sampler(self.den, self.base_config, self.scheduler_name, self.trajectory,
                                self.table.num_inference_steps)
         self.table.check_scheduler(self.sampler.template)
-        self.weights = model_hash(pipe.unet)
-        self.is_digits = _uses_digits_features(FitConfig(), resolve_model(model), self.den)
+        self.weights = model_hash(network)
+        self.is_digits = self.vae is None and _uses_digits_features(FitConfig(), resolve_model(model), self.den)
+
+    def _conditioner(self, pipe, network, prompts, class_labels, negative_prompt):
+        """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
+        from timetuner.assets import EVAL_PROMPTS
+        from timetuner.denoiser import class_conditioning, text_conditioning
+        from timetuner.prompts import check_disjoint, read_prompts
+
+        meta = self.table.metadata
+        fitted = meta.get("fit_config", {})
+        given = [name for name, value in (("--prompts", prompts), ("--class-labels", class_labels),
+                                          ("--negative-prompt", negative_prompt)) if value is not None]
+        if self.kind is None:
+            if given:
+                raise UserError(f"{given[0]} applies to conditional models, and this model is unconditional; "
+                                "accepted: text-to-image (Stable Diffusion) or class-conditional (DiT) pipelines")
+            self.conditioning_label = None
+            return lambda n: None
+        if meta.get("guidance_scale") is None:
+            raise UserError(f"table {self.path!r} records no guidance scale, so it was not fitted for this "
+                            "conditional model; accepted: a table from `timetuner fit` on this model")
+        self.den.guidance_scale = float(meta["guidance_scale"])
+        scale = f"guidance {self.den.guidance_scale:g}"
+        if self.kind == "text":
+            if class_labels is not None:
+                raise UserError("--class-labels applies to class-conditional models, and this model takes prompts; "
+                                "accepted: --prompts")
+            if prompts is not None:
+                chosen = read_prompts(prompts, "--prompts")
+            else:
+                chosen = list(fitted.get("eval_prompts") or read_prompts(None, "--prompts", EVAL_PROMPTS))
+            check_disjoint(list(fitted.get("prompts") or []), chosen, "--prompts", "the prompts the table was "
+                           "fitted on")
+            negative = fitted.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+            self.conditioning_label = f"{len(chosen)} held-out prompts, {scale}"
+            return lambda n: text_conditioning(pipe, chosen, n, negative)
+        for name in ("--prompts", "--negative-prompt"):
+            if name in given:
+                raise UserError(f"{name} applies to text-to-image models, and this model takes class labels; "
+                                "accepted: --class-labels")
+        labels = list(class_labels if class_labels is not None else fitted.get("eval_class_labels") or [])
+        if not labels:
+            raise UserError("--class-labels is empty and the table records none; accepted: class labels separated "
+                            "by commas, e.g. 207,360,387")
+        self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
+        return lambda n: class_conditioning(network, labels, n)
+
+    def conditioning(self, n: int):
+        """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
+        return self._conditioning(n)
+
+    def view(self, sampler, conditioning, lo: int, hi: int):
+        """`sampler` running samples lo…hi−1 of a batch conditioned by `conditioning` (itself if unconditional)."""
+        if conditioning is None:
+            return sampler
+        import copy
+
+        part = copy.copy(sampler)
+        part.den = self.den.bind(conditioning.slice(lo, hi))
+        return part
+
+    def key_parts(self, conditioning) -> list:
+        """Extra cache-key parts: what the samples are conditioned on, and how strongly."""
+        return [] if conditioning is None else [conditioning.fingerprint(), self.den.guidance_scale]
+
+    def images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Final samples as images in about [-1, 1]: decoded by the VAE for latent models."""
+        if self.vae is None:
+            return samples
+        from timetuner.fit import decode_latents
+
+        return decode_latents(self.vae, samples)
+
+    @property
+    def space(self) -> str:
+        return "latent space" if self.vae is not None else "VP space"
 
     def noise(self, n: int, seed: int | None) -> tuple[torch.Tensor, int]:
         """n held-out noises: the table's evaluation seed unless one is given."""
@@ -147,13 +232,19 @@ def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int 
 
     _check(n, gap_n, reference_steps, bootstrap)
     noise, seed = setup.noise(n, seed)
-    sampler, taus = setup.sampler, setup.table.tau.float()
+    cond = setup.conditioning(n)
+    taus = setup.table.tau.float()
     g = min(n, gap_n)
-    key = cache_key("trajectory", setup.weights, sampler.identity_table().metadata, reference_steps, seed, g)
-    refs = reference_trajectory(sampler, noise[:g], reference_steps, key=key)
-    plain, tuned = truncation_gap(sampler, noise[:g], refs), truncation_gap(sampler, noise[:g], refs, taus)
+    head = setup.view(setup.sampler, cond, 0, g)
+    key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
+                    *setup.key_parts(cond))
+    refs = reference_trajectory(head, noise[:g], reference_steps, key=key)
+    pixels = setup.vae is None
+    plain = truncation_gap(head, noise[:g], refs, clamp=pixels)
+    tuned = truncation_gap(head, noise[:g], refs, taus, clamp=pixels)
     record = {"table": setup.path, "steps": setup.table.num_inference_steps, "n": n, "gap_n": g, "seed": seed,
-              "reference": f"ddim-{reference_steps}",
+              "reference": f"ddim-{reference_steps}", "gap_space": setup.space,
+              "conditioning": setup.conditioning_label,
               "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],
               "gap_plain": plain["per_state"], "gap_tuned": tuned["per_state"],
               "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"],
@@ -161,12 +252,14 @@ def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int 
                                                 resamples=bootstrap)}
     plain_final, tuned_final = plain["final"], tuned["final"]
     if n > g:
-        plain_final = torch.cat([plain_final, sampler.rollout(noise[g:])])
-        tuned_final = torch.cat([tuned_final, sampler.rollout(noise[g:], taus)])
+        tail = setup.view(setup.sampler, cond, g, n)
+        plain_final = torch.cat([plain_final, tail.rollout(noise[g:])])
+        tuned_final = torch.cat([tuned_final, tail.rollout(noise[g:], taus)])
+    plain_final, tuned_final = setup.images(plain_final), setup.images(tuned_final)
     if measure is not None:
         record.update(_distances(measure, plain_final, tuned_final, bootstrap))
         if g == n:  # the fine reference sampler on the same noises: the yardstick tuning can approach
-            record["fd_reference"] = measure.fd(measure.features(refs[-1].clamp(-1, 1)))
+            record["fd_reference"] = measure.fd(measure.features(setup.images(refs[-1]).clamp(-1, 1)))
             excess = record["fd_plain"] - record["fd_reference"]
             if excess > 0:
                 record["fd_headroom_removed"] = (record["fd_plain"] - record["fd_tuned"]) / excess
@@ -195,16 +288,18 @@ def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
     noise, _ = setup.noise(n, seed)
+    cond = setup.conditioning(n)
     by_steps = {t.num_inference_steps: t for t in [setup.table, *(tables or [])]}
     rows = []
     for nfe in sorted(set(nfes) | set(by_steps)):
         sampler = Sampler(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
-        plain = measure.features(sampler.rollout(noise).clamp(-1, 1))
+        run = setup.view(sampler, cond, 0, n)
+        plain = measure.features(setup.images(run.rollout(noise)).clamp(-1, 1))
         row = {"nfe": nfe, "fd_plain": measure.fd(plain)}
         table = by_steps.get(nfe)
         if table is not None and not table.is_identity:
             table.check_scheduler(sampler.template)
-            tuned = measure.features(sampler.rollout(noise, table.tau.float()).clamp(-1, 1))
+            tuned = measure.features(setup.images(run.rollout(noise, table.tau.float())).clamp(-1, 1))
             change = paired_bootstrap(plain, tuned, statistic=measure.fd, resamples=min(bootstrap, FD_RESAMPLES))
             row.update(fd_tuned=change["tuned"], fd_change=change)
         rows.append(row)

@@ -36,6 +36,16 @@ def resolve_model(model: str | None) -> str:
     return model
 
 
+def quiet_loading() -> None:
+    """No per-component loading bars from diffusers and transformers: they only interleave with what the CLI
+    prints (a fit's own progress, a one-line error, JSON). Hub downloads keep their own progress bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(model: str | None = None, revision: str | None = None, variant: str | None = None,
                   torch_dtype=None):
     """`DiffusionPipeline.from_pretrained` on a hub id or folder (default: the embedded digits model)."""

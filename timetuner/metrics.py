@@ -68,12 +68,14 @@ def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> 
 
 
 @torch.no_grad()
-def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None) -> dict:
+def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None,
+                   clamp: bool = True) -> dict:
     """Per-state and final RMS distance (VP space) of a few-step rollout to the reference trajectory (paper Fig. 2).
 
     `reference_states` from `timetuner.reference.reference_trajectory` for the same sampler and noise; `taus`
     the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
-    clamped final samples, "x0_per_sample": that RMS per sample, "final": the final states}.
+    final samples (clamped to [-1, 1] unless `clamp` is False: latents have no such range), "x0_per_sample":
+    that RMS per sample, "final": the final states}.
     """
     from timetuner.reference import state_times, to_vp
 
@@ -84,7 +86,8 @@ def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Te
         diff = to_vp(sampler, x, t) - to_vp(sampler, ref, t)
         per_state.append(float(diff.pow(2).mean(dim=tuple(range(1, diff.ndim))).sqrt().mean()))
     # The x0 figure compares what a user sees: final samples clamped to the data range [-1, 1].
-    x0 = (states[-1].clamp(-1, 1) - reference_states[-1].clamp(-1, 1)).pow(2)
+    final, target = states[-1], reference_states[-1]
+    x0 = ((final.clamp(-1, 1) - target.clamp(-1, 1)) if clamp else (final - target)).pow(2)
     x0_per_sample = x0.mean(dim=tuple(range(1, x0.ndim))).sqrt()
     return {"times": times, "per_state": per_state, "x0": float(x0_per_sample.mean()),
             "x0_per_sample": x0_per_sample, "final": states[-1]}

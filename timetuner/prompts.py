@@ -38,11 +38,12 @@ def _normal(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
 
-def check_disjoint(fit_prompts: list[str], eval_prompts: list[str]) -> None:
+def check_disjoint(fit_prompts: list[str], eval_prompts: list[str], held_out: str = "--eval-prompts",
+                   fitted: str = "--prompts") -> None:
     """Refuse held-out prompts that the fit also uses (compared ignoring case and repeated spaces)."""
     shared = sorted({_normal(p) for p in fit_prompts} & {_normal(p) for p in eval_prompts})
     if shared:
-        raise UserError(f"--eval-prompts shares {len(shared)} prompt(s) with --prompts (e.g. {shared[0]!r}); "
+        raise UserError(f"{held_out} shares {len(shared)} prompt(s) with {fitted} (e.g. {shared[0]!r}); "
                         "accepted: disjoint prompt sets, so the held-out verdict measures unseen prompts")
 
 

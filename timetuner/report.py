@@ -75,8 +75,10 @@ def metadata_rows(table, record: dict) -> list[list[str]]:
     versions = meta.get("versions")
     if versions:
         rows.append(["versions", ", ".join(f"{k} {v}" for k, v in versions.items())])
-    rows.append(["this evaluation", f"{record['n']} held-out noises (seed {record['seed']}), gap on {record['gap_n']}, "
-                                    f"reference {record['reference']}" +
+    if record.get("conditioning"):
+        rows.append(["conditioning", record["conditioning"]])
+    rows.append(["this evaluation", f"{record['n']} held-out noises (seed {record['seed']}), gap on {record['gap_n']} "
+                                    f"({record.get('gap_space', 'VP space')}), reference {record['reference']}" +
                  (f", {record['fd_measure']}" if "fd_measure" in record else "")])
     return rows
 
