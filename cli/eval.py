@@ -11,11 +11,14 @@ import typer
 from timetuner.cli.options import (
     Bootstrap,
     Features,
+    GapN,
     HeldOutClassLabels,
+    HeldOutN,
     HeldOutPrompts,
     InceptionWeights,
     Model,
     NegativePrompt,
+    ReferenceSteps,
     user_command,
 )
 
@@ -24,10 +27,9 @@ from timetuner.cli.options import (
 def evaluate(
     table: Annotated[str, typer.Option(help="A τ table (.safetensors) from `timetuner fit`.")],
     model: Model = None,
-    n: Annotated[int, typer.Option("--n", help="Held-out noises (samples for FD/KID).")] = 256,
-    gap_n: Annotated[int, typer.Option(help="Of those, how many get the fine reference trajectory for the "
-                                       "truncation gap (the costly part).")] = 256,
-    reference_steps: Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")] = 1000,
+    n: HeldOutN = 256,
+    gap_n: GapN = 256,
+    reference_steps: ReferenceSteps = 1000,
     seed: Annotated[int | None, typer.Option(help="Noise seed; default: the table's held-out seed.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="FD and KID through clean-fid against --ref (digits models: "
                                       "on by default, against the held-out digits).")] = False,

@@ -58,3 +58,9 @@ HeldOutClassLabels = Annotated[str | None, typer.Option(
     "--class-labels", help="DiT: class labels, e.g. 207,360,387. Default: the table's held-out labels.")]
 NegativePrompt = Annotated[str | None, typer.Option(
     "--negative-prompt", help="Text models: the unconditional branch of guidance. Default: the table's.")]
+
+# eval / report: how many held-out samples, and the fine reference the gaps are measured against.
+HeldOutN = Annotated[int, typer.Option("--n", help="Held-out noises (samples for FD/KID).")]
+GapN = Annotated[int, typer.Option(help="Of those, how many get the fine reference trajectory for the truncation "
+                                   "gap (the costly part).")]
+ReferenceSteps = Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")]

@@ -12,11 +12,14 @@ import typer
 from timetuner.cli.options import (
     Bootstrap,
     Features,
+    GapN,
     HeldOutClassLabels,
+    HeldOutN,
     HeldOutPrompts,
     InceptionWeights,
     Model,
     NegativePrompt,
+    ReferenceSteps,
     user_command,
 )
 
@@ -28,11 +31,11 @@ def report(
     model: Model = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Report folder; default: <table name>-report.")
                    ] = None,
-    n: Annotated[int, typer.Option("--n", help="Held-out noises (samples for FD/KID).")] = 256,
-    gap_n: Annotated[int, typer.Option(help="Of those, how many get the fine reference trajectory.")] = 256,
+    n: HeldOutN = 256,
+    gap_n: GapN = 256,
     nfes: Annotated[str, typer.Option(help="Step counts of the plain sampler in the FD-against-steps plot.")
                     ] = "5,10,20",
-    reference_steps: Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")] = 1000,
+    reference_steps: ReferenceSteps = 1000,
     ref: Annotated[str | None, typer.Option(help="FD/KID reference: a folder or .zip of images, a clean-fid .npz, "
                                             "or digits:test; default: digits:test for digits models, else no FD."
                                             )] = None,
