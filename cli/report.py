@@ -9,42 +9,30 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import (
-    Bootstrap,
-    Features,
-    GapN,
-    HeldOutClassLabels,
-    HeldOutN,
-    HeldOutPrompts,
-    InceptionWeights,
-    Model,
-    NegativePrompt,
-    ReferenceSteps,
-    user_command,
-)
+from timetuner.cli import options as opt
 
 
-@user_command
+@opt.user_command
 def report(
     tables: Annotated[list[str], typer.Argument(help="The τ table to report on; more tables of the same solver and "
                                                 "trajectory (other step counts) join its FD-against-steps plot.")],
-    model: Model = None,
+    model: opt.Model = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Report folder; default: <table name>-report.")
                    ] = None,
-    n: HeldOutN = 256,
-    gap_n: GapN = 256,
+    n: opt.HeldOutN = 256,
+    gap_n: opt.GapN = 256,
     nfes: Annotated[str, typer.Option(help="Step counts of the plain sampler in the FD-against-steps plot.")
                     ] = "5,10,20",
-    reference_steps: ReferenceSteps = 1000,
+    reference_steps: opt.ReferenceSteps = 1000,
     ref: Annotated[str | None, typer.Option(help="FD/KID reference: a folder or .zip of images, a clean-fid .npz, "
                                             "or digits:test; default: digits:test for digits models, else no FD."
                                             )] = None,
-    features: Features = "auto",
-    inception_weights: InceptionWeights = None,
-    bootstrap: Bootstrap = 1000,
-    prompts: HeldOutPrompts = None,
-    class_labels: HeldOutClassLabels = None,
-    negative_prompt: NegativePrompt = None,
+    features: opt.Features = "auto",
+    inception_weights: opt.InceptionWeights = None,
+    bootstrap: opt.Bootstrap = 1000,
+    prompts: opt.HeldOutPrompts = None,
+    class_labels: opt.HeldOutClassLabels = None,
+    negative_prompt: opt.NegativePrompt = None,
 ) -> None:
     """Write report.html (self-contained), report.md and the PNGs for a table.
 
