@@ -61,6 +61,27 @@ def test_clean_fid_computes_the_distance(monkeypatch, digits):
     assert calls and value == original(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+def test_clean_fid_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """SciPy 1.18 dropped `sqrtm(..., disp=False)`, which clean-fid 0.1.35 calls: the distance must still come out."""
+    import types
+
+    import cleanfid.fid
+    import scipy.linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 5)), rng.normal(0.5, 1.2, size=(64, 5))
+    expected = frechet_distance(a, b)
+    calls = []
+
+    def sqrtm(matrix):  # the SciPy >= 1.18 signature: no disp, returns the root alone
+        calls.append(1)
+        return scipy.linalg.sqrtm(matrix)
+
+    monkeypatch.setattr(cleanfid.fid, "linalg", types.SimpleNamespace(sqrtm=sqrtm, norm=scipy.linalg.norm))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert calls, "clean-fid's own frechet_distance did not run"
+
+
 def test_folder_features_go_through_clean_fid_and_match_the_tensor_path(digits, held_out_folder, monkeypatch):
     import cleanfid.fid
 

@@ -16,13 +16,45 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
+class _SqrtmWithDisp:
+    """scipy.linalg as clean-fid 0.1.35 calls it: `sqrtm(A, disp=False)` returning (root, error estimate).
+
+    SciPy 1.18 removed `disp` (deprecated in 1.16), so clean-fid's `frechet_distance` raises a TypeError there.
+    This view restores the old call and forwards everything else to scipy.linalg unchanged.
+    """
+
+    def __init__(self, linalg):
+        self._linalg = linalg
+
+    def __getattr__(self, name):
+        return getattr(self._linalg, name)
+
+    def sqrtm(self, a, disp=True, **kwargs):
+        root = self._linalg.sqrtm(a, **kwargs)
+        if disp:
+            return root
+        error = np.linalg.norm(root @ root - a, "fro") ** 2 / max(np.linalg.norm(a, "fro"), np.finfo(float).tiny)
+        return root, error
+
+
+def _clean_fid_frechet():
+    """clean-fid's `frechet_distance`, made to run on SciPy versions without `sqrtm(..., disp=...)`."""
+    import inspect
+
+    from cleanfid import fid
+
+    linalg = fid.linalg
+    if not isinstance(linalg, _SqrtmWithDisp) and "disp" not in inspect.signature(linalg.sqrtm).parameters:
+        fid.linalg = _SqrtmWithDisp(linalg)
+    return fid.frechet_distance
+
+
 def frechet_distance(features_a: np.ndarray, features_b) -> float:
     """Fréchet distance between two feature sets (Heusel et al., 2017), computed by clean-fid.
 
     `features_b` may also be precomputed statistics (mu, sigma), e.g. of a reference set.
     """
-    from cleanfid.fid import frechet_distance as clean_fid_frechet
-
+    clean_fid_frechet = _clean_fid_frechet()
     mu_a, sigma_a = feature_statistics(features_a)
     mu_b, sigma_b = features_b if isinstance(features_b, tuple) else feature_statistics(features_b)
     if mu_a.shape != np.shape(mu_b):
@@ -90,7 +122,7 @@ def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Te
     x0 = ((final.clamp(-1, 1) - target.clamp(-1, 1)) if clamp else (final - target)).pow(2)
     x0_per_sample = x0.mean(dim=tuple(range(1, x0.ndim))).sqrt()
     return {"times": times, "per_state": per_state, "x0": float(x0_per_sample.mean()),
-            "x0_per_sample": x0_per_sample, "final": states[-1]}
+            "x0_per_sample": x0_per_sample.cpu(), "final": states[-1]}
 
 
 def paired_bootstrap(plain, tuned, statistic=None, resamples: int = 1000, level: float = 0.95,
