@@ -7,7 +7,7 @@ interval over the noises. The noises come from the table's held-out seed, never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ class FidOptions:
     ref: str | None = None  # folder, .zip, clean-fid .npz, digits:test / digits:train; None: digits:test for digits
     features: str = "auto"  # auto (digits for digits models, else inception), inception, digits, package.module:factory
     inception_weights: str | None = None
-    kid: bool = True
 
 
 @dataclass
@@ -89,7 +88,6 @@ class Evaluation:
     record: dict
     plain_final: torch.Tensor
     tuned_final: torch.Tensor
-    extras: dict = field(default_factory=dict)
 
 
 class Setup:
