@@ -19,10 +19,10 @@ def main() -> None:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from timetuner.assets import EMBEDDED_MODEL
-    from timetuner.loading import make_scheduler
+    from timetuner.data import load_digits_tensor
     from timetuner.metrics import digits_fd
-    from timetuner.sampling import initial_noise, sample_loop
-    from timetuner.trainers.data import load_digits_tensor
+    from timetuner.solver import initial_noise, sample_images
+    from timetuner.trajectories import make_scheduler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(EMBEDDED_MODEL))
@@ -53,7 +53,7 @@ def main() -> None:
     for steps in [int(s) for s in args.steps.split(",")]:
         noise = initial_noise(args.n, (unet.config.in_channels, size, size), torch.Generator().manual_seed(args.seed))
         start = time.perf_counter()
-        images = sample_loop(unet, make_scheduler("ddim", base), noise, steps, batch_size=1000)
+        images = sample_images(unet, make_scheduler("ddim", base), noise, steps, batch_size=1000)
         seconds = time.perf_counter() - start
         print(json.dumps({"figure": "fd_ddim_vs_test", "steps": steps, "n": args.n,
                           "fd": round(digits_fd(images, "test"), 3),

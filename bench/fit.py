@@ -42,11 +42,12 @@ def held_out_paper_loss(sampler, taus, noise) -> float:
 
 def optimiser_comparison(args) -> None:
     from timetuner.denoiser import Denoiser
-    from timetuner.fit import EVAL_SEED_OFFSET, Sampler, fit
+    from timetuner.fitting import EVAL_SEED_OFFSET, fit
     from timetuner.loading import load_pipeline
+    from timetuner.solver import Solver
 
     pipe = load_pipeline(None)
-    sampler = Sampler(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", None, 10)
+    sampler = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", None, 10)
     noise = torch.randn((args.eval_samples, *sampler.den.sample_shape),
                         generator=torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET))
     for optimizer in ("search", "adam"):
@@ -64,7 +65,7 @@ def optimiser_comparison(args) -> None:
 
 
 def default_fit_time(args) -> None:
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
 
     start = time.perf_counter()
     result = fit(None, progress=False, nfe=10, seed=args.seed, objective=args.default_objective)
@@ -77,7 +78,7 @@ def default_fit_time(args) -> None:
 
 
 def quality_grid(args) -> None:
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
 
     configs = [("ddim", "uniform"), ("ddim", "trailing"), ("dpm2", "logsnr"), ("heun", "karras")]
     nfes = [int(v) for v in args.nfes.split(",")] if args.nfes else ([5, 10] if args.quick else [5, 10, 20])

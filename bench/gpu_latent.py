@@ -92,7 +92,7 @@ def main() -> None:
 
     from transformers.utils import logging as transformers_logging
 
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
     from timetuner.loading import load_pipeline
 
     transformers_logging.set_verbosity_error()  # the shipped prompts are longer than a tiny tokenizer's 16 tokens

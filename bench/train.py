@@ -43,7 +43,7 @@ def fd_curve(method: str, seed: int, args) -> list[tuple[int, float]]:
     from diffusers import DDIMScheduler
 
     from timetuner.metrics import digits_fd
-    from timetuner.sampling import initial_noise, sample_loop
+    from timetuner.solver import initial_noise, sample_images
     from timetuner.trainers import TrainConfig, train
 
     curve: list[tuple[int, float]] = []
@@ -51,7 +51,7 @@ def fd_curve(method: str, seed: int, args) -> list[tuple[int, float]]:
 
     def evaluate(step, unet):
         scheduler = DDIMScheduler(num_train_timesteps=1000)
-        images = sample_loop(unet, scheduler, noise, args.eval_steps, batch_size=args.n)
+        images = sample_images(unet, scheduler, noise, args.eval_steps, batch_size=args.n)
         curve.append((step, digits_fd(images, "test")))
 
     with tempfile.TemporaryDirectory() as tmp:

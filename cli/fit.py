@@ -72,42 +72,30 @@ def fit(
     Text-to-image and class-conditional models are fitted in latent space on the guided output at each
     --guidance-scale (the table records the scale); the held-out gap is measured on VAE-decoded images.
     """
-    from timetuner.fit import DEFAULT_GUIDANCE, conditioning_kind
-    from timetuner.fit import fit as run
-    from timetuner.loading import load_pipeline, parse_dtype
-    from timetuner.prompts import parse_class_labels, parse_guidance_scales, scale_tag
-    from timetuner.trajectories import DEFAULT_TRAJECTORY
+    import torch
+
+    from timetuner.errors import UserError
+    from timetuner.fitting import fit_scales
+    from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
+    from timetuner.prompts import parse_class_labels, parse_guidance_scales
 
     scales = parse_guidance_scales(guidance_scale)
     labels = parse_class_labels(class_labels)
     eval_labels = parse_class_labels(eval_class_labels, "--eval-class-labels")
     if out is not None and not out.endswith(".safetensors"):
-        from timetuner.errors import UserError
-
         raise UserError(f"--out {out!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
-    from timetuner.loading import quiet_loading
-
     quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
-    import torch
-
     if torch.cuda.is_available() and not cpu:
         pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
-    kind = conditioning_kind(pipe)
-    stem = f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}"
-    for scale in scales:
-        tag = "" if kind is None else "-" + scale_tag(DEFAULT_GUIDANCE[kind] if scale is None else scale)
-        if out is None:
-            name = f"{stem}{tag}.safetensors"
-        else:
-            name = out if len(scales) == 1 else out.removesuffix(".safetensors") + tag + ".safetensors"
-        result = run(model, out=name, progress=not as_json, pipeline=pipe, nfe=nfe, scheduler=scheduler,
-                     trajectory=trajectory, strategy=strategy, objective=objective, optimizer=optimizer,
-                     samples=samples, eval_samples=eval_samples, seed=seed, data=data, reference_steps=reference_steps,
-                     adam_iters=adam_iters, e2e_iters=e2e_iters, force=force, guidance_scale=scale, prompts=prompts,
-                     eval_prompts=eval_prompts, negative_prompt=negative_prompt,
-                     class_labels=None if labels is None else tuple(labels),
-                     eval_class_labels=None if eval_labels is None else tuple(eval_labels))
+    for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, nfe=nfe,
+                                   scheduler=scheduler, trajectory=trajectory, strategy=strategy, objective=objective,
+                                   optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
+                                   data=data, reference_steps=reference_steps, adam_iters=adam_iters,
+                                   e2e_iters=e2e_iters, force=force, prompts=prompts, eval_prompts=eval_prompts,
+                                   negative_prompt=negative_prompt,
+                                   class_labels=None if labels is None else tuple(labels),
+                                   eval_class_labels=None if eval_labels is None else tuple(eval_labels)):
         _report(result, name, force, as_json)
 
 

@@ -41,7 +41,15 @@ def report(
         timetuner report tau-10.safetensors tau-5.safetensors --model my-model --ref val-images/ --n 5000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import FidOptions, Measure, Setup, evaluate, fd_versus_nfe, save_plots
+    from timetuner.evaluation import (
+        FidOptions,
+        Measure,
+        Setup,
+        check_siblings,
+        evaluate,
+        fd_versus_nfe,
+        save_plots,
+    )
     from timetuner.report import write_report
     from timetuner.table import TauTable
 
@@ -59,16 +67,7 @@ def report(
 
     setup = Setup(tables[0], model, prompts, parse_class_labels(class_labels), negative_prompt)
     others = [TauTable.load(path) for path in tables[1:]]
-    for path, other in zip(tables[1:], others, strict=True):
-        mine, theirs = setup.table.metadata, other.metadata
-        if (theirs.get("scheduler_name"), theirs.get("trajectory")) != (mine.get("scheduler_name"),
-                                                                        mine.get("trajectory")):
-            raise UserError(f"table {path!r} is for {theirs.get('scheduler_name')}/{theirs.get('trajectory')}; "
-                            f"accepted: tables of {mine.get('scheduler_name')}/{mine.get('trajectory')} like "
-                            f"{tables[0]!r}")
-        if theirs.get("guidance_scale") != mine.get("guidance_scale"):
-            raise UserError(f"table {path!r} is for guidance scale {theirs.get('guidance_scale')}; accepted: tables "
-                            f"of guidance scale {mine.get('guidance_scale')} like {tables[0]!r}")
+    check_siblings(setup.table, others, tables[1:], tables[0])
     measure = None
     if ref is not None or setup.is_digits:
         measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),

@@ -35,7 +35,8 @@ from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.denoiser import Denoiser, class_conditioning, refuse_integer_timesteps, text_conditioning
 from timetuner.errors import UserError
-from timetuner.fit import Sampler, fit
+from timetuner.fitting import fit
+from timetuner.solver import Solver
 
 runner = CliRunner()
 FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat"]
@@ -174,7 +175,7 @@ def test_text_adapter_reproduces_stable_diffusion_with_guidance(sd_pipe):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     den = Denoiser(sd_pipe.unet, guidance_scale=7.5)
     den = den.bind(text_conditioning(sd_pipe, FIT_PROMPTS[:2], 2))
-    sampler = Sampler(den, sd_pipe.scheduler.config, "ddim", None, 4)
+    sampler = Solver.named(den, sd_pipe.scheduler.config, "ddim", None, 4)
     with torch.no_grad():
         ours = sampler.rollout(noise)
     sd_pipe.scheduler = DDIMScheduler.from_config(sd_pipe.scheduler.config)
@@ -185,12 +186,12 @@ def test_text_adapter_reproduces_stable_diffusion_with_guidance(sd_pipe):
 
 
 def test_class_adapter_reproduces_dit_with_guidance_and_learned_sigma(dit_pipe):
-    from timetuner.fit import decode_latents
+    from timetuner.loading import decode_latents
 
     labels = [3, 999]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     den = Denoiser(dit_pipe.transformer, guidance_scale=4.0).bind(class_conditioning(dit_pipe.transformer, labels, 2))
-    sampler = Sampler(den, dit_pipe.scheduler.config, "ddim", None, 4)
+    sampler = Solver.named(den, dit_pipe.scheduler.config, "ddim", None, 4)
     with torch.no_grad():
         ours = (decode_latents(dit_pipe.vae, sampler.rollout(noise)) / 2 + 0.5).clamp(0, 1)
     dit_pipe.scheduler = DDIMScheduler.from_config(dit_pipe.scheduler.config)
@@ -224,7 +225,7 @@ def test_gradient_reaches_tau_through_the_guided_output(sd_pipe, dit_pipe, kind)
     grads = []
     for checkpoint in (False, True):  # gradient checkpointing (latent fits) must not change the gradient
         den = Denoiser(network, guidance_scale=6.0, checkpoint=checkpoint, batch_size=2).bind(cond)
-        sampler = Sampler(den, pipe.scheduler.config, "ddim", None, 3)
+        sampler = Solver.named(den, pipe.scheduler.config, "ddim", None, 3)
         taus = sampler.t.float().clone().requires_grad_(True)
         noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
         sampler.rollout(noise, taus).pow(2).sum().backward()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from timetuner.data import digits_split, load_digits_tensor, load_image_folder, load_training_data
 from timetuner.errors import UserError
-from timetuner.trainers.data import digits_split, load_digits_tensor, load_image_folder, load_training_data
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

@@ -9,11 +9,11 @@ import textwrap
 import torch
 
 from timetuner.assets import EMBEDDED_MODEL
+from timetuner.data import load_digits_tensor
 from timetuner.features import load_digits_features
-from timetuner.loading import make_scheduler
 from timetuner.metrics import digits_fd
-from timetuner.sampling import initial_noise, sample_loop
-from timetuner.trainers.data import load_digits_tensor
+from timetuner.solver import initial_noise, sample_images
+from timetuner.trajectories import make_scheduler
 
 
 def test_embedded_model_loads_with_plain_diffusers():
@@ -52,7 +52,7 @@ def test_embedded_model_samples_are_recognisable_digits():
     unet = UNet2DModel.from_pretrained(EMBEDDED_MODEL / "unet").eval()
     base = DDPMScheduler.from_pretrained(EMBEDDED_MODEL / "scheduler").config
     noise = initial_noise(200, (1, 8, 8), torch.Generator().manual_seed(1234))
-    images = sample_loop(unet, make_scheduler("ddim", base), noise, num_inference_steps=100)
+    images = sample_images(unet, make_scheduler("ddim", base), noise, num_inference_steps=100)
     with torch.no_grad():
         probs = load_digits_features()(images).softmax(1)
     # The classifier is confident on real digits; on recognisable samples it is too, and all classes occur.

@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from timetuner.cli.main import app
+from timetuner.data import load_digits_tensor
 from timetuner.errors import UserError
 from timetuner.fid import (
     INCEPTION_ENV,
@@ -23,7 +24,6 @@ from timetuner.fid import (
     to_uint8,
 )
 from timetuner.metrics import frechet_distance
-from timetuner.trainers.data import load_digits_tensor
 
 runner = CliRunner()
 
@@ -221,7 +221,7 @@ def test_a_users_module_is_an_extractor(digits):
 # -- the CLI ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_table(tiny_run, tmp_path_factory):
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
 
     out = tmp_path_factory.mktemp("table") / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,

@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
-from timetuner.fit import adam_search, fit, golden_search
+from timetuner.fitting import fit
+from timetuner.tuning import adam_search, golden_search
 
-fit_module = importlib.import_module("timetuner.fit")
+tuning = importlib.import_module("timetuner.tuning")
+evaluation = importlib.import_module("timetuner.evaluation")
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
 PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
@@ -45,7 +47,7 @@ def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
 
 def test_sequential_cost_is_linear_in_the_number_of_evaluations(tiny_run, monkeypatch):
     # Held-out evaluation and reference costs scale with K too; count only what the per-τ fit spends.
-    monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 1.0, "gap_tuned": 0.5})
+    monkeypatch.setattr(evaluation, "held_out_verdict", lambda *a, **k: {"gap_plain": 1.0, "gap_tuned": 0.5})
     costs = {}
     for nfe in (2, 6):
         costs[nfe] = fit(str(tiny_run), progress=False, nfe=nfe, **PAPER).network_evaluations
@@ -65,7 +67,7 @@ def test_parallel_strategy_uses_data_and_other_objectives_run(tiny_run):
 
 
 def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(fit_module, "_held_out", lambda *a, **k: {"gap_plain": 0.5, "gap_tuned": 0.6})
+    monkeypatch.setattr(evaluation, "held_out_verdict", lambda *a, **k: {"gap_plain": 0.5, "gap_tuned": 0.6})
     result = fit(str(tiny_run), out=tmp_path / "t.safetensors", progress=False, nfe=2, **PAPER)
     assert not result.better and TauTable.load(tmp_path / "t.safetensors").is_identity
     forced = fit(str(tiny_run), out=tmp_path / "f.safetensors", progress=False, nfe=2, force=True, **PAPER)
@@ -75,7 +77,7 @@ def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path
 def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeypatch):
     straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **PAPER)
     calls = {"n": 0}
-    real = fit_module.golden_search
+    real = tuning.golden_search
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -84,12 +86,12 @@ def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     out = tmp_path / "r.safetensors"
-    monkeypatch.setattr(fit_module, "golden_search", interrupted)
+    monkeypatch.setattr(tuning, "golden_search", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     partial = json.loads(out.with_name(out.name + ".partial.json").read_text())
     assert len(partial["taus"]) == 2 and not out.exists()
-    monkeypatch.setattr(fit_module, "golden_search", real)
+    monkeypatch.setattr(tuning, "golden_search", real)
     resumed = fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     assert resumed.network_evaluations < straight.network_evaluations
     assert torch.allclose(resumed.tuned.tau, straight.tuned.tau)

@@ -49,8 +49,8 @@ def test_clean_fid_distances_offline_with_the_digits_extractor():
     """Held-out vs training digits sit near the floor; noise is far above it (FD and KID, via clean-fid)."""
     import torch
 
+    from timetuner.data import load_digits_tensor
     from timetuner.metrics import digits_features, kernel_distance
-    from timetuner.trainers.data import load_digits_tensor
 
     test, train = load_digits_tensor("test")[0], load_digits_tensor("train")[0]
     noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1

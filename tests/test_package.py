@@ -5,17 +5,46 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import typer
 
 import timetuner
 from timetuner.assets import DIGITS_FEATURES, EMBEDDED_MODEL
 
 
-def test_namespaced_subpackages_import():
+def test_namespaced_subpackages_install_from_their_root_folders():
+    # trainers/ and cli/ live at the repository root but import as timetuner.trainers / timetuner.cli.
     import timetuner.cli.main
     import timetuner.trainers
 
-    assert timetuner.trainers.train is not None
-    assert timetuner.cli.main.app is not None
+    root = Path(timetuner.__file__).resolve().parent.parent
+    assert Path(timetuner.trainers.__file__).resolve().parent == root / "trainers"
+    assert Path(timetuner.cli.main.__file__).resolve().parent == root / "cli"
+    assert callable(timetuner.trainers.train) and isinstance(timetuner.cli.main.app, typer.Typer)
+
+
+# What `from timetuner import TunedScheduler` must not load: a pipeline that only samples with a table pays for
+# the table and the scheduler, not for fitting, measurement, plotting, the trainers or the CLI.
+HEAVY = ("timetuner.fitting", "timetuner.tuning", "timetuner.solver", "timetuner.evaluation", "timetuner.fid",
+         "timetuner.cli", "timetuner.trainers", "cleanfid", "matplotlib", "sklearn")
+
+
+def test_loading_a_tuned_scheduler_loads_nothing_of_fitting_measurement_trainers_or_cli():
+    code = ("import sys, json; from timetuner import TunedScheduler, TauTable; "
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert "timetuner.scheduler" in loaded and "timetuner.table" in loaded
+    assert [m for m in loaded if m.startswith(HEAVY)] == []
+
+
+def test_fit_is_reachable_lazily_and_stays_the_function():
+    code = ("import sys, timetuner; assert 'timetuner.fitting' not in sys.modules; "
+            "import timetuner.tuning, timetuner.fitting; from timetuner import fit; "
+            "print(fit.__module__, callable(fit), 'timetuner.fitting' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["timetuner", "True", "True"]
 
 
 def test_console_script_version_and_help():

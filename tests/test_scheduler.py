@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from timetuner import TauTable, TunedScheduler
 from timetuner.errors import UserError
-from timetuner.loading import make_scheduler
-from timetuner.sampling import sample_loop
+from timetuner.solver import sample_images
+from timetuner.trajectories import make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ NOISE = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 def test_identity_table_is_bit_identical_in_a_sampling_loop(unet, name):
     plain = make_scheduler(name, BASE)
     tuned = TunedScheduler.from_table(plain, TauTable.identity(make_scheduler(name, BASE), 6))
-    a = sample_loop(unet, make_scheduler(name, BASE), NOISE, 6)
-    b = sample_loop(unet, tuned, NOISE, 6)
+    a = sample_images(unet, make_scheduler(name, BASE), NOISE, 6)
+    b = sample_images(unet, tuned, NOISE, 6)
     assert torch.equal(a, b)
 
 
@@ -57,12 +57,12 @@ def test_tuned_table_feeds_tau_to_the_network_and_changes_samples(unet, name):
     seen = []
     hook = unet.register_forward_pre_hook(lambda m, args: seen.append(float(args[1].flatten()[0])))
     try:
-        b = sample_loop(unet, tuned, NOISE, 4)
+        b = sample_images(unet, tuned, NOISE, 4)
     finally:
         hook.remove()
     assert seen == pytest.approx(shifted.tau.tolist(), abs=1e-3)
     assert len(seen) == table.nfe
-    assert not torch.equal(sample_loop(unet, make_scheduler(name, BASE), NOISE, 4), b)
+    assert not torch.equal(sample_images(unet, make_scheduler(name, BASE), NOISE, 4), b)
 
 
 def test_step_count_selects_the_table_and_other_counts_run_plain(unet):

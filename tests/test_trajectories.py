@@ -49,7 +49,7 @@ def test_unknown_trajectory_for_a_scheduler_is_refused():
 
 
 def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
@@ -64,7 +64,7 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
 
 
 def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
-    from timetuner.fit import fit
+    from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,

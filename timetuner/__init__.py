@@ -1,6 +1,11 @@
 """timetuner: timestep tuning for few-step diffusion sampling, and a training companion.
 
     from timetuner import TunedScheduler, TauTable, fit
+
+`import timetuner` loads the table and the scheduler only — what a pipeline saved with a `TunedScheduler` needs
+(`model_index.json` names `timetuner.scheduler`, and diffusers loads such a component only from a module already
+in sys.modules). Fitting (`timetuner.fitting`, the method in `timetuner.tuning`), measurement, the trainers and
+the CLI load when first used.
 """
 
 from __future__ import annotations
@@ -8,14 +13,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from timetuner.errors import UserError  # noqa: E402
-
-# The function shadows the submodule as an attribute; reach the module with importlib.import_module("timetuner.fit").
-from timetuner.fit import fit  # noqa: E402
-
-# Imported eagerly on purpose: pipelines saved with a TunedScheduler name `timetuner.scheduler` in
-# model_index.json, and diffusers loads such a component only from a module already in sys.modules, so
-# `import timetuner` must be enough. (A lazy module proved fragile: torch touches sys.modules while importing.)
 from timetuner.scheduler import TunedScheduler  # noqa: E402
 from timetuner.table import TauTable  # noqa: E402
+
+
+def fit(model: str | None = None, out=None, **options):
+    """Fit a τ table for `model` (default: the embedded digits model); see `timetuner.fitting.fit`."""
+    from timetuner.fitting import fit as run
+
+    return run(model, out, **options)
+
 
 __all__ = ["TauTable", "TunedScheduler", "UserError", "__version__", "fit"]

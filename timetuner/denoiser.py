@@ -13,7 +13,7 @@ of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exact
 what τ is tuned for. Guidance s ≤ 1 is the conditional output alone, as in the pipelines.
 
 The raw output (ε, v or x0, as the model was trained) is what the scheduler's `step` consumes, so fitting and
-sampling hand it on unchanged; `to_epsilon` converts it where a loss compares noise predictions.
+sampling hand it on unchanged; `timetuner.solver.to_epsilon` converts it where a loss compares noise predictions.
 """
 
 from __future__ import annotations
@@ -195,6 +195,10 @@ class Denoiser:
         view.conditioning = conditioning
         return view
 
+    def cache_parts(self) -> list:
+        """Extra cache-key parts of what this view samples: its conditioning and guidance scale ([] if none)."""
+        return [] if self.conditioning is None else [self.conditioning.fingerprint(), self.guidance_scale]
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
@@ -277,22 +281,3 @@ def class_conditioning(model, labels: list[int], n: int) -> Conditioning:
             raise UserError(f"--class-labels {label} is out of range; accepted: integers 0 to {classes - 1}")
     values = torch.tensor(labels, dtype=torch.long)
     return Conditioning("class", values, torch.full_like(values, classes), cyclic_index(n, len(labels)))
-
-
-def to_epsilon(output: torch.Tensor, x_in: torch.Tensor, t, alphas_cumprod: torch.Tensor,
-               prediction_type: str) -> torch.Tensor:
-    """ε from an ε / v / x0 prediction of a VP network input x_in at timestep t (Salimans & Ho, 2022)."""
-    if prediction_type == "epsilon":
-        return output
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
-    # ᾱ at a fractional t: linear in log ᾱ between the neighbouring integers.
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(alphas_cumprod) - 1)
-    log_a = torch.log(alphas_cumprod.double())
-    a_bar = torch.exp(log_a[lo] + (t - lo) * (log_a[hi] - log_a[lo])).float().to(output.device)
-    a, s = a_bar.sqrt(), (1 - a_bar).sqrt()
-    if prediction_type == "v_prediction":
-        return a * output + s * x_in
-    if prediction_type == "sample":
-        return (x_in - a * output) / s.clamp(min=1e-8)
-    raise UserError(f"prediction_type {prediction_type!r} is not supported; accepted: epsilon, sample, v_prediction")

@@ -91,7 +91,7 @@ class Evaluation:
 
 
 class Setup:
-    """A table with the model and the sampler it was fitted for, checked against each other.
+    """A table with the model and the solver it was fitted for, checked against each other.
 
     Conditional models are evaluated as they were fitted: guided at the table's scale, sample i conditioned on
     prompt (or class label) i mod P of a held-out set — by default the table's own held-out set, and never one
@@ -101,49 +101,36 @@ class Setup:
 
     def __init__(self, table: str, model: str | None, prompts: str | None = None,
                  class_labels: list[int] | None = None, negative_prompt: str | None = None):
-        from timetuner.denoiser import Denoiser
-        from timetuner.fit import FitConfig, Sampler, _latent_decoder, _uses_digits_features
-        from timetuner.loading import load_pipeline, resolve_model
-        from timetuner.scheduler import check_model, model_hash
+        from timetuner.loading import load_model, load_pipeline
+        from timetuner.scheduler import check_model
+        from timetuner.solver import Solver
         from timetuner.table import TauTable
 
         self.path = table
         self.table = TauTable.load(table)
         pipe = load_pipeline(model)
         network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        if network is None:
-            raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
-                            "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
-        check_model(self.table, network)
-        if torch.cuda.is_available():
-            pipe = pipe.to("cuda")  # as `timetuner fit` does
-        self.den = Denoiser(network.eval())
-        self.vae = _latent_decoder(pipe)
-        self.kind = self.den.family.conditional
-        self._conditioning = self._conditioner(pipe, network, prompts, class_labels, negative_prompt)
-        self.base_config = pipe.scheduler.config
-        meta = self.table.metadata
-        self.scheduler_name, self.trajectory = meta.get("scheduler_name", "ddim"), meta.get("trajectory")
-        self.sampler = Sampler(self.den, self.base_config, self.scheduler_name, self.trajectory,
-                               self.table.num_inference_steps)
-        self.table.check_scheduler(self.sampler.template)
-        self.weights = model_hash(network)
-        self.is_digits = self.vae is None and _uses_digits_features(FitConfig(), resolve_model(model), self.den)
+        if network is not None:
+            check_model(self.table, network)  # before moving a foreign model to the GPU
+        self.model = load_model(model, pipeline=pipe, device="cuda" if torch.cuda.is_available() else None)
+        self.den, self.vae, self.kind = self.model.denoiser, self.model.vae, self.model.kind
+        self._conditioning = self._conditioner(prompts, class_labels, negative_prompt)
+        self.base_config = self.model.base_config
+        self.sampler = Solver.for_table(self.den, self.base_config, self.table)
+        self.scheduler_name, self.trajectory = self.sampler.name, self.sampler.trajectory
+        self.weights = self.model.weights
+        self.is_digits = self.model.is_digits
 
-    def _conditioner(self, pipe, network, prompts, class_labels, negative_prompt):
+    def _conditioner(self, prompts, class_labels, negative_prompt):
         """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
         from timetuner.assets import EVAL_PROMPTS
-        from timetuner.denoiser import class_conditioning, text_conditioning
-        from timetuner.prompts import check_disjoint, read_prompts
+        from timetuner.prompts import check_applies, check_disjoint, conditioning_for, read_prompts
 
         meta = self.table.metadata
         fitted = meta.get("fit_config", {})
-        given = [name for name, value in (("--prompts", prompts), ("--class-labels", class_labels),
-                                          ("--negative-prompt", negative_prompt)) if value is not None]
+        check_applies(self.kind, "this model", {"--prompts": prompts, "--class-labels": class_labels,
+                                                "--negative-prompt": negative_prompt})
         if self.kind is None:
-            if given:
-                raise UserError(f"{given[0]} applies to conditional models, and this model is unconditional; "
-                                "accepted: text-to-image (Stable Diffusion) or class-conditional (DiT) pipelines")
             self.conditioning_label = None
             return lambda n: None
         if meta.get("guidance_scale") is None:
@@ -151,10 +138,8 @@ class Setup:
                             "conditional model; accepted: a table from `timetuner fit` on this model")
         self.den.guidance_scale = float(meta["guidance_scale"])
         scale = f"guidance {self.den.guidance_scale:g}"
+        pipe, network = self.model.pipeline, self.model.network
         if self.kind == "text":
-            if class_labels is not None:
-                raise UserError("--class-labels applies to class-conditional models, and this model takes prompts; "
-                                "accepted: --prompts")
             if prompts is not None:
                 chosen = read_prompts(prompts, "--prompts")
             else:
@@ -163,43 +148,29 @@ class Setup:
                            "fitted on")
             negative = fitted.get("negative_prompt", "") if negative_prompt is None else negative_prompt
             self.conditioning_label = f"{len(chosen)} held-out prompts, {scale}"
-            return lambda n: text_conditioning(pipe, chosen, n, negative)
-        for name in ("--prompts", "--negative-prompt"):
-            if name in given:
-                raise UserError(f"{name} applies to text-to-image models, and this model takes class labels; "
-                                "accepted: --class-labels")
+            return lambda n: conditioning_for("text", pipe, network, tuple(chosen), n, negative)
         labels = list(class_labels if class_labels is not None else fitted.get("eval_class_labels") or [])
         if not labels:
             raise UserError("--class-labels is empty and the table records none; accepted: class labels separated "
                             "by commas, e.g. 207,360,387")
         self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
-        return lambda n: class_conditioning(network, labels, n)
+        return lambda n: conditioning_for("class", pipe, network, tuple(labels), n)
 
     def conditioning(self, n: int):
         """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
         return self._conditioning(n)
 
-    def view(self, sampler, conditioning, lo: int, hi: int):
-        """`sampler` running samples lo…hi−1 of a batch conditioned by `conditioning` (itself if unconditional)."""
-        if conditioning is None:
-            return sampler
-        import copy
-
-        part = copy.copy(sampler)
-        part.den = self.den.bind(conditioning.slice(lo, hi))
-        return part
+    def view(self, solver, conditioning, lo: int, hi: int):
+        """`solver` running samples lo…hi−1 of a batch conditioned by `conditioning` (itself if unconditional)."""
+        return solver if conditioning is None else solver.on(self.den.bind(conditioning.slice(lo, hi)))
 
     def key_parts(self, conditioning) -> list:
         """Extra cache-key parts: what the samples are conditioned on, and how strongly."""
-        return [] if conditioning is None else [conditioning.fingerprint(), self.den.guidance_scale]
+        return self.den.bind(conditioning).cache_parts()
 
     def images(self, samples: torch.Tensor) -> torch.Tensor:
         """Final samples as images in about [-1, 1]: decoded by the VAE for latent models."""
-        if self.vae is None:
-            return samples
-        from timetuner.fit import decode_latents
-
-        return decode_latents(self.vae, samples)
+        return self.model.images(samples)
 
     @property
     def space(self) -> str:
@@ -216,6 +187,21 @@ class Setup:
         return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
 
 
+def check_siblings(table, others: list, paths: list[str], first: str) -> None:
+    """Refuse tables that cannot join `table`'s FD-against-steps plot: another solver, grid or guidance scale."""
+    mine = table.metadata
+    for path, other in zip(paths, others, strict=True):
+        theirs = other.metadata
+        if (theirs.get("scheduler_name"), theirs.get("trajectory")) != (mine.get("scheduler_name"),
+                                                                        mine.get("trajectory")):
+            raise UserError(f"table {path!r} is for {theirs.get('scheduler_name')}/{theirs.get('trajectory')}; "
+                            f"accepted: tables of {mine.get('scheduler_name')}/{mine.get('trajectory')} like "
+                            f"{first!r}")
+        if theirs.get("guidance_scale") != mine.get("guidance_scale"):
+            raise UserError(f"table {path!r} is for guidance scale {theirs.get('guidance_scale')}; accepted: tables "
+                            f"of guidance scale {mine.get('guidance_scale')} like {first!r}")
+
+
 def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
     if n < 2 or gap_n < 2 or reference_steps < 1 or bootstrap < 1:
         raise UserError(f"--n {n} / --gap-n {gap_n} / --reference-steps {reference_steps} / --bootstrap {bootstrap}:"
@@ -226,7 +212,8 @@ def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
 def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int = 1000, seed: int | None = None,
              bootstrap: int = 1000, measure: Measure | None = None) -> Evaluation:
     """Gap per state and at x0 (first min(n, gap_n) noises), FD and KID (all n) of plain vs tuned sampling."""
-    from timetuner.reference import cache_key, reference_trajectory
+    from timetuner.cache import cache_key
+    from timetuner.reference import reference_trajectory
 
     _check(n, gap_n, reference_steps, bootstrap)
     noise, seed = setup.noise(n, seed)
@@ -281,7 +268,7 @@ def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list 
 
     Rows {"nfe", "fd_plain"[, "fd_tuned", "fd_change" (paired interval)]}, from the same held-out noises.
     """
-    from timetuner.fit import Sampler
+    from timetuner.solver import Solver
 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
@@ -290,7 +277,7 @@ def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list 
     by_steps = {t.num_inference_steps: t for t in [setup.table, *(tables or [])]}
     rows = []
     for nfe in sorted(set(nfes) | set(by_steps)):
-        sampler = Sampler(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
+        sampler = Solver.named(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
         run = setup.view(sampler, cond, 0, n)
         plain = measure.features(setup.images(run.rollout(noise)).clamp(-1, 1))
         row = {"nfe": nfe, "fd_plain": measure.fd(plain)}
@@ -322,3 +309,43 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, fd_rows
         paths["fd_vs_nfe"] = save_fd_nfe_plot(fd_rows, folder / "fd_vs_nfe.png", title, rec.get("fd_reference"),
                                               f"{rec['reference'].upper()} reference")
     return paths
+
+
+@torch.no_grad()
+def held_out_verdict(solver, taus, noise, reference_final, extractor=None, images=None, resamples: int = 200) -> dict:
+    """x0 gap to the reference (RMS per sample, mean over samples) and FD, plain vs tuned, on held-out noise.
+
+    `images` maps final samples to images (the VAE decoder for latent models; `reference_final` is given as
+    images then). Each change comes with a 95 % paired bootstrap interval over the noises ("gap_change",
+    "fd_change"); FD is in the digits-feature space against the held-out digits when `extractor` is given.
+    """
+    from timetuner.metrics import digits_features
+
+    out, gaps, feats = {}, {}, {}
+    for name, tt in (("plain", None), ("tuned", taus)):
+        final = solver.rollout(noise, None if tt is None else torch.tensor(tt))
+        final = final if images is None else images(final)
+        gaps[name] = (final.clamp(-1, 1) - reference_final.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3)).sqrt()
+        out[f"gap_{name}"] = float(gaps[name].mean())
+        if extractor is not None:
+            feats[name] = digits_features(final.clamp(-1, 1).cpu(), extractor)
+    out["gap_change"] = paired_bootstrap(gaps["plain"].cpu().numpy(), gaps["tuned"].cpu().numpy(),
+                                         resamples=resamples)
+    if extractor is not None:
+        from timetuner.data import load_digits_tensor
+
+        held_out_digits = feature_statistics(digits_features(load_digits_tensor("test")[0], extractor))
+        fd_change = paired_bootstrap(feats["plain"], feats["tuned"], resamples=resamples,
+                                     statistic=lambda rows: frechet_distance(rows, held_out_digits))
+        out.update(fd_plain=fd_change["plain"], fd_tuned=fd_change["tuned"], fd_change=fd_change)
+        out["fd_reference"] = frechet_distance(digits_features(reference_final.clamp(-1, 1).cpu(), extractor),
+                                               held_out_digits)
+    return out
+
+
+def is_better(held: dict) -> bool:
+    """The verdict: a lower held-out x0 gap, and a lower FD where one was measured."""
+    better = held["gap_tuned"] < held["gap_plain"]
+    if "fd_tuned" in held:
+        better = better and held["fd_tuned"] < held["fd_plain"]
+    return better

@@ -163,7 +163,7 @@ def digits_extractor(path: str | None = None) -> FeatureExtractor:
     extractor = FeatureExtractor(name=f"digits:{_file_digest(weights)}", model=model, fn_resize=_as_float)
     # Its features are ~40x Inception's scale (x·y/d ≈ 20 on digits): KID uses them in units of their spread
     # on the training digits, a constant of the extractor.
-    from timetuner.trainers.data import load_digits_tensor
+    from timetuner.data import load_digits_tensor
 
     extractor.kid_scale = float(tensor_features(load_digits_tensor("train")[0], extractor).std())
     return extractor
@@ -298,10 +298,10 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
 
     Folder and dataset features are cached on disk; a changed, added or removed file changes the key.
     """
-    from timetuner.reference import _cached, cache_key
+    from timetuner.cache import cache_key, cached
 
     if ref in DATASETS:
-        from timetuner.trainers.data import load_digits_tensor
+        from timetuner.data import load_digits_tensor
 
         images = load_digits_tensor(ref.split(":")[1])[0]
         if n is not None and len(images) < n:
@@ -309,7 +309,7 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
                             f"--n <= {len(images)}")
         idx = _subset(list(range(len(images))), n, seed)
         key = cache_key("fid-reference", extractor.name, ref, idx)
-        return _cached(key, lambda: {"features": torch.from_numpy(tensor_features(images[idx], extractor))}
+        return cached(key, lambda: {"features": torch.from_numpy(tensor_features(images[idx], extractor))}
                        )["features"].numpy()
     if ref.lower().endswith(".npz") and os.path.isfile(ref):
         return _npz_statistics(ref)
@@ -328,7 +328,7 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
                                    fdir=ref if ref.lower().endswith(".zip") else None, verbose=False)
         return {"features": torch.from_numpy(feats.astype(np.float64))}
 
-    return _cached(key, compute)["features"].numpy()
+    return cached(key, compute)["features"].numpy()
 
 
 def _npz_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,21 +1,13 @@
-"""Hub id or local folder → diffusers pipeline, and named few-step schedulers built from its config."""
+"""Hub id or local folder → diffusers pipeline → one model setup: network, denoiser, VAE, noise schedule."""
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from timetuner.errors import UserError, check_choice
-
-# name → (diffusers scheduler class name, config overrides). "dpm2" is DPM-Solver-2 (singlestep, order 2);
-# "heun" uses Karras/EDM sigmas (ρ = 7).
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2}),
-    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-}
 
 
 def resolve_model(model: str | None) -> str:
@@ -75,9 +67,90 @@ def parse_dtype(name: str | None):
     return getattr(torch, check_choice("--dtype", name, DTYPES))
 
 
-def make_scheduler(name: str, base_config):
-    """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler) built from a pipeline's scheduler config."""
-    import diffusers
+@dataclass
+class ModelSetup:
+    """A loaded model, ready to sample and fit: network, denoiser, VAE (latent models) and noise schedule.
 
-    class_name, overrides = SCHEDULERS[check_choice("--scheduler", name, SCHEDULERS)]
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    One setup serves fitting, evaluation and reports, so every command sees the same model the same way.
+    """
+
+    network: object
+    denoiser: object  # timetuner.denoiser.Denoiser over `network` (unconditional until bound)
+    base_config: object  # the pipeline's scheduler config: the noise schedule every solver is built from
+    name: str  # what tables record: the hub id or folder given, "embedded:digits-ddpm", or "in-memory"
+    path: str = ""  # the resolved folder or hub id ("" for a bare network)
+    pipeline: object = None
+    vae: object = None  # latent models: the autoencoder that decodes samples to images
+
+    @property
+    def kind(self) -> str | None:
+        """"text" (Stable Diffusion), "class" (DiT) or None (unconditional)."""
+        return self.denoiser.family.conditional
+
+    @property
+    def weights(self) -> str:
+        """The network's weights hash (tables and reference caches are keyed by it)."""
+        from timetuner.scheduler import model_hash
+
+        if not hasattr(self, "_weights"):
+            self._weights = model_hash(self.network)
+        return self._weights
+
+    @property
+    def is_digits(self) -> bool:
+        """A pixel-space model of the 8×8 digits (the embedded one, or a `timetuner train --data digits` run)."""
+        from timetuner.assets import EMBEDDED_MODEL
+
+        if self.vae is not None or self.denoiser.sample_shape[0] != 1 or not self.path:
+            return False
+        if Path(self.path).resolve() == EMBEDDED_MODEL.resolve():
+            return True
+        run_config = Path(self.path) / "train_config.json"
+        return run_config.is_file() and json.loads(run_config.read_text()).get("data") == "digits"
+
+    def images(self, samples):
+        """Final samples as images in about [-1, 1]: decoded by the VAE for latent models."""
+        return samples if self.vae is None else decode_latents(self.vae, samples)
+
+    @classmethod
+    def from_network(cls, network, base_config) -> ModelSetup:
+        """A bare unconditional network with its pipeline's scheduler config (no pipeline, no files)."""
+        from timetuner.denoiser import Denoiser
+
+        network.eval().requires_grad_(False)
+        return cls(network=network, denoiser=Denoiser(network), base_config=base_config, name="in-memory")
+
+
+def load_model(model: str | None = None, pipeline=None, device=None, revision: str | None = None,
+               variant: str | None = None, torch_dtype=None) -> ModelSetup:
+    """The model `model` names (hub id or folder; None: the embedded digits model), or `pipeline` already loaded
+    from it; moved to `device` when given. Networks and VAE are frozen (eval mode, no gradients)."""
+    from timetuner.denoiser import Denoiser
+
+    path = resolve_model(model)
+    if pipeline is None:
+        pipeline = load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype)
+    if device is not None:
+        pipeline = pipeline.to(device)
+    network = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    if network is None:
+        raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
+                        "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
+    network.eval().requires_grad_(False)
+    vae = getattr(pipeline, "vae", None) or getattr(pipeline, "vqvae", None)
+    if vae is not None:
+        vae.eval().requires_grad_(False)
+    return ModelSetup(network=network, denoiser=Denoiser(network), base_config=pipeline.scheduler.config,
+                      name=model or "embedded:digits-ddpm", path=path, pipeline=pipeline, vae=vae)
+
+
+def decode_latents(vae, latents, batch_size: int = 16):
+    """Images in about [-1, 1] from latents, as the pipelines decode them (divide by the VAE's scaling factor)."""
+    import torch
+
+    param = next(vae.parameters())
+    scale = getattr(vae.config, "scaling_factor", 1.0)
+    with torch.no_grad():
+        out = [vae.decode((chunk / scale).to(param.device, param.dtype)).sample.to(torch.float32)
+               for chunk in latents.split(batch_size)]
+    return torch.cat(out).to(latents.device)

@@ -93,29 +93,27 @@ def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024
 
 def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> float:
     """FD of images against a digits split ("test": held out, "train") in digits-feature space."""
-    from timetuner.trainers.data import load_digits_tensor
+    from timetuner.data import load_digits_tensor
 
     ref = load_digits_tensor(reference)[0]
     return frechet_distance(digits_features(images, extractor), digits_features(ref, extractor))
 
 
 @torch.no_grad()
-def truncation_gap(sampler, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None,
+def truncation_gap(solver, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None,
                    clamp: bool = True) -> dict:
     """Per-state and final RMS distance (VP space) of a few-step rollout to the reference trajectory (paper Fig. 2).
 
-    `reference_states` from `timetuner.reference.reference_trajectory` for the same sampler and noise; `taus`
+    `reference_states` from `timetuner.reference.reference_trajectory` for the same solver and noise; `taus`
     the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
     final samples (clamped to [-1, 1] unless `clamp` is False: latents have no such range), "x0_per_sample":
     that RMS per sample, "final": the final states}.
     """
-    from timetuner.reference import state_times, to_vp
-
-    _, states = sampler.rollout(noise, None if taus is None else torch.as_tensor(taus), keep_states=True)
-    times = state_times(sampler)
+    _, states = solver.rollout(noise, None if taus is None else torch.as_tensor(taus), keep_states=True)
+    times = solver.state_times()
     per_state = []
     for x, ref, t in zip(states, reference_states, times, strict=True):
-        diff = to_vp(sampler, x, t) - to_vp(sampler, ref, t)
+        diff = solver.to_vp(x, t) - solver.to_vp(ref, t)
         per_state.append(float(diff.pow(2).mean(dim=tuple(range(1, diff.ndim))).sqrt().mean()))
     # The x0 figure compares what a user sees: final samples clamped to the data range [-1, 1].
     final, target = states[-1], reference_states[-1]

@@ -83,3 +83,47 @@ def parse_class_labels(text: str | None, option: str = "--class-labels") -> list
 def scale_tag(scale: float) -> str:
     """The guidance scale as written in file names: 7.5 → 'cfg7.5', 3.0 → 'cfg3'."""
     return f"cfg{scale:g}"
+
+
+DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0}  # StableDiffusionPipeline's and DiTPipeline's own defaults
+TEXT_OPTIONS = ("--prompts", "--eval-prompts", "--negative-prompt")
+CLASS_OPTIONS = ("--class-labels", "--eval-class-labels")
+
+
+def check_applies(kind: str | None, model_label: str, given: dict) -> None:
+    """Refuse conditioning options (name → value; None: not given) that do not fit the model's kind."""
+    names = [name for name, value in given.items() if value is not None]
+    if kind is None and names:
+        raise UserError(f"{names[0]} applies to conditional models, and {model_label} is unconditional; "
+                        "accepted: text-to-image (Stable Diffusion) or class-conditional (DiT) pipelines")
+    own, foreign, what, takes = ((TEXT_OPTIONS, CLASS_OPTIONS, "class-conditional", "prompts") if kind == "text"
+                                 else (CLASS_OPTIONS, TEXT_OPTIONS, "text-to-image", "class labels"))
+    for name in names:
+        if name in foreign:
+            accepted = " / ".join(n for n in own if n in given)
+            raise UserError(f"{name} applies to {what} models, and {model_label} takes {takes}; "
+                            f"accepted: {accepted}")
+
+
+def prompt_set(value, option: str, default: Path | None = None) -> tuple[str, ...]:
+    """Prompts from a file or text (`read_prompts`), or a sequence of prompt texts, checked non-empty."""
+    if value is None or isinstance(value, str):
+        return tuple(read_prompts(value, option, default))
+    if not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise UserError(f"{option} holds an empty prompt; accepted: non-empty prompt texts")
+    return tuple(value)
+
+
+def conditioning_for(kind: str | None, pipeline, network, rows: tuple, n: int, negative_prompt: str = ""):
+    """Per-sample conditioning of n samples from prompts or class labels (sample i: row i mod P); None if
+    the model is unconditional. Text models embed the prompts with the pipeline's own `encode_prompt`."""
+    from timetuner.denoiser import class_conditioning, text_conditioning
+
+    if kind is None:
+        return None
+    if kind == "class":
+        return class_conditioning(network, list(rows), n)
+    if pipeline is None or getattr(pipeline, "encode_prompt", None) is None:
+        raise UserError("a text-conditional network needs its pipeline (text encoder and tokenizer) to embed "
+                        "the prompts; accepted: fit(model=...) or fit(pipeline=...)")
+    return text_conditioning(pipeline, list(rows), n, negative_prompt)

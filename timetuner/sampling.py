@@ -1,51 +1,56 @@
-"""A plain diffusers sampling loop that works for every scheduler, ε- and σ-space alike."""
+"""Sample grids from a model, plain or with a τ table: what `timetuner sample` draws."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-
-def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, device=None) -> torch.Tensor:
-    """n standard-normal starting states of shape `shape` (C×H×W), drawn on the generator's device."""
-    noise = torch.randn((n, *shape), generator=generator, device=generator.device)
-    return noise if device is None else noise.to(device)
+from timetuner.errors import UserError
 
 
-@torch.no_grad()
-def sample_loop(
-    unet,
-    scheduler,
-    noise: torch.Tensor,
-    num_inference_steps: int,
-    generator: torch.Generator | None = None,
-    batch_size: int = 256,
-    eta: float = 0.0,
-) -> torch.Tensor:
-    """Run `scheduler` from `noise` (unit variance) to images in [-1, 1], `batch_size` samples at a time.
+def pixel_unet(pipeline, model: str | None):
+    """The pipeline's unconditional pixel-space UNet2DModel; a UserError for conditional or latent pipelines."""
+    unet = getattr(pipeline, "unet", None)
+    latent = getattr(pipeline, "vae", None) is not None or getattr(pipeline, "vqvae", None) is not None
+    if unet is None or type(unet).__name__ != "UNet2DModel" or latent:
+        raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
+                        "those (sample conditional and latent models with their own pipeline and TunedScheduler, "
+                        "README 'Text-to-image and class-conditional models')")
+    return unet
 
-    Unlike `DDPMPipeline`, this calls `scale_model_input` and scales the noise by `init_noise_sigma`, so
-    σ-space schedulers (Heun, Euler, EDM) sample correctly too.
+
+def sample(model: str | None = None, n: int = 64, steps: int = 50, scheduler: str = "ddim", table=None,
+           compare: bool = False, seed: int = 0, batch_size: int = 256, device=None):
+    """n images in [-1, 1] (CPU) from the same seeded noise: (plain, tuned) with `table`, else (plain, None).
+
+    With a table, its solver, grid and step count are used and the tuned samples run through `TunedScheduler`;
+    `compare` adds the plain samples (the identity table, same wrapper), else plain is None.
     """
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    step_params = inspect.signature(scheduler.step).parameters
-    extra = {}
-    if "eta" in step_params:
-        extra["eta"] = eta
-    if "generator" in step_params:
-        extra["generator"] = generator
-    out = []
-    for chunk in noise.split(batch_size):
-        x = chunk.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-        # Some schedulers keep per-run state (DPM-Solver's step index, Heun's first-order buffer).
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)
-            t_in = t.to(dtype=torch.float32).expand(x.shape[0])
-            eps = unet(x_in.to(dtype), t_in).sample.to(torch.float32)
-            x = scheduler.step(eps, t, x, **extra).prev_sample
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+    from timetuner.loading import load_pipeline
+    from timetuner.scheduler import TunedScheduler, check_model
+    from timetuner.solver import initial_noise, sample_images
+    from timetuner.trajectories import build, make_scheduler
+
+    if n < 1 or steps < 1 or batch_size < 1:
+        raise UserError(f"--n {n}, --steps {steps}, --batch-size {batch_size}: accepted: integers >= 1")
+    if compare and table is None:
+        raise UserError("--compare needs --table; accepted: --table FILE --compare")
+    pipe = load_pipeline(model)
+    unet = pixel_unet(pipe, model)
+    size = unet.config.sample_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = initial_noise(n, (unet.config.in_channels, size, size), gen)
+    unet = unet.to(device or "cpu").eval()
+    if table is None:
+        plain = sample_images(unet, make_scheduler(scheduler, pipe.scheduler.config), noise, steps, generator=gen,
+                              batch_size=batch_size)
+        return plain, None
+    check_model(table, unet)
+    base, _ = build(table.metadata.get("scheduler_name", scheduler), table.metadata.get("trajectory"),
+                    pipe.scheduler.config, table.num_inference_steps)
+
+    def run(t):
+        wrapped = TunedScheduler.from_table(base, t)
+        return sample_images(unet, wrapped, noise, table.num_inference_steps,
+                             generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+
+    return (run(table.with_tau(table.t)) if compare else None), run(table)

@@ -1,4 +1,7 @@
-"""Named timestep grids ("trajectories") for K steps, as diffusers scheduler settings or explicit timesteps.
+"""The named few-step solvers and their timestep grids ("trajectories") for K steps.
+
+A solver is a diffusers scheduler class with config overrides (`SCHEDULERS`), built from a pipeline's own
+scheduler config so that it shares the model's noise schedule.
 
 A trajectory is either a configuration of the scheduler itself (DDIM's `timestep_spacing`, Karras σ) or an
 explicit list of timesteps handed to `set_timesteps(timesteps=...)`. Explicit lists travel inside the table's
@@ -9,8 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from timetuner.errors import UserError
-from timetuner.loading import SCHEDULERS, make_scheduler
+from timetuner.errors import UserError, check_choice
+
+# name → (diffusers scheduler class name, config overrides). "dpm2" is DPM-Solver-2 (singlestep, order 2);
+# "heun" uses Karras/EDM sigmas (ρ = 7).
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2}),
+    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config):
+    """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler) built from a pipeline's scheduler config."""
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[check_choice("--scheduler", name, SCHEDULERS)]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 def quadratic_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from timetuner.data import load_training_data
 from timetuner.errors import UserError, check_choice
 from timetuner.files import write_atomic
-from timetuner.trainers.data import load_training_data
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import get_preset
 from timetuner.trainers.samplers import SAMPLERS, make_sampler
@@ -279,158 +279,192 @@ def train(config: TrainConfig, on_checkpoint: Callable[[int, torch.nn.Module], N
     `on_checkpoint(step, ema_unet)`, if given, runs on the main process after every checkpoint with a copy
     of the EMA model in eval mode (e.g. to measure FD against iteration, as `bench/train.py` does).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers import DDIMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
-
-    from timetuner.plots import save_distribution_plot, save_grid
-    from timetuner.sampling import initial_noise, sample_loop
 
     config = _resolved(config)
     _check_output(config)
     data = load_training_data(config.data, config.resolution, config.channels)  # errors before any output
+    run = _Training(config)
+    data = data.to(run.accelerator.device)
+    progress = tqdm(total=config.steps, initial=min(run.state.step, config.steps), desc="train",
+                    disable=not run.accelerator.is_main_process, dynamic_ncols=True)
+    while run.state.step < config.steps:
+        per_sample, t, value = run.step(data)
+        run.losses.add(t, per_sample, value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{run.losses.running:.4f}", refresh=False)
+        if run.state.step % config.log_every == 0 or run.state.step == config.steps:
+            run.log(value)
+        if run.state.step % config.checkpoint_every == 0 or run.state.step == config.steps:
+            run.checkpoint(on_checkpoint)
+    progress.close()
+    run.finish()
+    return Path(config.out)
 
-    out = Path(config.out)
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
-                              project_config=ProjectConfiguration(project_dir=str(out)))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / CONFIG_FILE, {**dataclasses.asdict(config),
-                                               "num_processes": accelerator.num_processes})
-    accelerator.wait_for_everyone()
 
-    preset = get_preset(config.preset)
-    torch.manual_seed(config.seed)  # model initialisation
-    unet = UNet2DModel(**preset.unet_config(config.resolution, config.channels))
-    noise_scheduler = _noise_scheduler(config)
-    sampler = build_sampler(config, noise_scheduler)
-    weighting = build_weighting(config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    lr_scheduler = get_scheduler(
-        "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
-        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
-        num_training_steps=config.steps * accelerator.num_processes,
-    )
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
-    state = TrainState()
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    mdlrc = MDLRC(optimizer, config.mdlrc_steps, config.mdlrc_beta1_end) if config.mdlrc else None
-    ema.to(accelerator.device)
-    for obj in (ema, sampler, state, *([mdlrc] if mdlrc else [])):
-        accelerator.register_for_checkpointing(obj)
-    if hasattr(sampler, "bind"):  # learned samplers score the model's loss before and after an update
-        sampler.bind(_probe(accelerator.unwrap_model(unet), noise_scheduler, config))
+class _Losses:
+    """Per-timestep-bucket loss sums since the last log line, and the running mean of the loss."""
 
-    if config.resume:
-        latest = checkpoint_dirs(out)[-1]
-        accelerator.load_state(str(latest))
-        accelerator.print(f"resumed from {latest} at step {state.step}")
-    if mdlrc:
-        mdlrc.step(state.step)
+    def __init__(self, config: TrainConfig, device):
+        self.buckets, self.timesteps = LOSS_BUCKETS, config.num_train_timesteps
+        self.sum = torch.zeros(LOSS_BUCKETS, device=device)
+        self.count = torch.zeros(LOSS_BUCKETS, device=device)
+        self.running = None
 
-    data = data.to(accelerator.device)
-    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    bucket_sum = torch.zeros(LOSS_BUCKETS, device=accelerator.device)
-    bucket_count = torch.zeros(LOSS_BUCKETS, device=accelerator.device)
-    log_path = out / LOG_FILE
-    progress = tqdm(total=config.steps, initial=min(state.step, config.steps), desc="train",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
-    running, started = None, time.perf_counter()
+    def add(self, t: torch.Tensor, per_sample: torch.Tensor, value: float) -> None:
+        bucket = (t * self.buckets // self.timesteps).clamp(max=self.buckets - 1)
+        self.sum.index_add_(0, bucket, per_sample.detach().float())
+        self.count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float32))
+        self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
 
-    while state.step < config.steps:
+
+class _Training:
+    """One run's model, optimiser, EMA, sampler and accelerator, built (or resumed) in a fixed order so that the
+    same seed gives the same run; `step` is one training iteration."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers import UNet2DModel
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        self.config, self.out = config, Path(config.out)
+        self.accelerator = accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                                                     project_config=ProjectConfiguration(project_dir=str(self.out)))
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.out / CONFIG_FILE, {**dataclasses.asdict(config),
+                                                        "num_processes": accelerator.num_processes})
+        accelerator.wait_for_everyone()
+        torch.manual_seed(config.seed)  # model initialisation
+        unet = UNet2DModel(**get_preset(config.preset).unet_config(config.resolution, config.channels))
+        self.noise_scheduler = _noise_scheduler(config)
+        self.sampler = build_sampler(config, self.noise_scheduler)
+        self.weighting = build_weighting(config)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        lr_scheduler = get_scheduler(
+            "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+            num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+            num_training_steps=config.steps * accelerator.num_processes,
+        )
+        self.ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+        self.state = TrainState()
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.mdlrc = MDLRC(self.optimizer, config.mdlrc_steps, config.mdlrc_beta1_end) if config.mdlrc else None
+        self.ema.to(accelerator.device)
+        for obj in (self.ema, self.sampler, self.state, *([self.mdlrc] if self.mdlrc else [])):
+            accelerator.register_for_checkpointing(obj)
+        if hasattr(self.sampler, "bind"):  # learned samplers score the model's loss before and after an update
+            self.sampler.bind(_probe(accelerator.unwrap_model(self.unet), self.noise_scheduler, config))
+        if config.resume:
+            latest = checkpoint_dirs(self.out)[-1]
+            accelerator.load_state(str(latest))
+            accelerator.print(f"resumed from {latest} at step {self.state.step}")
+        if self.mdlrc:
+            self.mdlrc.step(self.state.step)
+        self.losses = _Losses(config, accelerator.device)
+        self.started = time.perf_counter()
+
+    def step(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One iteration: draw a batch, timesteps and noise, take the optimiser step; (per-sample loss, t, loss)."""
+        config, accelerator, step = self.config, self.accelerator, self.state.step
         # Every draw of a step comes from a generator keyed by (seed, step, process): a resumed run sees
         # exactly the batches, timesteps and noise the uninterrupted run would have seen.
-        gen = torch.Generator(device="cpu").manual_seed(
-            (config.seed * 1_000_003 + state.step) * 4099 + accelerator.process_index)
+        gen = torch.Generator(device="cpu").manual_seed((config.seed * 1_000_003 + step) * 4099
+                                                        + accelerator.process_index)
         idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen)
         x0 = data[idx.to(data.device)]
         if config.hflip:
             flip = torch.rand(config.batch_size, generator=gen) < 0.5
             x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
-        t, w_sampler = sampler.sample(config.batch_size, state.step, gen, x0=x0)
+        t, w_sampler = self.sampler.sample(config.batch_size, step, gen, x0=x0)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         t, w_sampler = t.to(x0.device), w_sampler.to(x0.device)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        with accelerator.accumulate(unet):
-            pred = unet(noisy, t).sample
-            target = _target(noise_scheduler, x0, noise, t, config.prediction_type)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        with accelerator.accumulate(self.unet):
+            pred = self.unet(noisy, t).sample
+            target = _target(self.noise_scheduler, x0, noise, t, config.prediction_type)
             per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-            weight = w_sampler * weighting(t, noise_scheduler).to(x0.device)
-            loss = (weight * per_sample).mean()
+            loss = (w_sampler * self.weighting(t, self.noise_scheduler).to(x0.device) * per_sample).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.grad_clip > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
-            optimizer.step()
-            lr_scheduler.step()
-            if mdlrc:
-                mdlrc.step(state.step + 1)
-            optimizer.zero_grad(set_to_none=True)
-        sampler.update(t, per_sample.detach(), state.step)
-        ema.step(accelerator.unwrap_model(unet).parameters())
-        state.step += 1
+                accelerator.clip_grad_norm_(self.unet.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            if self.mdlrc:
+                self.mdlrc.step(step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.sampler.update(t, per_sample.detach(), step)
+        self.ema.step(accelerator.unwrap_model(self.unet).parameters())
+        self.state.step += 1
+        return per_sample, t, loss.item()
 
-        bucket = (t * LOSS_BUCKETS // config.num_train_timesteps).clamp(max=LOSS_BUCKETS - 1)
-        bucket_sum.index_add_(0, bucket, per_sample.detach().float())
-        bucket_count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float32))
-        value = loss.item()
-        running = value if running is None else 0.98 * running + 0.02 * value
-        progress.update(1)
-        progress.set_postfix(loss=f"{running:.4f}", refresh=False)
+    def log(self, value: float) -> None:
+        """Append a line to log.jsonl: loss, learning rate, loss per timestep bucket, the sampler's mass per bucket."""
+        config, accelerator, losses, step = self.config, self.accelerator, self.losses, self.state.step
+        sums, counts = accelerator.reduce(losses.sum, "sum"), accelerator.reduce(losses.count, "sum")
+        if accelerator.is_main_process:
+            total, alphas = config.num_train_timesteps, self.noise_scheduler.alphas_cumprod
+            record = {
+                "step": step, "loss": value, "loss_ema": losses.running, "lr": self.lr_scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - self.started, 2),
+                "sampler_bucket_mass": [round(float(m), 6) for m in
+                                        self.sampler.probabilities(step).reshape(LOSS_BUCKETS, -1).sum(1)]
+                if total % LOSS_BUCKETS == 0 else None,
+                **({"beta1": self.optimizer.param_groups[0]["betas"][0]} if self.mdlrc else {}),
+                **({"sampler_reward": self.sampler.last_reward}
+                   if getattr(self.sampler, "last_reward", None) is not None else {}),
+                "bucket_loss": [round(float(s / c), 6) if c > 0 else None for s, c in zip(sums, counts, strict=True)],
+                "alpha_bar_at_bucket_edges": [round(float(alphas[min(i * total // LOSS_BUCKETS, total - 1)]), 6)
+                                              for i in range(LOSS_BUCKETS)],
+            }
+            with (self.out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        losses.sum.zero_()
+        losses.count.zero_()
 
-        if state.step % config.log_every == 0 or state.step == config.steps:
-            sums, counts = accelerator.reduce(bucket_sum, "sum"), accelerator.reduce(bucket_count, "sum")
-            if accelerator.is_main_process:
-                record = {
-                    "step": state.step, "loss": value, "loss_ema": running, "lr": lr_scheduler.get_last_lr()[0],
-                    "seconds": round(time.perf_counter() - started, 2),
-                    "sampler_bucket_mass": [round(float(m), 6) for m in
-                                            sampler.probabilities(state.step).reshape(LOSS_BUCKETS, -1).sum(1)]
-                    if config.num_train_timesteps % LOSS_BUCKETS == 0 else None,
-                    **({"beta1": optimizer.param_groups[0]["betas"][0]} if mdlrc else {}),
-                    **({"sampler_reward": sampler.last_reward} if getattr(sampler, "last_reward", None) is not None
-                       else {}),
-                    "bucket_loss": [round(float(s / c), 6) if c > 0 else None
-                                    for s, c in zip(sums, counts, strict=True)],
-                    "alpha_bar_at_bucket_edges": [
-                        round(float(alphas[min(i * config.num_train_timesteps // LOSS_BUCKETS,
-                                                config.num_train_timesteps - 1)]), 6)
-                        for i in range(LOSS_BUCKETS)],
-                }
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bucket_sum.zero_()
-            bucket_count.zero_()
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the network with the EMA weights, in eval mode."""
+        from diffusers import UNet2DModel
 
-        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
-            if on_checkpoint is not None and accelerator.is_main_process:
-                snapshot = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
-                ema.copy_to(snapshot.parameters())
-                on_checkpoint(state.step, snapshot.to(accelerator.device).eval())
-            if accelerator.is_main_process:
-                save_distribution_plot(sampler.probabilities(state.step), weighting(
-                    torch.arange(config.num_train_timesteps), noise_scheduler), out / "sampler.png",
-                    f"{config.sampler} + {config.weighting}, step {state.step}")
-    progress.close()
+        model = UNet2DModel.from_config(self.accelerator.unwrap_model(self.unet).config)
+        self.ema.copy_to(model.parameters())
+        return model.eval()
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = UNet2DModel.from_config(accelerator.unwrap_model(unet).config)
-        ema.copy_to(final.parameters())
-        final.eval()
-        _save_pipeline(final, noise_scheduler, out)
-        if config.sample_n > 0:
-            gen = torch.Generator(device="cpu").manual_seed(config.seed)
-            noise = initial_noise(config.sample_n, (config.channels, config.resolution, config.resolution), gen)
-            ddim = DDIMScheduler.from_config(noise_scheduler.config)
-            images = sample_loop(final.to(accelerator.device), ddim, noise, config.sample_steps)
-            save_grid(images, out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
+    def checkpoint(self, on_checkpoint) -> None:
+        """Save a resumable checkpoint, run the caller's hook on the EMA model, redraw sampler.png."""
+        from timetuner.plots import save_distribution_plot
+
+        config, step = self.config, self.state.step
+        _save_checkpoint(self.accelerator, self.out, step, config.keep_checkpoints)
+        if on_checkpoint is not None and self.accelerator.is_main_process:
+            on_checkpoint(step, self.ema_model().to(self.accelerator.device))
+        if self.accelerator.is_main_process:
+            save_distribution_plot(self.sampler.probabilities(step), self.weighting(
+                torch.arange(config.num_train_timesteps), self.noise_scheduler), self.out / "sampler.png",
+                f"{config.sampler} + {config.weighting}, step {step}")
+
+    def finish(self) -> None:
+        """Write the EMA model as a diffusers pipeline and its sample grid (main process), end the run."""
+        from diffusers import DDIMScheduler
+
+        from timetuner.plots import save_grid
+        from timetuner.solver import initial_noise, sample_images
+
+        config, accelerator = self.config, self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = self.ema_model()
+            _save_pipeline(final, self.noise_scheduler, self.out)
+            if config.sample_n > 0:
+                gen = torch.Generator(device="cpu").manual_seed(config.seed)
+                noise = initial_noise(config.sample_n, (config.channels, config.resolution, config.resolution), gen)
+                ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
+                images = sample_images(final.to(accelerator.device), ddim, noise, config.sample_steps)
+                save_grid(images, self.out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:

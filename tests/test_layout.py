@@ -1,0 +1,67 @@
+"""The layering the README's "Layout" promises, checked on the source: one rollout, no private imports across
+modules, short functions, the method apart from files and progress bars."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"timetuner": ROOT / "timetuner", "timetuner.trainers": ROOT / "trainers", "timetuner.cli": ROOT / "cli"}
+MAX_FUNCTION_LINES = 60
+
+
+def modules(*packages: str):
+    for package in packages:
+        for path in sorted(PACKAGES[package].glob("*.py")):
+            yield f"{package}.{path.stem}", path, ast.parse(path.read_text())
+
+
+def test_no_private_name_is_imported_across_modules():
+    crossings = []
+    for name, _, tree in modules(*PACKAGES):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timetuner"):
+                crossings += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__") and node.module != name]
+    assert crossings == []
+
+
+def test_one_rollout_loop_over_scheduler_timesteps():
+    # Fitting, evaluation, sampling, references and the trainers' grids all run `timetuner.solver.Solver`.
+    loops = []
+    for name, _, tree in modules(*PACKAGES):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.For) and "timesteps" in ast.unparse(node.iter):
+                loops.append(f"{name}:{node.lineno}")
+    assert loops == []
+    solver = (ROOT / "timetuner" / "solver.py").read_text()
+    assert "for k in range(self.evaluations)" in solver
+
+
+@pytest.mark.parametrize("package", ["timetuner", "timetuner.trainers"])
+def test_functions_stay_short(package):
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, _, tree in modules(package) for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+def test_the_method_module_holds_no_file_io_progress_or_loading():
+    source = (ROOT / "timetuner" / "tuning.py").read_text()
+    assert len(source.splitlines()) < 300
+    tree = ast.parse(source)
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert imported <= {"__future__", "copy", "math", "time", "dataclasses", "torch", "timetuner.solver"}
+    calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert not {c for c in calls if c in {"open", "print"} or c.endswith(("write_text", "save", "tqdm"))}
+
+
+def test_the_library_never_imports_the_cli():
+    users = [name for name, _, tree in modules("timetuner", "timetuner.trainers") for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timetuner.cli")]
+    assert users == []

@@ -1,0 +1,417 @@
+"""A fit run: load the model, prepare states and references, fit τ (`timetuner.tuning`), judge on held-out seeds,
+write the table.
+
+    from timetuner import fit
+    result = fit(nfe=10)                       # embedded digits model, DDIM, e2e objective
+    result.table.save("ddim-10.safetensors")
+
+The method itself is `timetuner.tuning`; this module is everything around it: one model setup
+(`timetuner.loading`), conditioning defaults, the reference samples it fits and judges against (cached), a
+checkpoint after every τ (or e2e iteration) beside the output, a progress bar, the held-out verdict through
+`timetuner.evaluation`, and the table's metadata. Fit and held-out seeds never overlap; every table records its
+held-out x0 gap (and FD where a feature extractor exists) before and after, and the identity table (τ = t) is
+written when tuning did not help, unless `force`.
+
+Conditional and latent models (Stable Diffusion, DiT): fitting runs in latent space on the guided model output
+at one guidance scale (`guidance_scale`, recorded in the table); sample i of the fit uses prompt (or class
+label) i mod P, sample i of the held-out verdict eval prompt i mod P' from a disjoint set (DiT: the same labels
+by default, on held-out noises). The VAE only decodes the held-out samples, so the verdict's x0 gap is measured
+on images. Prompts are embedded once, with the pipeline's own `encode_prompt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from timetuner.errors import UserError, check_choice
+from timetuner.table import TauTable
+
+PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
+EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the fit's
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Every setting of a fit; stored in the table's metadata."""
+
+    nfe: int = 10  # num_inference_steps of the sampler (Heun: 2·nfe − 1 network evaluations)
+    scheduler: str = "ddim"
+    trajectory: str | None = None  # None: the scheduler's default (timetuner.trajectories.DEFAULT_TRAJECTORY)
+    strategy: str = "sequential"
+    # None: "e2e" (chosen by held-out evidence in bench/fit.py, README "Results"); "paper" for --strategy parallel,
+    # whose states are independent of the other τ by construction.
+    objective: str | None = None
+    optimizer: str = "search"
+    samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
+    eval_samples: int = 256
+    seed: int = 0
+    data: str | None = None  # parallel strategy: "digits" or an image folder; None: the model's own samples
+    search_points: int = 7
+    search_refine: int = 8
+    adam_iters: int = 500
+    adam_lr: float = 2e-3
+    e2e_iters: int = 40
+    e2e_lr: float = 0.05  # in units of the local step spacing
+    reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
+    reference_steps: int = 100
+    features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
+    force: bool = False
+    # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
+    guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, DiT 4.0); <= 1: no CFG
+    prompts: tuple[str, ...] | None = None  # text models; None: assets/prompts/fit.txt
+    eval_prompts: tuple[str, ...] | None = None  # held out, disjoint from prompts; None: assets/prompts/eval.txt
+    negative_prompt: str = ""  # the unconditional branch of CFG, as StableDiffusionPipeline's default
+    class_labels: tuple[int, ...] | None = None  # DiT; None: 16 classes spread evenly over the label range
+    eval_class_labels: tuple[int, ...] | None = None  # None: the fit's labels, on held-out noises
+
+
+@dataclass
+class FitResult:
+    """The table written (tuned, or the identity when tuning did not help), with the evidence."""
+
+    table: TauTable
+    tuned: TauTable
+    rows: list[dict]
+    held_out: dict
+    better: bool
+    seconds: float
+    network_evaluations: int  # per sample, everything: references, fitting, the held-out verdict
+    fit_evaluations: int  # per sample, up to the end of fitting (references included, verdict excluded)
+    config: FitConfig = field(default_factory=FitConfig)
+
+
+# -- settings ------------------------------------------------------------------------------------------------------
+def validate(config: FitConfig) -> None:
+    """Every setting checked before any work: one-line UserErrors naming the value and what is accepted."""
+    from timetuner.trajectories import SCHEDULERS, TRAJECTORIES
+    from timetuner.tuning import OBJECTIVES, OPTIMIZERS, STRATEGIES
+
+    check_choice("--scheduler", config.scheduler, SCHEDULERS)
+    check_choice("--strategy", config.strategy, STRATEGIES)
+    check_choice("--objective", config.objective, OBJECTIVES)
+    check_choice("--optimizer", config.optimizer, OPTIMIZERS)
+    check_choice("--reference", config.reference, ("dpm++", "ddim"))
+    check_choice("--features", config.features, ("auto", "digits", "none"))
+    for name, value in (("--nfe", config.nfe), ("--samples", config.samples), ("--eval-samples", config.eval_samples),
+                        ("--reference-steps", config.reference_steps), ("--adam-iters", config.adam_iters),
+                        ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
+        if value < 1:
+            raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
+    if config.trajectory is not None and config.trajectory not in TRAJECTORIES[config.scheduler]:
+        raise UserError(f"--trajectory {config.trajectory!r} is not available for --scheduler {config.scheduler}; "
+                        f"accepted: {', '.join(sorted(TRAJECTORIES[config.scheduler]))}")
+    if config.strategy == "parallel" and config.scheduler not in PARALLEL_SCHEDULERS:
+        raise UserError(f"--strategy parallel needs a solver whose evaluations are whole steps; --scheduler "
+                        f"{config.scheduler} carries state between them; accepted: {', '.join(PARALLEL_SCHEDULERS)}")
+    if config.objective == "e2e" and config.strategy == "parallel":
+        raise UserError("--objective e2e fits along the whole trajectory; accepted: --strategy sequential")
+    if config.guidance_scale is not None and not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 1):
+        raise UserError(f"--guidance-scale {config.guidance_scale!r} is invalid; accepted: numbers >= 1 (1 means no "
+                        "classifier-free guidance)")
+
+
+def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, network) -> FitConfig:
+    """The config with every conditioning default filled in (so the table records what was used), checked."""
+    from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
+    from timetuner.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set
+
+    check_applies(kind, model_label, {"--prompts": config.prompts, "--eval-prompts": config.eval_prompts,
+                                      "--class-labels": config.class_labels,
+                                      "--eval-class-labels": config.eval_class_labels,
+                                      "--guidance-scale": config.guidance_scale})
+    if kind is None:
+        return config
+    scale = DEFAULT_GUIDANCE[kind] if config.guidance_scale is None else float(config.guidance_scale)
+    if kind == "text":
+        fit_prompts = prompt_set(config.prompts, "--prompts", FIT_PROMPTS)
+        eval_prompts = prompt_set(config.eval_prompts, "--eval-prompts", EVAL_PROMPTS)
+        check_disjoint(list(fit_prompts), list(eval_prompts))
+        return dataclasses.replace(config, guidance_scale=scale, prompts=fit_prompts, eval_prompts=eval_prompts)
+    classes = int(network.config.num_embeds_ada_norm)
+    labels = tuple(sorted({i * classes // 16 for i in range(min(16, classes))}) if config.class_labels is None
+                   else config.class_labels)
+    eval_labels = labels if config.eval_class_labels is None else tuple(config.eval_class_labels)
+    for name, value in (("--class-labels", labels), ("--eval-class-labels", eval_labels)):
+        if not value:
+            raise UserError(f"{name} is empty; accepted: class labels separated by commas, e.g. 207,360,387")
+    return dataclasses.replace(config, guidance_scale=scale, class_labels=labels, eval_class_labels=eval_labels)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+class Checkpoints:
+    """The fit's state after every τ (or e2e iteration), JSON beside the output; only a fit of the same
+    configuration on the same model resumes from it."""
+
+    def __init__(self, out: Path | None, key: dict):
+        self.path = None if out is None else out.with_name(out.name + ".partial.json")
+        self.key = json.loads(json.dumps(key))  # JSON-normalised (tuples → lists), as it is read back
+
+    def load(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        saved = json.loads(self.path.read_text())
+        return saved if saved.get("key") == self.key else {}
+
+    def save(self, **state) -> None:
+        if self.path is None:
+            return
+        from timetuner.files import write_atomic
+
+        text = json.dumps({"key": self.key, **state})
+        write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A prepared fit: the model, the solver on the fit and held-out conditioning, and the noises."""
+
+    config: FitConfig
+    model: object  # timetuner.loading.ModelSetup
+    solver: object  # timetuner.solver.Solver on the fit conditioning
+    eval_solver: object  # the same solver on the held-out conditioning
+    fit_noise: torch.Tensor
+    eval_noise: torch.Tensor
+    eval_seed: int
+    conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
+
+    def reference(self, noise: torch.Tensor, seed: int, solver) -> torch.Tensor:
+        """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning)."""
+        from timetuner.cache import cache_key
+        from timetuner.reference import reference_samples
+
+        config, den = self.config, solver.den
+        key = cache_key("samples", self.model.weights, dict(self.model.base_config), config.reference,
+                        config.reference_steps, seed, noise.shape[0], list(den.sample_shape), *den.cache_parts())
+        return reference_samples(den, self.model.base_config, noise, config.reference, config.reference_steps, key)
+
+    def inputs(self):
+        """What the objective and strategy fit against: noises, and the references they need."""
+        from timetuner.cache import cache_key
+        from timetuner.reference import reference_trajectory
+        from timetuner.tuning import OBJECTIVES, FitInputs
+
+        config, objective = self.config, OBJECTIVES[self.config.objective]
+        x0 = states = final = None
+        if config.strategy == "parallel":
+            x0 = self._parallel_x0()
+        if "reference_states" in objective.needs:
+            key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
+                            config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts())
+            states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
+        if "reference_final" in objective.needs:
+            final = self.reference(self.fit_noise, config.seed, self.solver)
+        return FitInputs(self.fit_noise, x0=x0, reference_states=states, reference_final=final)
+
+    def _parallel_x0(self) -> torch.Tensor:
+        """Eq. (11)'s x0: data when given, else the model's own high-NFE samples."""
+        config, den = self.config, self.model.denoiser
+        if config.data is None:
+            x0 = self.reference(self.fit_noise, config.seed, self.solver)
+            return x0.clamp(-1, 1) if self.model.vae is None else x0  # images live in [-1, 1]; latents do not
+        from timetuner.data import load_training_data
+
+        shape = den.sample_shape
+        data = load_training_data(config.data, shape[1], shape[0])
+        idx = torch.randint(0, len(data), (config.samples,), generator=torch.Generator().manual_seed(config.seed + 1))
+        return data[idx].to(den.device)
+
+    def verdict(self, taus: list[float]) -> dict:
+        """Plain against tuned on the held-out noises (`timetuner.evaluation.held_out_verdict`)."""
+        from timetuner.evaluation import held_out_verdict
+
+        model, config = self.model, self.config
+        extractor = None
+        if model.vae is None and (config.features == "digits" or (config.features == "auto" and model.is_digits)):
+            from timetuner.features import load_digits_features
+
+            extractor = load_digits_features()
+        reference_final = self.reference(self.eval_noise, self.eval_seed, self.eval_solver)
+        if model.vae is None:
+            return held_out_verdict(self.eval_solver, taus, self.eval_noise, reference_final, extractor)
+        return held_out_verdict(self.eval_solver, taus, self.eval_noise, model.images(reference_final),
+                                images=model.images)
+
+
+def prepare(config: FitConfig, model) -> Run:
+    """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
+    from timetuner.denoiser import refuse_integer_timesteps
+    from timetuner.prompts import conditioning_for
+    from timetuner.solver import Solver
+
+    den, kind = model.denoiser, model.kind
+    config = resolve_conditioning(config, kind, repr(model.name), model.network)
+    if model.vae is not None:
+        if config.features == "digits":
+            raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "
+                            "accepted: --features none or auto")
+        if config.data is not None:
+            raise UserError("--data gives images, and this model samples latents; accepted: no --data (the "
+                            "parallel strategy then uses the model's own high-NFE samples)")
+    rows = (config.prompts, config.eval_prompts) if kind == "text" else (config.class_labels, config.eval_class_labels)
+    conditioning = tuple(conditioning_for(kind, model.pipeline, model.network, r, n, config.negative_prompt)
+                         for r, n in zip(rows, (config.samples, config.eval_samples), strict=True))
+    den.guidance_scale = config.guidance_scale
+    if model.vae is not None:
+        # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
+        # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
+        den.checkpoint, den.batch_size = True, 16
+    fit_den, eval_den = den.bind(conditioning[0]), den.bind(conditioning[1])
+    solver = Solver.named(fit_den, model.base_config, config.scheduler, config.trajectory, config.nfe)
+    refuse_integer_timesteps(fit_den, solver.num_train_timesteps)
+    shape, eval_seed = den.sample_shape, config.seed + EVAL_SEED_OFFSET
+    fit_noise = torch.randn((config.samples, *shape), generator=torch.Generator().manual_seed(config.seed))
+    eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
+    return Run(config, model, solver, solver.on(eval_den), fit_noise.to(den.device), eval_noise.to(den.device),
+               eval_seed, conditioning)
+
+
+def fit(model: str | None = None, out: str | Path | None = None, progress: bool = True, unet=None,
+        base_scheduler_config=None, pipeline=None, **options) -> FitResult:
+    """Fit a τ table for `model` (hub id or folder; default: the embedded digits model); see `FitConfig`.
+
+    `pipeline`: the pipeline `model` names, already loaded (and on the device to fit on); `unet` with
+    `base_scheduler_config`: a bare unconditional network. Writes the table to `out` when given (the identity
+    table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
+    every τ and resumes from `out`'s checkpoint.
+    """
+    from timetuner.loading import ModelSetup, load_model
+    from timetuner.tuning import OBJECTIVES
+
+    config = FitConfig(**options)
+    if config.objective is None:
+        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
+    validate(config)
+    out = Path(out) if out is not None else None
+    if out is not None and (out.is_dir() or out.suffix != ".safetensors"):
+        raise UserError(f"--out {str(out)!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
+    if unet is None:
+        setup = load_model(model, pipeline=pipeline)
+    else:
+        setup = ModelSetup.from_network(unet, base_scheduler_config)
+        setup.name = model or setup.name
+    run = prepare(config, setup)
+    config, den = run.config, setup.denoiser
+    started = time.perf_counter()
+    store = Checkpoints(out, {"config": dataclasses.asdict(config), "model_hash": setup.weights,
+                              "conditioning": run.solver.den.cache_parts()})
+    report = Progress(run, store, progress)
+    taus, rows = OBJECTIVES[config.objective].fit(run.solver, config, run.inputs(), store.load(), report)
+    report.close()
+    fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
+    held = run.verdict(taus)
+    from timetuner.evaluation import is_better
+
+    better = is_better(held)
+    seconds = time.perf_counter() - started
+    meta = _metadata(run, rows, held, better, seconds, fit_evaluations)
+    tuned = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
+    written = tuned if (better or config.force) else run.solver.identity_table(**meta,
+                                                                                identity_because_not_better=True)
+    if out is not None:
+        written.save(out)
+        store.clear()
+    return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,
+                     network_evaluations=den.evaluations, fit_evaluations=fit_evaluations, config=config)
+
+
+class Progress:
+    """`report(k, row, **state)` for the method: a progress bar, and a checkpoint whenever state comes with it."""
+
+    def __init__(self, run: Run, store: Checkpoints, show: bool):
+        from tqdm.auto import tqdm
+
+        from timetuner.tuning import OBJECTIVES
+
+        config = run.config
+        scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"
+        total = config.e2e_iters if OBJECTIVES[config.objective].joint else run.solver.evaluations
+        self.store = store
+        self.bar = tqdm(total=total, desc=f"fit {config.scheduler} nfe={config.nfe}{scale}", disable=not show,
+                        dynamic_ncols=True)
+
+    def __call__(self, k: int, row: dict, **state) -> None:
+        self.bar.update(1)
+        if "tau" in row:
+            self.bar.set_postfix(t=f"{row['t']:.1f}", tau=f"{row['tau']:.2f}", refresh=False)
+        else:
+            self.bar.set_postfix(loss=f"{row['loss']:.5f}", refresh=False)
+        if state:
+            self.store.save(**state)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _metadata(run: Run, rows: list, held: dict, better: bool, seconds: float, fit_evaluations: int) -> dict:
+    """What the table records: the model, the solver, how it was fitted, the held-out evidence, the versions."""
+    import diffusers
+
+    import timetuner
+
+    config, model = run.config, run.model
+    meta = {
+        "model": model.name, "model_hash": model.weights, "trajectory": run.solver.trajectory,
+        "scheduler_name": config.scheduler, "strategy": config.strategy, "objective": config.objective,
+        "optimizer": config.optimizer, "samples": config.samples, "fit_seed": config.seed,
+        "eval_seed": run.eval_seed, "eval_samples": config.eval_samples,
+        "reference": f"{config.reference}-{config.reference_steps}", "fit_config": dataclasses.asdict(config),
+        "rows": rows, "held_out": held,
+        "held_out_space": "images decoded by the VAE" if model.vae is not None else "samples",
+        "latent": model.vae is not None, "better_on_held_out": better, "fit_seconds": round(seconds, 2),
+        "network_evaluations": {"fit": fit_evaluations, "total": model.denoiser.evaluations},
+        "versions": {"timetuner": timetuner.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__},
+    }
+    if model.kind is not None:
+        fit_cond, eval_cond = run.conditioning
+        meta["guidance_scale"] = config.guidance_scale
+        meta["conditioning"] = {"kind": model.kind, "per_sample": "sample i uses row i mod P of its set",
+                                "fit": fit_cond.fingerprint(), "eval": eval_cond.fingerprint()}
+    return meta
+
+
+def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
+    """"-cfgS" for a conditional model's table at guidance scale S (None: the pipeline's default), else ""."""
+    from timetuner.prompts import DEFAULT_GUIDANCE, scale_tag
+
+    if kind is None:
+        return ""
+    return "-" + scale_tag(DEFAULT_GUIDANCE[kind] if guidance_scale is None else guidance_scale)
+
+
+def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
+    """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors: the file name `timetuner fit` writes by default."""
+    from timetuner.trajectories import DEFAULT_TRAJECTORY
+
+    return f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}{suffix}.safetensors"
+
+
+def fit_scales(model: str | None, guidance_scales: list[float | None], out: str | None = None, pipeline=None,
+               **options):
+    """Fit one table per classifier-free guidance scale (None: the pipeline's default); yields (path, result).
+
+    Each table goes to `out` (one scale), to `out` with -cfgS added (several), or to `default_out`.
+    """
+    from timetuner.loading import load_model
+
+    kind = load_model(model, pipeline=pipeline).kind
+    for scale in guidance_scales:
+        suffix = scale_suffix(kind, scale)
+        if out is None:
+            path = default_out(options.get("scheduler", "ddim"), options.get("trajectory"), options.get("nfe", 10),
+                               suffix)
+        else:
+            path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
+        yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale, **options)

@@ -1,0 +1,199 @@
+"""The one few-step sampler over a denoiser: fresh scheduler state, one evaluation at a network time, whole rollouts.
+
+Every sampling loop of the project is this one — fitting, evaluation, `timetuner sample`, the reference samples
+and the training loop's sample grids — so what is fitted is exactly what is measured and what runs in a pipeline.
+
+Notation (TimeTuner, Xia et al., 2023, §3):
+
+    k        index of a network evaluation (DPM-Solver-2 and Heun evaluate twice per step)
+    t_k      the solver's own time of evaluation k (`scheduler.timesteps[k]`): its update coefficients use it
+    τ_k      the time the network is fed instead (τ = t: the plain sampler)
+    x_k      the state before evaluation k; x_0 is the scaled noise, x_K the sample
+
+The update is always the real diffusers `scheduler.step`, on a deep copy of a template scheduler set to the grid,
+so multistep history and DPM-Solver's step index live in that copy and can be snapshotted per candidate τ.
+
+The ᾱ/σ/t conversions live here too (`alpha_bar_at`, `to_epsilon`, `to_vp`, `state_times`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import torch
+
+from timetuner.errors import UserError
+
+
+# -- ᾱ, σ and t --------------------------------------------------------------------------------------------------
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: float) -> float:
+    """ᾱ at a fractional timestep: linear in log ᾱ between the neighbouring integers (float64)."""
+    total = len(alphas_cumprod)
+    t = min(max(float(t), 0.0), total - 1.0)
+    lo = int(math.floor(t))
+    hi = min(lo + 1, total - 1)
+    la, lb = math.log(float(alphas_cumprod[lo])), math.log(float(alphas_cumprod[hi]))
+    return math.exp(la + (t - lo) * (lb - la))
+
+
+def to_epsilon(output: torch.Tensor, x_in: torch.Tensor, t, alphas_cumprod: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """ε from an ε / v / x0 prediction of a VP network input x_in at timestep t (Salimans & Ho, 2022)."""
+    if prediction_type == "epsilon":
+        return output
+    times = torch.as_tensor(t).detach().reshape(-1).tolist()
+    a_bar = torch.tensor([alpha_bar_at(alphas_cumprod, v) for v in times], dtype=torch.float64)
+    a_bar = a_bar.float().to(output.device).reshape(-1, *([1] * (output.ndim - 1)))
+    a, s = a_bar.sqrt(), (1 - a_bar).sqrt()
+    if prediction_type == "v_prediction":
+        return a * output + s * x_in
+    if prediction_type == "sample":
+        return (x_in - a * output) / s.clamp(min=1e-8)
+    raise UserError(f"prediction_type {prediction_type!r} is not supported; accepted: epsilon, sample, v_prediction")
+
+
+def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, device=None) -> torch.Tensor:
+    """n standard-normal starting states of shape `shape` (C×H×W), drawn on the generator's device."""
+    noise = torch.randn((n, *shape), generator=generator, device=generator.device)
+    return noise if device is None else noise.to(device)
+
+
+# -- the solver --------------------------------------------------------------------------------------------------
+class Solver:
+    """A few-step sampler: a diffusers scheduler at K steps (its own spacing or an explicit grid) over a denoiser.
+
+    `Solver.named(...)` builds one of the named solvers and grids of `timetuner.trajectories`; the constructor
+    takes any scheduler, a `TunedScheduler` included (whose `timesteps` are then τ: the network times it hands
+    out). `step_kwargs` go to `scheduler.step` where its signature has them (e.g. `generator` for DDPM).
+    """
+
+    def __init__(self, denoiser, scheduler, num_inference_steps: int, grid: list[int] | None = None,
+                 name: str | None = None, trajectory: str | None = None, step_kwargs: dict | None = None):
+        # A TunedScheduler keeps the solver's config on the scheduler it wraps.
+        config = getattr(scheduler, "inner", scheduler).config
+        if num_inference_steps > config.num_train_timesteps:
+            raise UserError(f"--nfe {num_inference_steps} exceeds the model's {config.num_train_timesteps} "
+                            "training timesteps; accepted: 1 to that number")
+        self.den = denoiser
+        self.template, self.grid = scheduler, grid
+        self.name, self.trajectory, self.nfe_steps = name, trajectory, num_inference_steps
+        accepted = inspect.signature(scheduler.step).parameters
+        self.step_kwargs = {k: v for k, v in (step_kwargs or {}).items() if k in accepted}
+        self.prediction_type = config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod
+        self.num_train_timesteps = config.num_train_timesteps
+        first = self.fresh()
+        self.t = first.timesteps.detach().to(torch.float64).cpu()  # t_k, one per network evaluation
+        self.init_noise_sigma = float(first.init_noise_sigma)
+
+    @classmethod
+    def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
+        """A named solver and grid (`timetuner.trajectories`) built from a pipeline's scheduler config, at K steps."""
+        from timetuner.trajectories import DEFAULT_TRAJECTORY, build
+
+        trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
+        template, grid = build(scheduler, trajectory, base_config, nfe)
+        return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory)
+
+    @classmethod
+    def for_table(cls, denoiser, base_config, table) -> Solver:
+        """The solver a table was fitted for, built from a pipeline's scheduler config and checked against it."""
+        meta = table.metadata
+        solver = cls.named(denoiser, base_config, meta.get("scheduler_name", "ddim"), meta.get("trajectory"),
+                           table.num_inference_steps)
+        table.check_scheduler(solver.template)
+        return solver
+
+    def on(self, denoiser) -> Solver:
+        """The same solver over another denoiser (e.g. bound to other conditioning); the grid is shared."""
+        other = copy.copy(self)
+        other.den = denoiser
+        return other
+
+    @property
+    def evaluations(self) -> int:
+        return int(self.t.numel())
+
+    def fresh(self):
+        """A scheduler set to the grid, with no history: the state before evaluation 0."""
+        from timetuner.table import set_grid
+
+        sched = copy.deepcopy(self.template)
+        set_grid(sched, self.nfe_steps, self.grid, device=self.den.device)
+        return sched
+
+    def identity_table(self, **metadata):
+        """τ = t for this solver (the plain sampler), carrying `metadata`."""
+        from timetuner.table import TauTable
+
+        return TauTable.identity(self.template, self.nfe_steps, timesteps=self.grid, **metadata)
+
+    def model_output(self, sched, x, k: int, tau):
+        """Network output at τ for the scaled input of evaluation k (scheduler state as given)."""
+        return self.den(sched.scale_model_input(x, sched.timesteps[k]), tau)
+
+    def step(self, sched, output, x, k: int):
+        return sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
+
+    def advance(self, sched, x, k: int, tau):
+        """One evaluation and update with network time τ (in place on `sched`)."""
+        return self.step(sched, self.model_output(sched, x, k, tau), x, k)
+
+    def eps_at(self, sched, x, k: int):
+        """ε_θ at the honest time of evaluation k (t_k), or at t = 0 after the last evaluation."""
+        if k < self.evaluations:
+            x_in, t = sched.scale_model_input(x, sched.timesteps[k]), sched.timesteps[k]
+        else:
+            x_in, t = x, torch.tensor(0.0)
+        return to_epsilon(self.den(x_in, t), x_in, t, self.alphas_cumprod, self.prediction_type)
+
+    def rollout(self, noise, taus=None, keep_states: bool = False):
+        """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states)."""
+        sched = self.fresh()
+        x = noise * self.init_noise_sigma
+        states = [x]
+        for k in range(self.evaluations):
+            x = self.advance(sched, x, k, sched.timesteps[k] if taus is None else taus[k])
+            states.append(x)
+        return (x, states) if keep_states else x
+
+    # -- the few-step states in VP space, to compare samplers of both kinds ---------------------------------------
+    def state_times(self) -> list[float]:
+        """The time of the state before evaluation 0, after each evaluation k (t_{k+1}; 0 after the last)."""
+        return [float(self.t[0])] + [float(v) for v in self.t[1:]] + [0.0]
+
+    @property
+    def sigma_space(self) -> bool:
+        """σ-space samplers (Heun, Euler) hold x / √ᾱ; VP ones (DDIM, DPM-Solver) hold x itself."""
+        return self.init_noise_sigma > 1.0 + 1e-6
+
+    def to_vp(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """A state of this solver at time t in VP space (x_t = α x0 + σ ε)."""
+        if not self.sigma_space or t <= 0:
+            return x
+        return x * math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
+
+    def from_vp(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """A VP-space state at time t in this solver's space (the inverse of `to_vp`)."""
+        if not self.sigma_space or t <= 0:
+            return x
+        return x / math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
+
+
+@torch.no_grad()
+def sample_images(unet, scheduler, noise: torch.Tensor, num_inference_steps: int,
+                  generator: torch.Generator | None = None, batch_size: int = 256, eta: float = 0.0) -> torch.Tensor:
+    """Run `scheduler` from `noise` (unit variance) to images in [-1, 1] on CPU, `batch_size` samples at a time.
+
+    Unlike `DDPMPipeline`, the solver calls `scale_model_input` and scales the noise by `init_noise_sigma`, so
+    σ-space schedulers (Heun, Euler, EDM) sample correctly too. `scheduler` may be a `TunedScheduler`.
+    """
+    from timetuner.denoiser import Denoiser
+
+    denoiser = Denoiser(unet, batch_size=batch_size)
+    solver = Solver(denoiser, scheduler, num_inference_steps, step_kwargs={"eta": eta, "generator": generator})
+    out = [solver.rollout(chunk.to(device=denoiser.device, dtype=torch.float32)).clamp(-1, 1).cpu()
+           for chunk in noise.split(batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,266 @@
+"""TimeTuner: one network time τ_k per evaluation of a few-step solver (Xia et al., ICCV 2023) — the method.
+
+The solver keeps its update coefficients at t_k; the network is fed τ_k instead. This module fits τ from states of
+the solver, with no files, progress bars or model loading (those are `timetuner.fitting`'s).
+
+Strategies (how the state x̃_k at evaluation k is obtained):
+  sequential  along the solver's own trajectory from a fixed batch of noises, advanced with the τ already fitted
+              (Alg. 1). States are cached: each evaluation costs its own search, never a re-rollout (the official
+              code re-runs the trajectory from x_T for every k, O(K²)).
+  parallel    x_{t_k} = α x0 + σ ε, x0 from data or the model's own high-NFE samples (Eq. 11); every k is
+              independent. Needs a solver whose every evaluation is a whole step (ddim, euler).
+Objectives (what τ_k minimises):
+  paper       Eq. (9)/(11): ‖ε_θ(f(x̃_k, τ_k), t_{k+1}) − ε_θ(x̃_k, t_k)‖², f the real `scheduler.step`.
+  teacher     ‖f(x̃_k, τ_k) − x^ref_{k+1}‖²: the state after the step against a high-NFE reference trajectory from
+              the same noise, at the same time.
+  e2e         all τ jointly, by gradient through the whole K-step trajectory, matching its final sample to the
+              reference's final sample from the same noise (τ = t + Δ·δ, Adam on δ, Δ the local spacing).
+Optimisers for the per-evaluation objectives: `search` (grid scan plus golden-section refinement of the 1-D batch
+loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, Adam lr 2e-3, iterations per τ).
+
+Each fit reads its settings from `config` (a `timetuner.fitting.FitConfig`), resumes from `resume` (what its
+`report(k, row, **state)` callback was last handed as state) and returns (taus, rows).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from timetuner.solver import Solver
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    """What the objectives fit against: the fit noises and, as an objective or strategy needs them, references."""
+
+    noise: torch.Tensor  # unit-variance starting noises of the fit
+    x0: torch.Tensor | None = None  # parallel: clean samples (data, or the model's own high-NFE samples)
+    reference_states: list[torch.Tensor] | None = None  # teacher: the reference at every few-step state's time
+    reference_final: torch.Tensor | None = None  # e2e: the reference's final samples from the same noises
+
+
+# -- 1-D optimisers ------------------------------------------------------------------------------------------------
+def golden_search(f, lo: float, hi: float, start: float, points: int = 7, refine: int = 8) -> tuple[float, float]:
+    """Minimise f on [lo, hi]: a grid scan (incl. `start`), then golden-section refinement around the best point.
+
+    Returns (argmin, min) over every point evaluated, so the result is never worse than `start` on f.
+    """
+    seen: dict[float, float] = {}
+
+    def val(x: float) -> float:
+        x = float(x)
+        if x not in seen:
+            seen[x] = float(f(x))
+        return seen[x]
+
+    grid = sorted({*torch.linspace(lo, hi, points).tolist(), float(start)})
+    values = [val(x) for x in grid]
+    i = min(range(len(grid)), key=values.__getitem__)
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    for _ in range(refine):
+        if b - a < 1e-3:
+            break
+        if val(c) < val(d):
+            b, d = d, c
+            c = b - ratio * (b - a)
+        else:
+            a, c = c, d
+            d = a + ratio * (b - a)
+    best = min(seen, key=seen.get)
+    return best, seen[best]
+
+
+def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float) -> tuple[float, float]:
+    """The official recipe: τ = s·r − (s − t) with s = max(t, 1) (τ = t·r for t ≥ 1), r₀ = 1, Adam on r."""
+    s = max(t, 1.0)
+    r = torch.ones((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([r], lr=lr)
+    for _ in range(iters):
+        tau = (s * r - (s - t)).clamp(lo, hi)
+        loss = loss_fn(tau.float()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tau = float((s * r.detach() - (s - t)).clamp(lo, hi))
+    with torch.no_grad():
+        return tau, float(loss_fn(torch.tensor(tau)).mean())
+
+
+def _search(loss_fn, t_k: float, lo: float, hi: float, total: int, config) -> tuple[float, float]:
+    with torch.no_grad():
+        return golden_search(lambda v, f=loss_fn: f(torch.tensor(v)).mean(), lo, hi, t_k, config.search_points,
+                             config.search_refine)
+
+
+def _adam(loss_fn, t_k: float, lo: float, hi: float, total: int, config) -> tuple[float, float]:
+    return adam_search(loss_fn, t_k, config.adam_iters, config.adam_lr, 0.0, total - 1.0)
+
+
+OPTIMIZERS = {"search": _search, "adam": _adam}
+
+
+def bracket(t: torch.Tensor, k: int, total: int) -> tuple[float, float]:
+    """Search interval for τ_k: one local step spacing either side of t_k, inside [0, T−1]."""
+    distinct = torch.unique(torch.cat([t, torch.zeros(1, dtype=t.dtype)]))
+    below = distinct[distinct < t[k]]
+    above = distinct[distinct > t[k]]
+    gaps = [float(t[k] - below.max())] if len(below) else []
+    gaps += [float(above.min() - t[k])] if len(above) else []
+    width = max(gaps) if gaps else total / 10
+    return max(0.0, float(t[k]) - width), min(total - 1.0, float(t[k]) + width)
+
+
+# -- strategies: where the state x̃_k of evaluation k comes from ---------------------------------------------------
+class Sequential:
+    """Alg. 1: the solver's own trajectory from the fit noises, advanced with each τ once it is fitted."""
+
+    def __init__(self, solver: Solver, inputs: FitInputs, seed: int):
+        self.solver = solver
+        self.sched, self.x = solver.fresh(), inputs.noise * solver.init_noise_sigma
+
+    def state(self, k: int):
+        return self.sched, self.x
+
+    @torch.no_grad()
+    def advance(self, k: int, tau: float) -> None:
+        self.x = self.solver.advance(self.sched, self.x, k, tau)
+
+
+class Parallel:
+    """Eq. (11): x_{t_k} = α x0 + σ ε with fresh ε for every k, and a scheduler positioned at k."""
+
+    def __init__(self, solver: Solver, inputs: FitInputs, seed: int):
+        self.solver, self.x0 = solver, inputs.x0
+        self.gen = torch.Generator().manual_seed(seed + 7)
+
+    def state(self, k: int):
+        sched = self.solver.fresh()
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(k)
+        eps = torch.randn(self.x0.shape, generator=self.gen).to(self.x0.device)
+        t_k = sched.timesteps[k : k + 1].expand(self.x0.shape[0])
+        return sched, sched.add_noise(self.x0, eps, t_k)
+
+    def advance(self, k: int, tau: float) -> None:
+        """Every state is drawn afresh: nothing to advance."""
+
+
+STRATEGIES = {"sequential": Sequential, "parallel": Parallel}
+
+
+# -- objectives ----------------------------------------------------------------------------------------------------
+class PerEvaluation:
+    """An objective fitted one τ_k at a time, in sampling order: `loss` gives the per-sample loss of τ at x̃_k."""
+
+    joint = False
+    needs: tuple[str, ...] = ()
+
+    def loss(self, solver: Solver, sched, x, k: int, inputs: FitInputs):
+        raise NotImplementedError
+
+    def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
+        """Fit τ_0 … τ_{K−1} in order; each with the state the strategy gives and the optimiser configured."""
+        taus: list[float] = list(resume.get("taus", []))
+        rows: list[dict] = list(resume.get("rows", []))
+        strategy = STRATEGIES[config.strategy](solver, inputs, config.seed)
+        total = solver.num_train_timesteps
+        for k in range(solver.evaluations):
+            t_k = float(solver.t[k])
+            sched, x = strategy.state(k)
+            if k < len(taus):  # resumed: only advance the cached state with the τ fitted before
+                strategy.advance(k, taus[k])
+                report(k, rows[k])
+                continue
+            loss_fn = self.loss(solver, sched, x, k, inputs)
+            lo, hi = bracket(solver.t, k, total)
+            started = time.perf_counter()
+            with torch.no_grad():
+                before = float(loss_fn(torch.tensor(t_k)).mean())
+            tau, after = OPTIMIZERS[config.optimizer](loss_fn, t_k, lo, hi, total, config)
+            taus.append(tau)
+            rows.append({"k": k, "t": t_k, "tau": tau, "loss_before": before, "loss_after": after,
+                         "seconds": round(time.perf_counter() - started, 3)})
+            strategy.advance(k, tau)
+            report(k, rows[-1], taus=taus, rows=rows)
+        return taus, rows
+
+
+class Paper(PerEvaluation):
+    """Eq. (9) / (11): the ε prediction after the step, at t_{k+1}, against ε_θ(x̃_k, t_k)."""
+
+    def loss(self, solver: Solver, sched, x, k: int, inputs: FitInputs):
+        with torch.no_grad():
+            target = solver.eps_at(copy.deepcopy(sched), x, k)  # ε_θ(x̃_k, t_k)
+
+        def loss(tau):
+            s = copy.deepcopy(sched)
+            x_next = solver.advance(s, x, k, tau)
+            return (solver.eps_at(s, x_next, k + 1) - target).pow(2).mean(dim=(1, 2, 3))
+
+        return loss
+
+
+class Teacher(PerEvaluation):
+    """The state after the step against the reference trajectory's state at the same time."""
+
+    needs = ("reference_states",)
+
+    def loss(self, solver: Solver, sched, x, k: int, inputs: FitInputs):
+        target_next = inputs.reference_states[k + 1]
+
+        def loss(tau):
+            s = copy.deepcopy(sched)
+            return (solver.advance(s, x, k, tau) - target_next).pow(2).mean(dim=(1, 2, 3))
+
+        return loss
+
+
+class EndToEnd:
+    """All τ jointly: Adam on δ (τ = t + Δ·δ, Δ the local spacing) through the whole trajectory."""
+
+    joint = True
+    needs = ("reference_final",)
+
+    def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
+        total = solver.num_train_timesteps
+        t = solver.t.float()
+        spacing = torch.tensor([bracket(solver.t, k, total)[1] - float(solver.t[k]) or 1.0
+                                for k in range(solver.evaluations)]).clamp(min=1.0)
+        delta = torch.tensor(resume.get("delta", [0.0] * solver.evaluations), requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=config.e2e_lr)
+
+        def taus_of(d):
+            return (t + spacing * d).clamp(0.0, total - 1.0)
+
+        def loss_of(d):
+            return (solver.rollout(inputs.noise, taus_of(d)) - inputs.reference_final).pow(2).mean()
+
+        with torch.no_grad():
+            before = float(loss_of(torch.zeros_like(delta)))
+        best = (before, torch.zeros_like(delta))
+        for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
+            loss = loss_of(delta)
+            if loss.item() < best[0]:
+                best = (loss.item(), delta.detach().clone())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            report(it, {"k": it, "loss": loss.item()}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True)
+        with torch.no_grad():
+            last = float(loss_of(delta))
+        if last < best[0]:
+            best = (last, delta.detach().clone())
+        taus = taus_of(best[1]).tolist()
+        rows = [{"k": k, "t": float(solver.t[k]), "tau": taus[k], "loss_before": before, "loss_after": best[0]}
+                for k in range(solver.evaluations)]
+        return taus, rows
+
+
+OBJECTIVES = {"paper": Paper(), "teacher": Teacher(), "e2e": EndToEnd()}
