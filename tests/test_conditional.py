@@ -322,6 +322,7 @@ def test_tables_are_selected_by_guidance_scale(sd_pipe, fitted):
     assert TunedScheduler.from_table(base, unconditional).guidance_scale is None
 
 
+@pytest.mark.slow  # a second process loads SD (~10 s)
 def test_tuned_stable_diffusion_round_trips_in_a_fresh_process(sd_folders, fitted, tmp_path):
     pipe = _quiet(DiffusionPipeline.from_pretrained(sd_folders["sd"]))
     tables = [fitted["sd"].tuned, fitted["sd-cfg3"].tuned]

@@ -34,7 +34,8 @@ def test_adam_recipe_moves_tau_down_a_slope():
     assert tau == pytest.approx(40.0, abs=0.5) and loss < 0.25
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm2", "heun"])
+@pytest.mark.parametrize("scheduler", ["ddim", pytest.param("dpm2", marks=pytest.mark.slow),
+                                       pytest.param("heun", marks=pytest.mark.slow)])
 def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
     result = fit(str(tiny_run), progress=False, nfe=3, scheduler=scheduler, **PAPER)
     table = result.tuned
@@ -55,6 +56,7 @@ def test_sequential_cost_is_linear_in_the_number_of_evaluations(tiny_run, monkey
     assert costs[6] / costs[2] < 3.5
 
 
+@pytest.mark.slow  # four fits (~28 s)
 def test_parallel_strategy_uses_data_and_other_objectives_run(tiny_run):
     par = fit(str(tiny_run), progress=False, nfe=3, strategy="parallel", data="digits", **PAPER)
     assert par.tuned.metadata["strategy"] == "parallel" and len(par.rows) == 3
@@ -74,6 +76,7 @@ def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path
     assert not TauTable.load(tmp_path / "f.safetensors").is_identity and not forced.better
 
 
+@pytest.mark.slow  # three fits (~16 s)
 def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeypatch):
     straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **PAPER)
     calls = {"n": 0}

@@ -75,6 +75,7 @@ def tiny_tables(tiny_run, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow  # two fits and a report (~26 s)
 def test_report_for_a_table_with_a_sibling(tiny_run, tiny_tables, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", *map(str, tiny_tables), "--model", str(tiny_run), "--out", str(out),
@@ -91,6 +92,7 @@ def test_report_for_a_table_with_a_sibling(tiny_run, tiny_tables, tmp_path):
     assert sum(1 for cell in page.cells if re.fullmatch(r"[+-]\d+\.\d{3}", cell)) >= 3
 
 
+@pytest.mark.slow  # builds an eval setup (~9 s)
 def test_report_refuses_tables_of_another_solver(tiny_run, tiny_tables, tmp_path):
     from timetuner.fitting import fit
 

@@ -361,6 +361,7 @@ def _adaptive_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two accelerate processes (~11 s)
 def test_adaptive_keeps_one_policy_across_processes(tmp_path):
     """On several processes the policy gradients are averaged: every process ends with the same policy."""
     import torch.multiprocessing as mp

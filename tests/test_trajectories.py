@@ -63,6 +63,7 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
     assert {"fd_plain", "fd_tuned", "x0_gap_plain", "x0_gap_tuned"} <= set(record)
 
 
+@pytest.mark.slow  # a 1000-step reference and bootstrap (~17 s)
 def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
     from timetuner.fitting import fit
 
