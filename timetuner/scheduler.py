@@ -4,10 +4,14 @@
     images = pipe(num_inference_steps=10).images          # the table for 10 steps is picked by step count
 
 Pipelines pass the *same* value to the network and to `scheduler.step(model_output, t, sample)`. So this
-scheduler exposes `timesteps` = τ (what the pipeline hands the network) and, inside `scale_model_input` and
-`step`, advances the wrapped scheduler with its own t_k, chosen by evaluation index k — never by value: DDIM
-indexes `alphas_cumprod[t]` (a float raises) and DPM-Solver falls back silently to its last index for an
-unknown value. With τ = t it is bit-identical to the wrapped scheduler.
+scheduler exposes `timesteps` = τ (what the pipeline hands the network) and, inside `scale_model_input`, `step`
+and `add_noise`, maps τ_k back to the solver's own t_k — by evaluation index, never by value: DDIM indexes
+`alphas_cumprod[t]` (a float raises) and DPM-Solver falls back silently to its last index for an unknown value.
+
+What it guarantees: with τ = t (an identity table, or a step count it has no table for) every call is the wrapped
+scheduler's own, so it is bit-identical to it; its `config` is the wrapped scheduler's config plus one private key
+`_timetuner` (solver class, tables, guidance scale), so `config.*` reads and `X.from_config(pipe.scheduler.config)`
+behave as for the plain class; attribute reads and writes it does not own reach the wrapped scheduler.
 
 Notation: k counts network evaluations (Heun and DPM-Solver-2 evaluate twice per step); t_k = inner.timesteps[k];
 τ_k = self.timesteps[k].
@@ -35,14 +39,30 @@ import logging
 import math
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from timetuner.errors import UserError
-from timetuner.table import TauTable, config_dict, set_grid
+from timetuner.table import TauTable, set_grid
 
 logger = logging.getLogger(__name__)
-MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps
+MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps, and a passed value to τ_k
+OWN = "_timetuner"  # the config key holding the wrapper's own settings
+# Attributes that live on the wrapper itself; every other attribute is the wrapped scheduler's.
+OWN_ATTRIBUTES = frozenset({"inner", "tables", "_own", "_step_params", "_set_params", "_tau", "_tau_values",
+                            "_inner_timesteps", "_k", "_warned"})
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called `name`; a UserError naming what is accepted otherwise."""
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)) or cls is TunedScheduler:
+        raise UserError(f"solver class {name!r} is not a diffusers scheduler; accepted: a scheduler class of "
+                        f"diffusers {diffusers.__version__}, e.g. DDIMScheduler, DPMSolverMultistepScheduler, "
+                        "HeunDiscreteScheduler")
+    return cls
 
 
 class TunedScheduler(SchedulerMixin, ConfigMixin):
@@ -50,26 +70,60 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
 
     config_name = "scheduler_config.json"
 
-    @register_to_config
-    def __init__(self, inner_class: str = "DDIMScheduler", inner_config: dict | None = None,
-                 tables: dict | None = None, guidance_scale: float | None = None):
-        import diffusers
-
-        cls = getattr(diffusers, inner_class, None)
-        if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)) or cls is TunedScheduler:
-            raise UserError(f"inner_class {inner_class!r} is not a diffusers scheduler; accepted: e.g. "
-                            "DDIMScheduler, DPMSolverSinglestepScheduler, HeunDiscreteScheduler")
-        self.inner = cls.from_config(inner_config or {})
+    def __init__(self, solver_class: str = "DDIMScheduler", tables: dict | None = None,
+                 guidance_scale: float | None = None, **solver_config):
+        cls = scheduler_class(solver_class)
+        self.inner = cls.from_config(solver_config)
+        self._own = {"solver_class": cls.__name__, "tables": {}, "guidance_scale": guidance_scale}
         # Looked up once: `step` runs once per network evaluation and must add no measurable time.
         self._step_params = frozenset(inspect.signature(self.inner.step).parameters)
+        self._set_params = frozenset(inspect.signature(self.inner.set_timesteps).parameters)
         self.tables: dict[int, TauTable] = {}
+        self._tau = None  # τ for the current run when a tuned (non-identity) table is active, else None
+        self._tau_values: list[float] = []
+        self._inner_timesteps = None
+        self._k = 0
+        self._warned = False
         for table in (tables or {}).values():
             self._add(TauTable.from_dict(table))
-        self.timesteps = None
-        self.num_inference_steps = None
-        self._inner_timesteps = None
-        self._tau_values: list[float] = []
-        self._k = 0
+
+    # -- configuration: the wrapped scheduler's, plus `_timetuner` ----------------------------------------------
+    @property
+    def _internal_dict(self) -> FrozenDict:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError("_internal_dict")
+        return FrozenDict({**inner.config, OWN: dict(self._own)})
+
+    @_internal_dict.setter
+    def _internal_dict(self, value) -> None:
+        # Pipelines rewrite a scheduler's config in place (SD: steps_offset, clip_sample): the solver gets it.
+        value = dict(value)
+        own = value.pop(OWN, None)
+        self.inner._internal_dict = FrozenDict(value)
+        if own is not None:
+            self._own = dict(own)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """A TunedScheduler from a config: its own (tables included), a plain scheduler's (no tables yet; the
+        solver is `_class_name`, or `solver_class=`), or one saved by timetuner 0.1 (`inner_class`)."""
+        config = {**dict(config or {}), **kwargs}
+        own = dict(config.pop(OWN, None) or {})
+        if "inner_class" in config:  # the layout timetuner 0.1 saved
+            own.setdefault("solver_class", config.pop("inner_class"))
+            config = {**dict(config.pop("inner_config", None) or {}), **config}
+        for key in ("solver_class", "tables", "guidance_scale"):
+            if key in config:
+                own[key] = config.pop(key)
+        class_name = config.pop("_class_name", None)
+        if "solver_class" not in own and isinstance(class_name, str) and class_name != cls.__name__:
+            own["solver_class"] = class_name
+        # The solver's own private keys stay: `_use_default_values` decides what `X.from_config` takes as given.
+        solver = {k: v for k, v in config.items() if k != "_diffusers_version"}
+        model = cls(solver_class=own.get("solver_class", "DDIMScheduler"), tables=own.get("tables"),
+                    guidance_scale=own.get("guidance_scale"), **solver)
+        return (model, {}) if return_unused_kwargs else model
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -92,8 +146,8 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                                 f"{_scale_name(scale)}; accepted: tables of one guidance scale per scheduler")
             wrapped = cls.from_config(scheduler.config)
         else:
-            wrapped = cls(inner_class=type(scheduler).__name__, inner_config=config_dict(scheduler.config))
-        wrapped.register_to_config(guidance_scale=scale)
+            wrapped = cls(solver_class=type(scheduler).__name__, **dict(scheduler.config))
+        wrapped._own["guidance_scale"] = scale
         for table in loaded:
             if unet is not None:
                 check_model(table, unet)
@@ -103,7 +157,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     @property
     def guidance_scale(self) -> float | None:
         """The classifier-free guidance scale the tables were fitted at (None: unconditional tables)."""
-        return self.config.get("guidance_scale")
+        return self._own.get("guidance_scale")
 
     def _add(self, table: TauTable) -> None:
         table.check_scheduler(self.inner)
@@ -112,9 +166,35 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                             f"{_scale_name(table_scale(table))}, and this scheduler holds "
                             f"{_scale_name(self.guidance_scale)}; accepted: tables of one guidance scale")
         self.tables[table.num_inference_steps] = table
-        self.register_to_config(tables={str(k): v.to_dict() for k, v in sorted(self.tables.items())})
+        self._own["tables"] = {str(k): v.to_dict() for k, v in sorted(self.tables.items())}
 
-    # -- what pipelines read --------------------------------------------------------------------------------------
+    # -- attributes: the wrapped scheduler's, except the wrapper's own ------------------------------------------
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("inner")
+        if inner is not None and not name.startswith("__"):
+            try:
+                return getattr(inner, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"'{type(self).__name__}' object (over {type(inner).__name__}) has no attribute "
+                             f"'{name}'")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in OWN_ATTRIBUTES or "inner" not in self.__dict__ or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """τ_k of the active table, else the wrapped scheduler's own timesteps (dtype and device as it has them)."""
+        return self.inner.timesteps if self._tau is None else self._tau
+
+    @timesteps.setter
+    def timesteps(self, value) -> None:
+        self.inner.timesteps = value
+        self._tau = None
+
     @property
     def order(self) -> int:
         return self.inner.order
@@ -126,61 +206,60 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getattr__(self, name: str):
-        # Anything else a pipeline or user reads (sigmas, alphas_cumprod, step_index, …) is the wrapped one's.
-        inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("__"):
-            return super().__getattr__(name)
-        return getattr(inner, name)
-
     # -- sampling -----------------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list | None = None, sigmas: list | None = None, **kwargs) -> None:
-        """Set the inner scheduler's t_k, and expose τ_k from the table for this step count as `timesteps`."""
+        """Set the wrapped scheduler's t_k (on the table's grid when it has one) and, when a tuned table exists
+        for this step count, expose its τ_k as `timesteps`. Custom `timesteps` / `sigmas` run plain."""
         custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
-        accepted = inspect.signature(self.inner.set_timesteps).parameters
         for name in custom:
-            if name not in accepted:
-                raise ValueError(f"{type(self.inner).__name__}.set_timesteps does not accept custom {name}")
+            if name not in self._set_params:
+                raise ValueError(f"The current scheduler class {type(self.inner)}'s `set_timesteps` does not support "
+                                 f"custom {name} schedules. Please check whether you are using the correct scheduler.")
         table = self.tables.get(num_inference_steps) if not custom else None
         if table is not None and "timesteps" in table.metadata:
             # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
             set_grid(self.inner, num_inference_steps, table.metadata["timesteps"], device=device)
         else:
-            self.inner.set_timesteps(num_inference_steps, device=device, **custom, **kwargs)
-        t = self.inner.timesteps
-        self._inner_timesteps = t
-        self.num_inference_steps = getattr(self.inner, "num_inference_steps", None) or num_inference_steps
-        self._k = 0
+            args = {"device": device, **custom, **kwargs}
+            if num_inference_steps is not None or "num_inference_steps" not in self._set_params:
+                self.inner.set_timesteps(num_inference_steps, **args)
+            else:
+                self.inner.set_timesteps(**args)
+        self._k, self._tau = 0, None
         if table is None:
             if self.tables and not custom:
                 logger.warning("TunedScheduler has no table for %s steps (tables: %s); sampling with plain "
-                               "timesteps", self.num_inference_steps, sorted(self.tables))
-            self.timesteps = t
-            self._tau_values = [float(v) for v in t.tolist()]
+                               "timesteps", num_inference_steps, sorted(self.tables))
             return
+        t = self.inner.timesteps
         mine = t.detach().to("cpu", torch.float64)
         if table.t.numel() != mine.numel() or not torch.allclose(table.t, mine, atol=MATCH_ATOL, rtol=0):
-            raise UserError(f"table for {self.num_inference_steps} steps expects t = {table.t.tolist()} but the "
+            raise UserError(f"table for {num_inference_steps} steps expects t = {table.t.tolist()} but the "
                             f"scheduler runs t = {mine.tolist()}; accepted: the scheduler the table was fitted for")
-        self.timesteps = table.tau.to(device=t.device, dtype=torch.float32)
-        self._tau_values = [float(v) for v in self.timesteps.tolist()]
+        if table.is_identity:
+            return  # τ = t: every call is the wrapped scheduler's own
+        self._inner_timesteps = t
+        self._tau = table.tau.to(device=t.device, dtype=torch.float32)
+        self._tau_values = [float(v) for v in self._tau.tolist()]
 
-    def _inner_t(self, timestep) -> torch.Tensor:
-        """t_k for the current evaluation k, after checking that the pipeline passed τ_k."""
-        if self._inner_timesteps is None:
-            raise RuntimeError("call set_timesteps before sampling with a TunedScheduler")
-        k = self._k
-        if k >= len(self.timesteps):
-            raise RuntimeError(f"TunedScheduler got evaluation {k + 1} of a {len(self.timesteps)}-evaluation run; "
-                               "call set_timesteps to start a new one")
-        if timestep is not None:
+    def _inner_t(self, timestep):
+        """The solver's t for the value a pipeline passed: t_k for τ_k (k the current evaluation, else the index
+        whose τ it is); any other value is passed on as given, as the plain scheduler would take it."""
+        if self._tau is None or timestep is None:
+            return timestep
+        got = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        current = [self._k] if self._k < len(self._tau_values) else []
+        for k in [*current, *range(len(self._tau_values))]:
             expected = self._tau_values[k]
-            got = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-            if abs(got - expected) > MATCH_ATOL * max(1.0, abs(expected)):
-                raise RuntimeError(f"TunedScheduler expected the pipeline to pass τ_{k} = {expected} but got "
-                                   f"{got}; pass scheduler.timesteps[k]")
-        return self._inner_timesteps[k]
+            if abs(got - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
+                self._k = k
+                return self._inner_timesteps[k]
+        if not self._warned:
+            logger.warning("TunedScheduler got timestep %s, which is no tuned τ of this run; passing it to %s as "
+                           "given (plain behaviour)", got, type(self.inner).__name__)
+            self._warned = True
+        return timestep
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """The wrapped scheduler's input scaling at t_k (σ-space schedulers divide by √(σ² + 1))."""
@@ -206,19 +285,20 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             self.inner.set_begin_index(begin_index)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Noise to the level of t for each τ the pipeline passes (τ is mapped back to t by position)."""
+        """Noise to the level of t for each τ the pipeline passes (τ_k mapped back to t_k by position)."""
         return self.inner.add_noise(original_samples, noise, self._to_inner(timesteps))
 
     def _to_inner(self, timesteps: torch.Tensor) -> torch.Tensor:
-        if self._inner_timesteps is None or self.timesteps is self._inner_timesteps:
+        if self._tau is None:
             return timesteps
         values = torch.as_tensor(timesteps).reshape(-1)
-        taus = self.timesteps.to(values.device, torch.float64)
+        taus = self._tau.to(values.device, torch.float64)
         mapped = []
         for v in values.to(torch.float64):
             hits = (taus - v).abs() <= MATCH_ATOL * max(1.0, abs(float(v)))
-            mapped.append(self._inner_timesteps[int(hits.nonzero()[0])] if hits.any() else v.to(values.dtype))
-        return torch.stack(mapped).to(device=values.device).reshape(torch.as_tensor(timesteps).shape)
+            mapped.append(self._inner_timesteps[int(hits.nonzero()[0])].to(values.device) if hits.any()
+                          else v.to(values.dtype))
+        return torch.stack(mapped).reshape(torch.as_tensor(timesteps).shape)
 
 
 def table_scale(table: TauTable) -> float | None:

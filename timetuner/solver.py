@@ -71,8 +71,7 @@ class Solver:
 
     def __init__(self, denoiser, scheduler, num_inference_steps: int, grid: list[int] | None = None,
                  name: str | None = None, trajectory: str | None = None, step_kwargs: dict | None = None):
-        # A TunedScheduler keeps the solver's config on the scheduler it wraps.
-        config = getattr(scheduler, "inner", scheduler).config
+        config = scheduler.config
         if num_inference_steps > config.num_train_timesteps:
             raise UserError(f"--nfe {num_inference_steps} exceeds the model's {config.num_train_timesteps} "
                             "training timesteps; accepted: 1 to that number")

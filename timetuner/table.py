@@ -103,6 +103,11 @@ class TauTable:
             if key in mine and key in theirs and mine[key] != theirs[key]:
                 raise UserError(f"table made for {name} with {key}={mine[key]!r} cannot load onto one with "
                                 f"{key}={theirs[key]!r}; accepted: the table's configuration")
+        lo, hi = time_range(scheduler)
+        lo, hi = min(lo, float(self.t.min())), max(hi, float(self.t.max()))  # the grid itself is in range
+        if (self.tau < lo - 1e-6).any() or (self.tau > hi + 1e-6).any():
+            raise UserError(f"table's tau {self.tau.tolist()} leaves the solver's time range [{lo:g}, {hi:g}] of "
+                            f"{name}; accepted: network times inside it")
 
     def save(self, path: str | Path) -> Path:
         """Write the table as safetensors with JSON metadata, atomically (temp file, then rename)."""
@@ -161,6 +166,21 @@ def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = 
     scheduler.set_timesteps(timesteps=list(timesteps), device=device)
 
 
+def time_range(scheduler) -> tuple[float, float]:
+    """The network times a scheduler hands out over its whole schedule, in its own units: [0, T] for discrete
+    timesteps, [¼ log σ_min, ¼ log σ_max] for continuous-time Euler."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    total = float(scheduler.config.num_train_timesteps)
+    times = getattr(fresh, "timesteps", None)
+    if times is None or not len(times):
+        return 0.0, total
+    times = torch.as_tensor(times, dtype=torch.float64)
+    lo, hi = float(times.min()), float(times.max())
+    if torch.equal(times, times.round()):  # integer timesteps: the whole [0, T] the embedding was trained on
+        lo, hi = min(lo, 0.0), max(hi, total)
+    return lo, hi
+
+
 def config_dict(config) -> dict:
     """A scheduler config as a plain JSON-able dict (lists for tuples, no private keys)."""
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")},
@@ -191,6 +211,9 @@ def _validate(t: torch.Tensor, tau: torch.Tensor, metadata: dict, source: str) -
     # Samplers run from noise to data: t never increases (Heun repeats each t once).
     if t.numel() > 1 and (t[1:] > t[:-1] + 1e-9).any():
         raise UserError(f"{source}: t increases somewhere ({t.tolist()}); accepted: non-increasing timesteps")
-    total = metadata.get("scheduler_config", {}).get("num_train_timesteps")
-    if total is not None and ((tau < 0).any() or (tau > total).any()):
+    config = metadata.get("scheduler_config", {})
+    total = config.get("num_train_timesteps")
+    # Discrete solvers count t in [0, T]; continuous-time ones (Euler, timestep_type="continuous": ¼ log σ) are
+    # checked in their own units when the table meets its scheduler (`check_scheduler`).
+    if total is not None and config.get("timestep_type") != "continuous" and ((tau < 0).any() or (tau > total).any()):
         raise UserError(f"{source}: tau leaves [0, {total}] ({tau.tolist()}); accepted: timesteps in range")
