@@ -33,12 +33,14 @@ def sample(
     import torch
 
     from timetuner.errors import UserError
+    from timetuner.loading import quiet_loading
     from timetuner.plots import save_grid, save_side_by_side
     from timetuner.sampling import sample as draw
     from timetuner.table import TauTable
 
     if not out.lower().endswith(".png"):
         raise UserError(f"--out {out!r} is not a .png file; accepted: a path ending in .png")
+    quiet_loading()
     tau_table = None if table is None else TauTable.load(table)
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     plain, tuned = draw(model, n=n, steps=steps, scheduler=scheduler, table=tau_table, compare=compare, seed=seed,

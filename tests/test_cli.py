@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,6 +31,7 @@ def test_sample_heun_and_dpm2_run(tiny_run, tmp_path):
         assert out.is_file()
 
 
+@pytest.mark.slow  # a subprocess (~13 s)
 def test_console_script_reports_a_bad_model_folder_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "timetuner.cli.main", "sample", "--model", str(tmp_path),
                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True)

@@ -19,18 +19,15 @@ import textwrap
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
-    DiTPipeline,
     DiTTransformer2DModel,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
     UNet2DModel,
 )
 from typer.testing import CliRunner
 
+from tests.tiny import quiet
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.denoiser import Denoiser, class_conditioning, refuse_integer_timesteps, text_conditioning
@@ -43,8 +40,6 @@ FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat
 EVAL_PROMPTS = ["a yellow boat at sea", "an orange house"]
 # The paper objective with a short search always moves τ on these untrained networks; two e2e Adam steps may not.
 FAST = dict(samples=4, eval_samples=4, reference_steps=8, objective="paper", search_points=3, search_refine=2)
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    set_alpha_to_one=False, steps_offset=1)
 
 
 @contextlib.contextmanager
@@ -65,91 +60,7 @@ def _one_thread():
         yield
 
 
-# -- tiny pipelines, built once per session -------------------------------------------------------------------------
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP byte-to-unicode table: the base symbols of a byte-level BPE vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _tiny_tokenizer(folder):
-    """A CLIPTokenizer from a vocab.json / merges.txt written here: bytes and end-of-word bytes, no merges."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in _byte_alphabet():
-            vocab.setdefault(ch + suffix, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=16), len(vocab)
-
-
-def _tiny_vae():
-    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=8, sample_size=16)
-
-
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="session")
-def sd_folders(tmp_path_factory):
-    """Tiny Stable Diffusion pipelines saved to folders: ε-prediction and v-prediction (same networks)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("sd")
-    tokenizer, vocab_size = _tiny_tokenizer(root / "tokenizer-src")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=8)
-    vae, folders = _tiny_vae(), {}
-    for name, prediction in (("sd", "epsilon"), ("sd-v", "v_prediction")):
-        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type=prediction),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
-
-
-@pytest.fixture(scope="session")
-def dit_folder(tmp_path_factory):
-    """A tiny DiT pipeline (learned σ: 8 output channels for 4 latent ones, 1000 classes + null) in a folder."""
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
-    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=DDIMScheduler())
-    folder = tmp_path_factory.mktemp("dit") / "dit"
-    pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def sd_pipe(sd_folders):
-    return _quiet(DiffusionPipeline.from_pretrained(sd_folders["sd"]))
-
-
-@pytest.fixture(scope="session")
-def dit_pipe(dit_folder):
-    return _quiet(DiffusionPipeline.from_pretrained(dit_folder))
-
-
+# -- tiny pipelines (sd_folders, dit_folder, sd_pipe, dit_pipe) are built once per session in conftest.py -------
 @pytest.fixture(scope="session")
 def tables_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tables")
@@ -261,7 +172,7 @@ def _sd_run(pipe, scheduler, img2img: bool = False):
     gen = torch.Generator().manual_seed(5)
     if img2img:
         image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
-        pipe = _quiet(StableDiffusionImg2ImgPipeline(**pipe.components))
+        pipe = quiet(StableDiffusionImg2ImgPipeline(**pipe.components))
         return pipe(EVAL_PROMPTS, image=image, strength=0.6, num_inference_steps=4, guidance_scale=7.5,
                     generator=gen, output_type="pt").images
     return pipe(EVAL_PROMPTS, num_inference_steps=4, guidance_scale=7.5, generator=gen, output_type="pt").images
@@ -324,7 +235,7 @@ def test_tables_are_selected_by_guidance_scale(sd_pipe, fitted):
 
 @pytest.mark.slow  # a second process loads SD (~10 s)
 def test_tuned_stable_diffusion_round_trips_in_a_fresh_process(sd_folders, fitted, tmp_path):
-    pipe = _quiet(DiffusionPipeline.from_pretrained(sd_folders["sd"]))
+    pipe = quiet(DiffusionPipeline.from_pretrained(sd_folders["sd"]))
     tables = [fitted["sd"].tuned, fitted["sd-cfg3"].tuned]
     pipe.scheduler = TunedScheduler.from_table(DDIMScheduler.from_config(pipe.scheduler.config), tables,
                                                unet=pipe.unet, guidance_scale=7.5)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from timetuner.assets import EMBEDDED_MODEL
@@ -46,6 +47,7 @@ def test_fd_floor_is_low_and_noise_is_far_above_it():
     assert floor < 20 and noise > 20 * floor
 
 
+@pytest.mark.slow  # 100-step sampling of 200 digits (~13 s)
 def test_embedded_model_samples_are_recognisable_digits():
     from diffusers import DDPMScheduler, UNet2DModel
 

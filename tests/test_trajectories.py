@@ -48,6 +48,7 @@ def test_unknown_trajectory_for_a_scheduler_is_refused():
         build("heun", "logsnr", BASE, 5)
 
 
+@pytest.mark.slow  # a 1000-step reference trajectory (~17 s)
 def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
     from timetuner.fitting import fit
 

@@ -73,6 +73,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, solver_class: str = "DDIMScheduler", tables: dict | None = None,
                  guidance_scale: float | None = None, **solver_config):
         cls = scheduler_class(solver_class)
+        solver_config.pop(OWN, None)  # a plain scheduler swapped from a TunedScheduler's config still carries it
         self.inner = cls.from_config(solver_config)
         self._own = {"solver_class": cls.__name__, "tables": {}, "guidance_scale": guidance_scale}
         # Looked up once: `step` runs once per network evaluation and must add no measurable time.

@@ -1,0 +1,44 @@
+"""Builders of tiny pipeline components in code (nothing from a hub): tokenizer, VAE, quiet pipelines."""
+
+from __future__ import annotations
+
+import json
+
+from diffusers import AutoencoderKL
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: the base symbols of a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_tokenizer(folder):
+    """A CLIPTokenizer from a vocab.json / merges.txt written here: bytes and end-of-word bytes, no merges."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in byte_alphabet():
+            vocab.setdefault(ch + suffix, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=16), len(vocab)
+
+
+def tiny_vae():
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
