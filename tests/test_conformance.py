@@ -9,6 +9,7 @@ both directions, save / load, `len`, dtypes, attribute writes.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import diffusers
@@ -86,7 +87,7 @@ def assert_same(a, b):
         assert x == y
 
 
-def loop(s, begin: int = 0, seed: int = 0, **set_args):
+def loop(s, begin: int = 0, seed: int = 0, eta: float | None = None, **set_args):
     """A pipeline's denoising loop: set_timesteps, optionally start mid-way, scale, model, step (with noise)."""
     s.set_timesteps(**({"num_inference_steps": STEPS} | set_args))
     if begin:
@@ -94,6 +95,8 @@ def loop(s, begin: int = 0, seed: int = 0, **set_args):
     gen = torch.Generator().manual_seed(seed)
     x = SAMPLE * s.init_noise_sigma
     extra = {"generator": gen} if "generator" in inspect.signature(s.step).parameters else {}
+    if eta is not None:
+        extra["eta"] = eta
     for t in s.timesteps[begin:]:
         x = s.step(model(s.scale_model_input(x, t), t), t, x, **extra).prev_sample
     return x
@@ -130,14 +133,13 @@ def test_begin_index_loops_add_noise_and_scale_model_input_at_any_t(name, config
         assert_same(outcome(lambda: loop(plain, begin=2)), outcome(lambda: loop(tuned, begin=2)))
     for s in (plain, tuned):
         s.set_timesteps(STEPS)
+    before_plain, before_tuned = copy.deepcopy(plain), copy.deepcopy(tuned)
     noise = torch.randn(SAMPLE.shape, generator=torch.Generator().manual_seed(3))
     at = plain.timesteps[[1, 3]] if plain.timesteps is not None else torch.tensor([500, 100])
     assert_same(outcome(lambda: plain.add_noise(SAMPLE, noise, at)),
                 outcome(lambda: tuned.add_noise(SAMPLE, noise, at)))
-    for t in (plain.timesteps[2], 0.0, 999, 17.5):  # on and off the schedule
-        fresh_plain, fresh_tuned = pair(name, config)
-        for s in (fresh_plain, fresh_tuned):
-            s.set_timesteps(STEPS)
+    for t in (plain.timesteps[2], 0.0, 999, 17.5):  # on and off the schedule, each on fresh step state
+        fresh_plain, fresh_tuned = copy.deepcopy(before_plain), copy.deepcopy(before_tuned)
         assert_same(outcome(lambda s=fresh_plain, t=t: s.scale_model_input(SAMPLE, t)),
                     outcome(lambda s=fresh_tuned, t=t: s.scale_model_input(SAMPLE, t)))
 
@@ -181,6 +183,13 @@ def test_from_config_both_ways_and_save_load(name, config, tmp_path):
     loaded = TunedScheduler.from_pretrained(tmp_path)
     assert type(loaded.inner) is cls and sorted(loaded.tables) == [STEPS]
     assert_same(outcome(lambda: loop(plain)), outcome(lambda: loop(loaded)))
+
+
+@pytest.mark.parametrize("config", [{}, dict(SD, timestep_spacing="trailing")])
+def test_ddim_with_eta_draws_the_same_noise(config):
+    plain, tuned = pair("DDIMScheduler", config)
+    a, b = loop(plain, eta=0.7, seed=4), loop(tuned, eta=0.7, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, loop(plain, eta=0.0, seed=4))
 
 
 def test_attribute_reads_and_writes_reach_the_solver():

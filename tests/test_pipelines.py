@@ -15,10 +15,9 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-    UNet2DModel,
 )
 
-from tests.tiny import quiet, tiny_tokenizer, tiny_vae
+from tests.tiny import quiet, tiny_pixel_unet, tiny_tokenizer, tiny_vae
 from timetuner import TauTable, TunedScheduler
 from timetuner.scheduler import OWN
 
@@ -48,10 +47,7 @@ def run(pipe, scheduler, **call):
 
 @pytest.fixture(scope="module")
 def pixel_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8).eval()
+    return tiny_pixel_unet()
 
 
 @pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])

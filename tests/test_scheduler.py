@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
+from tests.tiny import tiny_pixel_unet
 from timetuner import TauTable, TunedScheduler
 from timetuner.errors import UserError
 from timetuner.solver import sample_images
@@ -18,10 +19,7 @@ from timetuner.trajectories import make_scheduler
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8).eval()
+    return tiny_pixel_unet()
 
 
 BASE = DDIMScheduler(num_train_timesteps=1000).config

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from diffusers import AutoencoderKL
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
 
 
 def byte_alphabet() -> list[str]:
@@ -42,3 +43,11 @@ def tiny_vae():
 def quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_pixel_unet() -> UNet2DModel:
+    """An unconditional 8×8 one-channel UNet2DModel with seeded weights, in eval mode."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8).eval()
