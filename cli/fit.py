@@ -74,16 +74,14 @@ def fit(
     """
     import torch
 
-    from timetuner.errors import UserError
-    from timetuner.fitting import fit_scales
+    from timetuner.fitting import check_out, fit_scales
     from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
     from timetuner.prompts import parse_class_labels, parse_guidance_scales
 
     scales = parse_guidance_scales(guidance_scale)
     labels = parse_class_labels(class_labels)
     eval_labels = parse_class_labels(eval_class_labels, "--eval-class-labels")
-    if out is not None and not out.endswith(".safetensors"):
-        raise UserError(f"--out {out!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
+    check_out(out)  # before loading anything
     quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
     if torch.cuda.is_available() and not cpu:

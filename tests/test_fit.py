@@ -17,6 +17,7 @@ from timetuner.tuning import adam_search, golden_search
 
 tuning = importlib.import_module("timetuner.tuning")
 evaluation = importlib.import_module("timetuner.evaluation")
+fitting = importlib.import_module("timetuner.fitting")
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
 PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
@@ -108,6 +109,29 @@ def test_e2e_is_the_default_objective_and_checkpoints_its_iterations(tiny_run, t
     assert not out.with_name(out.name + ".partial.json").exists()
 
 
+def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, monkeypatch):
+    # Adam's moments and the best-so-far are checkpointed with δ, so the resumed run ends exactly where an
+    # uninterrupted one does.
+    options = dict(FAST, nfe=3, e2e_iters=6, force=True, progress=False)
+    straight = fit(str(tiny_run), **options)
+    real, saves = fitting.Checkpoints.save, {"n": 0}
+
+    def save_then_die(self, **state):
+        real(self, **state)
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "e.safetensors"
+    monkeypatch.setattr(fitting.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tiny_run), out=out, **options)
+    assert json.loads(out.with_name(out.name + ".partial.json").read_text())["iteration"] == 3
+    monkeypatch.setattr(fitting.Checkpoints, "save", real)
+    resumed = fit(str(tiny_run), out=out, **options)
+    assert torch.equal(resumed.tuned.tau, straight.tuned.tau) and resumed.rows == straight.rows
+
+
 def test_fitted_table_changes_pipeline_output(tiny_run):
     result = fit(str(tiny_run), progress=False, nfe=3, force=True, **PAPER)
     pipe = DDPMPipeline.from_pretrained(tiny_run)
@@ -145,6 +169,7 @@ def test_cli_fit_json_and_table_file(tiny_run, tmp_path):
         (["--strategy", "parallel", "--scheduler", "heun"], "--strategy parallel"),
         (["--model", "{tmp}"], "model_index.json"),
         (["--out", "{tmp}/table.txt"], ".safetensors"),
+        (["--out", "{tmp}/no/such/dir/t.safetensors"], "does not exist or is not writable"),
     ],
 )
 def test_cli_fit_bad_input(tiny_run, tmp_path, args, needle):
@@ -155,7 +180,7 @@ def test_cli_fit_bad_input(tiny_run, tmp_path, args, needle):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(lines) == 1 and needle in lines[0], result.output
-    assert not list(tmp_path.glob("*.safetensors"))
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "no").exists()
 
 
 def test_sample_refuses_a_corrupt_table(tiny_run, tmp_path):

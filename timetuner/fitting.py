@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,20 @@ def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, 
         if not value:
             raise UserError(f"{name} is empty; accepted: class labels separated by commas, e.g. 207,360,387")
     return dataclasses.replace(config, guidance_scale=scale, class_labels=labels, eval_class_labels=eval_labels)
+
+
+def check_out(out: str | Path | None) -> Path | None:
+    """The output path, judged before any work: a .safetensors file in an existing, writable folder."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UserError(f"--out {str(out)!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
+    folder = out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--out {str(out)!r}: folder {str(folder)!r} does not exist or is not writable; accepted: "
+                        "a .safetensors path in an existing, writable folder")
+    return out
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -293,9 +308,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     if config.objective is None:
         config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
     validate(config)
-    out = Path(out) if out is not None else None
-    if out is not None and (out.is_dir() or out.suffix != ".safetensors"):
-        raise UserError(f"--out {str(out)!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
+    out = check_out(out)
     if unet is None:
         setup = load_model(model, pipeline=pipeline)
     else:

@@ -235,6 +235,8 @@ class EndToEnd:
                                 for k in range(solver.evaluations)]).clamp(min=1.0)
         delta = torch.tensor(resume.get("delta", [0.0] * solver.evaluations), requires_grad=True)
         opt = torch.optim.Adam([delta], lr=config.e2e_lr)
+        if "adam" in resume:  # resumed: Adam's moments too, so the run continues exactly as it would have
+            opt.load_state_dict(_adam_state(resume["adam"]))
 
         def taus_of(d):
             return (t + spacing * d).clamp(0.0, total - 1.0)
@@ -244,7 +246,8 @@ class EndToEnd:
 
         with torch.no_grad():
             before = float(loss_of(torch.zeros_like(delta)))
-        best = (before, torch.zeros_like(delta))
+        best = (resume["best_loss"], torch.tensor(resume["best_delta"])) if "best_loss" in resume else \
+            (before, torch.zeros_like(delta))
         for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
             loss = loss_of(delta)
             if loss.item() < best[0]:
@@ -252,7 +255,8 @@ class EndToEnd:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            report(it, {"k": it, "loss": loss.item()}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True)
+            report(it, {"k": it, "loss": loss.item()}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
+                   adam=_adam_json(opt), best_loss=best[0], best_delta=best[1].tolist())
         with torch.no_grad():
             last = float(loss_of(delta))
         if last < best[0]:
@@ -261,6 +265,18 @@ class EndToEnd:
         rows = [{"k": k, "t": float(solver.t[k]), "tau": taus[k], "loss_before": before, "loss_after": best[0]}
                 for k in range(solver.evaluations)]
         return taus, rows
+
+
+def _adam_json(opt: torch.optim.Adam) -> dict:
+    """Adam's state as JSON-able lists; float32 → float → float32 round-trips exactly."""
+    state = opt.state_dict()
+    return {"state": {str(i): {k: v.tolist() for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def _adam_state(saved: dict) -> dict:
+    return {"state": {int(i): {k: torch.tensor(v, dtype=torch.float32) for k, v in s.items()}
+                      for i, s in saved["state"].items()}, "param_groups": saved["param_groups"]}
 
 
 OBJECTIVES = {"paper": Paper(), "teacher": Teacher(), "e2e": EndToEnd()}
