@@ -22,6 +22,23 @@ def test_sample_writes_a_grid(tiny_run, tmp_path):
         assert im.size[0] == im.size[1] and im.size[0] > 3 * 8
 
 
+def test_sample_compares_plain_and_tuned_from_the_same_noise(tmp_path):
+    import torch
+
+    from timetuner.assets import DEFAULT_TABLE
+    from timetuner.sampling import sample
+    from timetuner.table import TauTable
+
+    table = TauTable.load(DEFAULT_TABLE)
+    plain, tuned = sample(n=4, table=table, compare=True)
+    assert plain.shape == tuned.shape == (4, 1, 8, 8) and not torch.equal(plain, tuned)
+    _, again = sample(n=4, table=table.with_tau(table.t), compare=False)
+    assert torch.equal(again, plain)  # the identity table through the wrapper is the plain sampler
+    out = tmp_path / "compare.png"
+    result = runner.invoke(app, ["sample", "--table", str(DEFAULT_TABLE), "--compare", "--n", "4", "--out", str(out)])
+    assert result.exit_code == 0 and "plain (left) vs tuned (right)" in result.output and out.is_file()
+
+
 def test_sample_heun_and_dpm2_run(tiny_run, tmp_path):
     for scheduler in ("heun", "dpm2"):
         out = tmp_path / f"{scheduler}.png"
