@@ -18,7 +18,8 @@ def sample(
                                           )] = False,
     n: Annotated[int, typer.Option("--n", help="Number of samples in the grid.")] = 64,
     steps: Annotated[int, typer.Option("--steps", help="Scheduler steps (without --table).")] = 50,
-    scheduler: Annotated[str, typer.Option(help="ddim, ddpm, dpm2, heun or euler (without --table).")] = "ddim",
+    scheduler: Annotated[str, typer.Option(help="ddim, ddpm, dpm2, dpm++, dpm++3m, unipc, deis, heun or euler "
+                                           "(without --table).")] = "ddim",
     out: Annotated[str, typer.Option("--out", "-o", help="PNG file for the grid.")] = "samples.png",
     batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 256,
     seed: Seed = 0,

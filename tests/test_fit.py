@@ -132,6 +132,17 @@ def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, mo
     assert torch.equal(resumed.tuned.tau, straight.tuned.tau) and resumed.rows == straight.rows
 
 
+@pytest.mark.parametrize("scheduler", ["dpm++", "unipc"])
+def test_multistep_solvers_fit_with_their_history_in_the_snapshot(tiny_run, scheduler):
+    # Each candidate τ steps a deep copy of the solver state, model-output history included; e2e differentiates
+    # through the multistep update.
+    paper = fit(str(tiny_run), progress=False, nfe=4, scheduler=scheduler, **PAPER)
+    assert all(r["loss_after"] <= r["loss_before"] for r in paper.rows) and not paper.tuned.is_identity
+    e2e = fit(str(tiny_run), progress=False, nfe=4, scheduler=scheduler, e2e_iters=3, **FAST)
+    assert e2e.rows[0]["loss_after"] <= e2e.rows[0]["loss_before"]
+    assert e2e.tuned.metadata["trajectory"] == ("ays" if scheduler == "dpm++" else "uniform")
+
+
 def test_fitted_table_changes_pipeline_output(tiny_run):
     result = fit(str(tiny_run), progress=False, nfe=3, force=True, **PAPER)
     pipe = DDPMPipeline.from_pretrained(tiny_run)

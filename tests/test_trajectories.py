@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.errors import UserError
-from timetuner.trajectories import build, logsnr_timesteps, quadratic_timesteps
+from timetuner.trajectories import ays_timesteps, build, logsnr_timesteps, quadratic_timesteps
 
 BASE = DDPMScheduler(num_train_timesteps=1000).config
 runner = CliRunner()
@@ -32,6 +32,18 @@ def test_quadratic_grid_is_dense_near_the_data():
     grid = quadratic_timesteps(1000, 10)
     gaps = -np.diff(grid)
     assert len(set(grid)) == 10 and gaps[0] > gaps[-1]
+
+
+def test_align_your_steps_grid_is_diffusers_list_at_ten_steps_and_log_linear_between():
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    assert ays_timesteps(1000, 10) == AysSchedules["StableDiffusionTimesteps"]
+    for steps in (3, 5, 8, 20):
+        grid = ays_timesteps(1000, steps)
+        assert len(set(grid)) == steps and grid == sorted(grid, reverse=True) and (grid[0], grid[-1]) == (999, 24)
+    sched, grid = build("dpm++", None, BASE, 5)  # DPM-Solver++ 2M runs Align-Your-Steps by default
+    table = TauTable.identity(sched, 5, timesteps=grid)
+    assert table.t.tolist() == grid and table.scheduler_class == "DPMSolverMultistepScheduler"
 
 
 def test_explicit_grid_travels_in_the_table_and_the_scheduler_reproduces_it():

@@ -15,11 +15,16 @@ import numpy as np
 from timetuner.errors import UserError, check_choice
 
 # name → (diffusers scheduler class name, config overrides). "dpm2" is DPM-Solver-2 (singlestep, order 2);
-# "heun" uses Karras/EDM sigmas (ρ = 7).
+# "dpm++" / "dpm++3m" DPM-Solver++ 2M / 3M (multistep: the history of model outputs is part of the solver state);
+# "unipc" UniPC-bh2; "heun" uses Karras/EDM sigmas (ρ = 7).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+    "deis": ("DEISMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
@@ -48,6 +53,16 @@ def logsnr_timesteps(alphas_cumprod, steps: int) -> list[int]:
     return _descending_unique(grid, len(a), steps)
 
 
+def ays_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Align-Your-Steps' Stable Diffusion timesteps (Sabour et al., 2024, as diffusers ships them), log-linearly
+    interpolated to K steps as the paper's `loglinear_interp` does; rescaled to T training timesteps."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    ays = np.asarray(AysSchedules["StableDiffusionTimesteps"], dtype=np.float64) * (num_train_timesteps - 1) / 999
+    log_t = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(ays)), np.log(ays[::-1]))
+    return _descending_unique(np.exp(log_t)[::-1].round().astype(int), num_train_timesteps, steps)
+
+
 def _descending_unique(grid, total: int, steps: int) -> list[int]:
     grid = np.unique(np.clip(grid, 0, total - 1))[::-1].tolist()
     if len(grid) != steps:
@@ -56,17 +71,26 @@ def _descending_unique(grid, total: int, steps: int) -> list[int]:
     return grid
 
 
+DPM_MULTISTEP_GRIDS = {"uniform": {}, "trailing": {"timestep_spacing": "trailing"},
+                       "karras": {"use_karras_sigmas": True}, "logsnr": {"explicit": "logsnr"},
+                       "ays": {"explicit": "ays"}}
 # scheduler name → trajectory name → config overrides ("explicit": computed timesteps instead).
 TRAJECTORIES: dict[str, dict[str, dict]] = {
     "ddim": {"uniform": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
              "linspace": {"timestep_spacing": "linspace"}},
     "dpm2": {"uniform": {}, "logsnr": {"explicit": "logsnr"}, "quadratic": {"explicit": "quadratic"},
              "karras": {"use_karras_sigmas": True}},
+    "dpm++": DPM_MULTISTEP_GRIDS,
+    "dpm++3m": DPM_MULTISTEP_GRIDS,
+    # UniPC and DEIS take no explicit timesteps in diffusers (use dpm++ for log-SNR or Align-Your-Steps grids).
+    "unipc": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
+    "deis": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "heun": {"karras": {}, "uniform": {"use_karras_sigmas": False}},
     "euler": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "ddpm": {"uniform": {}},
 }
-DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
+DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm++3m": "ays", "unipc": "uniform",
+                      "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
 
 
 def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int):
@@ -88,4 +112,6 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
         timesteps = quadratic_timesteps(sched.config.num_train_timesteps, num_inference_steps)
     elif explicit == "logsnr":
         timesteps = logsnr_timesteps(sched.alphas_cumprod, num_inference_steps)
+    elif explicit == "ays":
+        timesteps = ays_timesteps(sched.config.num_train_timesteps, num_inference_steps)
     return sched, timesteps
