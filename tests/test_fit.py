@@ -109,6 +109,7 @@ def test_e2e_is_the_default_objective_and_checkpoints_its_iterations(tiny_run, t
     assert not out.with_name(out.name + ".partial.json").exists()
 
 
+@pytest.mark.slow  # three fits (~15 s)
 def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, monkeypatch):
     # Adam's moments and the best-so-far are checkpointed with δ, so the resumed run ends exactly where an
     # uninterrupted one does.
@@ -132,7 +133,7 @@ def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, mo
     assert torch.equal(resumed.tuned.tau, straight.tuned.tau) and resumed.rows == straight.rows
 
 
-@pytest.mark.parametrize("scheduler", ["dpm++", "unipc"])
+@pytest.mark.parametrize("scheduler", ["dpm++", pytest.param("unipc", marks=pytest.mark.slow)])
 def test_multistep_solvers_fit_with_their_history_in_the_snapshot(tiny_run, scheduler):
     # Each candidate τ steps a deep copy of the solver state, model-output history included; e2e differentiates
     # through the multistep update.
