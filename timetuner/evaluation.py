@@ -101,7 +101,7 @@ class Setup:
 
     def __init__(self, table: str, model: str | None, prompts: str | None = None,
                  class_labels: list[int] | None = None, negative_prompt: str | None = None):
-        from timetuner.loading import load_model, load_pipeline
+        from timetuner.loading import load_model, load_pipeline, network_of
         from timetuner.scheduler import check_model
         from timetuner.solver import Solver
         from timetuner.table import TauTable
@@ -109,7 +109,7 @@ class Setup:
         self.path = table
         self.table = TauTable.load(table)
         pipe = load_pipeline(model)
-        network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        network = network_of(pipe)
         if network is not None:
             check_model(self.table, network)  # before moving a foreign model to the GPU
         self.model = load_model(model, pipeline=pipe, device="cuda" if torch.cuda.is_available() else None)

@@ -419,7 +419,8 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
     """
     from timetuner.loading import load_model
 
-    kind = load_model(model, pipeline=pipeline).kind
+    setup = load_model(model, pipeline=pipeline)  # loaded once, shared by every scale's fit
+    kind, pipeline = setup.kind, setup.pipeline
     for scale in guidance_scales:
         suffix = scale_suffix(kind, scale)
         if out is None:

@@ -132,16 +132,26 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
         pipeline = load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype)
     if device is not None:
         pipeline = pipeline.to(device)
-    network = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    network = network_of(pipeline)
     if network is None:
         raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
                         "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
     network.eval().requires_grad_(False)
-    vae = getattr(pipeline, "vae", None) or getattr(pipeline, "vqvae", None)
+    vae = latent_decoder(pipeline)
     if vae is not None:
         vae.eval().requires_grad_(False)
     return ModelSetup(network=network, denoiser=Denoiser(network), base_config=pipeline.scheduler.config,
                       name=model or "embedded:digits-ddpm", path=path, pipeline=pipeline, vae=vae)
+
+
+def network_of(pipeline):
+    """The denoising network of a pipeline: its `unet`, or its `transformer` (DiT); None if it has neither."""
+    return getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+
+
+def latent_decoder(pipeline):
+    """The pipeline's autoencoder (`vae`, or `vqvae` for LDM), or None for a pixel-space model."""
+    return getattr(pipeline, "vae", None) or getattr(pipeline, "vqvae", None)
 
 
 def decode_latents(vae, latents, batch_size: int = 16):

@@ -9,9 +9,10 @@ from timetuner.errors import UserError
 
 def pixel_unet(pipeline, model: str | None):
     """The pipeline's unconditional pixel-space UNet2DModel; a UserError for conditional or latent pipelines."""
+    from timetuner.loading import latent_decoder
+
     unet = getattr(pipeline, "unet", None)
-    latent = getattr(pipeline, "vae", None) is not None or getattr(pipeline, "vqvae", None) is not None
-    if unet is None or type(unet).__name__ != "UNet2DModel" or latent:
+    if unet is None or type(unet).__name__ != "UNet2DModel" or latent_decoder(pipeline) is not None:
         raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
                         "those (sample conditional and latent models with their own pipeline and TunedScheduler, "
                         "README 'Text-to-image and class-conditional models')")

@@ -250,12 +250,10 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         if self._tau is None or timestep is None:
             return timestep
         got = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        current = [self._k] if self._k < len(self._tau_values) else []
-        for k in [*current, *range(len(self._tau_values))]:
-            expected = self._tau_values[k]
-            if abs(got - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
-                self._k = k
-                return self._inner_timesteps[k]
+        k = self._index_of(got, prefer=self._k)
+        if k is not None:
+            self._k = k
+            return self._inner_timesteps[k]
         if not self._warned:
             logger.warning("TunedScheduler got timestep %s, which is no tuned τ of this run; passing it to %s as "
                            "given (plain behaviour)", got, type(self.inner).__name__)
@@ -293,14 +291,22 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         if self._tau is None:
             return timesteps
         values = torch.as_tensor(timesteps).reshape(-1)
-        taus = self._tau.to(values.device, torch.float64)
         mapped = []
-        for v in values.to(torch.float64):
-            hits = (taus - v).abs() <= MATCH_ATOL * max(1.0, abs(float(v)))
-            mapped.append(self._inner_timesteps[int(hits.nonzero()[0])].to(values.device) if hits.any()
-                          else v.to(values.dtype))
+        for v in values:
+            k = self._index_of(float(v))
+            mapped.append(self._inner_timesteps[k].to(values.device) if k is not None else v.to(values.dtype))
         return torch.stack(mapped).reshape(torch.as_tensor(timesteps).shape)
 
+    def _index_of(self, value: float, prefer: int | None = None) -> int | None:
+        """The evaluation k whose τ_k the value is (`prefer` checked first, as pipelines pass τ in order)."""
+        order = range(len(self._tau_values))
+        if prefer is not None and prefer < len(self._tau_values):
+            order = [prefer, *order]
+        for k in order:
+            expected = self._tau_values[k]
+            if abs(value - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
+                return k
+        return None
 
 def table_scale(table: TauTable) -> float | None:
     """The guidance scale a table was fitted at, or None for an unconditional model."""
