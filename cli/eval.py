@@ -18,6 +18,7 @@ from timetuner.cli.options import (
     InceptionWeights,
     Model,
     NegativePrompt,
+    ReferenceN,
     ReferenceSteps,
     user_command,
 )
@@ -27,12 +28,13 @@ from timetuner.cli.options import (
 def evaluate(
     table: Annotated[str, typer.Option(help="A τ table (.safetensors) from `timetuner fit`.")],
     model: Model = None,
-    n: HeldOutN = 256,
-    gap_n: GapN = 256,
+    n: HeldOutN = None,
+    gap_n: GapN = None,
+    reference_n: ReferenceN = None,
     reference_steps: ReferenceSteps = 1000,
     seed: Annotated[int | None, typer.Option(help="Noise seed; default: the table's held-out seed.")] = None,
-    fid: Annotated[bool, typer.Option("--fid", help="FD and KID through clean-fid against --ref (digits models: "
-                                      "on by default, against the held-out digits).")] = False,
+    fid: Annotated[bool, typer.Option("--fid", help="Distribution gap and data FD/KID through clean-fid (digits "
+                                      "models: on by default, data FD against the held-out digits).")] = False,
     ref: Annotated[str | None, typer.Option(help="Reference images: a folder or .zip (the same size each), a "
                                             "clean-fid .npz of statistics, or digits:test / digits:train.")] = None,
     features: Features = "auto",
@@ -57,9 +59,8 @@ def evaluate(
         timetuner eval --table tau.safetensors --model my-model --fid --ref val-images/ --n 10000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import FidOptions, Measure, Setup, save_plots
+    from timetuner.evaluation import FidOptions, Setup, describe_judgement, save_plots
     from timetuner.evaluation import evaluate as run
-    from timetuner.metrics import describe_change
 
     if plots is not None and os.path.exists(plots) and not os.path.isdir(plots):
         raise UserError(f"--plots {plots!r} is a file; accepted: a folder (created if missing)")
@@ -71,12 +72,15 @@ def evaluate(
     from timetuner.prompts import parse_class_labels
 
     setup = Setup(table, model, prompts, parse_class_labels(class_labels), negative_prompt)
-    measure = None
+    n = setup.default_n if n is None else n
+    yardstick = None
     if fid or setup.is_digits:
-        measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),
-                                setup.is_digits, n if fid else None)
+        chosen = "inception" if features == "auto" and not setup.is_digits else features
+        yardstick = setup.yardstick(FidOptions(ref=ref, features=chosen, inception_weights=inception_weights),
+                                    reference_n, data=fid or setup.is_digits, progress=not as_json,
+                                    data_n=n if fid else None)
     result = run(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, seed=seed, bootstrap=bootstrap,
-                 measure=measure)
+                 yardstick=yardstick)
     record = result.record
     if plots is not None:
         record["plots"] = [str(p) for p in save_plots(setup, result, plots).values()]
@@ -85,18 +89,14 @@ def evaluate(
         return
     if record.get("conditioning"):
         typer.echo(f"conditioned on {record['conditioning']}")
-    typer.echo(f"truncation gap (RMS, {record['gap_space']}) to a {reference_steps}-step DDIM reference, "
-               f"{record['gap_n']} noises (seed {record['seed']})")
+    typer.echo(f"truncation gap per state (RMS, {record['trajectory_gap_space']}) to a {reference_steps}-step DDIM "
+               f"trajectory, {record['gap_n']} noises (seed {record['seed']})")
     typer.echo(f"{'state':>5} {'time':>9} {'plain':>10} {'tuned':>10}")
-    for i, (t, a, b) in enumerate(zip(record["state_times"], record["gap_plain"], record["gap_tuned"], strict=True)):
+    for i, (t, a, b) in enumerate(zip(record["state_times"], record["trajectory_gap_plain"],
+                                      record["trajectory_gap_tuned"], strict=True)):
         typer.echo(f"{i:>5} {t:>9.2f} {a:>10.5f} {b:>10.5f}")
-    typer.echo(describe_change("x0 gap", record["x0_gap_change"]))
-    if "fd_change" in record:
-        line = describe_change(f"FD ({record['fd_measure']}, {n} samples)", record["fd_change"], digits=3)
-        if "fd_reference" in record:
-            line += f"; reference sampler {record['fd_reference']:.3f}"
+    for line in describe_judgement(record):
         typer.echo(line)
-    if "kid_change" in record:
-        typer.echo(describe_change("KID", record["kid_change"], digits=5))
+    typer.echo(f"verdict (distribution gap and x0 gap): tuned is {'better' if record['better'] else 'NOT better'}")
     for path in record.get("plots", []):
         typer.echo(f"wrote {path}")

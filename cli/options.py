@@ -60,7 +60,12 @@ NegativePrompt = Annotated[str | None, typer.Option(
     "--negative-prompt", help="Text models: the unconditional branch of guidance. Default: the table's.")]
 
 # eval / report: how many held-out samples, and the fine reference the gaps are measured against.
-HeldOutN = Annotated[int, typer.Option("--n", help="Held-out noises (samples for FD/KID).")]
-GapN = Annotated[int, typer.Option(help="Of those, how many get the fine reference trajectory for the truncation "
-                                   "gap (the costly part).")]
-ReferenceSteps = Annotated[int, typer.Option(help="Steps of the DDIM reference (cached on disk).")]
+HeldOutN = Annotated[int | None, typer.Option("--n", help="Held-out noises (samples of the distribution gap and data "
+                                              "FD). Default: the fit's (1000 for pixel models).")]
+GapN = Annotated[int | None, typer.Option(help="Of those, how many carry the x0 gap and the truncation gap per state "
+                                          "(the costly part). Default: the fit's (256).")]
+ReferenceN = Annotated[int | None, typer.Option(help="Reference-solver samples the distribution gap is measured "
+                                                "against (cached; grown when more are asked). Default: the fit's "
+                                                "(10000).")]
+ReferenceSteps = Annotated[int, typer.Option(help="Steps of the DDIM trajectory of the per-state truncation gap "
+                                             "(cached on disk).")]

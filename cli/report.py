@@ -15,13 +15,14 @@ from timetuner.cli import options as opt
 @opt.user_command
 def report(
     tables: Annotated[list[str], typer.Argument(help="The τ table to report on; more tables of the same solver and "
-                                                "trajectory (other step counts) join its FD-against-steps plot.")],
+                                                "trajectory (other step counts) join its gap-against-steps plot.")],
     model: opt.Model = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Report folder; default: <table name>-report.")
                    ] = None,
-    n: opt.HeldOutN = 256,
-    gap_n: opt.GapN = 256,
-    nfes: Annotated[str, typer.Option(help="Step counts of the plain sampler in the FD-against-steps plot.")
+    n: opt.HeldOutN = None,
+    gap_n: opt.GapN = None,
+    reference_n: opt.ReferenceN = None,
+    nfes: Annotated[str, typer.Option(help="Step counts of the plain sampler in the gap-against-steps plot.")
                     ] = "5,10,20",
     reference_steps: opt.ReferenceSteps = 1000,
     ref: Annotated[str | None, typer.Option(help="FD/KID reference: a folder or .zip of images, a clean-fid .npz, "
@@ -41,15 +42,7 @@ def report(
         timetuner report tau-10.safetensors tau-5.safetensors --model my-model --ref val-images/ --n 5000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import (
-        FidOptions,
-        Measure,
-        Setup,
-        check_siblings,
-        evaluate,
-        fd_versus_nfe,
-        save_plots,
-    )
+    from timetuner.evaluation import FidOptions, Setup, check_siblings, evaluate, gap_versus_nfe, save_plots
     from timetuner.report import write_report
     from timetuner.table import TauTable
 
@@ -66,18 +59,20 @@ def report(
     from timetuner.prompts import parse_class_labels
 
     setup = Setup(tables[0], model, prompts, parse_class_labels(class_labels), negative_prompt)
+    n = setup.default_n if n is None else n
     others = [TauTable.load(path) for path in tables[1:]]
     check_siblings(setup.table, others, tables[1:], tables[0])
-    measure = None
+    yardstick = None
     if ref is not None or setup.is_digits:
-        measure = Measure.build(FidOptions(ref=ref, features=features, inception_weights=inception_weights),
-                                setup.is_digits, n if ref is not None else None)
+        chosen = "inception" if features == "auto" and not setup.is_digits else features
+        yardstick = setup.yardstick(FidOptions(ref=ref, features=chosen, inception_weights=inception_weights),
+                                    reference_n, data_n=n if ref is not None else None)
     result = evaluate(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, bootstrap=bootstrap,
-                      measure=measure)
+                      yardstick=yardstick)
     rows = None
-    if measure is not None and steps:
-        rows = fd_versus_nfe(setup, measure, steps, others, n=n, bootstrap=bootstrap)
-        result.record["fd_vs_nfe"] = rows
+    if yardstick is not None and steps:
+        rows = gap_versus_nfe(setup, yardstick, steps, others, n=n, bootstrap=bootstrap)
+        result.record["gap_vs_nfe"] = rows
     plots = save_plots(setup, result, folder, rows)
     command = "timetuner " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else ""
     written = write_report(folder, setup.table, result.record, plots, command)

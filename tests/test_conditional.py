@@ -39,7 +39,8 @@ runner = CliRunner()
 FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat"]
 EVAL_PROMPTS = ["a yellow boat at sea", "an orange house"]
 # The paper objective with a short search always moves τ on these untrained networks; two e2e Adam steps may not.
-FAST = dict(samples=4, eval_samples=4, reference_steps=8, objective="paper", search_points=3, search_refine=2)
+FAST = dict(samples=4, eval_samples=4, reference_steps=8, reference_n=500, objective="paper", search_points=3,
+            search_refine=2)
 
 
 @contextlib.contextmanager
@@ -153,7 +154,7 @@ def test_fit_at_nfe_4_runs_end_to_end(fitted, tables_dir, name):
     assert table.nfe == 4 and torch.equal(table.tau, result.tuned.tau) and not table.is_identity
     meta = table.metadata
     assert meta["latent"] and meta["held_out_space"] == "images decoded by the VAE"
-    assert {"gap_plain", "gap_tuned"} <= set(meta["held_out"]) and "fd_plain" not in meta["held_out"]
+    assert "x0_gap" in meta["held_out"] and "dist_gap" not in meta["held_out"]  # no feature extractor by default
     assert meta["guidance_scale"] == {"sd": 7.5, "sd-v": 5.0, "dit": 4.0}[name]
     assert meta["conditioning"]["kind"] == ("class" if name == "dit" else "text")
     assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
@@ -389,14 +390,14 @@ def test_eval_of_a_text_to_image_table(sd_folders, fitted, tables_dir, small_ima
     """Guided at the table's scale, on its held-out prompts; gaps in latent space, FD/KID on decoded images."""
     record = _eval_json(["--table", str(tables_dir / "sd.safetensors"), "--model", str(sd_folders["sd"]),
                          "--n", "6", "--gap-n", "4", "--reference-steps", "8", "--fid", "--ref", str(small_images),
-                         "--features", FEATURES, "--bootstrap", "20"])
+                         "--features", FEATURES, "--bootstrap", "20", "--reference-n", "6"])
     assert record["conditioning"] == f"{len(EVAL_PROMPTS)} held-out prompts, guidance 7.5"
-    assert record["gap_space"] == "latent space"
-    assert len(record["gap_plain"]) == len(record["gap_tuned"]) == len(record["state_times"]) >= 4
-    assert record["gap_plain"] != record["gap_tuned"]  # the tuned τ changes the trajectory
-    for name in ("x0_gap_change", "fd_change", "kid_change"):
+    assert record["trajectory_gap_space"] == "latent space"
+    assert len(record["trajectory_gap_plain"]) == len(record["trajectory_gap_tuned"]) == len(record["state_times"]) >= 4
+    assert record["trajectory_gap_plain"] != record["trajectory_gap_tuned"]  # the tuned τ changes the trajectory
+    for name in ("x0_gap", "dist_gap", "data_fd"):
         assert record[name]["low"] <= record[name]["change"] <= record[name]["high"]
-    assert record["fd_plain"] > 0 and "fd_reference" not in record  # the reference runs on the first 4 only
+    assert record["data_fd"]["plain"] > 0 and record["reference_n"] == 6 and record["gap_n"] == 4
 
 
 def test_eval_conditioning_follows_the_samples_through_the_gap_split(sd_pipe, sd_folders, fitted, tables_dir):
@@ -421,12 +422,12 @@ def test_report_of_a_class_conditional_table(dit_folder, fitted, tables_dir, sma
     result = runner.invoke(app, ["report", str(tables_dir / "dit.safetensors"), "--model", str(dit_folder),
                                  "--out", str(out), "--n", "4", "--gap-n", "4", "--reference-steps", "6",
                                  "--nfes", "3", "--ref", str(small_images), "--features", FEATURES,
-                                 "--bootstrap", "10", "--class-labels", "3,9"])
+                                 "--bootstrap", "10", "--class-labels", "3,9", "--reference-n", "4"])
     assert result.exit_code == 0, result.output
     check_report(out)
     record = json.loads((out / "report.json").read_text())
     assert record["conditioning"] == "class labels 3,9, guidance 4"
-    assert [row["nfe"] for row in record["fd_vs_nfe"]] == [3, 4]
+    assert [row["nfe"] for row in record["gap_vs_nfe"]] == [3, 4]
     assert "class labels 3,9, guidance 4" in (out / "report.md").read_text()
 
 

@@ -224,7 +224,7 @@ def tiny_table(tiny_run, tmp_path_factory):
     from timetuner.fitting import fit
 
     out = tmp_path_factory.mktemp("table") / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
+    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
         reference_steps=5, force=True)
     return out
 
@@ -235,14 +235,16 @@ def test_eval_fid_against_a_reference_folder(tiny_run, tiny_table, held_out_fold
                                  "--bootstrap", "50", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
-    assert record["n"] == 24 and record["gap_n"] == 8 and str(held_out_folder) in record["fd_measure"]
-    for key in ("fd_change", "kid_change", "x0_gap_change"):
+    assert record["n"] == 24 and record["gap_n"] == 8 and str(held_out_folder) in record["data_measure"]
+    for key in ("dist_gap", "data_fd", "x0_gap"):
         change = record[key]
         assert change["low"] <= change["change"] <= change["high"], key
+    assert record["reference_n"] == 500 and set(record["dist_kid"]) == {"plain", "tuned"}
     text = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(tiny_table), "--fid", "--ref",
                                str(held_out_folder), "--n", "24", "--gap-n", "8", "--reference-steps", "10",
                                "--bootstrap", "50"])
-    assert text.exit_code == 0 and "KID: plain" in text.output and "95 % CI [" in text.output
+    assert text.exit_code == 0 and "; KID " in text.output and "95 % CI [" in text.output
+    assert "distribution gap" in text.output and "data FD (secondary" in text.output
 
 
 @pytest.mark.parametrize("args, expected", [

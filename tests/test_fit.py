@@ -18,7 +18,7 @@ from timetuner.tuning import adam_search, golden_search
 tuning = importlib.import_module("timetuner.tuning")
 evaluation = importlib.import_module("timetuner.evaluation")
 fitting = importlib.import_module("timetuner.fitting")
-FAST = dict(samples=16, eval_samples=16, reference_steps=10, search_points=5, search_refine=4)
+FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5, search_refine=4)
 PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
 
@@ -43,13 +43,13 @@ def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
     assert len(result.rows) == table.nfe == len(table.tau)
     assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
     assert not table.is_identity
-    assert {"gap_plain", "gap_tuned", "fd_plain", "fd_tuned"} <= set(result.held_out)
+    assert {"x0_gap", "dist_gap", "data_fd"} <= set(result.held_out) and result.held_out["reference_n"] == 500
     assert table.metadata["model_hash"] and table.metadata["strategy"] == "sequential"
 
 
 def test_sequential_cost_is_linear_in_the_number_of_evaluations(tiny_run, monkeypatch):
     # Held-out evaluation and reference costs scale with K too; count only what the per-τ fit spends.
-    monkeypatch.setattr(evaluation, "held_out_verdict", lambda *a, **k: {"gap_plain": 1.0, "gap_tuned": 0.5})
+    monkeypatch.setattr(fitting.Run, "verdict", lambda *a, **k: {"x0_gap": {"plain": 1.0, "tuned": 0.5}})
     costs = {}
     for nfe in (2, 6):
         costs[nfe] = fit(str(tiny_run), progress=False, nfe=nfe, **PAPER).network_evaluations
@@ -70,7 +70,7 @@ def test_parallel_strategy_uses_data_and_other_objectives_run(tiny_run):
 
 
 def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "held_out_verdict", lambda *a, **k: {"gap_plain": 0.5, "gap_tuned": 0.6})
+    monkeypatch.setattr(fitting.Run, "verdict", lambda *a, **k: {"x0_gap": {"plain": 0.5, "tuned": 0.6}})
     result = fit(str(tiny_run), out=tmp_path / "t.safetensors", progress=False, nfe=2, **PAPER)
     assert not result.better and TauTable.load(tmp_path / "t.safetensors").is_identity
     forced = fit(str(tiny_run), out=tmp_path / "f.safetensors", progress=False, nfe=2, force=True, **PAPER)
@@ -162,10 +162,10 @@ def test_fitted_table_changes_pipeline_output(tiny_run):
 def test_cli_fit_json_and_table_file(tiny_run, tmp_path):
     out = tmp_path / "t.safetensors"
     result = runner.invoke(app, ["fit", "--model", str(tiny_run), "--nfe", "2", "--samples", "8", "--eval-samples",
-                                 "8", "--reference-steps", "5", "--out", str(out), "--json"])
+                                 "8", "--reference-steps", "5", "--reference-n", "500", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(next(line for line in result.output.splitlines() if line.startswith('{"out"')))
-    assert record["out"] == str(out) and len(record["tau"]) == 2 and "gap_plain" in record["held_out"]
+    assert record["out"] == str(out) and len(record["tau"]) == 2 and "x0_gap" in record["held_out"]
     assert TauTable.load(out).nfe == 2
 
 

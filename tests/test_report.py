@@ -69,8 +69,8 @@ def tiny_tables(tiny_run, tmp_path_factory):
     paths = []
     for nfe in (3, 4):
         out = folder / f"t{nfe}.safetensors"
-        fit(str(tiny_run), out=out, progress=False, nfe=nfe, objective="paper", samples=8, eval_samples=8,
-            reference_steps=5, force=True)
+        fit(str(tiny_run), out=out, progress=False, nfe=nfe, objective="paper", samples=8, reference_n=500,
+            eval_samples=8, reference_steps=5, force=True)
         paths.append(out)
     return paths
 
@@ -82,12 +82,13 @@ def test_report_for_a_table_with_a_sibling(tiny_run, tiny_tables, tmp_path):
                                  "--n", "16", "--reference-steps", "10", "--nfes", "2,3", "--bootstrap", "50"])
     assert result.exit_code == 0, result.output
     page = check_report(out)
-    assert any("FD against steps" in h for h in page.headings)
+    assert any("Distribution gap to the reference sampler against steps" in h for h in page.headings)
     assert any("95 % paired bootstrap" in h for h in page.headings)
     record = json.loads((out / "report.json").read_text())
-    assert [row["nfe"] for row in record["fd_vs_nfe"]] == [2, 3, 4]
-    assert "fd_tuned" in record["fd_vs_nfe"][2] and "fd_tuned" not in record["fd_vs_nfe"][0]
-    assert record["x0_gap_change"]["low"] <= record["x0_gap_change"]["high"]
+    assert [row["nfe"] for row in record["gap_vs_nfe"]] == [2, 3, 4]
+    assert "tuned" in record["gap_vs_nfe"][2] and "tuned" not in record["gap_vs_nfe"][0]
+    assert record["gap_vs_nfe"][2]["dist_gap"]["low"] <= record["gap_vs_nfe"][2]["dist_gap"]["high"]
+    assert record["x0_gap"]["low"] <= record["x0_gap"]["high"]
     # the τ table is on the page: one row per network evaluation, τ − t signed
     assert sum(1 for cell in page.cells if re.fullmatch(r"[+-]\d+\.\d{3}", cell)) >= 3
 
@@ -98,7 +99,7 @@ def test_report_refuses_tables_of_another_solver(tiny_run, tiny_tables, tmp_path
 
     other = tmp_path / "dpm2.safetensors"
     fit(str(tiny_run), out=other, progress=False, nfe=3, scheduler="dpm2", objective="paper", samples=4,
-        eval_samples=4, reference_steps=3, force=True)
+        reference_n=500, eval_samples=4, reference_steps=3, force=True)
     result = runner.invoke(app, ["report", str(tiny_tables[0]), str(other), "--model", str(tiny_run), "--out",
                                  str(tmp_path / "r")])
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -112,8 +113,9 @@ def test_report_for_the_embedded_models_default_table(tmp_path):
 
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", str(DEFAULT_TABLE), "--out", str(out), "--n", "64", "--gap-n", "32",
-                                 "--reference-steps", "100", "--nfes", "5,10", "--bootstrap", "50"])
+                                 "--reference-n", "64", "--reference-steps", "100", "--nfes", "5,10",
+                                 "--bootstrap", "50"])
     assert result.exit_code == 0, result.output
     page = check_report(out)
-    assert len(page.images) == 4  # τ shift, gap per step, FD against steps, samples
+    assert len(page.images) == 4  # τ shift, gap per step, distribution gap against steps, samples
     assert "embedded:digits-ddpm" in page.cells

@@ -65,15 +65,15 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
     from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
+    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
         reference_steps=5, force=True)
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "8",
                                  "--reference-steps", "20", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
-    assert len(record["gap_plain"]) == len(record["gap_tuned"]) == 3 + 1  # x_T and after each evaluation
-    assert record["gap_plain"][0] == 0.0  # both start from the same x_T
-    assert {"fd_plain", "fd_tuned", "x0_gap_plain", "x0_gap_tuned"} <= set(record)
+    assert len(record["trajectory_gap_plain"]) == len(record["trajectory_gap_tuned"]) == 3 + 1  # x_T, each evaluation
+    assert record["trajectory_gap_plain"][0] == 0.0  # both start from the same x_T
+    assert {"dist_gap", "data_fd", "x0_gap"} <= set(record)
 
 
 @pytest.mark.slow  # a 1000-step reference and bootstrap (~17 s)
@@ -81,14 +81,15 @@ def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
     from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, eval_samples=8,
+    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
         reference_steps=5, force=True)
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "16",
                                  "--reference-steps", "20", "--bootstrap", "200", "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
-    x0_line = next(line for line in result.output.splitlines() if line.startswith("x0 gap:"))
-    fd_line = next(line for line in result.output.splitlines() if line.startswith("FD "))
-    assert "95 % CI [" in x0_line and "95 % CI [" in fd_line
+    lines = result.output.splitlines()
+    for start in ("distribution gap", "x0 gap", "data FD"):
+        line = next(line for line in lines if line.startswith(start))
+        assert "95 % CI [" in line, line
     from PIL import Image
 
     for name in ("tau_shift.png", "gap_per_step.png", "samples.png"):

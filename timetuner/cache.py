@@ -1,7 +1,10 @@
-"""The on-disk cache of computed tensors (reference samples and trajectories, reference features).
+"""The on-disk cache of computed tensors (reference samples, trajectories and feature sets, reference features).
 
 Entries are safetensors files under `$TIMETUNER_CACHE/references` (default `~/.cache/timetuner`), named by a hash
-of everything they depend on (model weights hash, configurations, seeds, counts), written atomically.
+of everything they depend on (model weights hash, configurations, seeds, counts), written atomically, and holding
+a SHA-256 of their own tensors: an entry whose contents do not match it (a truncated or altered file) is reported,
+deleted and recomputed, never used. `grown` keeps row sets that are extended on demand (the reference set of the
+distribution gap): the first n rows are the same whatever size the set has grown to.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
+
+import torch
 
 
 def cache_key(*parts) -> str:
@@ -22,20 +28,82 @@ def cache_path(key: str) -> Path:
     return root / f"{key}.safetensors"
 
 
-def cached(key: str | None, compute) -> dict:
-    """{name: tensor} from the cache under `key`, else `compute()` written there atomically (None: no cache)."""
-    from safetensors.torch import load_file, save_file
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read(key: str | None) -> dict | None:
+    """The entry under `key` if present and intact; a damaged one is reported, deleted and None returned."""
+    from safetensors import safe_open
 
     path = cache_path(key) if key else None
-    if path is not None and path.is_file():
-        try:
-            return load_file(path)
-        except Exception:  # a damaged cache entry is recomputed
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        if expected is None:  # written before entries carried their hash: recomputed, not trusted
             path.unlink(missing_ok=True)
-    tensors = compute()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+            return None
+        intact = digest(tensors) == expected
+    except Exception:  # a truncated or garbled file
+        intact = False
+    if intact:
+        return tensors
+    warnings.warn(f"cache entry {path} is damaged (its contents do not match its SHA-256); rebuilding it",
+                  stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def write(key: str | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Store `tensors` under `key` (atomically, with their SHA-256); nothing when key is None."""
+    from safetensors.torch import save_file
+
+    if key is None:
+        return
+    path = cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
+    os.replace(tmp, path)
+
+
+def cached(key: str | None, compute) -> dict:
+    """{name: tensor} from the cache under `key`, else `compute()` written there atomically (None: no cache)."""
+    tensors = read(key)
+    if tensors is None:
+        tensors = compute()
+        write(key, tensors)
     return tensors
+
+
+def grown(key: str | None, n: int, block: int, compute_block, progress=None) -> torch.Tensor:
+    """The first n rows of a row set computed `block` rows at a time (`compute_block(i)` → rows of block i).
+
+    The cached set is extended by the missing blocks only, so asking for more rows than are cached grows the cache
+    rather than recomputing it; `progress(done, total)` is called before the first new block and after each.
+    """
+    have = read(key)
+    rows = have["rows"] if have is not None else None
+    count = 0 if rows is None else rows.shape[0] // block
+    needed = -(-n // block)
+    new = []
+    if progress is not None and needed > count:
+        progress(0, needed - count)
+    for i in range(count, needed):
+        new.append(compute_block(i).detach().cpu())
+        if progress is not None:
+            progress(i + 1 - count, needed - count)
+    if new:
+        rows = torch.cat(([rows] if rows is not None else []) + new)
+        write(key, {"rows": rows})
+    return rows[:n]

@@ -23,7 +23,9 @@ from timetuner.metrics import (
 )
 
 FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
-KID_RESAMPLES = 50  # each KID resample runs clean-fid's 100 subsets
+DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (README "Resolution")
+DEFAULT_GAP_N = 256  # of which the first this many carry the x0 gap (a paired figure: precise at this size)
+DEFAULT_REFERENCE_N = 10_000  # samples of the converged sampler the distribution gap is measured against
 
 
 @dataclass(frozen=True)
@@ -37,24 +39,23 @@ class FidOptions:
 
 @dataclass
 class Measure:
-    """A feature extractor with its reference features (or statistics), ready to score sample sets."""
+    """A feature extractor with the features (or statistics) of a data reference set: the data FD and KID."""
 
     extractor: object
     reference: np.ndarray | tuple
     label: str
 
     @classmethod
-    def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0) -> Measure:
+    def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0,
+              extractor=None) -> Measure:
         from timetuner.fid import default_reference, load_extractor, reference_features
 
         ref = options.ref or default_reference(is_digits_model)
         if ref is None:
             raise UserError("--fid needs a reference set for this model; accepted: --ref FOLDER (or .zip, a "
                             "clean-fid .npz, digits:test)")
-        features = options.features
-        if features == "auto":
-            features = "digits" if is_digits_model else "inception"
-        extractor = load_extractor(features, options.inception_weights)
+        features = resolve_features(options.features, is_digits_model)
+        extractor = extractor or load_extractor(features, options.inception_weights)
         reference = reference_features(ref, extractor, n=n, seed=seed)
         return cls(extractor=extractor, reference=reference, label=f"{features} features vs {ref}")
 
@@ -69,7 +70,7 @@ class Measure:
     def features(self, images: torch.Tensor) -> np.ndarray:
         from timetuner.fid import tensor_features
 
-        return tensor_features(images, self.extractor)
+        return tensor_features(images.clamp(-1, 1), self.extractor)
 
     def fd(self, features: np.ndarray) -> float:
         return frechet_distance(features, self.stats)
@@ -79,6 +80,115 @@ class Measure:
             return None
         scale = self.extractor.kid_scale
         return kernel_distance(features / scale, self.reference / scale)
+
+
+def resolve_features(features: str, is_digits_model: bool) -> str:
+    """"auto" → the digits features for digits models, Inception otherwise; other names as given."""
+    return ("digits" if is_digits_model else "inception") if features == "auto" else features
+
+
+@dataclass
+class Yardstick:
+    """What every held-out figure is measured with — fit's verdict, `eval`, `report` and the benches alike.
+
+    - **distribution gap** (primary): FD, and KID, in feature space between a sampler's n final images and N
+      images of the converged reference sampler from their own noises (`reference`: the reference set's
+      features, `timetuner.reference.reference_set`, cached by model hash, sampler and seeds). This is the
+      error a sampler-tuning tool is responsible for, measurable as precisely as compute allows.
+    - **x0 gap** (primary, `judge`): RMS per image to the reference sampler's image from the same noise.
+    - **data FD** (secondary): against held-out data (`data`), as a user's usual FD; never the verdict alone.
+    """
+
+    extractor: object  # timetuner.fid.FeatureExtractor
+    label: str  # the feature space, e.g. "digits features"
+    reference: np.ndarray | None  # N×D features of the reference set (None: no distribution gap)
+    reference_label: str  # e.g. "dpm++-100"
+    data: Measure | None = None  # the data reference (data FD); same extractor
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        from timetuner.fid import tensor_features
+
+        return tensor_features(images.clamp(-1, 1), self.extractor)
+
+    @property
+    def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "_ref_stats"):
+            self._ref_stats = feature_statistics(self.reference)
+        return self._ref_stats
+
+    def dist_gap(self, features: np.ndarray) -> float:
+        return frechet_distance(features, self.reference_stats)
+
+    def dist_kid(self, features: np.ndarray) -> float:
+        scale = getattr(self.extractor, "kid_scale", 1.0)
+        return kernel_distance(features / scale, self.reference / scale)
+
+    def figures(self, features: np.ndarray) -> dict:
+        """{"dist_gap", "data_fd"} of one sampler's features (those measured)."""
+        out = {} if self.reference is None else {"dist_gap": self.dist_gap(features)}
+        if self.data is not None:
+            out["data_fd"] = self.data.fd(features)
+        return out
+
+    def changes(self, plain: np.ndarray, tuned: np.ndarray, bootstrap: int) -> dict:
+        """Paired changes plain → tuned, each with its 95 % bootstrap interval over the noises."""
+        out = {}
+        for name, statistic in (("dist_gap", None if self.reference is None else self.dist_gap),
+                                ("data_fd", None if self.data is None else self.data.fd)):
+            if statistic is not None:
+                out[name] = paired_bootstrap(plain, tuned, statistic=statistic,
+                                             resamples=min(bootstrap, FD_RESAMPLES))
+        return out
+
+    def describe(self) -> dict:
+        out = {"measure": self.label}
+        if self.reference is not None:
+            out["reference_n"] = int(self.reference.shape[0])
+        if self.data is not None:
+            out["data_measure"] = self.data.label
+        return out
+
+
+def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
+                    options: FidOptions | None = None, data: bool = True, progress: bool = True,
+                    data_n: int | None = None) -> Yardstick | None:
+    """The yardstick of `model` (a `timetuner.loading.ModelSetup`): its reference set of `reference_n` samples of
+    the `reference` solver at `reference_steps` (grown in the cache with a progress bar where short), and its data
+    reference (a seeded subset of `data_n` images; all by default); None where no feature extractor applies
+    (features "none", or "auto" on a non-digits model with no data reference given)."""
+    from tqdm.auto import tqdm
+
+    from timetuner.fid import load_extractor, tensor_features
+    from timetuner.reference import REFERENCE_SET_SEED, reference_block, reference_set
+
+    options = options or FidOptions()
+    if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
+        return None
+    name = resolve_features(options.features, model.is_digits)
+    extractor = load_extractor(name, options.inception_weights)
+    data = data and (options.ref is not None or model.is_digits)
+    measure = Measure.build(options, model.is_digits, data_n, extractor=extractor) if data else None
+    features = None
+    if reference_n > 0:
+        block = reference_block(reference_n)
+        key = reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
+                            REFERENCE_SET_SEED, block, extractor.name)
+        bar = None
+
+        def advance(done: int, total: int) -> None:  # a bar only when blocks are computed (not on a cache hit)
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total * block, desc=f"reference set {reference}-{reference_steps}",
+                           disable=not progress, dynamic_ncols=True, leave=False)
+            bar.update(block if done else 0)
+
+        rows = reference_set(denoiser_for, model.base_config, reference, reference_steps, reference_n,
+                             lambda images: tensor_features(images, extractor), key,
+                             images=model.images if model.vae is not None else None, progress=advance)
+        if bar is not None:
+            bar.close()
+        features = rows.numpy()
+    return Yardstick(extractor, f"{name} features", features, f"{reference}-{reference_steps}", measure)
 
 
 @dataclass
@@ -120,6 +230,10 @@ class Setup:
         self.scheduler_name, self.trajectory = self.sampler.name, self.sampler.trajectory
         self.weights = self.model.weights
         self.is_digits = self.model.is_digits
+        self.fitted = self.table.metadata.get("fit_config", {})
+        self.reference = self.fitted.get("reference", "dpm++")  # the fit's reference solver: the same figures
+        self.reference_steps = int(self.fitted.get("reference_steps", 100))
+        self.reference_label = f"{self.reference}-{self.reference_steps}"
 
     def _conditioner(self, prompts, class_labels, negative_prompt):
         """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
@@ -132,7 +246,7 @@ class Setup:
                                                 "--negative-prompt": negative_prompt})
         if self.kind is None:
             self.conditioning_label = None
-            return lambda n: None
+            return lambda n, lo=0: None
         if meta.get("guidance_scale") is None:
             raise UserError(f"table {self.path!r} records no guidance scale, so it was not fitted for this "
                             "conditional model; accepted: a table from `timetuner fit` on this model")
@@ -148,17 +262,38 @@ class Setup:
                            "fitted on")
             negative = fitted.get("negative_prompt", "") if negative_prompt is None else negative_prompt
             self.conditioning_label = f"{len(chosen)} held-out prompts, {scale}"
-            return lambda n: conditioning_for("text", pipe, network, tuple(chosen), n, negative)
+            return lambda n, lo=0: conditioning_for("text", pipe, network, _rotated(chosen, lo), n, negative)
         labels = list(class_labels if class_labels is not None else fitted.get("eval_class_labels") or [])
         if not labels:
             raise UserError("--class-labels is empty and the table records none; accepted: class labels separated "
                             "by commas, e.g. 207,360,387")
         self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
-        return lambda n: conditioning_for("class", pipe, network, tuple(labels), n)
+        return lambda n, lo=0: conditioning_for("class", pipe, network, _rotated(labels, lo), n)
 
     def conditioning(self, n: int):
         """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
         return self._conditioning(n)
+
+    def denoiser_for(self, lo: int, hi: int):
+        """The denoiser of samples lo…hi−1 of a held-out set (their conditioning; reference sets)."""
+        cond = self._conditioning(hi - lo, lo)
+        return self.den if cond is None else self.den.bind(cond)
+
+    def yardstick(self, options: FidOptions | None = None, reference_n: int | None = None, data: bool = True,
+                  progress: bool = True, data_n: int | None = None) -> Yardstick | None:
+        """This model's yardstick (`build_yardstick`) against the table's reference solver."""
+        n = int(self.fitted.get("reference_n", DEFAULT_REFERENCE_N)) if reference_n is None else reference_n
+        return build_yardstick(self.model, self.denoiser_for, self.reference, self.reference_steps, n, options,
+                               data, progress, data_n)
+
+    @property
+    def default_n(self) -> int:
+        """The fit's held-out sample count (what `eval` and `report` measure by default)."""
+        return int(self.fitted.get("eval_samples", DEFAULT_N))
+
+    @property
+    def default_gap_n(self) -> int:
+        return int(self.fitted.get("eval_gap_samples", DEFAULT_GAP_N))
 
     def view(self, solver, conditioning, lo: int, hi: int):
         """`solver` running samples lo…hi−1 of a batch conditioned by `conditioning` (itself if unconditional)."""
@@ -187,6 +322,13 @@ class Setup:
         return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
 
 
+def _rotated(rows, lo: int) -> tuple:
+    """rows rotated so that sample lo of a set takes row lo mod P (sample i: row i mod P)."""
+    rows = list(rows)
+    k = lo % len(rows)
+    return tuple(rows[k:] + rows[:k])
+
+
 def check_siblings(table, others: list, paths: list[str], first: str) -> None:
     """Refuse tables that cannot join `table`'s FD-against-steps plot: another solver, grid or guidance scale."""
     mine = table.metadata
@@ -209,12 +351,17 @@ def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int = 1000, seed: int | None = None,
-             bootstrap: int = 1000, measure: Measure | None = None) -> Evaluation:
-    """Gap per state and at x0 (first min(n, gap_n) noises), FD and KID (all n) of plain vs tuned sampling."""
+def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, reference_steps: int = 1000,
+             seed: int | None = None, bootstrap: int = 1000, yardstick: Yardstick | None = None) -> Evaluation:
+    """Plain against tuned on held-out noises: the yardstick's figures (`judge`: x0 gap on the first gap_n,
+    distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per state
+    to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
+    tuned sampler is closer)."""
     from timetuner.cache import cache_key
     from timetuner.reference import reference_trajectory
 
+    n = setup.default_n if n is None else n
+    gap_n = setup.default_gap_n if gap_n is None else gap_n
     _check(n, gap_n, reference_steps, bootstrap)
     noise, seed = setup.noise(n, seed)
     cond = setup.conditioning(n)
@@ -224,54 +371,36 @@ def evaluate(setup: Setup, n: int = 256, gap_n: int = 256, reference_steps: int 
     key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
                     *setup.key_parts(cond))
     refs = reference_trajectory(head, noise[:g], reference_steps, key=key)
-    pixels = setup.vae is None
-    plain = truncation_gap(head, noise[:g], refs, clamp=pixels)
-    tuned = truncation_gap(head, noise[:g], refs, taus, clamp=pixels)
-    record = {"table": setup.path, "steps": setup.table.num_inference_steps, "n": n, "gap_n": g, "seed": seed,
-              "reference": f"ddim-{reference_steps}", "gap_space": setup.space,
-              "conditioning": setup.conditioning_label,
-              "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],
-              "gap_plain": plain["per_state"], "gap_tuned": tuned["per_state"],
-              "x0_gap_plain": plain["x0"], "x0_gap_tuned": tuned["x0"],
-              "x0_gap_change": paired_bootstrap(plain["x0_per_sample"].numpy(), tuned["x0_per_sample"].numpy(),
-                                                resamples=bootstrap)}
-    plain_final, tuned_final = plain["final"], tuned["final"]
+    plain = truncation_gap(head, noise[:g], refs, clamp=setup.vae is None)
+    tuned = truncation_gap(head, noise[:g], refs, taus, clamp=setup.vae is None)
+    finals = [plain["final"], tuned["final"]]
     if n > g:
         tail = setup.view(setup.sampler, cond, g, n)
-        plain_final = torch.cat([plain_final, tail.rollout(noise[g:])])
-        tuned_final = torch.cat([tuned_final, tail.rollout(noise[g:], taus)])
-    plain_final, tuned_final = setup.images(plain_final), setup.images(tuned_final)
-    if measure is not None:
-        record.update(_distances(measure, plain_final, tuned_final, bootstrap))
-        if g == n:  # the fine reference sampler on the same noises: the yardstick tuning can approach
-            record["fd_reference"] = measure.fd(measure.features(setup.images(refs[-1]).clamp(-1, 1)))
-            excess = record["fd_plain"] - record["fd_reference"]
-            if excess > 0:
-                record["fd_headroom_removed"] = (record["fd_plain"] - record["fd_tuned"]) / excess
-    return Evaluation(record, plain_final.clamp(-1, 1), tuned_final.clamp(-1, 1))
-
-
-def _distances(measure: Measure, plain_final: torch.Tensor, tuned_final: torch.Tensor, bootstrap: int) -> dict:
-    fa, fb = measure.features(plain_final.clamp(-1, 1)), measure.features(tuned_final.clamp(-1, 1))
-    fd = paired_bootstrap(fa, fb, statistic=measure.fd, resamples=min(bootstrap, FD_RESAMPLES))
-    out = {"fd_measure": measure.label, "fd_plain": fd["plain"], "fd_tuned": fd["tuned"], "fd_change": fd}
-    if not isinstance(measure.reference, tuple):
-        kid = paired_bootstrap(fa, fb, statistic=measure.kid, resamples=min(bootstrap, KID_RESAMPLES))
-        out.update(kid_plain=kid["plain"], kid_tuned=kid["tuned"], kid_change=kid)
-    return out
+        finals = [torch.cat([f, tail.rollout(noise[g:], tt)]) for f, tt in zip(finals, (None, taus), strict=True)]
+    ref_final = reference_final(setup.model, head.den, setup.reference, setup.reference_steps, noise[:g], seed)
+    images = [setup.images(f) for f in finals]
+    record = {"table": setup.path, "steps": setup.table.num_inference_steps, "seed": seed,
+              "conditioning": setup.conditioning_label,
+              "trajectory_reference": f"ddim-{reference_steps}", "trajectory_gap_space": setup.space,
+              "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],
+              "trajectory_gap_plain": plain["per_state"], "trajectory_gap_tuned": tuned["per_state"],
+              **judge(yardstick, images[0], images[1], setup.images(ref_final), setup.reference_label, bootstrap)}
+    return Evaluation(record, images[0].clamp(-1, 1), images[1].clamp(-1, 1))
 
 
 @torch.no_grad()
-def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list | None = None, n: int = 256,
-                  seed: int | None = None, bootstrap: int = 200) -> list[dict]:
-    """FD of plain sampling at each NFE, and of each tuned table (same solver and trajectory) at its NFE.
+def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: list | None = None,
+                   n: int | None = None, seed: int | None = None, bootstrap: int = 200) -> list[dict]:
+    """The distribution gap (and data FD) of plain sampling at each NFE, and of each tuned table (same solver and
+    trajectory) at its NFE, from the same held-out noises.
 
-    Rows {"nfe", "fd_plain"[, "fd_tuned", "fd_change" (paired interval)]}, from the same held-out noises.
+    Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
     """
     from timetuner.solver import Solver
 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
+    n = setup.default_n if n is None else n
     noise, _ = setup.noise(n, seed)
     cond = setup.conditioning(n)
     by_steps = {t.num_inference_steps: t for t in [setup.table, *(tables or [])]}
@@ -279,73 +408,111 @@ def fd_versus_nfe(setup: Setup, measure: Measure, nfes: list[int], tables: list 
     for nfe in sorted(set(nfes) | set(by_steps)):
         sampler = Solver.named(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
         run = setup.view(sampler, cond, 0, n)
-        plain = measure.features(setup.images(run.rollout(noise)).clamp(-1, 1))
-        row = {"nfe": nfe, "fd_plain": measure.fd(plain)}
+        plain = yardstick.features(setup.images(run.rollout(noise)))
+        row = {"nfe": nfe, "plain": yardstick.figures(plain)}
         table = by_steps.get(nfe)
         if table is not None and not table.is_identity:
             table.check_scheduler(sampler.template)
-            tuned = measure.features(setup.images(run.rollout(noise, table.tau.float())).clamp(-1, 1))
-            change = paired_bootstrap(plain, tuned, statistic=measure.fd, resamples=min(bootstrap, FD_RESAMPLES))
-            row.update(fd_tuned=change["tuned"], fd_change=change)
+            tuned = yardstick.features(setup.images(run.rollout(noise, table.tau.float())))
+            row["tuned"] = yardstick.figures(tuned)
+            row.update(yardstick.changes(plain, tuned, bootstrap))
         rows.append(row)
     return rows
 
 
-def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, fd_rows: list[dict] | None = None
+def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_rows: list[dict] | None = None
                ) -> dict[str, Path]:
-    """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given rows, fd_vs_nfe."""
-    from timetuner.plots import save_fd_nfe_plot, save_gap_plot, save_side_by_side, save_tau_shift_plot
+    """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given `gap_versus_nfe` rows,
+    gap_vs_nfe (the distribution gap against steps; the data FD where there is no reference set)."""
+    from timetuner.plots import curve_rows, save_gap_plot, save_nfe_plot, save_side_by_side, save_tau_shift_plot
 
     folder, rec = Path(folder), evaluation.record
     label = f"{Path(setup.path).name}, {rec['gap_n']} noises"
     paths = {
         "tau_shift": save_tau_shift_plot(setup.table.t, setup.table.tau, folder / "tau_shift.png", label),
-        "gap_per_step": save_gap_plot(rec["state_times"], rec["gap_plain"], rec["gap_tuned"],
+        "gap_per_step": save_gap_plot(rec["state_times"], rec["trajectory_gap_plain"], rec["trajectory_gap_tuned"],
                                       folder / "gap_per_step.png", label),
         "samples": save_side_by_side(evaluation.plain_final[:64], evaluation.tuned_final[:64], folder / "samples.png"),
     }
-    if fd_rows:
+    if nfe_rows:
+        figure = "dist_gap" if "dist_gap" in nfe_rows[0]["plain"] else "data_fd"
         title = f"{setup.scheduler_name} / {setup.sampler.trajectory}, {rec['n']} noises"
-        paths["fd_vs_nfe"] = save_fd_nfe_plot(fd_rows, folder / "fd_vs_nfe.png", title, rec.get("fd_reference"),
-                                              f"{rec['reference'].upper()} reference")
+        ylabel = (f"distribution gap to {rec['reference']} (FD, {rec['measure']})" if figure == "dist_gap" else
+                  f"data FD ({rec.get('data_measure', '')})")
+        paths["gap_vs_nfe"] = save_nfe_plot(curve_rows(nfe_rows, figure), folder / "gap_vs_nfe.png", title,
+                                            rec.get("data_fd_reference") if figure == "data_fd" else None,
+                                            f"{rec['reference']} reference", ylabel)
     return paths
 
 
-@torch.no_grad()
-def held_out_verdict(solver, taus, noise, reference_final, extractor=None, images=None, resamples: int = 200) -> dict:
-    """x0 gap to the reference (RMS per sample, mean over samples) and FD, plain vs tuned, on held-out noise.
+def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor, seed: int) -> torch.Tensor:
+    """Final samples of the reference solver from `noise` (seed `seed`) — the one cache entry that fit's
+    verdict, `eval` and `report` share for the same model, reference, noises and conditioning."""
+    from timetuner.reference import reference_samples
 
-    `images` maps final samples to images (the VAE decoder for latent models; `reference_final` is given as
-    images then). Each change comes with a 95 % paired bootstrap interval over the noises ("gap_change",
-    "fd_change"); FD is in the digits-feature space against the held-out digits when `extractor` is given.
+    key = reference_key("samples", model, denoiser, kind, steps, seed, noise.shape[0])
+    return reference_samples(denoiser, model.base_config, noise, kind, steps, key)
+
+
+def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> str:
+    """The cache key of reference samples or a reference set: the model's weights hash and noise schedule, the
+    reference solver and steps, the sample shape and conditioning, and `parts` (seeds, counts, extractor)."""
+    from timetuner.cache import cache_key
+
+    return cache_key(what, model.weights, dict(model.base_config), kind, steps, *parts, list(denoiser.sample_shape),
+                     *denoiser.cache_parts())
+
+
+def judge(yardstick: Yardstick | None, plain: torch.Tensor, tuned: torch.Tensor, reference: torch.Tensor,
+          reference_label: str, bootstrap: int = 1000) -> dict:
+    """The held-out record of plain against tuned final images (n, same noises), the one measurement path.
+
+    x0 gap: RMS per image to the reference solver's image from the same noise (`reference`: the first g), mean
+    over the g; distribution gap: FD (and KID) of the n images' features against the reference set; data FD:
+    against held-out data. Each change with a 95 % paired bootstrap interval over the noises; `better`: the
+    verdict, decided on the x0 gap and the distribution gap (`is_better`).
     """
-    from timetuner.metrics import digits_features
-
-    out, gaps, feats = {}, {}, {}
-    for name, tt in (("plain", None), ("tuned", taus)):
-        final = solver.rollout(noise, None if tt is None else torch.tensor(tt))
-        final = final if images is None else images(final)
-        gaps[name] = (final.clamp(-1, 1) - reference_final.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3)).sqrt()
-        out[f"gap_{name}"] = float(gaps[name].mean())
-        if extractor is not None:
-            feats[name] = digits_features(final.clamp(-1, 1).cpu(), extractor)
-    out["gap_change"] = paired_bootstrap(gaps["plain"].cpu().numpy(), gaps["tuned"].cpu().numpy(),
-                                         resamples=resamples)
-    if extractor is not None:
-        from timetuner.data import load_digits_tensor
-
-        held_out_digits = feature_statistics(digits_features(load_digits_tensor("test")[0], extractor))
-        fd_change = paired_bootstrap(feats["plain"], feats["tuned"], resamples=resamples,
-                                     statistic=lambda rows: frechet_distance(rows, held_out_digits))
-        out.update(fd_plain=fd_change["plain"], fd_tuned=fd_change["tuned"], fd_change=fd_change)
-        out["fd_reference"] = frechet_distance(digits_features(reference_final.clamp(-1, 1).cpu(), extractor),
-                                               held_out_digits)
-    return out
+    g = reference.shape[0]
+    ref = reference.clamp(-1, 1)
+    gaps = [(x[:g].clamp(-1, 1) - ref).pow(2).mean(dim=tuple(range(1, x.ndim))).sqrt().cpu().numpy()
+            for x in (plain, tuned)]
+    record = {"reference": reference_label, "n": int(plain.shape[0]), "gap_n": g,
+              "x0_gap": paired_bootstrap(gaps[0], gaps[1], resamples=bootstrap)}
+    if yardstick is not None:
+        fa, fb = yardstick.features(plain), yardstick.features(tuned)
+        record.update(yardstick.describe(), **yardstick.changes(fa, fb, bootstrap))
+        record["dist_kid"] = {"plain": yardstick.dist_kid(fa), "tuned": yardstick.dist_kid(fb)}
+        if yardstick.data is not None and yardstick.reference is not None:
+            record["data_fd_reference"] = yardstick.data.fd(yardstick.reference[: record["n"]])
+    record["better"] = is_better(record)
+    return record
 
 
 def is_better(held: dict) -> bool:
-    """The verdict: a lower held-out x0 gap, and a lower FD where one was measured."""
-    better = held["gap_tuned"] < held["gap_plain"]
-    if "fd_tuned" in held:
-        better = better and held["fd_tuned"] < held["fd_plain"]
+    """The verdict: a lower held-out x0 gap, and a lower distribution gap where one was measured."""
+    better = held["x0_gap"]["tuned"] < held["x0_gap"]["plain"]
+    if "dist_gap" in held:
+        better = better and held["dist_gap"]["tuned"] < held["dist_gap"]["plain"]
     return better
+
+
+def describe_judgement(record: dict) -> list[str]:
+    """The held-out figures of a `judge` record as lines: distribution gap, x0 gap, data FD, each with its interval."""
+    from timetuner.metrics import describe_change
+
+    lines = []
+    if "dist_gap" in record:
+        kid = record.get("dist_kid", {})
+        lines.append(describe_change(f"distribution gap (FD, {record['measure']}, {record['n']} samples vs "
+                                     f"{record['reference_n']} of the {record['reference']} reference)",
+                                     record["dist_gap"], digits=3)
+                     + (f"; KID {kid['plain']:.5f} -> {kid['tuned']:.5f}" if kid else ""))
+    lines.append(describe_change(f"x0 gap (RMS to the {record['reference']} sample from the same noise, "
+                                 f"{record['gap_n']} samples)", record["x0_gap"]))
+    if "data_fd" in record:
+        line = describe_change(f"data FD (secondary; {record['data_measure']}, {record['n']} samples)",
+                               record["data_fd"], digits=3)
+        if "data_fd_reference" in record:
+            line += f"; reference sampler {record['data_fd_reference']:.3f}"
+        lines.append(line)
+    return lines

@@ -36,6 +36,7 @@ from timetuner.table import TauTable
 
 PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
 EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the fit's
+DEFAULT_EVAL_SAMPLES = 1000  # = timetuner.evaluation.DEFAULT_N (README "Resolution"); latent models: 256
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class FitConfig:
     objective: str | None = None
     optimizer: str = "search"
     samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
-    eval_samples: int = 256
+    eval_samples: int | None = None  # held-out noises; None: 1000 for pixel models, 256 for latent ones (README)
+    eval_gap_samples: int = 256  # of which the first this many carry the x0 gap (paired: precise at this size)
+    reference_n: int = 10_000  # samples of the reference solver the distribution gap is measured against
     seed: int = 0
     data: str | None = None  # parallel strategy: "digits" or an image folder; None: the model's own samples
     search_points: int = 7
@@ -100,7 +103,13 @@ def validate(config: FitConfig) -> None:
     check_choice("--optimizer", config.optimizer, OPTIMIZERS)
     check_choice("--reference", config.reference, ("dpm++", "ddim"))
     check_choice("--features", config.features, ("auto", "digits", "none"))
-    for name, value in (("--nfe", config.nfe), ("--samples", config.samples), ("--eval-samples", config.eval_samples),
+    for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
+        if value is not None and value < 2:
+            raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
+    if config.reference_n < 0:
+        raise UserError(f"--reference-n {config.reference_n} is invalid; accepted: integers >= 0 (0: no "
+                        "distribution gap)")
+    for name, value in (("--nfe", config.nfe), ("--samples", config.samples),
                         ("--reference-steps", config.reference_steps), ("--adam-iters", config.adam_iters),
                         ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
         if value < 1:
@@ -203,13 +212,10 @@ class Run:
 
     def reference(self, noise: torch.Tensor, seed: int, solver) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning)."""
-        from timetuner.cache import cache_key
-        from timetuner.reference import reference_samples
+        from timetuner.evaluation import reference_final
 
-        config, den = self.config, solver.den
-        key = cache_key("samples", self.model.weights, dict(self.model.base_config), config.reference,
-                        config.reference_steps, seed, noise.shape[0], list(den.sample_shape), *den.cache_parts())
-        return reference_samples(den, self.model.base_config, noise, config.reference, config.reference_steps, key)
+        return reference_final(self.model, solver.den, self.config.reference, self.config.reference_steps, noise,
+                               seed)
 
     def inputs(self):
         """What the objective and strategy fit against: noises, and the references they need."""
@@ -242,21 +248,45 @@ class Run:
         idx = torch.randint(0, len(data), (config.samples,), generator=torch.Generator().manual_seed(config.seed + 1))
         return data[idx].to(den.device)
 
-    def verdict(self, taus: list[float]) -> dict:
-        """Plain against tuned on the held-out noises (`timetuner.evaluation.held_out_verdict`)."""
-        from timetuner.evaluation import held_out_verdict
+    def held_out_denoiser(self, lo: int, hi: int):
+        """The denoiser of held-out samples lo…hi−1 (sample i: eval prompt or label i mod P), for reference sets."""
+        from timetuner.evaluation import _rotated
+        from timetuner.prompts import conditioning_for
 
-        model, config = self.model, self.config
-        extractor = None
-        if model.vae is None and (config.features == "digits" or (config.features == "auto" and model.is_digits)):
-            from timetuner.features import load_digits_features
+        config, model = self.config, self.model
+        if model.kind is None:
+            return model.denoiser
+        rows = config.eval_prompts if model.kind == "text" else config.eval_class_labels
+        return model.denoiser.bind(conditioning_for(model.kind, model.pipeline, model.network, _rotated(rows, lo),
+                                                    hi - lo, config.negative_prompt))
 
-            extractor = load_digits_features()
-        reference_final = self.reference(self.eval_noise, self.eval_seed, self.eval_solver)
-        if model.vae is None:
-            return held_out_verdict(self.eval_solver, taus, self.eval_noise, reference_final, extractor)
-        return held_out_verdict(self.eval_solver, taus, self.eval_noise, model.images(reference_final),
-                                images=model.images)
+    def yardstick(self, progress: bool = True):
+        """The model's yardstick for the verdict (`timetuner.evaluation.build_yardstick`), None without features."""
+        from timetuner.evaluation import FidOptions, build_yardstick
+
+        config, model = self.config, self.model
+        features = "digits" if config.features == "auto" and model.is_digits and model.vae is None else config.features
+        if features == "auto":
+            return None
+        return build_yardstick(model, self.held_out_denoiser, config.reference, config.reference_steps,
+                               config.reference_n, FidOptions(features=features), progress=progress)
+
+    def verdict(self, taus: list[float], progress: bool = True) -> dict:
+        """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`)."""
+        from timetuner.evaluation import judge
+
+        config, model, n = self.config, self.model, self.config.eval_samples
+        g = min(config.eval_gap_samples, n)
+        cond = self.conditioning[1]
+        head, tail = ((self.eval_solver, self.eval_solver) if cond is None else
+                      [self.eval_solver.on(model.denoiser.bind(cond.slice(lo, hi))) for lo, hi in ((0, g), (g, n))])
+        reference = self.reference(self.eval_noise[:g], self.eval_seed, head)
+        finals = []
+        for tt in (None, torch.tensor(taus, dtype=torch.float32)):  # as `timetuner eval` runs them: first g, the rest
+            parts = [head.rollout(self.eval_noise[:g], tt)] + ([tail.rollout(self.eval_noise[g:], tt)] if n > g else [])
+            finals.append(model.images(torch.cat(parts)))
+        return judge(self.yardstick(progress), finals[0], finals[1], model.images(reference),
+                     f"{config.reference}-{config.reference_steps}")
 
 
 def prepare(config: FitConfig, model) -> Run:
@@ -267,6 +297,8 @@ def prepare(config: FitConfig, model) -> Run:
 
     den, kind = model.denoiser, model.kind
     config = resolve_conditioning(config, kind, repr(model.name), model.network)
+    if config.eval_samples is None:
+        config = dataclasses.replace(config, eval_samples=DEFAULT_EVAL_SAMPLES if model.vae is None else 256)
     if model.vae is not None:
         if config.features == "digits":
             raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "
@@ -323,7 +355,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     taus, rows = OBJECTIVES[config.objective].fit(run.solver, config, run.inputs(), store.load(), report)
     report.close()
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
-    held = run.verdict(taus)
+    held = run.verdict(taus, progress)
     from timetuner.evaluation import is_better
 
     better = is_better(held)

@@ -119,16 +119,30 @@ def save_gap_plot(times: list[float], plain: list[float], tuned: list[float], pa
     return save_figure(fig, path)
 
 
-def draw_fd_nfe(ax, rows: list[dict], reference: float | None = None, reference_label: str = "reference sampler"
-                ) -> None:
-    """FD against steps on `ax`: the plain sampler as a line, tuned tables as points whose error bar is the paired
-    95 % interval of their change, rows {"nfe", "fd_plain"[, "fd_tuned", "fd_change": {change, low, high}]}."""
+def curve_rows(rows: list[dict], figure: str) -> list[dict]:
+    """`timetuner.evaluation.gap_versus_nfe` rows as the curve of one figure ("dist_gap" or "data_fd"):
+    {"nfe", "plain"[, "tuned", "change": {change, low, high}]}."""
+    out = []
+    for row in rows:
+        if figure not in row["plain"]:
+            continue
+        point = {"nfe": row["nfe"], "plain": row["plain"][figure]}
+        if "tuned" in row:
+            point.update(tuned=row["tuned"][figure], change=row.get(figure))
+        out.append(point)
+    return out
+
+
+def draw_nfe_curve(ax, rows: list[dict], reference: float | None = None, reference_label: str = "reference sampler",
+                   plain_label: str = "plain") -> None:
+    """A figure against steps on `ax`: the plain sampler as a line, tuned tables as points whose error bar is the
+    paired 95 % interval of their change; rows {"nfe", "plain"[, "tuned", "change": {change, low, high}]}."""
     rows = sorted(rows, key=lambda r: r["nfe"])
-    ax.plot([r["nfe"] for r in rows], [r["fd_plain"] for r in rows], marker="o", ms=4, label="plain")
-    tuned = [r for r in rows if r.get("fd_tuned") is not None]
+    ax.plot([r["nfe"] for r in rows], [r["plain"] for r in rows], marker="o", ms=4, label=plain_label)
+    tuned = [r for r in rows if r.get("tuned") is not None]
     if tuned:
-        c = [r.get("fd_change") or {"change": 0.0, "low": 0.0, "high": 0.0} for r in tuned]
-        ax.errorbar([r["nfe"] for r in tuned], [r["fd_tuned"] for r in tuned],
+        c = [r.get("change") or {"change": 0.0, "low": 0.0, "high": 0.0} for r in tuned]
+        ax.errorbar([r["nfe"] for r in tuned], [r["tuned"] for r in tuned],
                     yerr=[[x["change"] - x["low"] for x in c], [x["high"] - x["change"] for x in c]],
                     fmt="s", ms=5, capsize=3, color="tab:orange", label="tuned (95 % CI of the change)")
     if reference is not None:
@@ -137,11 +151,11 @@ def draw_fd_nfe(ax, rows: list[dict], reference: float | None = None, reference_
     ax.grid(alpha=0.3)
 
 
-def save_fd_nfe_plot(rows: list[dict], path: str | Path, title: str = "", reference: float | None = None,
-                     reference_label: str = "reference sampler", ylabel: str = "FD") -> Path:
-    """FD against steps, plain and tuned (see `draw_fd_nfe`), as one PNG."""
+def save_nfe_plot(rows: list[dict], path: str | Path, title: str = "", reference: float | None = None,
+                  reference_label: str = "reference sampler", ylabel: str = "distribution gap") -> Path:
+    """A figure against steps, plain and tuned (see `draw_nfe_curve`), as one PNG."""
     fig, ax = _figure()
-    draw_fd_nfe(ax, rows, reference, reference_label)
+    draw_nfe_curve(ax, rows, reference, reference_label)
     ax.set_xlabel("steps (num_inference_steps; NFE for DDIM, DPM-Solver-2)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

@@ -58,3 +58,38 @@ def reference_trajectory(solver: Solver, noise: torch.Tensor, steps: int, key: s
 
     tensors = cached(key, compute)
     return [tensors[f"s{i}"].to(noise.device) for i in range(len(times))]
+
+
+REFERENCE_SET_SEED = 7_000_000  # block i of a reference set: noises from seed REFERENCE_SET_SEED + i
+REFERENCE_SET_BLOCK = 500
+
+
+@torch.no_grad()
+def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, features, key: str | None,
+                  images=None, progress=None) -> torch.Tensor:
+    """Features of n final samples of the reference solver from their own noises: what the distribution gap is
+    measured against. Cached by `key` and grown block by block (`timetuner.cache.grown`): asking for more
+    samples than are cached computes only the missing blocks, and the first n are the same at any size.
+
+    `denoiser_for(lo, hi)`: the denoiser for samples lo…hi−1 (their conditioning); `features(images)` → N×D
+    array; `images` maps final samples to images (the VAE decoder for latent models); `progress(done, total)`.
+    """
+    from timetuner.cache import grown
+
+    size = reference_block(n)
+
+    def block(i: int) -> torch.Tensor:
+        lo, hi = i * size, (i + 1) * size
+        den = denoiser_for(lo, hi)
+        gen = torch.Generator().manual_seed(REFERENCE_SET_SEED + i)
+        noise = torch.randn((size, *den.sample_shape), generator=gen).to(den.device)
+        final = reference_samples(den, base_config, noise, kind, steps)
+        final = final if images is None else images(final)
+        return torch.as_tensor(features(final.clamp(-1, 1)), dtype=torch.float64)
+
+    return grown(key, n, size, block, progress)
+
+
+def reference_block(n: int) -> int:
+    """Samples per block of a reference set of n (part of its cache key): 500, or n for smaller sets."""
+    return min(REFERENCE_SET_BLOCK, n)

@@ -16,7 +16,7 @@ from timetuner.files import write_atomic
 PLOT_TITLES = {
     "tau_shift": "Learned shift τ − t per network evaluation",
     "gap_per_step": "Truncation gap to the reference trajectory per state, plain vs tuned (paper Fig. 2)",
-    "fd_vs_nfe": "FD against steps, plain sampler and tuned table(s)",
+    "gap_vs_nfe": "Distribution gap to the reference sampler against steps, plain sampler and tuned table(s)",
     "samples": "Samples from the same held-out noises: plain (left) | tuned (right)",
 }
 
@@ -33,19 +33,37 @@ def _interval(change: dict, digits: int = 4) -> str:
             f"{verdict}")
 
 
+FIGURES = (("distribution gap (FD to the reference sampler's samples)", "dist_gap"),
+           ("x0 gap (RMS to the reference sample, same noise)", "x0_gap"), ("data FD (secondary)", "data_fd"))
+
+
 def figure_rows(record: dict) -> list[list[str]]:
     """[figure, plain, tuned, change with its 95 % paired interval] for every before/after figure."""
     rows = []
-    for name, key in (("x0 gap (RMS to the reference)", "x0_gap"), ("FD", "fd"), ("KID", "kid")):
-        change = record.get(f"{key}_change")
+    for name, key in FIGURES:
+        change = record.get(key)
         if change is not None:
             rows.append([name, _fmt(change["plain"]), _fmt(change["tuned"]), _interval(change)])
-    for row in record.get("fd_vs_nfe", []):
-        if "fd_change" in row and row["nfe"] != record["steps"]:  # the table's own steps: already above
-            change = row["fd_change"]
-            rows.append([f"FD at {row['nfe']} steps", _fmt(change["plain"]), _fmt(change["tuned"]),
-                         _interval(change)])
+    for row in record.get("gap_vs_nfe", []):
+        for name, key in FIGURES:
+            if key in row and row["nfe"] != record["steps"]:  # the table's own steps: already above
+                change = row[key]
+                rows.append([f"{name} at {row['nfe']} steps", _fmt(change["plain"]), _fmt(change["tuned"]),
+                             _interval(change)])
     return rows
+
+
+def _held_out_summary(held: dict) -> str:
+    """The fit's verdict in one line; tables written before the distribution gap carry the older keys."""
+    parts = []
+    for label, key in (("distribution gap", "dist_gap"), ("x0 gap", "x0_gap"), ("data FD", "data_fd")):
+        if key in held:
+            parts.append(f"{label} {held[key]['plain']:.5g} → {held[key]['tuned']:.5g}")
+    if not parts and "gap_plain" in held:
+        parts.append(f"x0 gap {held['gap_plain']:.5f} → {held['gap_tuned']:.5f}")
+        if "fd_plain" in held:
+            parts.append(f"FD {held['fd_plain']:.3f} → {held['fd_tuned']:.3f}")
+    return ", ".join(parts)
 
 
 def metadata_rows(table, record: dict) -> list[list[str]]:
@@ -69,17 +87,17 @@ def metadata_rows(table, record: dict) -> list[list[str]]:
          "tuned τ"],
     ]
     if held:
-        rows.append(["fit's held-out verdict", f"x0 gap {held.get('gap_plain', float('nan')):.5f} → "
-                                               f"{held.get('gap_tuned', float('nan')):.5f}" +
-                     (f", FD {held['fd_plain']:.3f} → {held['fd_tuned']:.3f}" if "fd_plain" in held else "")])
+        rows.append(["fit's held-out verdict", _held_out_summary(held)])
     versions = meta.get("versions")
     if versions:
         rows.append(["versions", ", ".join(f"{k} {v}" for k, v in versions.items())])
     if record.get("conditioning"):
         rows.append(["conditioning", record["conditioning"]])
-    rows.append(["this evaluation", f"{record['n']} held-out noises (seed {record['seed']}), gap on {record['gap_n']} "
-                                    f"({record.get('gap_space', 'VP space')}), reference {record['reference']}" +
-                 (f", {record['fd_measure']}" if "fd_measure" in record else "")])
+    rows.append(["this evaluation", f"{record['n']} held-out noises (seed {record['seed']}), x0 gap on "
+                                    f"{record['gap_n']}, reference {record['reference']}"
+                 + (f" ({record['reference_n']} samples for the distribution gap, {record['measure']})"
+                    if "reference_n" in record else "")
+                 + (f", data: {record['data_measure']}" if "data_measure" in record else "")])
     return rows
 
 

@@ -225,8 +225,11 @@ def _check_output(config: TrainConfig) -> None:
 def _noise_scheduler(config: TrainConfig):
     from diffusers import DDPMScheduler
 
+    # clip_sample=False: DDIM built from a config that clips x0 at every step recomputes ε from the clipped x0,
+    # which at small σ adds haze that grows with the step count — the embedded model's 1000-step DDIM scored worse
+    # than 100 steps for that reason alone (assets/README.md). The solver's limit must be the model's ODE solution.
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                         prediction_type=config.prediction_type)
+                         prediction_type=config.prediction_type, clip_sample=False)
 
 
 def _target(noise_scheduler, x0, noise, t, prediction_type):
