@@ -5,9 +5,10 @@
 
 (a) default optimiser (search) vs the official Adam recipe: network evaluations, wall time, held-out paper loss
     and x0 gap, at NFE 10 on the same fit/held-out noises;
-(b) held-out x0 gap and FD, plain vs tuned, per objective, at NFE 5/10/20 for DDIM (uniform, trailing),
-    DPM-Solver-2 (log-SNR) and Heun (Karras), with the share of the excess FD over the reference sampler
-    that tuning removes ("headroom");
+(b) plain vs tuned, per objective, at NFE 5/10/20 for DDIM (uniform, trailing), DPM-Solver-2 (log-SNR), Heun
+    (Karras) and DPM-Solver++ 2M (Align-Your-Steps): the distribution gap to the converged sampler, the x0 gap and
+    the data FD (`timetuner.evaluation`, the yardstick fit and eval use), each the mean over --sets independent
+    held-out noise sets with a 95 % interval of the mean change (`evaluation.combine_sets`);
 (c) sampling time of a DDPMPipeline with the plain scheduler vs the TunedScheduler, and its network calls.
 """
 
@@ -61,50 +62,74 @@ def optimiser_comparison(args) -> None:
               "network_evaluations": result.network_evaluations, "seconds": round(seconds, 1),
               "held_out_paper_loss_plain": held_out_paper_loss(sampler, sampler.t.float(), noise),
               "held_out_paper_loss_tuned": held_out_paper_loss(sampler, result.tuned.tau.float(), noise),
-              "gap_plain": result.held_out["gap_plain"], "gap_tuned": result.held_out["gap_tuned"]})
+              "gap_plain": result.held_out["x0_gap"]["plain"], "gap_tuned": result.held_out["x0_gap"]["tuned"]})
+
+
+def figures(held: dict) -> dict:
+    """The three figures of a judge / combine_sets record, rounded, with their intervals (and per-set changes)."""
+    out = {}
+    for key in ("dist_gap", "x0_gap", "data_fd"):
+        if key in held:
+            v = held[key]
+            digits = 5 if key == "x0_gap" else 3
+            out[key] = {"plain": round(v["plain"], digits), "tuned": round(v["tuned"], digits),
+                        "change_pct": round(100 * v["change"] / v["plain"], 1),
+                        "ci": [round(v["low"], digits), round(v["high"], digits)], "significant": v["significant"]}
+            if "per_set" in v:
+                out[key]["per_set"] = [round(c, digits) for c in v["per_set"]]
+    return out
+
+
+def over_sets(table_path, taus, args) -> dict:
+    """Plain vs `taus` on --sets independent held-out noise sets (the table's own held-out seed first)."""
+    from timetuner.evaluation import Setup, combine_sets, held_out_figures
+    from timetuner.fitting import EVAL_SEED_OFFSET
+
+    setup = Setup(str(table_path), None)
+    yard = setup.yardstick(progress=False)
+    records = [held_out_figures(setup, yard, seed=args.seed + EVAL_SEED_OFFSET + 7919 * s, taus=taus)[0]
+               for s in range(args.sets)]
+    return combine_sets(records)
 
 
 def default_fit_time(args) -> None:
+    import tempfile
+
     from timetuner.fitting import fit
 
+    out = tempfile.mkdtemp() + "/t.safetensors"
     start = time.perf_counter()
-    result = fit(None, progress=False, nfe=10, seed=args.seed, objective=args.default_objective)
-    emit({"figure": "default_fit", "nfe": 10, "objective": args.default_objective,
-          "seconds": round(time.perf_counter() - start, 1), "fit_network_evaluations": result.fit_evaluations,
-          "network_evaluations": result.network_evaluations,
-          **{k: round(v, 5) for k, v in result.held_out.items() if isinstance(v, float)},
-          **{f"{k}_ci": [round(v["low"], 5), round(v["high"], 5)] for k, v in result.held_out.items()
-             if isinstance(v, dict)}, "better": result.better})
+    result = fit(None, out=out, progress=False, nfe=10, seed=args.seed, objective=args.default_objective)
+    seconds = round(time.perf_counter() - start, 1)
+    combined = over_sets(out, result.tuned.tau.float(), args)
+    emit({"figure": "default_fit", "nfe": 10, "objective": args.default_objective, "seconds": seconds,
+          "fit_network_evaluations": result.fit_evaluations, "network_evaluations": result.network_evaluations,
+          "fit_verdict": figures(result.held_out), "better": result.better, "sets": args.sets,
+          "over_sets": figures(combined), "better_over_sets": combined["better"]})
 
 
 def quality_grid(args) -> None:
+    import tempfile
+
     from timetuner.fitting import fit
 
-    configs = [("ddim", "uniform"), ("ddim", "trailing"), ("dpm2", "logsnr"), ("heun", "karras")]
+    configs = [tuple(c.split("/")) for c in args.configs.split(",")]
     nfes = [int(v) for v in args.nfes.split(",")] if args.nfes else ([5, 10] if args.quick else [5, 10, 20])
     objectives = args.objectives.split(",")
     for nfe in nfes:
         for scheduler, trajectory in configs:
             for objective in objectives:
+                out = tempfile.mkdtemp() + "/t.safetensors"
                 start = time.perf_counter()
-                result = fit(None, progress=False, nfe=nfe, scheduler=scheduler, trajectory=trajectory,
-                             objective=objective, samples=args.samples, eval_samples=args.eval_samples,
-                             e2e_iters=args.e2e_iters, seed=args.seed, force=True)
-                h = result.held_out
-                excess = h["fd_plain"] - h["fd_reference"]
+                result = fit(None, out=out, progress=False, nfe=nfe, scheduler=scheduler, trajectory=trajectory,
+                             objective=objective, samples=args.samples, e2e_iters=args.e2e_iters, seed=args.seed,
+                             force=True)
+                seconds = round(time.perf_counter() - start, 1)
+                combined = over_sets(out, result.tuned.tau.float(), args)
                 emit({"figure": "quality", "scheduler": scheduler, "trajectory": trajectory, "nfe": nfe,
-                      "evaluations": result.tuned.nfe, "objective": objective,
-                      "gap_plain": round(h["gap_plain"], 5), "gap_tuned": round(h["gap_tuned"], 5),
-                      "gap_change_pct": round(100 * (h["gap_tuned"] / h["gap_plain"] - 1), 1),
-                      "fd_plain": round(h["fd_plain"], 3), "fd_tuned": round(h["fd_tuned"], 3),
-                      "fd_change_pct": round(100 * (h["fd_tuned"] / h["fd_plain"] - 1), 1),
-                      # 95 % paired bootstrap intervals of the changes (tuned − plain) over the held-out noises
-                      "gap_change_ci": [round(h["gap_change"]["low"], 5), round(h["gap_change"]["high"], 5)],
-                      "fd_change_ci": [round(h["fd_change"]["low"], 3), round(h["fd_change"]["high"], 3)],
-                      "fd_reference": round(h["fd_reference"], 3),
-                      "headroom_removed_pct": round(100 * (h["fd_plain"] - h["fd_tuned"]) / excess, 1)
-                      if excess > 0 else None,
-                      "better": result.better, "fit_seconds": round(time.perf_counter() - start, 1)})
+                      "evaluations": result.tuned.nfe, "objective": objective, "sets": args.sets,
+                      **figures(combined), "better": combined["better"], "fit_better": result.better,
+                      "fit_seconds": seconds})
 
 
 def sampling_overhead(args) -> None:
@@ -148,8 +173,11 @@ def main() -> None:
     parser.add_argument("--objectives", default="paper,teacher,e2e")
     parser.add_argument("--nfes", default=None, help="comma-separated NFEs for the quality grid")
     parser.add_argument("--default-objective", default="e2e")
+    parser.add_argument("--configs", default="ddim/uniform,ddim/trailing,dpm2/logsnr,heun/karras,dpm++/ays",
+                        help="solver/grid pairs of the quality grid")
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--eval-samples", type=int, default=512)
+    parser.add_argument("--sets", type=int, default=3, help="independent held-out noise sets per figure")
+    parser.add_argument("--eval-samples", type=int, default=512, help="held-out noises of the optimiser comparison")
     parser.add_argument("--adam-samples", type=int, default=64)
     parser.add_argument("--adam-iters", type=int, default=500)
     parser.add_argument("--e2e-iters", type=int, default=40)

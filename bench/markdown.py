@@ -10,48 +10,52 @@ import json
 import sys
 
 
-def _ci(row: dict, key: str, digits: int) -> str:
-    """The 95 % interval of a change, relative to the plain value; "n.s." when it covers zero."""
-    if f"{key}_change_ci" not in row:
-        return ""
-    low, high = row[f"{key}_change_ci"]
-    plain = row[f"{key}_plain"]
-    flag = " n.s." if low <= 0 <= high else ""
-    return f" [{100 * low / plain:+.{digits}f}, {100 * high / plain:+.{digits}f}]{flag}"
+def _cell(figure: dict | None, digits: int) -> str:
+    """plain → tuned (change %, 95 % interval of the change relative to plain; "n.s." when it covers zero)."""
+    if figure is None:
+        return "—"
+    low, high = figure["ci"]
+    plain = figure["plain"]
+    flag = "" if figure["significant"] else " n.s."
+    return (f"{plain:.{digits}f} → {figure['tuned']:.{digits}f} ({figure['change_pct']:+.1f} % "
+            f"[{100 * low / plain:+.1f}, {100 * high / plain:+.1f}]{flag})")
 
 
 def quality_table(quality: list[dict]) -> None:
-    print("| solver | grid | NFE | objective | x0 gap plain → tuned (change, 95 % CI) | FD plain → tuned | "
-          "FD change (95 % CI) | headroom removed | verdict | fit s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    sets = quality[0].get("sets", 1) if quality else 1
+    print(f"| solver | grid | NFE | objective | distribution gap plain → tuned | x0 gap plain → tuned | "
+          f"data FD plain → tuned (secondary) | verdict | fit s |   (means over {sets} held-out noise sets)")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in quality:
         verdict = "better" if r["better"] else "**not better**"
         print(f"| {r['scheduler']} | {r['trajectory']} | {r['nfe']} | {r['objective']} | "
-              f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f} ({r['gap_change_pct']:+.1f} %{_ci(r, 'gap', 1)}) | "
-              f"{r['fd_plain']:.2f} → {r['fd_tuned']:.2f} | {r['fd_change_pct']:+.1f} %{_ci(r, 'fd', 1)} | "
-              f"{r['headroom_removed_pct']} % | {verdict} | {r['fit_seconds']} |")
+              f"{_cell(r.get('dist_gap'), 2)} | {_cell(r.get('x0_gap'), 4)} | {_cell(r.get('data_fd'), 2)} | "
+              f"{verdict} | {r['fit_seconds']} |")
 
 
-def fd_nfe_figure(quality: list[dict], path: str = "bench/results/fd_vs_nfe.png") -> None:
-    """FD against NFE, plain and tuned (e2e), one panel per solver/grid, from the quality rows."""
+def gap_nfe_figure(quality: list[dict], path: str = "bench/results/gap_vs_nfe.png", objective: str = "e2e") -> None:
+    """Distribution gap against NFE, plain and tuned, one panel per solver/grid, from the quality rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from timetuner.plots import draw_fd_nfe, save_figure
+    from timetuner.plots import draw_nfe_curve, save_figure
 
     configs = sorted({(r["scheduler"], r["trajectory"]) for r in quality})
     fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 3.0), squeeze=False)
     for ax, (scheduler, trajectory) in zip(axes[0], configs, strict=True):
-        rows = [{**r, "fd_change": {"change": r["fd_tuned"] - r["fd_plain"], "low": r["fd_change_ci"][0],
-                                    "high": r["fd_change_ci"][1]} if "fd_change_ci" in r else None}
-                for r in quality if (r["scheduler"], r["trajectory"]) == (scheduler, trajectory)
-                and r["objective"] == "e2e"]
-        draw_fd_nfe(ax, rows, rows[0]["fd_reference"] if rows else None, "DPM-Solver++ 100 reference")
+        rows = []
+        for r in quality:
+            if (r["scheduler"], r["trajectory"]) != (scheduler, trajectory) or r["objective"] != objective:
+                continue
+            g = r["dist_gap"]
+            rows.append({"nfe": r["nfe"], "plain": g["plain"], "tuned": g["tuned"],
+                         "change": {"change": g["tuned"] - g["plain"], "low": g["ci"][0], "high": g["ci"][1]}})
+        draw_nfe_curve(ax, rows)
         ax.set_title(f"{scheduler} / {trajectory}", fontsize=9)
         ax.set_xlabel("steps")
-    axes[0][0].set_ylabel("FD (digits features)")
+    axes[0][0].set_ylabel("distribution gap to DPM-Solver++ 100")
     axes[0][0].legend(fontsize=7)
     print(f"wrote {save_figure(fig, path)}")
 
@@ -103,7 +107,7 @@ def main(paths: list[str]) -> None:
         by.setdefault(r["figure"], []).append(r)
     if "quality" in by:
         quality_table(by["quality"])
-        fd_nfe_figure(by["quality"])
+        gap_nfe_figure(by["quality"])
     if "optimizer" in by:
         print()
         optimizer_table(by["optimizer"])
@@ -111,7 +115,8 @@ def main(paths: list[str]) -> None:
         print()
         train_tables(by.get("speedup", []), by.get("overhead", []), by.get("draw_cost", []))
     for r in records:
-        if r["figure"] in ("default_fit", "sampling_time", "machine"):
+        if r["figure"] in ("default_fit", "sampling_time", "machine", "paired", "floor", "subsets", "sampler",
+                           "floor_train_vs_test", "forward_256_seconds"):
             print(f"\n`{json.dumps(r)}`")
 
 

@@ -4,7 +4,9 @@ Entries are safetensors files under `$TIMETUNER_CACHE/references` (default `~/.c
 of everything they depend on (model weights hash, configurations, seeds, counts), written atomically, and holding
 a SHA-256 of their own tensors: an entry whose contents do not match it (a truncated or altered file) is reported,
 deleted and recomputed, never used. `grown` keeps row sets that are extended on demand (the reference set of the
-distribution gap): the first n rows are the same whatever size the set has grown to.
+distribution gap): the first n rows are the same whatever size the set has grown to. Entries the project ships
+(`timetuner.assets.SHIPPED_CACHE`, e.g. the embedded model's reference set) are found under the same key and
+checked the same way, so a fresh install does not recompute them.
 """
 
 from __future__ import annotations
@@ -43,14 +45,20 @@ def read(key: str | None) -> dict | None:
     from safetensors import safe_open
 
     path = cache_path(key) if key else None
-    if path is None or not path.is_file():
+    if path is None:
         return None
+    if not path.is_file():
+        shipped = _shipped(key)
+        if shipped is None:
+            return None
+        path = shipped
     try:
         with safe_open(str(path), framework="pt") as f:
             expected = (f.metadata() or {}).get("sha256")
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         if expected is None:  # written before entries carried their hash: recomputed, not trusted
-            path.unlink(missing_ok=True)
+            if path == cache_path(key):
+                path.unlink(missing_ok=True)
             return None
         intact = digest(tensors) == expected
     except Exception:  # a truncated or garbled file
@@ -59,8 +67,16 @@ def read(key: str | None) -> dict | None:
         return tensors
     warnings.warn(f"cache entry {path} is damaged (its contents do not match its SHA-256); rebuilding it",
                   stacklevel=3)
-    path.unlink(missing_ok=True)
+    if path == cache_path(key):
+        path.unlink(missing_ok=True)
     return None
+
+
+def _shipped(key: str) -> Path | None:
+    from timetuner.assets import SHIPPED_CACHE
+
+    path = SHIPPED_CACHE / f"{key}.safetensors"
+    return path if path.is_file() else None
 
 
 def write(key: str | None, tensors: dict[str, torch.Tensor]) -> None:

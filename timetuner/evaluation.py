@@ -187,7 +187,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
                              images=model.images if model.vae is not None else None, progress=advance)
         if bar is not None:
             bar.close()
-        features = rows.numpy()
+        features = rows.double().numpy()
     return Yardstick(extractor, f"{name} features", features, f"{reference}-{reference_steps}", measure)
 
 
@@ -351,11 +351,42 @@ def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
 
 
 @torch.no_grad()
+def held_out_finals(view, noise: torch.Tensor, taus, g: int) -> list[torch.Tensor]:
+    """[plain, tuned] final samples of the held-out noises, run as fit's verdict, `eval` and the benches all run them:
+    the first g (those with a reference sample) as one batch, the rest as another; `view(lo, hi)` is the solver
+    for samples lo…hi−1 (their conditioning)."""
+    n = noise.shape[0]
+    finals = []
+    for tt in (None, taus):
+        parts = [view(0, g).rollout(noise[:g], tt)] + ([view(g, n).rollout(noise[g:], tt)] if n > g else [])
+        finals.append(torch.cat(parts))
+    return finals
+
+
+@torch.no_grad()
+def held_out_figures(setup: Setup, yardstick: Yardstick | None, n: int | None = None, gap_n: int | None = None,
+                     seed: int | None = None, bootstrap: int = 1000, taus=None) -> tuple[dict, list[torch.Tensor]]:
+    """The `judge` record of plain against the table's τ (or `taus`) on n held-out noises of `seed` (default: the
+    table's held-out seed), and the final images [plain, tuned]; what fit's verdict printed, for the same table."""
+    n = setup.default_n if n is None else n
+    g = min(n, setup.default_gap_n if gap_n is None else gap_n)
+    noise, seed = setup.noise(n, seed)
+    cond = setup.conditioning(n)
+    taus = setup.table.tau.float() if taus is None else taus
+    finals = held_out_finals(lambda lo, hi: setup.view(setup.sampler, cond, lo, hi), noise, taus, g)
+    head = setup.view(setup.sampler, cond, 0, g)
+    ref_final = reference_final(setup.model, head.den, setup.reference, setup.reference_steps, noise[:g], seed)
+    images = [setup.images(f) for f in finals]
+    record = judge(yardstick, images[0], images[1], setup.images(ref_final), setup.reference_label, bootstrap)
+    return {"seed": seed, **record}, images
+
+
+@torch.no_grad()
 def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, reference_steps: int = 1000,
              seed: int | None = None, bootstrap: int = 1000, yardstick: Yardstick | None = None) -> Evaluation:
-    """Plain against tuned on held-out noises: the yardstick's figures (`judge`: x0 gap on the first gap_n,
-    distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per state
-    to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
+    """Plain against tuned on held-out noises: the yardstick's figures (`held_out_figures`: x0 gap on the first
+    gap_n, distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per
+    state to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
     tuned sampler is closer)."""
     from timetuner.cache import cache_key
     from timetuner.reference import reference_trajectory
@@ -363,29 +394,39 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
     _check(n, gap_n, reference_steps, bootstrap)
+    figures, images = held_out_figures(setup, yardstick, n, gap_n, seed, bootstrap)
     noise, seed = setup.noise(n, seed)
     cond = setup.conditioning(n)
-    taus = setup.table.tau.float()
     g = min(n, gap_n)
     head = setup.view(setup.sampler, cond, 0, g)
     key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
                     *setup.key_parts(cond))
     refs = reference_trajectory(head, noise[:g], reference_steps, key=key)
     plain = truncation_gap(head, noise[:g], refs, clamp=setup.vae is None)
-    tuned = truncation_gap(head, noise[:g], refs, taus, clamp=setup.vae is None)
-    finals = [plain["final"], tuned["final"]]
-    if n > g:
-        tail = setup.view(setup.sampler, cond, g, n)
-        finals = [torch.cat([f, tail.rollout(noise[g:], tt)]) for f, tt in zip(finals, (None, taus), strict=True)]
-    ref_final = reference_final(setup.model, head.den, setup.reference, setup.reference_steps, noise[:g], seed)
-    images = [setup.images(f) for f in finals]
-    record = {"table": setup.path, "steps": setup.table.num_inference_steps, "seed": seed,
-              "conditioning": setup.conditioning_label,
+    tuned = truncation_gap(head, noise[:g], refs, setup.table.tau.float(), clamp=setup.vae is None)
+    record = {"table": setup.path, "steps": setup.table.num_inference_steps, "conditioning": setup.conditioning_label,
               "trajectory_reference": f"ddim-{reference_steps}", "trajectory_gap_space": setup.space,
               "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],
-              "trajectory_gap_plain": plain["per_state"], "trajectory_gap_tuned": tuned["per_state"],
-              **judge(yardstick, images[0], images[1], setup.images(ref_final), setup.reference_label, bootstrap)}
+              "trajectory_gap_plain": plain["per_state"], "trajectory_gap_tuned": tuned["per_state"], **figures}
     return Evaluation(record, images[0].clamp(-1, 1), images[1].clamp(-1, 1))
+
+
+def combine_sets(records: list[dict]) -> dict:
+    """Figures over several independent held-out noise sets (`held_out_figures` records): per figure the mean plain,
+    tuned and change, and a 95 % interval of the mean change from the sets' own bootstrap intervals (normal
+    approximation, independent sets), with every set's change listed."""
+    out = {"sets": len(records), "seeds": [r["seed"] for r in records]}
+    for key in ("dist_gap", "x0_gap", "data_fd"):
+        if key not in records[0]:
+            continue
+        parts = [r[key] for r in records]
+        mean = {name: float(np.mean([p[name] for p in parts])) for name in ("plain", "tuned", "change")}
+        se = float(np.sqrt(sum(((p["high"] - p["low"]) / 3.92) ** 2 for p in parts))) / len(parts)
+        low, high = mean["change"] - 1.96 * se, mean["change"] + 1.96 * se
+        out[key] = {**mean, "low": low, "high": high, "level": 0.95, "significant": not (low <= 0.0 <= high),
+                    "per_set": [p["change"] for p in parts]}
+    out["better"] = is_better(out)
+    return out
 
 
 @torch.no_grad()

@@ -149,6 +149,11 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a (small) file's bytes: the same on every install, so cache keys made with it can ship."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def digits_extractor(path: str | None = None) -> FeatureExtractor:
     """The shipped digits network (64-d penultimate layer) on clean-fid's inputs: grey = channel mean."""
     from timetuner.assets import DIGITS_FEATURES
@@ -160,7 +165,7 @@ def digits_extractor(path: str | None = None) -> FeatureExtractor:
         return net.features(x.float().mean(dim=1, keepdim=True) / 127.5 - 1.0)
 
     weights = Path(path or DIGITS_FEATURES) / WEIGHTS_FILE
-    extractor = FeatureExtractor(name=f"digits:{_file_digest(weights)}", model=model, fn_resize=_as_float)
+    extractor = FeatureExtractor(name=f"digits:{_content_digest(weights)}", model=model, fn_resize=_as_float)
     # Its features are ~40x Inception's scale (x·y/d ≈ 20 on digits): KID uses them in units of their spread
     # on the training digits, a constant of the extractor.
     from timetuner.data import load_digits_tensor

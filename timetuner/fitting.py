@@ -273,18 +273,18 @@ class Run:
 
     def verdict(self, taus: list[float], progress: bool = True) -> dict:
         """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`)."""
-        from timetuner.evaluation import judge
+        from timetuner.evaluation import held_out_finals, judge
 
         config, model, n = self.config, self.model, self.config.eval_samples
         g = min(config.eval_gap_samples, n)
         cond = self.conditioning[1]
-        head, tail = ((self.eval_solver, self.eval_solver) if cond is None else
-                      [self.eval_solver.on(model.denoiser.bind(cond.slice(lo, hi))) for lo, hi in ((0, g), (g, n))])
-        reference = self.reference(self.eval_noise[:g], self.eval_seed, head)
-        finals = []
-        for tt in (None, torch.tensor(taus, dtype=torch.float32)):  # as `timetuner eval` runs them: first g, the rest
-            parts = [head.rollout(self.eval_noise[:g], tt)] + ([tail.rollout(self.eval_noise[g:], tt)] if n > g else [])
-            finals.append(model.images(torch.cat(parts)))
+
+        def view(lo: int, hi: int):
+            return self.eval_solver if cond is None else self.eval_solver.on(model.denoiser.bind(cond.slice(lo, hi)))
+
+        reference = self.reference(self.eval_noise[:g], self.eval_seed, view(0, g))
+        finals = [model.images(f) for f in held_out_finals(view, self.eval_noise,
+                                                           torch.tensor(taus, dtype=torch.float32), g)]
         return judge(self.yardstick(progress), finals[0], finals[1], model.images(reference),
                      f"{config.reference}-{config.reference_steps}")
 
