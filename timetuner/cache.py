@@ -112,14 +112,12 @@ def grown(key: str | None, n: int, block: int, compute_block, progress=None) -> 
     rows = have["rows"] if have is not None else None
     count = 0 if rows is None else rows.shape[0] // block
     needed = -(-n // block)
-    new = []
     if progress is not None and needed > count:
         progress(0, needed - count)
     for i in range(count, needed):
-        new.append(compute_block(i).detach().cpu())
+        new = compute_block(i).detach().cpu()
+        rows = new if rows is None else torch.cat([rows, new])
+        write(key, {"rows": rows})  # after every block: an interrupted run keeps what it computed
         if progress is not None:
             progress(i + 1 - count, needed - count)
-    if new:
-        rows = torch.cat(([rows] if rows is not None else []) + new)
-        write(key, {"rows": rows})
     return rows[:n]

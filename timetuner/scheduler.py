@@ -65,6 +65,31 @@ def scheduler_class(name: str):
     return cls
 
 
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                       "prediction_type", "rescale_betas_zero_snr")
+
+
+def _solver_for(scheduler, table):
+    """`scheduler` itself if the table is for its class; else the table's solver, built from the table's config,
+    when it shares the scheduler's noise schedule (the same model, sampled by another solver)."""
+    name = table.scheduler_class
+    if type(scheduler).__name__ == name:
+        return scheduler
+    solver = scheduler_class(name)
+    mine = table.scheduler_config
+    for key in NOISE_SCHEDULE_KEYS:
+        theirs = scheduler.config.get(key)
+        if key in mine and theirs is not None and _plain(mine[key]) != _plain(theirs):
+            raise UserError(f"table for {name} was fitted with {key}={mine[key]!r} and this "
+                            f"{type(scheduler).__name__} has {key}={theirs!r}: another noise schedule; accepted: a "
+                            "table fitted for this model's noise schedule")
+    return solver.from_config(mine)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 class TunedScheduler(SchedulerMixin, ConfigMixin):
     """Wraps a diffusers scheduler; the network sees the tuned τ of the table for the current step count."""
 
@@ -131,10 +156,12 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     def from_table(cls, scheduler, tables, unet=None, guidance_scale: float | None = None) -> TunedScheduler:
         """Wrap `scheduler` (or extend a TunedScheduler) with one table or several (objects or file paths).
 
-        Each table must match the scheduler's class and configuration; with `unet`, also the model it was
-        fitted for (by weights hash). `guidance_scale` keeps the tables fitted at that classifier-free guidance
-        scale; without it, tables of several scales are ambiguous and refused. A mismatch is a UserError naming
-        the difference and what is available.
+        A table carries its solver: onto a scheduler of another class (a DPM-Solver++ table onto a pipeline that
+        ships DDIM) it brings its own, built from the table's configuration, provided the noise schedule (T, betas,
+        prediction type) is the scheduler's; tables of the same class must match its configuration. With `unet`,
+        also the model it was fitted for (by weights hash). `guidance_scale` keeps the tables fitted at that
+        classifier-free guidance scale; without it, tables of several scales are ambiguous and refused. A mismatch
+        is a UserError naming the difference and what is available.
         """
         if not isinstance(tables, list | tuple):
             tables = [tables]
@@ -147,6 +174,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                                 f"{_scale_name(scale)}; accepted: tables of one guidance scale per scheduler")
             wrapped = cls.from_config(scheduler.config)
         else:
+            scheduler = _solver_for(scheduler, loaded[0]) if loaded else scheduler
             wrapped = cls(solver_class=type(scheduler).__name__, **dict(scheduler.config))
         wrapped._own["guidance_scale"] = scale
         for table in loaded:
