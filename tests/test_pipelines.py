@@ -63,6 +63,18 @@ def test_ddpm_and_ddim_pipelines(pixel_unet, name):
         assert not (plain == pipe(generator=torch.Generator().manual_seed(1), **call).images).all()
 
 
+def test_a_dpm_solver_table_loads_onto_a_pipeline_that_ships_ddim(pixel_unet):
+    """The table brings its solver (same noise schedule): the pipeline then samples as plain DPM-Solver++ would."""
+    pipe = quiet(DDPMPipeline(unet=pixel_unet, scheduler=diffusers.DDIMScheduler()))
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    call = dict(batch_size=2, num_inference_steps=STEPS, output_type="np")
+    pipe.scheduler = dpm
+    plain = pipe(generator=torch.Generator().manual_seed(1), **call).images
+    pipe.scheduler = TunedScheduler.from_table(diffusers.DDIMScheduler(), TauTable.identity(dpm, STEPS))
+    assert type(pipe.scheduler.inner).__name__ == "DPMSolverMultistepScheduler"
+    assert (plain == pipe(generator=torch.Generator().manual_seed(1), **call).images).all()
+
+
 @pytest.mark.parametrize("name", SOLVERS)
 def test_stable_diffusion_txt2img_img2img_and_inpaint(sd_pipe, name):
     base = solver(name, sd_pipe.scheduler.config)
