@@ -14,8 +14,8 @@ from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, us
 def fit(
     model: Model = None,
     nfe: Annotated[int, typer.Option(help="Sampler steps (num_inference_steps).")] = 10,
-    scheduler: Annotated[str, typer.Option(help="ddim, dpm2 (DPM-Solver-2), dpm++ / dpm++3m (DPM-Solver++ 2M / 3M), "
-                                           "unipc (UniPC-bh2), deis, heun, euler.")] = "ddim",
+    scheduler: Annotated[str, typer.Option(help="ddim, dpm2 (DPM-Solver-2), dpm++ / dpm++3m / dpm++1 (DPM-Solver++ "
+                                           "2M / 3M / order 1), unipc (UniPC-bh2), deis, heun, euler.")] = "ddim",
     trajectory: Annotated[str | None, typer.Option(help="uniform, trailing, linspace, quadratic, logsnr, karras, ays "
                                                    "(Align-Your-Steps); default per scheduler (ddim: uniform, dpm2: "
                                                    "logsnr, dpm++: ays, heun: karras).")] = None,

@@ -26,7 +26,7 @@ BASE = DDIMScheduler(num_train_timesteps=1000).config
 NOISE = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm2", "dpm++", "dpm++3m", "unipc", "deis", "heun"])
+@pytest.mark.parametrize("name", ["ddim", "dpm2", "dpm++", "dpm++3m", "dpm++1", "unipc", "deis", "heun"])
 def test_identity_table_is_bit_identical_in_a_sampling_loop(unet, name):
     plain = make_scheduler(name, BASE)
     tuned = TunedScheduler.from_table(plain, TauTable.identity(make_scheduler(name, BASE), 6))

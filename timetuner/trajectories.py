@@ -16,6 +16,7 @@ from timetuner.errors import UserError, check_choice
 
 # name → (diffusers scheduler class name, config overrides). "dpm2" is DPM-Solver-2 (singlestep, order 2);
 # "dpm++" / "dpm++3m" DPM-Solver++ 2M / 3M (multistep: the history of model outputs is part of the solver state);
+# "dpm++1" DPM-Solver++ of order 1 (DDIM in exponential-integrator form, which takes custom timesteps);
 # "unipc" UniPC-bh2; "heun" uses Karras/EDM sigmas (ρ = 7).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -23,6 +24,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpm2": ("DPMSolverSinglestepScheduler", {"solver_order": 2}),
     "dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
     "dpm++3m": ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "dpmsolver++"}),
+    "dpm++1": ("DPMSolverMultistepScheduler", {"solver_order": 1, "algorithm_type": "dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
     "deis": ("DEISMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
@@ -73,7 +75,7 @@ def _descending_unique(grid, total: int, steps: int) -> list[int]:
 
 DPM_MULTISTEP_GRIDS = {"uniform": {}, "trailing": {"timestep_spacing": "trailing"},
                        "karras": {"use_karras_sigmas": True}, "logsnr": {"explicit": "logsnr"},
-                       "ays": {"explicit": "ays"}}
+                       "ays": {"explicit": "ays"}, "quadratic": {"explicit": "quadratic"}}
 # scheduler name → trajectory name → config overrides ("explicit": computed timesteps instead).
 TRAJECTORIES: dict[str, dict[str, dict]] = {
     "ddim": {"uniform": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
@@ -82,6 +84,7 @@ TRAJECTORIES: dict[str, dict[str, dict]] = {
              "karras": {"use_karras_sigmas": True}},
     "dpm++": DPM_MULTISTEP_GRIDS,
     "dpm++3m": DPM_MULTISTEP_GRIDS,
+    "dpm++1": DPM_MULTISTEP_GRIDS,
     # UniPC and DEIS take no explicit timesteps in diffusers (use dpm++ for log-SNR or Align-Your-Steps grids).
     "unipc": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "deis": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
@@ -89,8 +92,8 @@ TRAJECTORIES: dict[str, dict[str, dict]] = {
     "euler": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "ddpm": {"uniform": {}},
 }
-DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm++3m": "ays", "unipc": "uniform",
-                      "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
+DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm++3m": "ays", "dpm++1": "ays",
+                      "unipc": "uniform", "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
 
 
 def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int):
