@@ -43,6 +43,37 @@ def test_a_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_shipped_entries_are_found_by_key_and_checked_like_any_other(tmp_path, monkeypatch):
+    from timetuner.cache import write
+
+    monkeypatch.setenv("TIMETUNER_CACHE", str(tmp_path / "made"))
+    write("s1", {"x": torch.ones(3)})
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    cache_path("s1").replace(shipped / "s1.safetensors")
+    monkeypatch.setattr("timetuner.assets.SHIPPED_CACHE", shipped)
+    assert torch.equal(cached("s1", lambda: pytest.fail("a shipped entry is not recomputed"))["x"], torch.ones(3))
+    raw = bytearray((shipped / "s1.safetensors").read_bytes())
+    raw[-4:] = b"\x00\x00\x00\x40"
+    (shipped / "s1.safetensors").write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="damaged"):
+        assert torch.equal(cached("s1", lambda: {"x": torch.zeros(3)})["x"], torch.zeros(3))
+    assert (shipped / "s1.safetensors").exists()  # the package's file is left alone; the user cache gets the new one
+
+
+def test_the_embedded_models_reference_set_ships():
+    from timetuner.assets import SHIPPED_CACHE
+    from timetuner.cache import read
+    from timetuner.fid import load_extractor
+    from timetuner.reference import REFERENCE_SET_SEED
+
+    model = load_model(None)
+    key = reference_key("reference-set", model, model.denoiser, "dpm++", 100, REFERENCE_SET_SEED, 500,
+                        load_extractor("digits").name)
+    assert (SHIPPED_CACHE / f"{key}.safetensors").is_file()
+    assert read(key)["rows"].shape == (10_000, 64)
+
+
 def test_a_grown_set_computes_only_missing_blocks_and_keeps_its_first_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("TIMETUNER_CACHE", str(tmp_path))
     computed, progress = [], []

@@ -500,7 +500,8 @@ def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> 
     reference solver and steps, the sample shape and conditioning, and `parts` (seeds, counts, extractor)."""
     from timetuner.cache import cache_key
 
-    return cache_key(what, model.weights, dict(model.base_config), kind, steps, *parts, list(denoiser.sample_shape),
+    schedule = {k: v for k, v in dict(model.base_config).items() if not k.startswith("_")}  # not diffusers' version
+    return cache_key(what, model.weights, schedule, kind, steps, *parts, list(denoiser.sample_shape),
                      *denoiser.cache_parts())
 
 
