@@ -14,8 +14,10 @@ from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, us
 def fit(
     model: Model = None,
     nfe: Annotated[int, typer.Option(help="Sampler steps (num_inference_steps).")] = 10,
-    scheduler: Annotated[str, typer.Option(help="ddim, dpm2 (DPM-Solver-2), dpm++ / dpm++3m / dpm++1 (DPM-Solver++ "
-                                           "2M / 3M / order 1), unipc (UniPC-bh2), deis, heun, euler.")] = "ddim",
+    scheduler: Annotated[str, typer.Option(help="auto (rank the plain solvers and grids, tune the best two, ship the "
+                                           "best against the best plain one), ddim, dpm2 (DPM-Solver-2), dpm++ / "
+                                           "dpm++3m / dpm++1 (DPM-Solver++ 2M / 3M / order 1), unipc (UniPC-bh2), "
+                                           "deis, heun, euler.")] = "ddim",
     trajectory: Annotated[str | None, typer.Option(help="uniform, trailing, linspace, quadratic, logsnr, karras, ays "
                                                    "(Align-Your-Steps); default per scheduler (ddim: uniform, dpm2: "
                                                    "logsnr, dpm++: ays, heun: karras).")] = None,
@@ -119,6 +121,12 @@ def _report(result, name: str, force: bool, as_json: bool) -> None:
                                "fit_network_evaluations": result.fit_evaluations}))
         return
     joint = result.config.objective == "e2e"
+    auto = result.table.metadata.get("auto")
+    if auto:
+        typer.echo("plain candidates, x0 gap to the reference on the fit noises: " + ", ".join(
+            f"{c['scheduler']}/{c['trajectory']} {c['fit_x0_gap']:.4f}" for c in auto["candidates"]))
+        typer.echo(f"tuned: {', '.join(c['scheduler'] + '/' + c['trajectory'] for c in auto['tuned'])}; held-out "
+                   f"figures below compare the winner with the best plain candidate {auto['best_plain']}")
     if scale is not None:
         typer.echo(f"guidance scale {scale:g}")
     typer.echo(f"{'k':>3} {'t':>9} {'tau':>9}" + ("" if joint else f" {'loss before':>12} {'loss after':>12}"))
@@ -134,7 +142,9 @@ def _report(result, name: str, force: bool, as_json: bool) -> None:
         typer.echo("held-out figures on VAE-decoded images")
     for line in describe_judgement(held):
         typer.echo(f"held-out {line}")
-    if result.better:
+    if auto:
+        typer.echo(f"winner: {auto['winner']}; wrote {name} ({result.seconds:.1f} s)")
+    elif result.better:
         typer.echo(f"tuned table is better on held-out seeds; wrote {name} ({result.seconds:.1f} s)")
     elif force:
         typer.echo(f"tuned table is NOT better on held-out seeds; wrote it anyway (--force) to {name}")

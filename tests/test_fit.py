@@ -202,3 +202,34 @@ def test_sample_refuses_a_corrupt_table(tiny_run, tmp_path):
                                  str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "not a readable safetensors" in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_auto_ranks_plain_candidates_tunes_the_best_two_and_judges_against_the_best_plain(tiny_run, tmp_path):
+    from diffusers import DDPMPipeline
+
+    from timetuner import TunedScheduler
+    from timetuner.auto import AUTO_TUNED, CANDIDATES
+
+    out = tmp_path / "auto.safetensors"
+    result = fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="auto", e2e_iters=2, **FAST)
+    table = TauTable.load(out)
+    auto = table.metadata["auto"]
+    gaps = [c["fit_x0_gap"] for c in auto["candidates"]]
+    assert len(gaps) == len(CANDIDATES) and gaps == sorted(gaps)
+    best = auto["candidates"][0]
+    assert auto["best_plain"] == f"{best['scheduler']}-{best['trajectory']}"
+    assert [(c["scheduler"], c["trajectory"]) for c in auto["tuned"]] == [
+        (c["scheduler"], c["trajectory"]) for c in auto["candidates"][:AUTO_TUNED]]
+    assert auto["winner"].endswith("(tuned)") == result.better
+    if not result.better:  # the best plain candidate's solver and grid, τ = t
+        assert table.is_identity and table.metadata["scheduler_name"] == best["scheduler"]
+    assert not list(tmp_path.glob("*.partial.json"))
+    pipe = DDPMPipeline.from_pretrained(tiny_run)  # ships DDPM: the table brings its own solver
+    TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.unet)
+
+
+def test_auto_refuses_a_trajectory(tiny_run, tmp_path):
+    result = runner.invoke(app, ["fit", "--model", str(tiny_run), "--scheduler", "auto", "--trajectory", "ays",
+                                 "--out", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2 and "--scheduler auto chooses the solver" in result.output
+    assert not list(tmp_path.iterdir())

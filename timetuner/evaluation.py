@@ -238,7 +238,7 @@ class Setup:
     def _conditioner(self, prompts, class_labels, negative_prompt):
         """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
         from timetuner.assets import EVAL_PROMPTS
-        from timetuner.prompts import check_applies, check_disjoint, conditioning_for, read_prompts
+        from timetuner.prompts import check_applies, check_disjoint, conditioning_for, read_prompts, rotated
 
         meta = self.table.metadata
         fitted = meta.get("fit_config", {})
@@ -262,13 +262,13 @@ class Setup:
                            "fitted on")
             negative = fitted.get("negative_prompt", "") if negative_prompt is None else negative_prompt
             self.conditioning_label = f"{len(chosen)} held-out prompts, {scale}"
-            return lambda n, lo=0: conditioning_for("text", pipe, network, _rotated(chosen, lo), n, negative)
+            return lambda n, lo=0: conditioning_for("text", pipe, network, rotated(chosen, lo), n, negative)
         labels = list(class_labels if class_labels is not None else fitted.get("eval_class_labels") or [])
         if not labels:
             raise UserError("--class-labels is empty and the table records none; accepted: class labels separated "
                             "by commas, e.g. 207,360,387")
         self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
-        return lambda n, lo=0: conditioning_for("class", pipe, network, _rotated(labels, lo), n)
+        return lambda n, lo=0: conditioning_for("class", pipe, network, rotated(labels, lo), n)
 
     def conditioning(self, n: int):
         """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
@@ -322,13 +322,6 @@ class Setup:
         return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
 
 
-def _rotated(rows, lo: int) -> tuple:
-    """rows rotated so that sample lo of a set takes row lo mod P (sample i: row i mod P)."""
-    rows = list(rows)
-    k = lo % len(rows)
-    return tuple(rows[k:] + rows[:k])
-
-
 def check_siblings(table, others: list, paths: list[str], first: str) -> None:
     """Refuse tables that cannot join `table`'s FD-against-steps plot: another solver, grid or guidance scale."""
     mine = table.metadata
@@ -351,13 +344,13 @@ def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
 
 
 @torch.no_grad()
-def held_out_finals(view, noise: torch.Tensor, taus, g: int) -> list[torch.Tensor]:
-    """[plain, tuned] final samples of the held-out noises, run as fit's verdict, `eval` and the benches all run them:
-    the first g (those with a reference sample) as one batch, the rest as another; `view(lo, hi)` is the solver
-    for samples lo…hi−1 (their conditioning)."""
+def held_out_finals(view, noise: torch.Tensor, taus, g: int, plain: bool = True) -> list[torch.Tensor]:
+    """[plain, tuned] final samples of the held-out noises ([tuned] without `plain`), run as fit's verdict, `eval`
+    and the benches all run them: the first g (those with a reference sample) as one batch, the rest as another;
+    `view(lo, hi)` is the solver for samples lo…hi−1 (their conditioning)."""
     n = noise.shape[0]
     finals = []
-    for tt in (None, taus):
+    for tt in ((None, taus) if plain else (taus,)):
         parts = [view(0, g).rollout(noise[:g], tt)] + ([view(g, n).rollout(noise[g:], tt)] if n > g else [])
         finals.append(torch.cat(parts))
     return finals

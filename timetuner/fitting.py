@@ -97,7 +97,10 @@ def validate(config: FitConfig) -> None:
     from timetuner.trajectories import SCHEDULERS, TRAJECTORIES
     from timetuner.tuning import OBJECTIVES, OPTIMIZERS, STRATEGIES
 
-    check_choice("--scheduler", config.scheduler, SCHEDULERS)
+    check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
+    if config.scheduler == "auto" and (config.trajectory is not None or config.strategy != "sequential"):
+        raise UserError("--scheduler auto chooses the solver and its grid and fits along its trajectory; accepted: "
+                        "no --trajectory, --strategy sequential (or name one --scheduler)")
     check_choice("--strategy", config.strategy, STRATEGIES)
     check_choice("--objective", config.objective, OBJECTIVES)
     check_choice("--optimizer", config.optimizer, OPTIMIZERS)
@@ -114,7 +117,7 @@ def validate(config: FitConfig) -> None:
                         ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
         if value < 1:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
-    if config.trajectory is not None and config.trajectory not in TRAJECTORIES[config.scheduler]:
+    if config.trajectory is not None and config.trajectory not in TRAJECTORIES.get(config.scheduler, {}):
         raise UserError(f"--trajectory {config.trajectory!r} is not available for --scheduler {config.scheduler}; "
                         f"accepted: {', '.join(sorted(TRAJECTORIES[config.scheduler]))}")
     if config.strategy == "parallel" and config.scheduler not in PARALLEL_SCHEDULERS:
@@ -250,14 +253,13 @@ class Run:
 
     def held_out_denoiser(self, lo: int, hi: int):
         """The denoiser of held-out samples lo…hi−1 (sample i: eval prompt or label i mod P), for reference sets."""
-        from timetuner.evaluation import _rotated
-        from timetuner.prompts import conditioning_for
+        from timetuner.prompts import conditioning_for, rotated
 
         config, model = self.config, self.model
         if model.kind is None:
             return model.denoiser
         rows = config.eval_prompts if model.kind == "text" else config.eval_class_labels
-        return model.denoiser.bind(conditioning_for(model.kind, model.pipeline, model.network, _rotated(rows, lo),
+        return model.denoiser.bind(conditioning_for(model.kind, model.pipeline, model.network, rotated(rows, lo),
                                                     hi - lo, config.negative_prompt))
 
     def yardstick(self, progress: bool = True):
@@ -271,22 +273,50 @@ class Run:
         return build_yardstick(model, self.held_out_denoiser, config.reference, config.reference_steps,
                                config.reference_n, FidOptions(features=features), progress=progress)
 
+    def checkpoints(self, out: Path | None) -> Checkpoints:
+        """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
+        return Checkpoints(out, {"config": dataclasses.asdict(self.config), "model_hash": self.model.weights,
+                                 "conditioning": self.solver.den.cache_parts()})
+
+    def fit(self, store: Checkpoints, progress: bool = True) -> tuple[list[float], list[dict]]:
+        """The objective's fit of τ (`timetuner.tuning`), resuming from `store`; (τ, rows)."""
+        from timetuner.tuning import OBJECTIVES
+
+        report = Progress(self, store, progress)
+        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, self.inputs(), store.load(),
+                                                           report)
+        report.close()
+        return taus, rows
+
+    def _view(self, lo: int, hi: int):
+        cond = self.conditioning[1]
+        return self.eval_solver if cond is None else self.eval_solver.on(self.model.denoiser.bind(cond.slice(lo, hi)))
+
+    @property
+    def gap_n(self) -> int:
+        return min(self.config.eval_gap_samples, self.config.eval_samples)
+
+    def held_out_reference(self) -> torch.Tensor:
+        """The reference solver's images from the first gap_n held-out noises (the x0 gap's targets)."""
+        g = self.gap_n
+        return self.model.images(self.reference(self.eval_noise[:g], self.eval_seed, self._view(0, g)))
+
+    def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
+        """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
+        `timetuner eval` runs them."""
+        from timetuner.evaluation import held_out_finals
+
+        taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
+        finals = held_out_finals(self._view, self.eval_noise, taus, self.gap_n, plain)
+        return [self.model.images(f) for f in finals]
+
     def verdict(self, taus: list[float], progress: bool = True) -> dict:
         """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`)."""
-        from timetuner.evaluation import held_out_finals, judge
+        from timetuner.evaluation import judge
 
-        config, model, n = self.config, self.model, self.config.eval_samples
-        g = min(config.eval_gap_samples, n)
-        cond = self.conditioning[1]
-
-        def view(lo: int, hi: int):
-            return self.eval_solver if cond is None else self.eval_solver.on(model.denoiser.bind(cond.slice(lo, hi)))
-
-        reference = self.reference(self.eval_noise[:g], self.eval_seed, view(0, g))
-        finals = [model.images(f) for f in held_out_finals(view, self.eval_noise,
-                                                           torch.tensor(taus, dtype=torch.float32), g)]
-        return judge(self.yardstick(progress), finals[0], finals[1], model.images(reference),
-                     f"{config.reference}-{config.reference_steps}")
+        plain, tuned = self.held_out_images(taus)
+        return judge(self.yardstick(progress), plain, tuned, self.held_out_reference(),
+                     f"{self.config.reference}-{self.config.reference_steps}")
 
 
 def prepare(config: FitConfig, model) -> Run:
@@ -334,7 +364,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     every τ and resumes from `out`'s checkpoint.
     """
     from timetuner.loading import ModelSetup, load_model
-    from timetuner.tuning import OBJECTIVES
 
     config = FitConfig(**options)
     if config.objective is None:
@@ -346,21 +375,27 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     else:
         setup = ModelSetup.from_network(unet, base_scheduler_config)
         setup.name = model or setup.name
+    if config.scheduler == "auto":
+        from timetuner.auto import fit_auto
+
+        return fit_auto(config, setup, out, progress)
+    return fit_one(config, setup, out, progress)
+
+
+def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:
+    """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`."""
+    from timetuner.evaluation import is_better
+
     run = prepare(config, setup)
     config, den = run.config, setup.denoiser
     started = time.perf_counter()
-    store = Checkpoints(out, {"config": dataclasses.asdict(config), "model_hash": setup.weights,
-                              "conditioning": run.solver.den.cache_parts()})
-    report = Progress(run, store, progress)
-    taus, rows = OBJECTIVES[config.objective].fit(run.solver, config, run.inputs(), store.load(), report)
-    report.close()
+    store = run.checkpoints(out)
+    taus, rows = run.fit(store, progress)
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
     held = run.verdict(taus, progress)
-    from timetuner.evaluation import is_better
-
     better = is_better(held)
     seconds = time.perf_counter() - started
-    meta = _metadata(run, rows, held, better, seconds, fit_evaluations)
+    meta = table_metadata(run, rows, held, better, seconds, fit_evaluations)
     tuned = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
     written = tuned if (better or config.force) else run.solver.identity_table(**meta,
                                                                                 identity_because_not_better=True)
@@ -399,7 +434,7 @@ class Progress:
         self.bar.close()
 
 
-def _metadata(run: Run, rows: list, held: dict, better: bool, seconds: float, fit_evaluations: int) -> dict:
+def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: float, fit_evaluations: int) -> dict:
     """What the table records: the model, the solver, how it was fitted, the held-out evidence, the versions."""
     import diffusers
 
@@ -437,9 +472,11 @@ def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
 
 
 def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
-    """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors: the file name `timetuner fit` writes by default."""
+    """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors (tau-auto-nfeN… for auto): what `fit` writes by default."""
     from timetuner.trajectories import DEFAULT_TRAJECTORY
 
+    if scheduler == "auto":
+        return f"tau-auto-nfe{nfe}{suffix}.safetensors"
     return f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}{suffix}.safetensors"
 
 

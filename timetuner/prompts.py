@@ -114,6 +114,14 @@ def prompt_set(value, option: str, default: Path | None = None) -> tuple[str, ..
     return tuple(value)
 
 
+def rotated(rows, lo: int) -> tuple:
+    """`rows` rotated so that sample lo of a set takes row lo mod P (sample i: row i mod P): the rows of a block
+    of samples that starts at lo."""
+    rows = list(rows)
+    k = lo % len(rows)
+    return tuple(rows[k:] + rows[:k])
+
+
 def conditioning_for(kind: str | None, pipeline, network, rows: tuple, n: int, negative_prompt: str = ""):
     """Per-sample conditioning of n samples from prompts or class labels (sample i: row i mod P); None if
     the model is unconditional. Text models embed the prompts with the pipeline's own `encode_prompt`."""

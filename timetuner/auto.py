@@ -1,0 +1,110 @@
+"""`--scheduler auto`: measure the plain solvers a user could pick, tune the best few, ship the best of all.
+
+A user who wants better K-step samples compares a tuned table with the best scheduler diffusers already gives
+them, not with the same solver untuned. So `auto`:
+
+1. ranks every candidate in `CANDIDATES` (solver × grid, one network evaluation per step, so K steps are K
+   evaluations for all of them) *plain* by its x0 gap to the reference solver on the fit noises — K
+   evaluations per sample each, no held-out data touched;
+2. fits τ for the best `AUTO_TUNED` of them (the configured objective, each with its own checkpoint);
+3. judges every tuned candidate on the held-out noises against the **best plain candidate** (`evaluation.judge`,
+   the same yardstick as everywhere) and writes the tuned table that beats it with the lowest distribution gap
+   (x0 gap without one) — or, when none does, the identity table of the best plain candidate: its solver and
+   grid are then what the table brings to a pipeline (`TunedScheduler` carries the table's solver).
+
+The table records every candidate's fit-noise score, each tuned candidate's held-out record against the best
+plain one, and which won.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+# solver × grid; all take one network evaluation per step (Heun and DPM-Solver-2 take two and are left out, so
+# that every candidate spends the same K evaluations).
+CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm++", "logsnr"),
+              ("dpm++", "karras"), ("dpm++3m", "ays"), ("unipc", "uniform"), ("unipc", "karras"),
+              ("deis", "uniform"))
+AUTO_TUNED = 2
+
+
+@torch.no_grad()
+def rank_candidates(config, setup) -> list[dict]:
+    """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
+    from timetuner.fitting import prepare
+
+    ranked, reference = [], None
+    for scheduler, trajectory in CANDIDATES:
+        run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
+        if reference is None:  # the same noises and reference solver for every candidate: one cache entry
+            reference = run.reference(run.fit_noise, config.seed, run.solver).clamp(-1, 1)
+        final = run.solver.rollout(run.fit_noise)
+        gap = (final.clamp(-1, 1) - reference).pow(2).mean(dim=tuple(range(1, final.ndim))).sqrt().mean()
+        ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap), "run": run})
+    return sorted(ranked, key=lambda c: c["fit_x0_gap"])
+
+
+def _tag(candidate: dict) -> str:
+    return f"{candidate['scheduler']}-{candidate['trajectory']}"
+
+
+def _score(held: dict) -> float:
+    return held["dist_gap"]["tuned"] if "dist_gap" in held else held["x0_gap"]["tuned"]
+
+
+def fit_auto(config, setup, out, progress: bool = True):
+    """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
+    from timetuner.evaluation import judge
+    from timetuner.fitting import FitResult
+
+    started = time.perf_counter()
+    ranked = rank_candidates(config, setup)
+    best_plain = ranked[0]["run"]
+    plain_images = best_plain.held_out_images()[0]
+    reference = best_plain.held_out_reference()
+    yardstick = best_plain.yardstick(progress)
+    label = f"{config.reference}-{config.reference_steps}"
+    tuned = []
+    for candidate in ranked[:AUTO_TUNED]:
+        run = candidate["run"]
+        store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
+        taus, rows = run.fit(store, progress)
+        held = judge(yardstick, plain_images, run.held_out_images(taus, plain=False)[0], reference, label)
+        tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store})
+    winners = [c for c in tuned if c["held_out"]["better"]]
+    chosen = min(winners, key=lambda c: _score(c["held_out"])) if winners else tuned[0]
+    better = bool(winners)
+    seconds = time.perf_counter() - started
+    table, tuned_table = _tables(chosen, ranked, tuned, better, seconds, config, setup)
+    if out is not None:
+        table.save(out)
+        for candidate in tuned:
+            candidate["store"].clear()
+    return FitResult(table=table, tuned=tuned_table, rows=chosen["rows"], held_out=chosen["held_out"],
+                     better=better, seconds=seconds, network_evaluations=setup.denoiser.evaluations,
+                     fit_evaluations=setup.denoiser.evaluations, config=chosen["run"].config)
+
+
+def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
+    """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
+    else the identity table of the best plain candidate; both record the whole selection."""
+    from timetuner.fitting import table_metadata
+
+    record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
+              "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":
+                         c["held_out"]} for c in tuned],
+              "best_plain": _tag(ranked[0]), "winner": _tag(chosen) + (" (tuned)" if better else " (plain)")}
+    run = chosen["run"]
+    meta = table_metadata(run, chosen["rows"], chosen["held_out"], better, seconds, setup.denoiser.evaluations)
+    meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}")
+    tuned_table = run.solver.identity_table(**meta).with_tau(torch.tensor(chosen["taus"], dtype=torch.float64))
+    if better or config.force:
+        return tuned_table, tuned_table
+    plain = ranked[0]["run"]
+    plain_meta = table_metadata(plain, [], chosen["held_out"], False, seconds, setup.denoiser.evaluations)
+    plain_meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}",
+                      identity_because_not_better=True)
+    return plain.solver.identity_table(**plain_meta), tuned_table
