@@ -204,6 +204,7 @@ def test_sample_refuses_a_corrupt_table(tiny_run, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow  # nine plain candidates, two fits (~25 s)
 def test_auto_ranks_plain_candidates_tunes_the_best_two_and_judges_against_the_best_plain(tiny_run, tmp_path):
     from diffusers import DDPMPipeline
 

@@ -143,6 +143,7 @@ def test_the_same_table_gives_identical_figures_through_fit_and_eval(tiny_run, f
         assert printed[key] == held[key], key
 
 
+@pytest.mark.slow  # builds an eval setup and grows a reference set (~15 s)
 def test_eval_with_more_reference_samples_grows_the_cache(tiny_run, fitted):
     out, _ = fitted
     setup = Setup(str(out), str(tiny_run))
@@ -153,6 +154,7 @@ def test_eval_with_more_reference_samples_grows_the_cache(tiny_run, fitted):
     assert big.reference.shape[0] == 700 and (big.reference[:300] == small.reference).all()
 
 
+@pytest.mark.slow  # a CLI eval with a reference trajectory (~15 s)
 def test_fit_and_eval_print_the_three_figures_and_decide_on_the_gaps(tiny_run, fitted):
     out, _ = fitted
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--reference-steps", "10"])
