@@ -8,4 +8,4 @@ DIGITS_FEATURES = ASSETS_DIR / "digits-features"
 DEFAULT_TABLE = ASSETS_DIR / "tables" / "tau-ddim-uniform-nfe10.safetensors"  # `timetuner fit --nfe 10`
 FIT_PROMPTS = ASSETS_DIR / "prompts" / "fit.txt"  # default prompts for fitting text-to-image models
 EVAL_PROMPTS = ASSETS_DIR / "prompts" / "eval.txt"  # disjoint default prompts for the held-out verdict
-SHIPPED_CACHE = ASSETS_DIR / "cache"  # cache entries the project computed and ships (the embedded model's reference set)
+SHIPPED_CACHE = ASSETS_DIR / "cache"  # cache entries the project computed and ships (the reference set)

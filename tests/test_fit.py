@@ -133,7 +133,8 @@ def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, mo
     assert torch.equal(resumed.tuned.tau, straight.tuned.tau) and resumed.rows == straight.rows
 
 
-@pytest.mark.parametrize("scheduler", ["dpm++", pytest.param("unipc", marks=pytest.mark.slow)])
+@pytest.mark.slow  # four fits (~30 s each solver)
+@pytest.mark.parametrize("scheduler", ["dpm++", "unipc"])
 def test_multistep_solvers_fit_with_their_history_in_the_snapshot(tiny_run, scheduler):
     # Each candidate τ steps a deep copy of the solver state, model-output history included; e2e differentiates
     # through the multistep update.

@@ -107,6 +107,7 @@ def test_report_refuses_tables_of_another_solver(tiny_run, tiny_tables, tmp_path
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a report of the embedded model's table (~22 s)
 def test_report_for_the_embedded_models_default_table(tmp_path):
     """The table `timetuner fit --nfe 10` writes for the embedded model, shipped in assets/tables."""
     from timetuner.assets import DEFAULT_TABLE

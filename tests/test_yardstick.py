@@ -126,6 +126,7 @@ def fitted(tiny_run, tmp_path_factory):
     return out, fit(str(tiny_run), out=out, progress=False, **FIT)
 
 
+@pytest.mark.slow  # a fit, an evaluate and a CLI eval (~40 s)
 def test_the_same_table_gives_identical_figures_through_fit_and_eval(tiny_run, fitted):
     out, result = fitted
     held = result.held_out
