@@ -41,8 +41,8 @@ Features = Annotated[str, typer.Option(
 InceptionWeights = Annotated[str | None, typer.Option(
     help="The Inception weights file inception-2015-12-05.pt (default: $TIMETUNER_INCEPTION_WEIGHTS, the cache, "
     "or a download when online).")]
-Bootstrap = Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95 % intervals (FD: at most 200, "
-                                        "KID: at most 50).")]
+Bootstrap = Annotated[int, typer.Option(help="Paired bootstrap resamples for the 95 % intervals (FD-based figures: "
+                                        "at most 200).")]
 
 # Loading a pipeline (hub id or folder): the usual `from_pretrained` arguments.
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.")]

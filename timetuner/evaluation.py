@@ -39,7 +39,7 @@ class FidOptions:
 
 @dataclass
 class Measure:
-    """A feature extractor with the features (or statistics) of a data reference set: the data FD and KID."""
+    """A feature extractor with the features (or statistics) of a data reference set: the data FD."""
 
     extractor: object
     reference: np.ndarray | tuple
@@ -74,12 +74,6 @@ class Measure:
 
     def fd(self, features: np.ndarray) -> float:
         return frechet_distance(features, self.stats)
-
-    def kid(self, features: np.ndarray) -> float | None:
-        if isinstance(self.reference, tuple):
-            return None
-        scale = self.extractor.kid_scale
-        return kernel_distance(features / scale, self.reference / scale)
 
 
 def resolve_features(features: str, is_digits_model: bool) -> str:
