@@ -59,7 +59,7 @@ def evaluate(
         timetuner eval --table tau.safetensors --model my-model --fid --ref val-images/ --n 10000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import FidOptions, Setup, describe_judgement, save_plots
+    from timetuner.evaluation import FidOptions, Setup, describe_judgement, resolve_features, save_plots
     from timetuner.evaluation import evaluate as run
 
     if plots is not None and os.path.exists(plots) and not os.path.isdir(plots):
@@ -75,7 +75,7 @@ def evaluate(
     n = setup.default_n if n is None else n
     yardstick = None
     if fid or setup.is_digits:
-        chosen = "inception" if features == "auto" and not setup.is_digits else features
+        chosen = resolve_features(features, setup.is_digits)
         yardstick = setup.yardstick(FidOptions(ref=ref, features=chosen, inception_weights=inception_weights),
                                     reference_n, data=fid or setup.is_digits, progress=not as_json,
                                     data_n=n if fid else None)

@@ -42,7 +42,15 @@ def report(
         timetuner report tau-10.safetensors tau-5.safetensors --model my-model --ref val-images/ --n 5000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import FidOptions, Setup, check_siblings, evaluate, gap_versus_nfe, save_plots
+    from timetuner.evaluation import (
+        FidOptions,
+        Setup,
+        check_siblings,
+        evaluate,
+        gap_versus_nfe,
+        resolve_features,
+        save_plots,
+    )
     from timetuner.report import write_report
     from timetuner.table import TauTable
 
@@ -64,7 +72,7 @@ def report(
     check_siblings(setup.table, others, tables[1:], tables[0])
     yardstick = None
     if ref is not None or setup.is_digits:
-        chosen = "inception" if features == "auto" and not setup.is_digits else features
+        chosen = resolve_features(features, setup.is_digits)
         yardstick = setup.yardstick(FidOptions(ref=ref, features=chosen, inception_weights=inception_weights),
                                     reference_n, data_n=n if ref is not None else None)
     result = evaluate(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, bootstrap=bootstrap,

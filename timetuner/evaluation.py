@@ -68,12 +68,17 @@ class Measure:
         return self._stats
 
     def features(self, images: torch.Tensor) -> np.ndarray:
-        from timetuner.fid import tensor_features
-
-        return tensor_features(images.clamp(-1, 1), self.extractor)
+        return image_features(images, self.extractor)
 
     def fd(self, features: np.ndarray) -> float:
         return frechet_distance(features, self.stats)
+
+
+def image_features(images: torch.Tensor, extractor) -> np.ndarray:
+    """Features of images in about [-1, 1] (clamped), through clean-fid's path (`timetuner.fid.tensor_features`)."""
+    from timetuner.fid import tensor_features
+
+    return tensor_features(images.clamp(-1, 1), extractor)
 
 
 def resolve_features(features: str, is_digits_model: bool) -> str:
@@ -100,9 +105,7 @@ class Yardstick:
     data: Measure | None = None  # the data reference (data FD); same extractor
 
     def features(self, images: torch.Tensor) -> np.ndarray:
-        from timetuner.fid import tensor_features
-
-        return tensor_features(images.clamp(-1, 1), self.extractor)
+        return image_features(images, self.extractor)
 
     @property
     def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +155,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     (features "none", or "auto" on a non-digits model with no data reference given)."""
     from tqdm.auto import tqdm
 
-    from timetuner.fid import load_extractor, tensor_features
+    from timetuner.fid import load_extractor
     from timetuner.reference import REFERENCE_SET_SEED, reference_block, reference_set
 
     options = options or FidOptions()
@@ -177,7 +180,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
             bar.update(block if done else 0)
 
         rows = reference_set(denoiser_for, model.base_config, reference, reference_steps, reference_n,
-                             lambda images: tensor_features(images, extractor), key,
+                             lambda images: image_features(images, extractor), key,
                              images=model.images if model.vae is not None else None, progress=advance)
         if bar is not None:
             bar.close()
@@ -356,9 +359,12 @@ def held_out_figures(setup: Setup, yardstick: Yardstick | None, n: int | None = 
     """The `judge` record of plain against the table's τ (or `taus`) on n held-out noises of `seed` (default: the
     table's held-out seed), and the final images [plain, tuned]; what fit's verdict printed, for the same table."""
     n = setup.default_n if n is None else n
-    g = min(n, setup.default_gap_n if gap_n is None else gap_n)
     noise, seed = setup.noise(n, seed)
-    cond = setup.conditioning(n)
+    return _figures(setup, yardstick, noise, seed, setup.conditioning(n),
+                    min(n, setup.default_gap_n if gap_n is None else gap_n), bootstrap, taus)
+
+
+def _figures(setup: Setup, yardstick, noise, seed: int, cond, g: int, bootstrap: int, taus=None):
     taus = setup.table.tau.float() if taus is None else taus
     finals = held_out_finals(lambda lo, hi: setup.view(setup.sampler, cond, lo, hi), noise, taus, g)
     head = setup.view(setup.sampler, cond, 0, g)
@@ -381,10 +387,10 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
     _check(n, gap_n, reference_steps, bootstrap)
-    figures, images = held_out_figures(setup, yardstick, n, gap_n, seed, bootstrap)
     noise, seed = setup.noise(n, seed)
     cond = setup.conditioning(n)
     g = min(n, gap_n)
+    figures, images = _figures(setup, yardstick, noise, seed, cond, g, bootstrap)
     head = setup.view(setup.sampler, cond, 0, g)
     key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
                     *setup.key_parts(cond))

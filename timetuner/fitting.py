@@ -266,12 +266,9 @@ class Run:
         """The model's yardstick for the verdict (`timetuner.evaluation.build_yardstick`), None without features."""
         from timetuner.evaluation import FidOptions, build_yardstick
 
-        config, model = self.config, self.model
-        features = "digits" if config.features == "auto" and model.is_digits and model.vae is None else config.features
-        if features == "auto":
-            return None
-        return build_yardstick(model, self.held_out_denoiser, config.reference, config.reference_steps,
-                               config.reference_n, FidOptions(features=features), progress=progress)
+        config = self.config
+        return build_yardstick(self.model, self.held_out_denoiser, config.reference, config.reference_steps,
+                               config.reference_n, FidOptions(features=config.features), progress=progress)
 
     def checkpoints(self, out: Path | None) -> Checkpoints:
         """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
