@@ -79,11 +79,16 @@ def fit(
     the reference and, where features exist, the distribution gap to the reference sampler), it says so and
     writes the identity table unless --force.
 
+    Several processes (CPU or GPUs), each fitting on its share of the noises, every one holding the same τ:
+
+        accelerate launch --multi_gpu --num_processes 2 -m timetuner.cli.main fit --nfe 10
+
     Text-to-image and class-conditional models are fitted in latent space on the guided output at each
     --guidance-scale (the table records the scale); the held-out gap is measured on VAE-decoded images.
     """
     import torch
 
+    from timetuner.distributed import current
     from timetuner.fitting import check_out, fit_scales
     from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
     from timetuner.prompts import parse_class_labels, parse_guidance_scales
@@ -94,7 +99,10 @@ def fit(
     check_out(out)  # before loading anything
     quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
-    if torch.cuda.is_available() and not cpu:
+    world = current(cpu)  # under `accelerate launch`: this process's share and device
+    if world.size > 1:
+        pipe = pipe.to(world.device)
+    elif torch.cuda.is_available() and not cpu:
         pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
     for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, nfe=nfe,
                                    scheduler=scheduler, trajectory=trajectory, strategy=strategy, objective=objective,
@@ -105,7 +113,8 @@ def fit(
                                    negative_prompt=negative_prompt,
                                    class_labels=None if labels is None else tuple(labels),
                                    eval_class_labels=None if eval_labels is None else tuple(eval_labels)):
-        _report(result, name, force, as_json)
+        if world.is_main:
+            _report(result, name, force, as_json)
 
 
 def _report(result, name: str, force: bool, as_json: bool) -> None:

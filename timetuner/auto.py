@@ -40,9 +40,10 @@ def rank_candidates(config, setup) -> list[dict]:
     for scheduler, trajectory in CANDIDATES:
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
-            reference = run.reference(run.fit_noise, config.seed, run.solver).clamp(-1, 1)
+            reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows).clamp(-1, 1)
         final = run.solver.rollout(run.fit_noise)
-        gap = (final.clamp(-1, 1) - reference).pow(2).mean(dim=tuple(range(1, final.ndim))).sqrt().mean()
+        per_sample = (final.clamp(-1, 1) - reference).pow(2).mean(dim=tuple(range(1, final.ndim))).sqrt()
+        gap = run.world.mean(per_sample, config.samples)  # over every process's share of the fit noises
         ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap), "run": run})
     return sorted(ranked, key=lambda c: c["fit_x0_gap"])
 
@@ -72,14 +73,16 @@ def fit_auto(config, setup, out, progress: bool = True):
         run = candidate["run"]
         store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
         taus, rows = run.fit(store, progress)
-        held = judge(yardstick, plain_images, run.held_out_images(taus, plain=False)[0], reference, label)
+        images = run.held_out_images(taus, plain=False)[0]
+        held = run.world.broadcast(judge(yardstick, plain_images, images, reference, label)
+                                   if run.world.is_main else None)
         tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store})
     winners = [c for c in tuned if c["held_out"]["better"]]
     chosen = min(winners, key=lambda c: _score(c["held_out"])) if winners else tuned[0]
     better = bool(winners)
     seconds = time.perf_counter() - started
     table, tuned_table = _tables(chosen, ranked, tuned, better, seconds, config, setup)
-    if out is not None:
+    if out is not None and best_plain.world.is_main:
         table.save(out)
         for candidate in tuned:
             candidate["store"].clear()

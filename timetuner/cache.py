@@ -102,22 +102,33 @@ def cached(key: str | None, compute) -> dict:
     return tensors
 
 
-def grown(key: str | None, n: int, block: int, compute_block, progress=None) -> torch.Tensor:
+def grown(key: str | None, n: int, block: int, compute_block, progress=None, world=None) -> torch.Tensor:
     """The first n rows of a row set computed `block` rows at a time (`compute_block(i)` → rows of block i).
 
     The cached set is extended by the missing blocks only, so asking for more rows than are cached grows the cache
     rather than recomputing it; `progress(done, total)` is called before the first new block and after each.
+    Several processes (`world`, a `timetuner.distributed.World`) take turns over the missing blocks; the main
+    process writes the entry, from the count of blocks it read.
     """
+    from timetuner.distributed import SOLO
+
+    world = world or SOLO
     have = read(key)
     rows = have["rows"] if have is not None else None
-    count = 0 if rows is None else rows.shape[0] // block
+    count = world.broadcast(0 if rows is None else rows.shape[0] // block)
+    rows = None if count == 0 else rows[: count * block]
     needed = -(-n // block)
     if progress is not None and needed > count:
         progress(0, needed - count)
-    for i in range(count, needed):
-        new = compute_block(i).detach().cpu()
-        rows = new if rows is None else torch.cat([rows, new])
-        write(key, {"rows": rows})  # after every block: an interrupted run keeps what it computed
-        if progress is not None:
-            progress(i + 1 - count, needed - count)
+    for start in range(count, needed, world.size):
+        mine = start + world.rank
+        new = compute_block(mine).detach().cpu() if mine < needed else None
+        for i, part in enumerate(world.gather_objects(new)):
+            if part is None:
+                continue
+            rows = part if rows is None else torch.cat([rows, part])
+            if progress is not None:
+                progress(start + i + 1 - count, needed - count)
+        if world.is_main:
+            write(key, {"rows": rows})  # after every round: an interrupted run keeps what it computed
     return rows[:n]

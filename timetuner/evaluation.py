@@ -148,11 +148,12 @@ class Yardstick:
 
 def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
                     options: FidOptions | None = None, data: bool = True, progress: bool = True,
-                    data_n: int | None = None) -> Yardstick | None:
+                    data_n: int | None = None, world=None) -> Yardstick | None:
     """The yardstick of `model` (a `timetuner.loading.ModelSetup`): its reference set of `reference_n` samples of
     the `reference` solver at `reference_steps` (grown in the cache with a progress bar where short), and its data
     reference (a seeded subset of `data_n` images; all by default); None where no feature extractor applies
-    (features "none", or "auto" on a non-digits model with no data reference given)."""
+    (features "none", or "auto" on a non-digits model with no data reference given). `world`: the processes
+    (`timetuner.distributed`) that share the computing of missing reference blocks."""
     from tqdm.auto import tqdm
 
     from timetuner.fid import load_extractor
@@ -181,7 +182,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
 
         rows = reference_set(denoiser_for, model.base_config, reference, reference_steps, reference_n,
                              lambda images: image_features(images, extractor), key,
-                             images=model.images if model.vae is not None else None, progress=advance)
+                             images=model.images if model.vae is not None else None, progress=advance, world=world)
         if bar is not None:
             bar.close()
         features = rows.double().numpy()
@@ -348,7 +349,8 @@ def held_out_finals(view, noise: torch.Tensor, taus, g: int, plain: bool = True)
     n = noise.shape[0]
     finals = []
     for tt in ((None, taus) if plain else (taus,)):
-        parts = [view(0, g).rollout(noise[:g], tt)] + ([view(g, n).rollout(noise[g:], tt)] if n > g else [])
+        parts = ([view(0, g).rollout(noise[:g], tt)] if g else []) + (
+            [view(g, n).rollout(noise[g:], tt)] if n > g else [])
         finals.append(torch.cat(parts))
     return finals
 
@@ -479,12 +481,14 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_row
     return paths
 
 
-def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor, seed: int) -> torch.Tensor:
+def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor, seed: int, *parts
+                    ) -> torch.Tensor:
     """Final samples of the reference solver from `noise` (seed `seed`) — the one cache entry that fit's
-    verdict, `eval` and `report` share for the same model, reference, noises and conditioning."""
+    verdict, `eval` and `report` share for the same model, reference, noises and conditioning; `parts` tell
+    more about the noises (which rows of the seed's they are, for one process's share)."""
     from timetuner.reference import reference_samples
 
-    key = reference_key("samples", model, denoiser, kind, steps, seed, noise.shape[0])
+    key = reference_key("samples", model, denoiser, kind, steps, seed, noise.shape[0], *parts)
     return reference_samples(denoiser, model.base_config, noise, kind, steps, key)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from timetuner.distributed import SOLO, World
 from timetuner.errors import UserError, check_choice
 from timetuner.table import TauTable
 
@@ -176,18 +177,25 @@ class Checkpoints:
     """The fit's state after every τ (or e2e iteration), JSON beside the output; only a fit of the same
     configuration on the same model resumes from it."""
 
-    def __init__(self, out: Path | None, key: dict):
+    def __init__(self, out: Path | None, key: dict, world: World = SOLO):
         self.path = None if out is None else out.with_name(out.name + ".partial.json")
         self.key = json.loads(json.dumps(key))  # JSON-normalised (tuples → lists), as it is read back
+        self.world = world  # only the main process writes; every process resumes from what it read
 
     def load(self) -> dict:
+        return self.world.broadcast(self._read() if self.world.is_main else None)
+
+    def _read(self) -> dict:
         if self.path is None or not self.path.is_file():
             return {}
-        saved = json.loads(self.path.read_text())
-        return saved if saved.get("key") == self.key else {}
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # not ours, or damaged: start afresh rather than fail (it is rewritten)
+            return {}
+        return saved if isinstance(saved, dict) and saved.get("key") == self.key else {}
 
     def save(self, **state) -> None:
-        if self.path is None:
+        if self.path is None or not self.world.is_main:
             return
         from timetuner.files import write_atomic
 
@@ -195,7 +203,7 @@ class Checkpoints:
         write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def clear(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.world.is_main:
             self.path.unlink(missing_ok=True)
 
 
@@ -212,13 +220,16 @@ class Run:
     eval_noise: torch.Tensor
     eval_seed: int
     conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
+    world: World = SOLO  # the processes this fit is split over (`timetuner.distributed`)
+    fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
 
-    def reference(self, noise: torch.Tensor, seed: int, solver) -> torch.Tensor:
-        """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning)."""
+    def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
+        `rows`: which rows of the seed's noises `noise` is, when it is one process's share)."""
         from timetuner.evaluation import reference_final
 
         return reference_final(self.model, solver.den, self.config.reference, self.config.reference_steps, noise,
-                               seed)
+                               seed, *([] if rows is None else [list(rows)]))
 
     def inputs(self):
         """What the objective and strategy fit against: noises, and the references they need."""
@@ -232,11 +243,13 @@ class Run:
             x0 = self._parallel_x0()
         if "reference_states" in objective.needs:
             key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
-                            config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts())
+                            config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts(),
+                            *([] if self.fit_rows is None else [list(self.fit_rows)]))
             states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
         if "reference_final" in objective.needs:
-            final = self.reference(self.fit_noise, config.seed, self.solver)
-        return FitInputs(self.fit_noise, x0=x0, reference_states=states, reference_final=final)
+            final = self.reference(self.fit_noise, config.seed, self.solver, self.fit_rows)
+        return FitInputs(self.fit_noise, x0=x0, reference_states=states, reference_final=final, world=self.world,
+                         total=config.samples)
 
     def _parallel_x0(self) -> torch.Tensor:
         """Eq. (11)'s x0: data when given, else the model's own high-NFE samples."""
@@ -268,18 +281,19 @@ class Run:
 
         config = self.config
         return build_yardstick(self.model, self.held_out_denoiser, config.reference, config.reference_steps,
-                               config.reference_n, FidOptions(features=config.features), progress=progress)
+                               config.reference_n, FidOptions(features=config.features),
+                               progress=progress and self.world.is_main, world=self.world)
 
     def checkpoints(self, out: Path | None) -> Checkpoints:
         """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
         return Checkpoints(out, {"config": dataclasses.asdict(self.config), "model_hash": self.model.weights,
-                                 "conditioning": self.solver.den.cache_parts()})
+                                 "conditioning": self.solver.den.cache_parts()}, self.world)
 
     def fit(self, store: Checkpoints, progress: bool = True) -> tuple[list[float], list[dict]]:
         """The objective's fit of τ (`timetuner.tuning`), resuming from `store`; (τ, rows)."""
         from timetuner.tuning import OBJECTIVES
 
-        report = Progress(self, store, progress)
+        report = Progress(self, store, progress and self.world.is_main)
         taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, self.inputs(), store.load(),
                                                            report)
         report.close()
@@ -295,30 +309,36 @@ class Run:
 
     def held_out_reference(self) -> torch.Tensor:
         """The reference solver's images from the first gap_n held-out noises (the x0 gap's targets)."""
-        g = self.gap_n
-        return self.model.images(self.reference(self.eval_noise[:g], self.eval_seed, self._view(0, g)))
+        lo, hi = self.world.shard(self.gap_n)
+        rows = None if self.world.size == 1 else (lo, hi)
+        final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self._view(lo, hi), rows)
+        return self.world.gather(self.model.images(final))
 
     def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
         """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
-        `timetuner eval` runs them."""
+        `timetuner eval` runs them (each process its share)."""
         from timetuner.evaluation import held_out_finals
 
         taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
-        finals = held_out_finals(self._view, self.eval_noise, taus, self.gap_n, plain)
-        return [self.model.images(f) for f in finals]
+        lo, hi = self.world.shard(self.eval_noise.shape[0])
+        finals = held_out_finals(lambda a, b: self._view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
+                                 min(max(self.gap_n - lo, 0), hi - lo), plain)
+        return [self.world.gather(self.model.images(f)) for f in finals]
 
     def verdict(self, taus: list[float], progress: bool = True) -> dict:
         """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`)."""
         from timetuner.evaluation import judge
 
         plain, tuned = self.held_out_images(taus)
-        return judge(self.yardstick(progress), plain, tuned, self.held_out_reference(),
-                     f"{self.config.reference}-{self.config.reference_steps}")
+        reference, yardstick = self.held_out_reference(), self.yardstick(progress)
+        label = f"{self.config.reference}-{self.config.reference_steps}"
+        return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
 
 
 def prepare(config: FitConfig, model) -> Run:
     """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
     from timetuner.denoiser import refuse_integer_timesteps
+    from timetuner.distributed import current
     from timetuner.prompts import conditioning_for
     from timetuner.solver import Solver
 
@@ -341,14 +361,18 @@ def prepare(config: FitConfig, model) -> Run:
         # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
         # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
         den.checkpoint, den.batch_size = True, 16
-    fit_den, eval_den = den.bind(conditioning[0]), den.bind(conditioning[1])
+    # Several processes: sequential and e2e fits split the fit noises; parallel ones split the evaluations instead.
+    world = current()
+    lo, hi = (0, config.samples) if config.strategy == "parallel" else world.shard(config.samples)
+    fit_cond = None if conditioning[0] is None else conditioning[0].slice(lo, hi)
+    fit_den, eval_den = den.bind(fit_cond), den.bind(conditioning[1])
     solver = Solver.named(fit_den, model.base_config, config.scheduler, config.trajectory, config.nfe)
     refuse_integer_timesteps(fit_den, solver.num_train_timesteps)
     shape, eval_seed = den.sample_shape, config.seed + EVAL_SEED_OFFSET
-    fit_noise = torch.randn((config.samples, *shape), generator=torch.Generator().manual_seed(config.seed))
+    fit_noise = torch.randn((config.samples, *shape), generator=torch.Generator().manual_seed(config.seed))[lo:hi]
     eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
     return Run(config, model, solver, solver.on(eval_den), fit_noise.to(den.device), eval_noise.to(den.device),
-               eval_seed, conditioning)
+               eval_seed, conditioning, world, None if (lo, hi) == (0, config.samples) else (lo, hi))
 
 
 def fit(model: str | None = None, out: str | Path | None = None, progress: bool = True, unet=None,
@@ -396,7 +420,7 @@ def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -
     tuned = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
     written = tuned if (better or config.force) else run.solver.identity_table(**meta,
                                                                                 identity_because_not_better=True)
-    if out is not None:
+    if out is not None and run.world.is_main:
         written.save(out)
         store.clear()
     return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,

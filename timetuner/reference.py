@@ -66,13 +66,14 @@ REFERENCE_SET_BLOCK = 500
 
 @torch.no_grad()
 def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, features, key: str | None,
-                  images=None, progress=None) -> torch.Tensor:
+                  images=None, progress=None, world=None) -> torch.Tensor:
     """Features of n final samples of the reference solver from their own noises: what the distribution gap is
     measured against. Cached by `key` and grown block by block (`timetuner.cache.grown`): asking for more
     samples than are cached computes only the missing blocks, and the first n are the same at any size.
 
     `denoiser_for(lo, hi)`: the denoiser for samples lo…hi−1 (their conditioning); `features(images)` → N×D
-    array; `images` maps final samples to images (the VAE decoder for latent models); `progress(done, total)`.
+    array; `images` maps final samples to images (the VAE decoder for latent models); `progress(done, total)`;
+    `world`: the processes that share the missing blocks (`timetuner.distributed`).
     """
     from timetuner.cache import grown
 
@@ -88,7 +89,7 @@ def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, feat
         # float32: the extractors compute in float32, so storing them so loses nothing (and halves the file)
         return torch.as_tensor(features(final.clamp(-1, 1))).float()
 
-    return grown(key, n, size, block, progress)
+    return grown(key, n, size, block, progress, world)
 
 
 def reference_block(n: int) -> int:

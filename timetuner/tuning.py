@@ -20,17 +20,23 @@ loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, 
 
 Each fit reads its settings from `config` (a `timetuner.fitting.FitConfig`), resumes from `resume` (what its
 `report(k, row, **state)` callback was last handed as state) and returns (taus, rows).
+
+Several processes (`timetuner.distributed`): sequential and e2e fits see this process's share of the noises and
+average every loss (and the e2e gradient) over all processes, so each process takes the same steps; the parallel
+strategy keeps every sample and splits the evaluations k instead (its states are independent by construction).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from timetuner.distributed import SOLO, World
 from timetuner.solver import Solver
 
 
@@ -42,6 +48,12 @@ class FitInputs:
     x0: torch.Tensor | None = None  # parallel: clean samples (data, or the model's own high-NFE samples)
     reference_states: list[torch.Tensor] | None = None  # teacher: the reference at every few-step state's time
     reference_final: torch.Tensor | None = None  # e2e: the reference's final samples from the same noises
+    world: World = SOLO  # the processes the noises are split over (`noise` is this process's share)
+    total: int | None = None  # noises over all processes; None: noise.shape[0]
+
+    def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-sample loss over every process's noises (float64)."""
+        return self.world.mean(per_sample, self.total or per_sample.shape[0])
 
 
 # -- 1-D optimisers ------------------------------------------------------------------------------------------------
@@ -77,30 +89,37 @@ def golden_search(f, lo: float, hi: float, start: float, points: int = 7, refine
     return best, seen[best]
 
 
-def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float) -> tuple[float, float]:
-    """The official recipe: τ = s·r − (s − t) with s = max(t, 1) (τ = t·r for t ≥ 1), r₀ = 1, Adam on r."""
+def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float,
+                inputs: FitInputs | None = None) -> tuple[float, float]:
+    """The official recipe: τ = s·r − (s − t) with s = max(t, 1) (τ = t·r for t ≥ 1), r₀ = 1, Adam on r.
+
+    `loss_fn(τ)` gives per-sample losses; `inputs` says over which processes' samples they are averaged.
+    """
+    inputs = inputs or FitInputs(torch.empty(0))
     s = max(t, 1.0)
     r = torch.ones((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([r], lr=lr)
     for _ in range(iters):
         tau = (s * r - (s - t)).clamp(lo, hi)
-        loss = loss_fn(tau.float()).mean()
+        per_sample = loss_fn(tau.float())
+        loss = per_sample.sum() / (inputs.total or per_sample.shape[0])
         opt.zero_grad()
         loss.backward()
+        inputs.world.sum_(r.grad)
         opt.step()
     tau = float((s * r.detach() - (s - t)).clamp(lo, hi))
     with torch.no_grad():
-        return tau, float(loss_fn(torch.tensor(tau)).mean())
+        return tau, float(inputs.mean(loss_fn(torch.tensor(tau))))
 
 
-def _search(loss_fn, t_k: float, lo: float, hi: float, total: int, config) -> tuple[float, float]:
+def _search(loss_fn, t_k: float, lo: float, hi: float, total: int, config, inputs: FitInputs) -> tuple[float, float]:
     with torch.no_grad():
-        return golden_search(lambda v, f=loss_fn: f(torch.tensor(v)).mean(), lo, hi, t_k, config.search_points,
+        return golden_search(lambda v, f=loss_fn: inputs.mean(f(torch.tensor(v))), lo, hi, t_k, config.search_points,
                              config.search_refine)
 
 
-def _adam(loss_fn, t_k: float, lo: float, hi: float, total: int, config) -> tuple[float, float]:
-    return adam_search(loss_fn, t_k, config.adam_iters, config.adam_lr, 0.0, total - 1.0)
+def _adam(loss_fn, t_k: float, lo: float, hi: float, total: int, config, inputs: FitInputs) -> tuple[float, float]:
+    return adam_search(loss_fn, t_k, config.adam_iters, config.adam_lr, 0.0, total - 1.0, inputs)
 
 
 OPTIMIZERS = {"search": _search, "adam": _adam}
@@ -134,17 +153,20 @@ class Sequential:
 
 
 class Parallel:
-    """Eq. (11): x_{t_k} = α x0 + σ ε with fresh ε for every k, and a scheduler positioned at k."""
+    """Eq. (11): x_{t_k} = α x0 + σ ε with fresh ε for every k, and a scheduler positioned at k.
+
+    ε of evaluation k comes from its own generator (seed, k), so any process can draw any k's state alone.
+    """
 
     def __init__(self, solver: Solver, inputs: FitInputs, seed: int):
-        self.solver, self.x0 = solver, inputs.x0
-        self.gen = torch.Generator().manual_seed(seed + 7)
+        self.solver, self.x0, self.seed = solver, inputs.x0, seed
 
     def state(self, k: int):
         sched = self.solver.fresh()
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(k)
-        eps = torch.randn(self.x0.shape, generator=self.gen).to(self.x0.device)
+        gen = torch.Generator().manual_seed(self.seed + 7 + 1_000_003 * k)
+        eps = torch.randn(self.x0.shape, generator=gen).to(self.x0.device)
         t_k = sched.timesteps[k : k + 1].expand(self.x0.shape[0])
         return sched, sched.add_noise(self.x0, eps, t_k)
 
@@ -170,26 +192,38 @@ class PerEvaluation:
         taus: list[float] = list(resume.get("taus", []))
         rows: list[dict] = list(resume.get("rows", []))
         strategy = STRATEGIES[config.strategy](solver, inputs, config.seed)
-        total = solver.num_train_timesteps
-        for k in range(solver.evaluations):
-            t_k = float(solver.t[k])
-            sched, x = strategy.state(k)
-            if k < len(taus):  # resumed: only advance the cached state with the τ fitted before
-                strategy.advance(k, taus[k])
-                report(k, rows[k])
-                continue
-            loss_fn = self.loss(solver, sched, x, k, inputs)
-            lo, hi = bracket(solver.t, k, total)
-            started = time.perf_counter()
-            with torch.no_grad():
-                before = float(loss_fn(torch.tensor(t_k)).mean())
-            tau, after = OPTIMIZERS[config.optimizer](loss_fn, t_k, lo, hi, total, config)
-            taus.append(tau)
-            rows.append({"k": k, "t": t_k, "tau": tau, "loss_before": before, "loss_after": after,
-                         "seconds": round(time.perf_counter() - started, 3)})
-            strategy.advance(k, tau)
+        for k in range(len(taus)):  # resumed: only advance the cached state with the τ fitted before
+            strategy.advance(k, taus[k])
+            report(k, rows[k])
+        if config.strategy == "parallel":  # independent states: the processes take turns over k, all samples each
+            world, own = inputs.world, dataclasses.replace(inputs, world=SOLO, total=None)
+            for start in range(len(taus), solver.evaluations, world.size):
+                k = start + world.rank
+                row = self.fit_one(solver, config, own, strategy, k) if k < solver.evaluations else None
+                for done in (r for r in world.gather_objects(row) if r is not None):
+                    taus.append(done["tau"])
+                    rows.append(done)
+                    report(done["k"], done, taus=taus, rows=rows)
+            return taus, rows
+        for k in range(len(taus), solver.evaluations):
+            rows.append(self.fit_one(solver, config, inputs, strategy, k))
+            taus.append(rows[-1]["tau"])
+            strategy.advance(k, taus[k])
             report(k, rows[-1], taus=taus, rows=rows)
         return taus, rows
+
+    def fit_one(self, solver: Solver, config, inputs: FitInputs, strategy, k: int) -> dict:
+        """τ_k at the strategy's state of evaluation k: the optimiser's result and the loss before and after."""
+        t_k, total = float(solver.t[k]), solver.num_train_timesteps
+        sched, x = strategy.state(k)
+        loss_fn = self.loss(solver, sched, x, k, inputs)
+        lo, hi = bracket(solver.t, k, total)
+        started = time.perf_counter()
+        with torch.no_grad():
+            before = float(inputs.mean(loss_fn(torch.tensor(t_k))))
+        tau, after = OPTIMIZERS[config.optimizer](loss_fn, t_k, lo, hi, total, config, inputs)
+        return {"k": k, "t": t_k, "tau": tau, "loss_before": before, "loss_after": after,
+                "seconds": round(time.perf_counter() - started, 3)}
 
 
 class Paper(PerEvaluation):
@@ -241,24 +275,30 @@ class EndToEnd:
         def taus_of(d):
             return (t + spacing * d).clamp(0.0, total - 1.0)
 
+        n = inputs.total or inputs.noise.shape[0]
+
         def loss_of(d):
-            return (solver.rollout(inputs.noise, taus_of(d)) - inputs.reference_final).pow(2).mean()
+            """(this process's share of the mean squared error to differentiate, the mean over all processes)."""
+            error = solver.rollout(inputs.noise, taus_of(d)) - inputs.reference_final
+            per_sample = error.pow(2).flatten(1).mean(1)
+            return per_sample.sum() / n, float(inputs.mean(per_sample))
 
         with torch.no_grad():
-            before = float(loss_of(torch.zeros_like(delta)))
+            before = loss_of(torch.zeros_like(delta))[1]
         best = (resume["best_loss"], torch.tensor(resume["best_delta"])) if "best_loss" in resume else \
             (before, torch.zeros_like(delta))
         for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
-            loss = loss_of(delta)
-            if loss.item() < best[0]:
-                best = (loss.item(), delta.detach().clone())
+            share, loss = loss_of(delta)
+            if loss < best[0]:
+                best = (loss, delta.detach().clone())
             opt.zero_grad()
-            loss.backward()
+            share.backward()
+            inputs.world.sum_(delta.grad)
             opt.step()
-            report(it, {"k": it, "loss": loss.item()}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
+            report(it, {"k": it, "loss": loss}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
                    adam=_adam_json(opt), best_loss=best[0], best_delta=best[1].tolist())
         with torch.no_grad():
-            last = float(loss_of(delta))
+            last = loss_of(delta)[1]
         if last < best[0]:
             best = (last, delta.detach().clone())
         taus = taus_of(best[1]).tolist()

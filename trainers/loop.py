@@ -276,6 +276,22 @@ def _save_pipeline(unet, noise_scheduler, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_output_once(config: TrainConfig) -> None:
+    """`_check_output` on the main process, its verdict on all (one process must not see the other's new run)."""
+    from timetuner.distributed import current
+
+    world = current(config.cpu)
+    problem = None
+    if world.is_main:
+        try:
+            _check_output(config)
+        except UserError as err:
+            problem = str(err)
+    problem = world.broadcast(problem)
+    if problem is not None:
+        raise UserError(problem)
+
+
 def train(config: TrainConfig, on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
     """Train a UNet2DModel DDPM as `config` says; return the run folder (a diffusers pipeline).
 
@@ -285,7 +301,7 @@ def train(config: TrainConfig, on_checkpoint: Callable[[int, torch.nn.Module], N
     from tqdm.auto import tqdm
 
     config = _resolved(config)
-    _check_output(config)
+    _check_output_once(config)
     data = load_training_data(config.data, config.resolution, config.channels)  # errors before any output
     run = _Training(config)
     data = data.to(run.accelerator.device)
@@ -333,7 +349,9 @@ class _Training:
         from diffusers.training_utils import EMAModel
 
         self.config, self.out = config, Path(config.out)
-        self.accelerator = accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+        # No GPU: under `accelerate launch` the processes still form one run, over gloo (MULTI_CPU).
+        self.accelerator = accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
+                                                     mixed_precision=config.mixed_precision,
                                                      project_config=ProjectConfiguration(project_dir=str(self.out)))
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
