@@ -52,8 +52,8 @@ def test_resume_continues_step_counter_and_optimizer_state(tmp_path):
     resumed = train(tiny_config(tmp_path / "resumed", steps=20, resume=True))
     assert resumed == half
     ckpt_a, ckpt_b = straight / "checkpoints" / "checkpoint-20", resumed / "checkpoints" / "checkpoint-20"
-    opt_a = torch.load(ckpt_a / "optimizer.bin", weights_only=False)
-    opt_b = torch.load(ckpt_b / "optimizer.bin", weights_only=False)
+    opt_a = torch.load(ckpt_a / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(ckpt_b / "optimizer.bin", weights_only=True)
     # AdamW's own counter carried on from 10 to 20: the moments were restored, not restarted.
     assert {float(s["step"]) for s in opt_b["state"].values()} == {20.0}
     for key in opt_a["state"][0]:

@@ -33,6 +33,7 @@ from timetuner.trainers.weighting import make_weighting
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
+EXTRAS_FILE = "timetuner_state.safetensors"  # EMA, sampler, step counter, MDLRC: beside accelerate's own files
 CHECKPOINTS = "checkpoints"
 LOSS_BUCKETS = 10
 # Settings a resumed run must share with the run that wrote the checkpoint.
@@ -106,15 +107,16 @@ class TrainConfig:
 
 @dataclass
 class TrainState:
-    """The step counter, checkpointed with the model by `accelerator.save_state`."""
+    """The step counter and the logged running loss, checkpointed with the model."""
 
     step: int = 0
+    loss_ema: float | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "loss_ema": self.loss_ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.loss_ema = int(state["step"]), state.get("loss_ema")
 
 
 def _resolved(config: TrainConfig) -> TrainConfig:
@@ -374,18 +376,41 @@ class _Training:
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         self.mdlrc = MDLRC(self.optimizer, config.mdlrc_steps, config.mdlrc_beta1_end) if config.mdlrc else None
         self.ema.to(accelerator.device)
-        for obj in (self.ema, self.sampler, self.state, *([self.mdlrc] if self.mdlrc else [])):
-            accelerator.register_for_checkpointing(obj)
+        # Saved beside accelerate's state as safetensors + JSON (`files.save_tree`), not registered with accelerate,
+        # whose custom-object checkpoints are pickles it loads with weights_only=False.
+        self.extras = {"ema": self.ema, "sampler": self.sampler, "state": self.state,
+                       **({"mdlrc": self.mdlrc} if self.mdlrc else {})}
         if hasattr(self.sampler, "bind"):  # learned samplers score the model's loss before and after an update
             self.sampler.bind(_probe(accelerator.unwrap_model(self.unet), self.noise_scheduler, config))
         if config.resume:
-            latest = checkpoint_dirs(self.out)[-1]
-            accelerator.load_state(str(latest))
-            accelerator.print(f"resumed from {latest} at step {self.state.step}")
+            self._resume(checkpoint_dirs(self.out)[-1])
         if self.mdlrc:
             self.mdlrc.step(self.state.step)
         self.losses = _Losses(config, accelerator.device)
+        self.losses.running = self.state.loss_ema
         self.started = time.perf_counter()
+
+    def _resume(self, latest: Path) -> None:
+        """Model, optimiser, LR scheduler and RNG states (accelerate), then EMA, sampler, step counter and MDLRC;
+        the log loses the lines written after the checkpoint (the resumed run writes them again, identically)."""
+        from timetuner.files import load_tree, write_atomic
+
+        accelerator = self.accelerator
+        if not (latest / EXTRAS_FILE).is_file():
+            raise UserError(f"--resume: {str(latest)!r} has no {EXTRAS_FILE} (written by an older timetuner, whose "
+                            "checkpoints were pickles); accepted: a checkpoint of this version, or a fresh --out")
+        accelerator.load_state(str(latest))
+        extras = load_tree(latest / EXTRAS_FILE)
+        for name, obj in self.extras.items():
+            obj.load_state_dict(extras[name])
+        self.ema.to(accelerator.device)
+        log = self.out / LOG_FILE
+        if accelerator.is_main_process and log.is_file():
+            kept = [line for line in log.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            write_atomic(log, lambda tmp: Path(tmp).write_text("".join(kept)))
+        accelerator.wait_for_everyone()
+        accelerator.print(f"resumed from {latest} at step {self.state.step}")
 
     def step(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One iteration: draw a batch, timesteps and noise, take the optimiser step; (per-sample loss, t, loss)."""
@@ -458,7 +483,9 @@ class _Training:
         from timetuner.plots import save_distribution_plot
 
         config, step = self.config, self.state.step
-        _save_checkpoint(self.accelerator, self.out, step, config.keep_checkpoints)
+        self.state.loss_ema = self.losses.running
+        _save_checkpoint(self.accelerator, self.out, step, config.keep_checkpoints,
+                         {name: obj.state_dict() for name, obj in self.extras.items()})
         if on_checkpoint is not None and self.accelerator.is_main_process:
             on_checkpoint(step, self.ema_model().to(self.accelerator.device))
         if self.accelerator.is_main_process:
@@ -488,8 +515,11 @@ class _Training:
         accelerator.end_training()
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    """`accelerator.save_state` into checkpoints/checkpoint-STEP via a temp folder; keep the newest `keep`."""
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int, extras: dict) -> None:
+    """`accelerator.save_state` and `extras` (EXTRAS_FILE) into checkpoints/checkpoint-STEP via a temp folder; keep
+    the newest `keep`."""
+    from timetuner.files import save_tree
+
     root = out / CHECKPOINTS
     final = root / f"checkpoint-{step}"
     if final.exists():
@@ -502,6 +532,7 @@ def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_tree(tmp / EXTRAS_FILE, extras)
         os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
