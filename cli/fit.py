@@ -89,14 +89,21 @@ def fit(
     import torch
 
     from timetuner.distributed import current
-    from timetuner.fitting import check_out, fit_scales
+    from timetuner.fitting import check_before_loading, fit_scales
     from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
     from timetuner.prompts import parse_class_labels, parse_guidance_scales
 
     scales = parse_guidance_scales(guidance_scale)
     labels = parse_class_labels(class_labels)
     eval_labels = parse_class_labels(eval_class_labels, "--eval-class-labels")
-    check_out(out)  # before loading anything
+    options = dict(nfe=nfe, scheduler=scheduler, trajectory=trajectory, strategy=strategy, objective=objective,
+                   optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
+                   eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
+                   reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
+                   prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
+                   class_labels=None if labels is None else tuple(labels),
+                   eval_class_labels=None if eval_labels is None else tuple(eval_labels))
+    check_before_loading(model, out, **options)  # every setting and path, before the slow model load
     quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
     world = current(cpu)  # under `accelerate launch`: this process's share and device
@@ -104,15 +111,7 @@ def fit(
         pipe = pipe.to(world.device)
     elif torch.cuda.is_available() and not cpu:
         pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
-    for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, nfe=nfe,
-                                   scheduler=scheduler, trajectory=trajectory, strategy=strategy, objective=objective,
-                                   optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
-                                   eval_gap_samples=eval_gap_samples, reference_n=reference_n,
-                                   data=data, reference_steps=reference_steps, adam_iters=adam_iters,
-                                   e2e_iters=e2e_iters, force=force, prompts=prompts, eval_prompts=eval_prompts,
-                                   negative_prompt=negative_prompt,
-                                   class_labels=None if labels is None else tuple(labels),
-                                   eval_class_labels=None if eval_labels is None else tuple(eval_labels)):
+    for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, **options):
         if world.is_main:
             _report(result, name, force, as_json)
 

@@ -17,9 +17,9 @@ def sample(
     compare: Annotated[bool, typer.Option(help="With --table: plain and tuned from the same noise, side by side."
                                           )] = False,
     n: Annotated[int, typer.Option("--n", help="Number of samples in the grid.")] = 64,
-    steps: Annotated[int, typer.Option("--steps", help="Scheduler steps (without --table).")] = 50,
-    scheduler: Annotated[str, typer.Option(help="ddim, ddpm, dpm2, dpm++, dpm++3m, unipc, deis, heun or euler "
-                                           "(without --table).")] = "ddim",
+    steps: Annotated[int | None, typer.Option("--steps", help="Scheduler steps; default 50, or the table's.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="ddim (default), ddpm, dpm2, dpm++, dpm++3m, unipc, deis, heun "
+                                                  "or euler; with --table, the table's.")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="PNG file for the grid.")] = "samples.png",
     batch_size: Annotated[int, typer.Option(help="Samples per network call.")] = 256,
     seed: Seed = 0,

@@ -50,7 +50,14 @@ def list_images(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--data {str(folder)!r} is not a folder; accepted: a folder of image files")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    present = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                            p.relative_to(root).parts))
+    strays = [p for p in present if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if strays:  # a stray file usually means the wrong folder; hidden files (.DS_Store, .git) are left alone
+        raise UserError(f"--data {str(folder)!r} holds {len(strays)} file(s) that are not images, e.g. "
+                        f"{str(strays[0].relative_to(root))!r}; accepted: image files only "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    files = present
     if not files:
         raise UserError(
             f"--data {str(folder)!r} holds no images; accepted suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}"

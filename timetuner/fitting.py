@@ -124,11 +124,42 @@ def validate(config: FitConfig) -> None:
     if config.strategy == "parallel" and config.scheduler not in PARALLEL_SCHEDULERS:
         raise UserError(f"--strategy parallel needs a solver whose evaluations are whole steps; --scheduler "
                         f"{config.scheduler} carries state between them; accepted: {', '.join(PARALLEL_SCHEDULERS)}")
+    if config.data is not None:
+        if config.strategy != "parallel":
+            raise UserError(f"--data {config.data!r} gives the clean images of the parallel strategy; accepted: "
+                            "--strategy parallel --data …, or no --data")
+        if config.data != "digits":
+            from timetuner.data import list_images
+
+            list_images(config.data)  # a missing, empty or mixed folder is refused before any model is loaded
     if config.objective == "e2e" and config.strategy == "parallel":
         raise UserError("--objective e2e fits along the whole trajectory; accepted: --strategy sequential")
     if config.guidance_scale is not None and not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 1):
         raise UserError(f"--guidance-scale {config.guidance_scale!r} is invalid; accepted: numbers >= 1 (1 means no "
                         "classifier-free guidance)")
+
+
+def check_before_loading(model: str | None, out, **options) -> FitConfig:
+    """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
+    model load: the resolved config, or a one-line UserError."""
+    from timetuner.loading import resolve_model
+
+    config = FitConfig(**options)
+    if config.objective is None:
+        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
+    validate(config)
+    check_out(out)
+    folder = Path(resolve_model(model))
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if folder.is_dir() and scheduler_config.is_file():  # a hub id is judged once it is loaded (Solver)
+        try:
+            total = int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
+        except (ValueError, TypeError):
+            total = None
+        if total is not None and config.nfe > total:
+            raise UserError(f"--nfe {config.nfe} exceeds the model's {total} training timesteps; accepted: 1 to that "
+                            "number")
+    return config
 
 
 def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, network) -> FitConfig:

@@ -19,22 +19,26 @@ def pixel_unet(pipeline, model: str | None):
     return unet
 
 
-def sample(model: str | None = None, n: int = 64, steps: int = 50, scheduler: str = "ddim", table=None,
+def sample(model: str | None = None, n: int = 64, steps: int | None = None, scheduler: str | None = None, table=None,
            compare: bool = False, seed: int = 0, batch_size: int = 256, device=None):
     """n images in [-1, 1] (CPU) from the same seeded noise: (plain, tuned) with `table`, else (plain, None).
 
     With a table, its solver, grid and step count are used and the tuned samples run through `TunedScheduler`;
-    `compare` adds the plain samples (the identity table, same wrapper), else plain is None.
+    `compare` adds the plain samples (the identity table, same wrapper), else plain is None. Without a table:
+    `steps` (default 50) of `scheduler` (default ddim); with one, either given must be the table's.
     """
     from timetuner.loading import load_pipeline
     from timetuner.scheduler import TunedScheduler, check_model
     from timetuner.solver import initial_noise, sample_images
     from timetuner.trajectories import build, make_scheduler
 
-    if n < 1 or steps < 1 or batch_size < 1:
+    if n < 1 or (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--n {n}, --steps {steps}, --batch-size {batch_size}: accepted: integers >= 1")
     if compare and table is None:
         raise UserError("--compare needs --table; accepted: --table FILE --compare")
+    if table is not None:
+        _check_against_table(table, steps, scheduler)
+    steps, scheduler = steps or 50, scheduler or "ddim"
     pipe = load_pipeline(model)
     unet = pixel_unet(pipe, model)
     size = unet.config.sample_size
@@ -46,7 +50,7 @@ def sample(model: str | None = None, n: int = 64, steps: int = 50, scheduler: st
                               batch_size=batch_size)
         return plain, None
     check_model(table, unet)
-    base, _ = build(table.metadata.get("scheduler_name", scheduler), table.metadata.get("trajectory"),
+    base, _ = build(table.metadata.get("scheduler_name", "ddim"), table.metadata.get("trajectory"),
                     pipe.scheduler.config, table.num_inference_steps)
 
     def run(t):
@@ -55,3 +59,14 @@ def sample(model: str | None = None, n: int = 64, steps: int = 50, scheduler: st
                              generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
 
     return (run(table.with_tau(table.t)) if compare else None), run(table)
+
+
+def _check_against_table(table, steps: int | None, scheduler: str | None) -> None:
+    """A table brings its own step count and solver: a different one asked for is a mistake, not a choice."""
+    if steps is not None and steps != table.num_inference_steps:
+        raise UserError(f"--steps {steps} differs from the table's {table.num_inference_steps} steps; accepted: "
+                        f"--steps {table.num_inference_steps} or no --steps (a table is fitted for one step count)")
+    own = table.metadata.get("scheduler_name", "ddim")
+    if scheduler is not None and scheduler != own:
+        raise UserError(f"--scheduler {scheduler!r} differs from the table's {own!r}; accepted: --scheduler {own} or "
+                        "no --scheduler (a table is fitted for one solver)")
