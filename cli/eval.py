@@ -80,7 +80,7 @@ def evaluate(
                                     reference_n, data=fid or setup.is_digits, progress=not as_json,
                                     data_n=n if fid else None)
     result = run(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, seed=seed, bootstrap=bootstrap,
-                 yardstick=yardstick)
+                 yardstick=yardstick, progress=not as_json)
     record = result.record
     if plots is not None:
         record["plots"] = [str(p) for p in save_plots(setup, result, plots).values()]

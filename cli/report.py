@@ -76,10 +76,10 @@ def report(
         yardstick = setup.yardstick(FidOptions(ref=ref, features=chosen, inception_weights=inception_weights),
                                     reference_n, data_n=n if ref is not None else None)
     result = evaluate(setup, n=n, gap_n=gap_n, reference_steps=reference_steps, bootstrap=bootstrap,
-                      yardstick=yardstick)
+                      yardstick=yardstick, progress=True)
     rows = None
     if yardstick is not None and steps:
-        rows = gap_versus_nfe(setup, yardstick, steps, others, n=n, bootstrap=bootstrap)
+        rows = gap_versus_nfe(setup, yardstick, steps, others, n=n, bootstrap=bootstrap, progress=True)
         result.record["gap_vs_nfe"] = rows
     plots = save_plots(setup, result, folder, rows)
     command = "timetuner " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else ""

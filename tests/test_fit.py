@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.fitting import fit
-from timetuner.tuning import adam_search, golden_search
+from timetuner.search import adam_search, golden_search
 
 tuning = importlib.import_module("timetuner.tuning")
+search = importlib.import_module("timetuner.search")
 evaluation = importlib.import_module("timetuner.evaluation")
 fitting = importlib.import_module("timetuner.fitting")
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5, search_refine=4)
@@ -81,7 +82,7 @@ def test_not_better_on_held_out_writes_identity_unless_forced(tiny_run, tmp_path
 def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeypatch):
     straight = fit(str(tiny_run), progress=False, nfe=4, force=True, **PAPER)
     calls = {"n": 0}
-    real = tuning.golden_search
+    real = search.golden_search
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -90,12 +91,12 @@ def test_fit_checkpoints_after_every_tau_and_resumes(tiny_run, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     out = tmp_path / "r.safetensors"
-    monkeypatch.setattr(tuning, "golden_search", interrupted)
+    monkeypatch.setattr(search, "golden_search", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     partial = json.loads(out.with_name(out.name + ".partial.json").read_text())
     assert len(partial["taus"]) == 2 and not out.exists()
-    monkeypatch.setattr(tuning, "golden_search", real)
+    monkeypatch.setattr(search, "golden_search", real)
     resumed = fit(str(tiny_run), out=out, progress=False, nfe=4, force=True, **PAPER)
     assert resumed.network_evaluations < straight.network_evaluations
     assert torch.allclose(resumed.tuned.tau, straight.tuned.tau)
@@ -235,3 +236,20 @@ def test_auto_refuses_a_trajectory(tiny_run, tmp_path):
                                  "--out", str(tmp_path / "a.safetensors")])
     assert result.exit_code == 2 and "--scheduler auto chooses the solver" in result.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("objective", ["paper", "e2e"])
+def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(tiny_run, capsys, objective):
+    from timetuner.cost import plan
+    from timetuner.loading import load_model
+
+    options = dict(FAST, nfe=3, objective=objective, e2e_iters=3, force=True, seed=11)
+    config = fitting.FitConfig(**options)
+    planned = {p.key: p for p in plan(fitting.prepare(config, load_model(str(tiny_run))))}  # same cache state
+    result = fit(str(tiny_run), progress=True, **options)
+    err = capsys.readouterr().err
+    first = next(line for line in err.splitlines() if "plan:" in line)
+    assert "network evaluations" in first and "about" in first and "timed batch" in first
+    assert err.index("plan:") < err.index("fit ddim nfe=3")  # before the fitting bar
+    expected = sum(p.evaluations for key, p in planned.items() if key in ("references", "fitting") and not p.cached)
+    assert 0.5 * result.fit_evaluations <= expected <= 2.0 * result.fit_evaluations

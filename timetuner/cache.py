@@ -72,6 +72,11 @@ def read(key: str | None) -> dict | None:
     return None
 
 
+def exists(key: str | None) -> bool:
+    """Whether an entry is stored (or shipped) under `key`, unchecked: for estimates, not for use."""
+    return key is not None and (cache_path(key).is_file() or _shipped(key) is not None)
+
+
 def _shipped(key: str) -> Path | None:
     from timetuner.assets import SHIPPED_CACHE
 

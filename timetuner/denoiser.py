@@ -18,6 +18,7 @@ sampling hand it on unchanged; `timetuner.solver.to_epsilon` converts it where a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass
@@ -173,6 +174,7 @@ class Denoiser:
         self.guidance_scale = guidance_scale
         self.checkpoint = checkpoint
         self._count = [0]  # shared with bound views
+        self._watchers: list = []  # callables(n) told of every n evaluations (progress bars); shared with views
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -184,6 +186,15 @@ class Denoiser:
     @evaluations.setter
     def evaluations(self, value: int) -> None:
         self._count[0] = value
+
+    @contextlib.contextmanager
+    def watch(self, callback):
+        """Within the block, `callback(n)` after every call of n evaluations (counted as `evaluations` counts)."""
+        self._watchers.append(callback)
+        try:
+            yield
+        finally:
+            self._watchers.remove(callback)
 
     @property
     def guided(self) -> bool:
@@ -214,7 +225,10 @@ class Denoiser:
             raise RuntimeError("a conditional network needs Denoiser.bind(conditioning) before it is called")
         if cond is not None and len(cond) != x.shape[0]:
             raise RuntimeError(f"the bound conditioning has {len(cond)} rows but the batch has {x.shape[0]} samples")
-        self.evaluations += x.shape[0] * (2 if self.guided else 1)
+        calls = x.shape[0] * (2 if self.guided else 1)
+        self.evaluations += calls
+        for watcher in self._watchers:
+            watcher(calls)
         outs = []
         for lo in range(0, x.shape[0], self.batch_size):
             hi = min(lo + self.batch_size, x.shape[0])

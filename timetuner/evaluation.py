@@ -378,20 +378,30 @@ def _figures(setup: Setup, yardstick, noise, seed: int, cond, g: int, bootstrap:
 
 @torch.no_grad()
 def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, reference_steps: int = 1000,
-             seed: int | None = None, bootstrap: int = 1000, yardstick: Yardstick | None = None) -> Evaluation:
+             seed: int | None = None, bootstrap: int = 1000, yardstick: Yardstick | None = None,
+             progress: bool = False) -> Evaluation:
     """Plain against tuned on held-out noises: the yardstick's figures (`held_out_figures`: x0 gap on the first
     gap_n, distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per
     state to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
-    tuned sampler is closer)."""
-    from timetuner.cache import cache_key
-    from timetuner.reference import reference_trajectory
+    tuned sampler is closer). `progress`: a bar over the network evaluations (at most those planned here)."""
+    from timetuner.cost import counting
 
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
     _check(n, gap_n, reference_steps, bootstrap)
+    g, k = min(n, gap_n), setup.sampler.evaluations
+    planned = 2 * k * n + setup.reference_steps * g + (reference_steps + k) * g + 2 * k * g
     noise, seed = setup.noise(n, seed)
-    cond = setup.conditioning(n)
-    g = min(n, gap_n)
+    cond = setup.conditioning(n)  # a bad label or prompt is refused here, before any bar
+    with counting(setup.den, planned, f"eval {setup.table.num_inference_steps} steps, {n} samples", progress):
+        return _evaluate(setup, noise, seed, cond, g, reference_steps, bootstrap, yardstick)
+
+
+def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, reference_steps: int, bootstrap: int,
+              yardstick: Yardstick | None) -> Evaluation:
+    from timetuner.cache import cache_key
+    from timetuner.reference import reference_trajectory
+
     figures, images = _figures(setup, yardstick, noise, seed, cond, g, bootstrap)
     head = setup.view(setup.sampler, cond, 0, g)
     key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
@@ -426,13 +436,15 @@ def combine_sets(records: list[dict]) -> dict:
 
 @torch.no_grad()
 def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: list | None = None,
-                   n: int | None = None, seed: int | None = None, bootstrap: int = 200) -> list[dict]:
+                   n: int | None = None, seed: int | None = None, bootstrap: int = 200,
+                   progress: bool = False) -> list[dict]:
     """The distribution gap (and data FD) of plain sampling at each NFE, and of each tuned table (same solver and
     trajectory) at its NFE, from the same held-out noises.
 
     Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
+    `progress`: a bar over the network evaluations.
     """
-    from timetuner.solver import Solver
+    from timetuner.cost import counting
 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
@@ -440,8 +452,18 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
     noise, _ = setup.noise(n, seed)
     cond = setup.conditioning(n)
     by_steps = {t.num_inference_steps: t for t in [setup.table, *(tables or [])]}
+    steps = sorted(set(nfes) | set(by_steps))
+    planned = sum(len(by_steps[s].t) * 2 if s in by_steps else s for s in steps) * n
+    with counting(setup.den, planned, f"gap against steps {','.join(map(str, steps))}", progress):
+        return _gap_rows(setup, yardstick, steps, by_steps, noise, cond, n, bootstrap)
+
+
+def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: dict, noise, cond, n: int,
+              bootstrap: int) -> list[dict]:
+    from timetuner.solver import Solver
+
     rows = []
-    for nfe in sorted(set(nfes) | set(by_steps)):
+    for nfe in steps:
         sampler = Solver.named(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
         run = setup.view(sampler, cond, 0, n)
         plain = yardstick.features(setup.images(run.rollout(noise)))
@@ -488,8 +510,13 @@ def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor,
     more about the noises (which rows of the seed's they are, for one process's share)."""
     from timetuner.reference import reference_samples
 
-    key = reference_key("samples", model, denoiser, kind, steps, seed, noise.shape[0], *parts)
+    key = reference_final_key(model, denoiser, kind, steps, noise.shape[0], seed, *parts)
     return reference_samples(denoiser, model.base_config, noise, kind, steps, key)
+
+
+def reference_final_key(model, denoiser, kind: str, steps: int, n: int, seed: int, *parts) -> str:
+    """The cache key of `reference_final` for n noises of `seed`."""
+    return reference_key("samples", model, denoiser, kind, steps, seed, n, *parts)
 
 
 def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> str:

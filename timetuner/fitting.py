@@ -320,17 +320,22 @@ class Run:
         return Checkpoints(out, {"config": dataclasses.asdict(self.config), "model_hash": self.model.weights,
                                  "conditioning": self.solver.den.cache_parts()}, self.world)
 
-    def fit(self, store: Checkpoints, progress: bool = True) -> tuple[list[float], list[dict]]:
-        """The objective's fit of τ (`timetuner.tuning`), resuming from `store`; (τ, rows)."""
+    def fit(self, store: Checkpoints, progress: bool = True, phases=None) -> tuple[list[float], list[dict]]:
+        """The objective's fit of τ (`timetuner.tuning`), resuming from `store`; (τ, rows). `phases`
+        (`timetuner.cost.plan`): a progress bar for the references it computes first."""
+        from timetuner.cost import bar
         from timetuner.tuning import OBJECTIVES
 
-        report = Progress(self, store, progress and self.world.is_main)
-        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, self.inputs(), store.load(),
-                                                           report)
+        show = progress and self.world.is_main
+        with bar(self.solver.den, phases, "references", show):
+            inputs = self.inputs()
+        report = Progress(self, store, show)
+        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, store.load(), report)
         report.close()
         return taus, rows
 
-    def _view(self, lo: int, hi: int):
+    def held_out_view(self, lo: int, hi: int):
+        """The solver of held-out samples lo…hi−1, on their conditioning."""
         cond = self.conditioning[1]
         return self.eval_solver if cond is None else self.eval_solver.on(self.model.denoiser.bind(cond.slice(lo, hi)))
 
@@ -342,7 +347,7 @@ class Run:
         """The reference solver's images from the first gap_n held-out noises (the x0 gap's targets)."""
         lo, hi = self.world.shard(self.gap_n)
         rows = None if self.world.size == 1 else (lo, hi)
-        final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self._view(lo, hi), rows)
+        final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self.held_out_view(lo, hi), rows)
         return self.world.gather(self.model.images(final))
 
     def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
@@ -352,16 +357,22 @@ class Run:
 
         taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
         lo, hi = self.world.shard(self.eval_noise.shape[0])
-        finals = held_out_finals(lambda a, b: self._view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
+        finals = held_out_finals(lambda a, b: self.held_out_view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
                                  min(max(self.gap_n - lo, 0), hi - lo), plain)
         return [self.world.gather(self.model.images(f)) for f in finals]
 
-    def verdict(self, taus: list[float], progress: bool = True) -> dict:
-        """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`)."""
+    def verdict(self, taus: list[float], progress: bool = True, phases=None) -> dict:
+        """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`);
+        `phases` (`timetuner.cost.plan`): progress bars for its samples."""
+        from timetuner.cost import bar
         from timetuner.evaluation import judge
 
-        plain, tuned = self.held_out_images(taus)
-        reference, yardstick = self.held_out_reference(), self.yardstick(progress)
+        show, den = progress and self.world.is_main, self.model.denoiser
+        with bar(den, phases, "held-out", show):
+            plain, tuned = self.held_out_images(taus)
+        with bar(den, phases, "held-out references", show):
+            reference = self.held_out_reference()
+        yardstick = self.yardstick(progress)
         label = f"{self.config.reference}-{self.config.reference_steps}"
         return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
 
@@ -442,9 +453,10 @@ def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -
     config, den = run.config, setup.denoiser
     started = time.perf_counter()
     store = run.checkpoints(out)
-    taus, rows = run.fit(store, progress)
+    phases = announce(run, progress)
+    taus, rows = run.fit(store, progress, phases)
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
-    held = run.verdict(taus, progress)
+    held = run.verdict(taus, progress, phases)
     better = is_better(held)
     seconds = time.perf_counter() - started
     meta = table_metadata(run, rows, held, better, seconds, fit_evaluations)
@@ -456,6 +468,21 @@ def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -
         store.clear()
     return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,
                      network_evaluations=den.evaluations, fit_evaluations=fit_evaluations, config=config)
+
+
+def announce(run: Run, progress: bool):
+    """Print the fit's plan and estimated time (`timetuner.cost`) before any work; the plan, or None (quiet)."""
+    import sys
+
+    from timetuner.cost import describe, plan, seconds_per_evaluation
+
+    if not progress:
+        return None
+    phases = plan(run)
+    per_evaluation = seconds_per_evaluation(run)
+    if run.world.is_main:
+        print("\n".join(describe(phases, per_evaluation, run.world.size)), file=sys.stderr, flush=True)
+    return phases
 
 
 class Progress:

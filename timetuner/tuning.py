@@ -15,8 +15,9 @@ Objectives (what τ_k minimises):
               the same noise, at the same time.
   e2e         all τ jointly, by gradient through the whole K-step trajectory, matching its final sample to the
               reference's final sample from the same noise (τ = t + Δ·δ, Adam on δ, Δ the local spacing).
-Optimisers for the per-evaluation objectives: `search` (grid scan plus golden-section refinement of the 1-D batch
-loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, Adam lr 2e-3, iterations per τ).
+Optimisers for the per-evaluation objectives (`timetuner.search`): `search` (grid scan plus golden-section
+refinement of the 1-D batch loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, Adam lr
+2e-3, iterations per τ).
 
 Each fit reads its settings from `config` (a `timetuner.fitting.FitConfig`), resumes from `resume` (what its
 `report(k, row, **state)` callback was last handed as state) and returns (taus, rows).
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from timetuner.distributed import SOLO, World
+from timetuner.search import OPTIMIZERS
 from timetuner.solver import Solver
 
 
@@ -54,75 +55,6 @@ class FitInputs:
     def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         """The mean of a per-sample loss over every process's noises (float64)."""
         return self.world.mean(per_sample, self.total or per_sample.shape[0])
-
-
-# -- 1-D optimisers ------------------------------------------------------------------------------------------------
-def golden_search(f, lo: float, hi: float, start: float, points: int = 7, refine: int = 8) -> tuple[float, float]:
-    """Minimise f on [lo, hi]: a grid scan (incl. `start`), then golden-section refinement around the best point.
-
-    Returns (argmin, min) over every point evaluated, so the result is never worse than `start` on f.
-    """
-    seen: dict[float, float] = {}
-
-    def val(x: float) -> float:
-        x = float(x)
-        if x not in seen:
-            seen[x] = float(f(x))
-        return seen[x]
-
-    grid = sorted({*torch.linspace(lo, hi, points).tolist(), float(start)})
-    values = [val(x) for x in grid]
-    i = min(range(len(grid)), key=values.__getitem__)
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    for _ in range(refine):
-        if b - a < 1e-3:
-            break
-        if val(c) < val(d):
-            b, d = d, c
-            c = b - ratio * (b - a)
-        else:
-            a, c = c, d
-            d = a + ratio * (b - a)
-    best = min(seen, key=seen.get)
-    return best, seen[best]
-
-
-def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float,
-                inputs: FitInputs | None = None) -> tuple[float, float]:
-    """The official recipe: τ = s·r − (s − t) with s = max(t, 1) (τ = t·r for t ≥ 1), r₀ = 1, Adam on r.
-
-    `loss_fn(τ)` gives per-sample losses; `inputs` says over which processes' samples they are averaged.
-    """
-    inputs = inputs or FitInputs(torch.empty(0))
-    s = max(t, 1.0)
-    r = torch.ones((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([r], lr=lr)
-    for _ in range(iters):
-        tau = (s * r - (s - t)).clamp(lo, hi)
-        per_sample = loss_fn(tau.float())
-        loss = per_sample.sum() / (inputs.total or per_sample.shape[0])
-        opt.zero_grad()
-        loss.backward()
-        inputs.world.sum_(r.grad)
-        opt.step()
-    tau = float((s * r.detach() - (s - t)).clamp(lo, hi))
-    with torch.no_grad():
-        return tau, float(inputs.mean(loss_fn(torch.tensor(tau))))
-
-
-def _search(loss_fn, t_k: float, lo: float, hi: float, total: int, config, inputs: FitInputs) -> tuple[float, float]:
-    with torch.no_grad():
-        return golden_search(lambda v, f=loss_fn: inputs.mean(f(torch.tensor(v))), lo, hi, t_k, config.search_points,
-                             config.search_refine)
-
-
-def _adam(loss_fn, t_k: float, lo: float, hi: float, total: int, config, inputs: FitInputs) -> tuple[float, float]:
-    return adam_search(loss_fn, t_k, config.adam_iters, config.adam_lr, 0.0, total - 1.0, inputs)
-
-
-OPTIMIZERS = {"search": _search, "adam": _adam}
 
 
 def bracket(t: torch.Tensor, k: int, total: int) -> tuple[float, float]:
@@ -183,6 +115,15 @@ class PerEvaluation:
 
     joint = False
     needs: tuple[str, ...] = ()
+    calls_per_loss = 2  # network calls per sample in one loss evaluation
+
+    def planned(self, solver: Solver, config, n: int) -> tuple[int, bool]:
+        """(network evaluations this fit will make over n samples, whether they are differentiated): an estimate."""
+        if config.optimizer == "search":  # scan + refinement + start and before, each one loss
+            losses = config.search_points + config.search_refine + 2
+        else:
+            losses = config.adam_iters + 2
+        return solver.evaluations * n * (losses * self.calls_per_loss + 2), config.optimizer == "adam"
 
     def loss(self, solver: Solver, sched, x, k: int, inputs: FitInputs):
         raise NotImplementedError
@@ -245,6 +186,7 @@ class Teacher(PerEvaluation):
     """The state after the step against the reference trajectory's state at the same time."""
 
     needs = ("reference_states",)
+    calls_per_loss = 1
 
     def loss(self, solver: Solver, sched, x, k: int, inputs: FitInputs):
         target_next = inputs.reference_states[k + 1]
@@ -261,6 +203,10 @@ class EndToEnd:
 
     joint = True
     needs = ("reference_final",)
+
+    def planned(self, solver: Solver, config, n: int) -> tuple[int, bool]:
+        """(network evaluations over n samples: a rollout per iteration, the first and last; differentiated)."""
+        return solver.evaluations * n * (config.e2e_iters + 2), True
 
     def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
         total = solver.num_train_timesteps

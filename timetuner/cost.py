@@ -1,0 +1,148 @@
+"""What a fit will cost, said before it is paid: planned network evaluations per phase, a time estimate from one
+timed batch, and a progress bar per phase that counts the evaluations as the network makes them.
+
+    phases = plan(run)                      # references, fitting, held-out verdict, reference set
+    print(describe(phases, seconds_per_evaluation(run)))
+    with bar(run.model.denoiser, phases[1], show=True):
+        ...                                 # every network call of the block advances the bar
+
+A network evaluation is one sample through the network (two with classifier-free guidance), as
+`Denoiser.evaluations` counts them; one process's share under several processes. Phases whose results are
+already in the cache cost nothing and are listed as such. Differentiated evaluations (e2e, the adam optimiser)
+are costed at three forward passes (the backward pass takes about two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+BACKWARD_FACTOR = 3  # forward + backward ≈ 3 forwards
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a fit: a name, its network evaluations, and whether they are differentiated or cached."""
+
+    key: str  # "references", "fitting", "held-out", "held-out references"
+    name: str
+    evaluations: int
+    gradient: bool = False
+    cached: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Forward-pass equivalents this phase will spend (0 when cached)."""
+        return 0 if self.cached else self.evaluations * (BACKWARD_FACTOR if self.gradient else 1)
+
+    @property
+    def batch(self) -> str:
+        """Whose batches the phase runs: the fit noises' or the held-out noises' (a larger batch, cheaper per
+        sample)."""
+        return "held-out" if self.key.startswith("held-out") else "fit"
+
+
+def plan(run) -> list[Phase]:
+    """The phases of `run` (a prepared `timetuner.fitting.Run`), in the order the fit runs them."""
+    from timetuner.cache import exists
+    from timetuner.evaluation import reference_final_key
+    from timetuner.tuning import OBJECTIVES
+
+    config, model, solver = run.config, run.model, run.solver
+    guided = 2 if solver.den.guided else 1
+    n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
+    phases = []
+    if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs:
+        key = reference_final_key(model, solver.den, config.reference, steps, n, config.seed,
+                                  *([] if run.fit_rows is None else [list(run.fit_rows)]))
+        phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
+                            cached=exists(key)))
+    if "reference_states" in objective.needs:
+        phases.append(Phase("references", "reference trajectories of the fit noises",
+                            n * (steps + solver.evaluations) * guided))
+    evaluations, gradient = objective.planned(solver, config, n)
+    if config.strategy == "parallel":  # the processes take turns over the evaluations
+        evaluations = -(-evaluations // run.world.size)
+    phases.append(Phase("fitting", f"fitting ({config.strategy}, {config.objective}, {config.optimizer})",
+                        evaluations * guided, gradient))
+    lo, hi = run.world.shard(run.eval_noise.shape[0])
+    phases.append(Phase("held-out", "held-out samples, plain and tuned", 2 * (hi - lo) * solver.evaluations * guided))
+    g_lo, g_hi = run.world.shard(run.gap_n)
+    key = reference_final_key(model, run.held_out_view(g_lo, g_hi).den, config.reference, steps, g_hi - g_lo,
+                              run.eval_seed, *([] if run.world.size == 1 else [[g_lo, g_hi]]))
+    phases.append(Phase("held-out references", "reference samples of the held-out noises",
+                        (g_hi - g_lo) * steps * guided, cached=exists(key)))
+    return phases
+
+
+@torch.no_grad()
+def seconds_per_evaluation(run) -> dict[str, float]:
+    """Seconds per network evaluation in a batch of the fit noises and in one of the held-out noises, each from one
+    timed call (not counted as evaluations)."""
+    timings = {}
+    lo, hi = run.world.shard(run.eval_noise.shape[0])
+    for name, solver, noise in (("fit", run.solver, run.fit_noise), ("held-out", run.held_out_view(lo, hi),
+                                                                     run.eval_noise[lo:hi])):
+        den = solver.den
+        x, t = noise[: min(noise.shape[0], den.batch_size)], solver.t[0].item()
+        before = den.evaluations
+        den(x[:1] if den.conditioning is None else x, t)  # warm-up: first-call allocations would inflate it
+        started = time.perf_counter()
+        den(x, t)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        timings[name] = (time.perf_counter() - started) / (x.shape[0] * (2 if den.guided else 1))
+        den.evaluations = before
+    return timings
+
+
+def describe(phases: list[Phase], per_evaluation: dict[str, float], processes: int = 1) -> list[str]:
+    """Lines for the user: each phase's evaluations, the total, and the estimated time."""
+    lines = []
+    for p in phases:
+        state = "cached" if p.cached else f"{p.evaluations:,} evaluations" + (" with gradients" if p.gradient else "")
+        lines.append(f"  {p.name}: {state}")
+    total = sum(p.evaluations for p in phases if not p.cached)
+    seconds = sum(p.cost * per_evaluation[p.batch] for p in phases)
+    share = f" per process ({processes} processes)" if processes > 1 else ""
+    lines.insert(0, f"plan: {total:,} network evaluations{share}, about {_duration(seconds)} (from one timed batch: "
+                    f"{per_evaluation['fit'] * 1e3:.3g} ms each in the fit's, {per_evaluation['held-out'] * 1e3:.3g} "
+                    "ms in the held-out ones'); the distribution-gap reference set, where not cached, has a bar of "
+                    "its own")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@contextlib.contextmanager
+def bar(denoiser, phases: list[Phase] | None, key: str, show: bool):
+    """A progress bar over the evaluations of the phases named `key`, advanced by every network call inside the
+    block (none without `phases`, or when they are cached)."""
+    mine = [p for p in phases or [] if p.key == key and not p.cached]
+    if not mine:
+        yield
+        return
+    with counting(denoiser, sum(p.evaluations for p in mine), " and ".join(p.name for p in mine), show):
+        yield
+
+
+@contextlib.contextmanager
+def counting(denoiser, total: int, desc: str, show: bool):
+    """A progress bar of `total` network evaluations, advanced by every call of `denoiser` inside the block (where
+    part of the work is found in the cache, the bar ends early)."""
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total, desc=desc, unit="eval", unit_scale=True, leave=False, disable=not show,
+                    dynamic_ncols=True)
+    with denoiser.watch(progress.update):
+        yield
+    progress.close()
