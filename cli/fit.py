@@ -64,6 +64,8 @@ def fit(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per table (a line each) instead of "
                                           "the table.")] = False,
     seed: Seed = 0,
+    processes: Annotated[int, typer.Option(help="Split the fit over this many processes (`accelerate launch` "
+                                           "--multi_gpu: one GPU each, or CPU processes over gloo).")] = 1,
 ) -> None:
     """Fit one network timestep τ per evaluation of a few-step sampler, and write the table.
 
@@ -83,12 +85,15 @@ def fit(
 
         accelerate launch --multi_gpu --num_processes 2 -m timetuner.cli.main fit --nfe 10
 
+        timetuner fit --nfe 10 --processes 2                  # the same launch, made for you
+
     Text-to-image and class-conditional models are fitted in latent space on the guided output at each
     --guidance-scale (the table records the scale); the held-out gap is measured on VAE-decoded images.
     """
     import torch
 
-    from timetuner.distributed import current
+    from timetuner.distributed import current, launched, relaunch
+    from timetuner.errors import UserError
     from timetuner.fitting import check_before_loading, fit_scales
     from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
     from timetuner.prompts import parse_class_labels, parse_guidance_scales
@@ -104,6 +109,10 @@ def fit(
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))
     check_before_loading(model, out, **options)  # every setting and path, before the slow model load
+    if processes < 1:
+        raise UserError(f"--processes {processes} is invalid; accepted: integers >= 1")
+    if processes > 1 and not launched():
+        raise typer.Exit(relaunch(processes, "fit"))
     quiet_loading()
     pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
     world = current(cpu)  # under `accelerate launch`: this process's share and device

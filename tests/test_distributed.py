@@ -55,3 +55,19 @@ def test_two_processes_train_one_run_and_save_a_loadable_pipeline(tmp_path):
     assert json.loads((out / "train_config.json").read_text())["num_processes"] == 2
     pipe = DDPMPipeline.from_pretrained(out)
     assert pipe.unet.config.sample_size == 8
+
+
+def test_fit_processes_option_relaunches_under_accelerate(tiny_run, tmp_path):
+    out = tmp_path / "t.safetensors"
+    small = ["--nfe", "3", "--samples", "16", "--eval-samples", "24", "--eval-gap-samples", "16",
+             "--reference-steps", "8", "--reference-n", "64", "--e2e-iters", "3", "--force"]
+    command = [sys.executable, "-m", "timetuner.cli.main", "fit", "--model", str(tiny_run), *small, "--processes",
+               "2", "--out", str(out), "--json"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [line for line in result.stdout.splitlines() if line.startswith('{"out"')]
+    assert len(records) == 1  # only the main process reports
+    one = fit(str(tiny_run), progress=False, nfe=3, samples=16, eval_samples=24, eval_gap_samples=16,
+              reference_steps=8, reference_n=64, e2e_iters=3, force=True)
+    assert torch.allclose(TauTable.load(out).tau, one.table.tau, atol=1e-3)

@@ -113,3 +113,31 @@ def current(cpu: bool = False) -> World:
             state = PartialState(cpu=cpu or not torch.cuda.is_available())
             _CURRENT = World(state.process_index, state.num_processes, state.device)
     return _CURRENT
+
+
+def launch_command(processes: int, *args: str) -> list[str]:
+    """`accelerate launch` of `timetuner.cli.main` with `args` on `processes` processes of this machine."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "timetuner.cli.main",
+            *args]
+
+
+def relaunch(processes: int, command: str) -> int:
+    """Run this `timetuner COMMAND …` again under `accelerate launch` on `processes` processes (its own options
+    but --processes); the launch's exit code."""
+    import subprocess
+    import sys
+
+    argv, rest = sys.argv[1:], []
+    start = argv.index(command) if command in argv else 0
+    skip = False
+    for arg in argv[start:]:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    return subprocess.call(launch_command(processes, *rest))
