@@ -66,3 +66,23 @@ def test_the_library_never_imports_the_cli():
     users = [name for name, _, tree in modules("timetuner", "timetuner.trainers") for node in ast.walk(tree)
              if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timetuner.cli")]
     assert users == []
+
+
+def test_nothing_is_unpickled_and_no_code_runs_from_a_model_folder():
+    # torch.load only with weights_only=True, np.load never with pickles, no trust_remote_code / custom pipelines,
+    # and no accelerate custom-object checkpoints (accelerate unpickles those with weights_only=False).
+    offending = []
+    for name, _, tree in modules(*PACKAGES):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func, keywords = ast.unparse(node.func), {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if func.endswith("torch.load") and keywords.get("weights_only") != "True":
+                offending.append((name, func))
+            if func.endswith(("np.load", "numpy.load")) and keywords.get("allow_pickle") != "False":
+                offending.append((name, func))
+            if keywords.get("trust_remote_code") not in (None, "False") or "custom_pipeline" in keywords:
+                offending.append((name, func))
+            if func.endswith(("register_for_checkpointing", "pickle.load", "pickle.loads")):
+                offending.append((name, func))
+    assert offending == []

@@ -338,7 +338,7 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
 
 def _npz_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        stats = np.load(path)
+        stats = np.load(path, allow_pickle=False)
         mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
     except (KeyError, ValueError, OSError) as err:
         raise UserError(f"--ref {path!r} is not a statistics file ({err.__class__.__name__}); accepted: a .npz "

@@ -405,6 +405,9 @@ def prepare(config: FitConfig, model) -> Run:
         den.checkpoint, den.batch_size = True, 16
     # Several processes: sequential and e2e fits split the fit noises; parallel ones split the evaluations instead.
     world = current()
+    if world.size > min(config.samples, config.eval_samples):
+        raise UserError(f"{world.size} processes need at least as many --samples and --eval-samples (given "
+                        f"{config.samples} and {config.eval_samples}); accepted: fewer processes or more samples")
     lo, hi = (0, config.samples) if config.strategy == "parallel" else world.shard(config.samples)
     fit_cond = None if conditioning[0] is None else conditioning[0].slice(lo, hi)
     fit_den, eval_den = den.bind(fit_cond), den.bind(conditioning[1])
