@@ -238,7 +238,7 @@ def test_auto_refuses_a_trajectory(tiny_run, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("objective", ["paper", "e2e"])
+@pytest.mark.parametrize("objective", ["paper", pytest.param("e2e", marks=pytest.mark.slow)])
 def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(tiny_run, capsys, objective):
     from timetuner.cost import plan
     from timetuner.loading import load_model
