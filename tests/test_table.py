@@ -69,3 +69,25 @@ def test_table_refuses_another_scheduler_class_or_configuration():
     with pytest.raises(UserError, match="timestep_spacing"):
         table.check_scheduler(_ddim(timestep_spacing="trailing"))
     table.check_scheduler(_ddim())
+
+
+@pytest.mark.parametrize(("grid", "needle"), [
+    ([900, 500, 600], "not strictly decreasing"),
+    ([900, 500, 500], "not strictly decreasing"),
+    ([1200, 500, 100], "leaves the model's time range"),
+    ([900, 500, -1], "leaves the model's time range"),
+    ([900, 500], "has 2 entries for 3 steps"),
+])
+def test_an_explicit_grid_is_refused_unless_k_strictly_decreasing_timesteps_in_range(grid, needle):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from timetuner.errors import UserError
+    from timetuner.table import set_grid
+
+    with pytest.raises(UserError, match=needle):
+        set_grid(DPMSolverMultistepScheduler(), 3, grid)
+    scheduler = DPMSolverMultistepScheduler()
+    set_grid(scheduler, 3, [900, 500, 100])
+    assert scheduler.timesteps.tolist() == [900, 500, 100]
+    with pytest.raises(UserError, match="DDIMScheduler cannot take a custom timestep grid"):
+        set_grid(DDIMScheduler(), 3, [900, 500, 100])

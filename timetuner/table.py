@@ -11,7 +11,9 @@ and configuration, step count, model, how it was fitted, and how well it did on 
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,9 +163,24 @@ def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = 
     if timesteps is None:
         scheduler.set_timesteps(num_inference_steps, device=device)
         return
-    if len(timesteps) != num_inference_steps:
-        raise UserError(f"explicit grid has {len(timesteps)} timesteps for {num_inference_steps} steps")
+    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise UserError(f"{type(scheduler).__name__} cannot take a custom timestep grid; accepted: a class that can, "
+                        "e.g. DPMSolverMultistepScheduler (solver_order=1 is DDIM's update), UniPCMultistepScheduler")
+    check_grid(timesteps, num_inference_steps, int(scheduler.config.num_train_timesteps))
     scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+
+
+def check_grid(timesteps, num_inference_steps: int, total: int) -> None:
+    """An explicit grid: K finite timesteps, strictly decreasing, inside the model's [0, T−1]; else a UserError."""
+    grid = [float(v) for v in timesteps]
+    if len(grid) != num_inference_steps:
+        raise UserError(f"timestep grid {grid} has {len(grid)} entries for {num_inference_steps} steps; accepted: "
+                        "one timestep per step")
+    if not all(math.isfinite(v) for v in grid) or min(grid) < 0 or max(grid) > total - 1:
+        raise UserError(f"timestep grid {grid} leaves the model's time range; accepted: timesteps in [0, {total - 1}]")
+    if any(b >= a for a, b in zip(grid, grid[1:], strict=False)):
+        raise UserError(f"timestep grid {grid} is not strictly decreasing; accepted: a grid from noise (high t) to "
+                        "data (low t), each timestep below the one before")
 
 
 def time_range(scheduler) -> tuple[float, float]:
