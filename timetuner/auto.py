@@ -59,7 +59,7 @@ def _score(held: dict) -> float:
 def fit_auto(config, setup, out, progress: bool = True):
     """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
     from timetuner.evaluation import judge
-    from timetuner.fitting import FitResult
+    from timetuner.fitting import FitResult, announce
 
     started = time.perf_counter()
     ranked = rank_candidates(config, setup)
@@ -72,7 +72,7 @@ def fit_auto(config, setup, out, progress: bool = True):
     for candidate in ranked[:AUTO_TUNED]:
         run = candidate["run"]
         store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
-        taus, rows = run.fit(store, progress)
+        taus, rows = run.fit(store, progress, announce(run, progress))  # each tuned candidate's plan, then its fit
         images = run.held_out_images(taus, plain=False)[0]
         held = run.world.broadcast(judge(yardstick, plain_images, images, reference, label)
                                    if run.world.is_main else None)
