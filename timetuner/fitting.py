@@ -139,15 +139,21 @@ def validate(config: FitConfig) -> None:
                         "classifier-free guidance)")
 
 
+def checked_config(**options) -> FitConfig:
+    """The `FitConfig` of `options` with its default objective filled in, validated."""
+    config = FitConfig(**options)
+    if config.objective is None:
+        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
+    validate(config)
+    return config
+
+
 def check_before_loading(model: str | None, out, **options) -> FitConfig:
     """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
     model load: the resolved config, or a one-line UserError."""
     from timetuner.loading import resolve_model
 
-    config = FitConfig(**options)
-    if config.objective is None:
-        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
-    validate(config)
+    config = checked_config(**options)
     check_out(out)
     folder = Path(resolve_model(model))
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
@@ -431,10 +437,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     """
     from timetuner.loading import ModelSetup, load_model
 
-    config = FitConfig(**options)
-    if config.objective is None:
-        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
-    validate(config)
+    config = checked_config(**options)
     out = check_out(out)
     if unet is None:
         setup = load_model(model, pipeline=pipeline)

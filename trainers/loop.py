@@ -278,6 +278,14 @@ def _save_pipeline(unet, noise_scheduler, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _step_of(line: str) -> float:
+    """The step of a log line; infinity for a line a kill cut short (so it is dropped on resume)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _check_output_once(config: TrainConfig) -> None:
     """`_check_output` on the main process, its verdict on all (one process must not see the other's new run)."""
     from timetuner.distributed import current
@@ -406,8 +414,7 @@ class _Training:
         self.ema.to(accelerator.device)
         log = self.out / LOG_FILE
         if accelerator.is_main_process and log.is_file():
-            kept = [line for line in log.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            kept = [line for line in log.read_text().splitlines(keepends=True) if _step_of(line) <= self.state.step]
             write_atomic(log, lambda tmp: Path(tmp).write_text("".join(kept)))
         accelerator.wait_for_everyone()
         accelerator.print(f"resumed from {latest} at step {self.state.step}")
