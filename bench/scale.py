@@ -27,11 +27,11 @@ OBJECTIVE_ARGS = {"e2e": ["--objective", "e2e"], "paper": ["--objective", "paper
 
 
 def fit_command(processes: int, args: list[str]) -> list[str]:
-    fit = ["-m", "timetuner.cli.main", "fit", *args]
+    from timetuner.distributed import launch_command
+
     if processes == 1:
-        return [sys.executable, *fit]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *fit]
+        return [sys.executable, "-m", "timetuner.cli.main", "fit", *args]
+    return launch_command(processes, "fit", *args)
 
 
 def run(processes: int, args: list[str]) -> dict:

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow  # each launch starts two Python processes (~30-60
 
 def launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch` of tests/distributed_run.py on this machine's CPU (gloo), from the repository root."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "tests" / "distributed_run.py"), *args]
+    from timetuner.distributed import launch_command
+
+    command = launch_command(processes, str(ROOT / "tests" / "distributed_run.py"), *args, module=None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

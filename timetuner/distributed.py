@@ -115,13 +115,14 @@ def current(cpu: bool = False) -> World:
     return _CURRENT
 
 
-def launch_command(processes: int, *args: str) -> list[str]:
-    """`accelerate launch` of `timetuner.cli.main` with `args` on `processes` processes of this machine."""
+def launch_command(processes: int, *args: str, module: str | None = "timetuner.cli.main") -> list[str]:
+    """`accelerate launch` of `module` with `args` (module None: args are a script and its arguments) on
+    `processes` processes of this machine."""
     import sys
 
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "timetuner.cli.main",
-            *args]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            *(["-m", module] if module else []), *args]
 
 
 def relaunch(processes: int, command: str) -> int:
