@@ -1,9 +1,9 @@
 """What a fit will cost, said before it is paid: planned network evaluations per phase, a time estimate from one
 timed batch, and a progress bar per phase that counts the evaluations as the network makes them.
 
-    phases = plan(run)                      # references, fitting, held-out verdict, reference set
-    print(describe(phases, seconds_per_evaluation(run)))
-    with bar(run.model.denoiser, phases[1], show=True):
+    phases = plan(run)                      # references, fitting, held-out samples and their references
+    print("\n".join(describe(phases, seconds_per_evaluation(run))))
+    with bar(run.model.denoiser, phases, "fitting", show=True):
         ...                                 # every network call of the block advances the bar
 
 A network evaluation is one sample through the network (two with classifier-free guidance), as
@@ -48,18 +48,15 @@ class Phase:
 def plan(run) -> list[Phase]:
     """The phases of `run` (a prepared `timetuner.fitting.Run`), in the order the fit runs them."""
     from timetuner.cache import exists
-    from timetuner.evaluation import reference_final_key
     from timetuner.tuning import OBJECTIVES
 
-    config, model, solver = run.config, run.model, run.solver
+    config, solver = run.config, run.solver
     guided = 2 if solver.den.guided else 1
     n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
     phases = []
     if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs:
-        key = reference_final_key(model, solver.den, config.reference, steps, n, config.seed,
-                                  *([] if run.fit_rows is None else [list(run.fit_rows)]))
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
-                            cached=exists(key)))
+                            cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
     if "reference_states" in objective.needs:
         phases.append(Phase("references", "reference trajectories of the fit noises",
                             n * (steps + solver.evaluations) * guided))
@@ -70,9 +67,8 @@ def plan(run) -> list[Phase]:
                         evaluations * guided, gradient))
     lo, hi = run.world.shard(run.eval_noise.shape[0])
     phases.append(Phase("held-out", "held-out samples, plain and tuned", 2 * (hi - lo) * solver.evaluations * guided))
-    g_lo, g_hi = run.world.shard(run.gap_n)
-    key = reference_final_key(model, run.held_out_view(g_lo, g_hi).den, config.reference, steps, g_hi - g_lo,
-                              run.eval_seed, *([] if run.world.size == 1 else [[g_lo, g_hi]]))
+    g_lo, g_hi, rows = run.held_out_share()
+    key = run.reference_key(g_hi - g_lo, run.eval_seed, run.held_out_view(g_lo, g_hi), rows)
     phases.append(Phase("held-out references", "reference samples of the held-out noises",
                         (g_hi - g_lo) * steps * guided, cached=exists(key)))
     return phases

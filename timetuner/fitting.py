@@ -266,7 +266,19 @@ class Run:
         from timetuner.evaluation import reference_final
 
         return reference_final(self.model, solver.den, self.config.reference, self.config.reference_steps, noise,
-                               seed, *([] if rows is None else [list(rows)]))
+                               seed, *_rows_part(rows))
+
+    def reference_key(self, n: int, seed: int, solver, rows: tuple[int, int] | None = None) -> str:
+        """The cache key `reference` uses for n noises of `seed` (to tell, before any work, whether it is cached)."""
+        from timetuner.evaluation import reference_final_key
+
+        return reference_final_key(self.model, solver.den, self.config.reference, self.config.reference_steps, n,
+                                   seed, *_rows_part(rows))
+
+    def held_out_share(self) -> tuple[int, int, tuple[int, int] | None]:
+        """This process's rows lo…hi−1 of the x0 gap's held-out noises, and `rows` for their cache key."""
+        lo, hi = self.world.shard(self.gap_n)
+        return lo, hi, None if self.world.size == 1 else (lo, hi)
 
     def inputs(self):
         """What the objective and strategy fit against: noises, and the references they need."""
@@ -281,7 +293,7 @@ class Run:
         if "reference_states" in objective.needs:
             key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
                             config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts(),
-                            *([] if self.fit_rows is None else [list(self.fit_rows)]))
+                            *_rows_part(self.fit_rows))
             states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
         if "reference_final" in objective.needs:
             final = self.reference(self.fit_noise, config.seed, self.solver, self.fit_rows)
@@ -351,8 +363,7 @@ class Run:
 
     def held_out_reference(self) -> torch.Tensor:
         """The reference solver's images from the first gap_n held-out noises (the x0 gap's targets)."""
-        lo, hi = self.world.shard(self.gap_n)
-        rows = None if self.world.size == 1 else (lo, hi)
+        lo, hi, rows = self.held_out_share()
         final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self.held_out_view(lo, hi), rows)
         return self.world.gather(self.model.images(final))
 
@@ -381,6 +392,11 @@ class Run:
         yardstick = self.yardstick(progress)
         label = f"{self.config.reference}-{self.config.reference_steps}"
         return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
+
+
+def _rows_part(rows: tuple[int, int] | None) -> list:
+    """The cache-key part naming one process's share of a seed's noises ([] for all of them)."""
+    return [] if rows is None else [list(rows)]
 
 
 def prepare(config: FitConfig, model) -> Run:
