@@ -27,7 +27,7 @@ BACKWARD_FACTOR = 3  # forward + backward ≈ 3 forwards
 class Phase:
     """One phase of a fit: a name, its network evaluations, and whether they are differentiated or cached."""
 
-    key: str  # "references", "fitting", "held-out", "held-out references"
+    key: str  # "references", "grid", "fitting", "held-out", "held-out references"
     name: str
     evaluations: int
     gradient: bool = False
@@ -54,9 +54,14 @@ def plan(run) -> list[Phase]:
     guided = 2 if solver.den.guided else 1
     n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
     phases = []
-    if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs:
+    learned = config.trajectory == "learned"
+    if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs or learned:
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
                             cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
+    if learned:
+        from timetuner.grid import planned
+
+        phases.append(Phase("grid", "learning the timestep grid (at most)", planned(solver, n) * guided))
     if "reference_states" in objective.needs:
         phases.append(Phase("references", "reference trajectories of the fit noises",
                             n * (steps + solver.evaluations) * guided))

@@ -218,6 +218,7 @@ class Checkpoints:
         self.path = None if out is None else out.with_name(out.name + ".partial.json")
         self.key = json.loads(json.dumps(key))  # JSON-normalised (tuples → lists), as it is read back
         self.world = world  # only the main process writes; every process resumes from what it read
+        self.carried: dict = {}  # written with every checkpoint (a learned grid)
 
     def load(self) -> dict:
         return self.world.broadcast(self._read() if self.world.is_main else None)
@@ -236,8 +237,13 @@ class Checkpoints:
             return
         from timetuner.files import write_atomic
 
-        text = json.dumps({"key": self.key, **state})
+        text = json.dumps({"key": self.key, **self.carried, **state})
         write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
+
+    def carry(self, **state) -> None:
+        """Write `state` now and with every later checkpoint."""
+        self.carried.update(state)
+        self.save()
 
     def clear(self) -> None:
         if self.path is not None and self.world.is_main:
@@ -345,12 +351,31 @@ class Run:
         from timetuner.tuning import OBJECTIVES
 
         show = progress and self.world.is_main
+        if self.config.trajectory == "learned":
+            self.learn_grid(store, show, phases)
         with bar(self.solver.den, phases, "references", show):
             inputs = self.inputs()
         report = Progress(self, store, show)
         taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, store.load(), report)
         report.close()
         return taus, rows
+
+    def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
+        """Fit the solver's grid (`timetuner.grid`) and put this run's solvers on it; a checkpoint's grid is taken
+        as it is, and every later checkpoint of this fit carries it."""
+        from timetuner.cost import bar
+        from timetuner.grid import learn_grid
+        from timetuner.tuning import FitInputs
+
+        grid = store.load().get("grid")
+        if grid is None:
+            with bar(self.solver.den, phases, "references", show):
+                final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
+            inputs = FitInputs(self.fit_noise, reference_final=final, world=self.world, total=self.config.samples)
+            with bar(self.solver.den, phases, "grid", show):
+                grid, _ = learn_grid(self.solver, inputs)
+        store.carry(grid=grid)
+        self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
 
     def held_out_view(self, lo: int, hi: int):
         """The solver of held-out samples lo…hi−1, on their conditioning."""

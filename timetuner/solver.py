@@ -102,8 +102,15 @@ class Solver:
         meta = table.metadata
         solver = cls.named(denoiser, base_config, meta.get("scheduler_name", "ddim"), meta.get("trajectory"),
                            table.num_inference_steps)
+        if meta.get("trajectory") == "learned" and "timesteps" in meta:  # the grid is the table's own
+            solver = solver.with_grid(meta["timesteps"])
         table.check_scheduler(solver.template)
         return solver
+
+    def with_grid(self, grid: list[int], trajectory: str | None = None) -> Solver:
+        """The same solver on another explicit grid of K timesteps (`trajectory`: its name, else this one's)."""
+        return Solver(self.den, self.template, self.nfe_steps, list(grid), name=self.name,
+                      trajectory=trajectory or self.trajectory, step_kwargs=self.step_kwargs)
 
     def on(self, denoiser) -> Solver:
         """The same solver over another denoiser (e.g. bound to other conditioning); the grid is shared."""

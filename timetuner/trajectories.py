@@ -4,8 +4,10 @@ A solver is a diffusers scheduler class with config overrides (`SCHEDULERS`), bu
 scheduler config so that it shares the model's noise schedule.
 
 A trajectory is either a configuration of the scheduler itself (DDIM's `timestep_spacing`, Karras σ) or an
-explicit list of timesteps handed to `set_timesteps(timesteps=...)`. Explicit lists travel inside the table's
-metadata, so `TunedScheduler` reproduces them when a pipeline calls `set_timesteps(num_inference_steps)`.
+explicit list of timesteps handed to `set_timesteps(timesteps=...)`; "learned" is an explicit grid fitted to the
+model by `timetuner.grid` (here: the grid it starts from, the scheduler's default explicit one). Explicit lists
+travel inside the table's metadata, so `TunedScheduler` reproduces them when a pipeline calls
+`set_timesteps(num_inference_steps)`.
 """
 
 from __future__ import annotations
@@ -75,13 +77,14 @@ def _descending_unique(grid, total: int, steps: int) -> list[int]:
 
 DPM_MULTISTEP_GRIDS = {"uniform": {}, "trailing": {"timestep_spacing": "trailing"},
                        "karras": {"use_karras_sigmas": True}, "logsnr": {"explicit": "logsnr"},
-                       "ays": {"explicit": "ays"}, "quadratic": {"explicit": "quadratic"}}
+                       "ays": {"explicit": "ays"}, "quadratic": {"explicit": "quadratic"},
+                       "learned": {"explicit": "learned"}}
 # scheduler name → trajectory name → config overrides ("explicit": computed timesteps instead).
 TRAJECTORIES: dict[str, dict[str, dict]] = {
     "ddim": {"uniform": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
              "linspace": {"timestep_spacing": "linspace"}},
     "dpm2": {"uniform": {}, "logsnr": {"explicit": "logsnr"}, "quadratic": {"explicit": "quadratic"},
-             "karras": {"use_karras_sigmas": True}},
+             "karras": {"use_karras_sigmas": True}, "learned": {"explicit": "learned"}},
     "dpm++": DPM_MULTISTEP_GRIDS,
     "dpm++3m": DPM_MULTISTEP_GRIDS,
     "dpm++1": DPM_MULTISTEP_GRIDS,
@@ -111,6 +114,8 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     if overrides:
         sched = type(sched).from_config(sched.config, **overrides)
     timesteps = None
+    if explicit == "learned":  # fitted by `timetuner.grid`, starting from the scheduler's default explicit grid
+        explicit = TRAJECTORIES[scheduler][DEFAULT_TRAJECTORY[scheduler]]["explicit"]
     if explicit == "quadratic":
         timesteps = quadratic_timesteps(sched.config.num_train_timesteps, num_inference_steps)
     elif explicit == "logsnr":

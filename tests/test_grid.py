@@ -1,0 +1,121 @@
+"""Learned timestep grids (`--trajectory learned`, `timetuner.grid`): the search, the fit, the table, the pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timetuner.fitting import fit
+from timetuner.grid import GRID_POINT_LOSSES, _integer_search
+
+FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, e2e_iters=3)
+
+
+def test_integer_search_finds_the_minimum_within_its_budget_and_keeps_the_start_on_ties():
+    calls = []
+
+    def f(v):
+        calls.append(v)
+        return (v - 37) ** 2
+
+    assert abs(_integer_search(f, 0, 99, 50) - 37) <= 3 and len(calls) <= GRID_POINT_LOSSES
+    assert _integer_search(lambda v: 1.0, 0, 99, 50) == 50  # nothing strictly lower: the start stays
+    assert _integer_search(lambda v: -v, 10, 11, 10) in (10, 11)
+
+
+def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp_path):
+    from diffusers import DDPMPipeline
+
+    from timetuner import TauTable, TunedScheduler
+    from timetuner.trajectories import ays_timesteps
+
+    out = tmp_path / "g.safetensors"
+    result = fit(str(tiny_run), out=out, progress=False, nfe=4, scheduler="dpm++", trajectory="learned", force=True,
+                 **FAST)
+    table = TauTable.load(out)
+    grid = table.metadata["timesteps"]
+    assert table.metadata["trajectory"] == "learned" and len(grid) == 4
+    assert grid[0] == ays_timesteps(1000, 4)[0] and all(a > b for a, b in zip(grid, grid[1:], strict=False))
+    assert table.t.tolist() == [float(v) for v in grid] and not table.is_identity
+    assert not out.with_name(out.name + ".partial.json").exists()
+    # the pipeline runs the table's grid: its scheduler asks the network at τ, the solver steps on the learned t
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, out)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.inner.timesteps.tolist() == grid
+    assert torch.allclose(pipe.scheduler.timesteps.double(), result.tuned.tau.to(torch.float64), atol=1e-4)
+
+
+def test_a_fit_resumes_with_its_learned_grid_without_learning_it_again(tiny_run, tmp_path, monkeypatch):
+    import timetuner.grid as grid_module
+
+    options = dict(FAST, nfe=3, scheduler="dpm++", trajectory="learned", force=True, progress=False)
+    straight = fit(str(tiny_run), **options)
+    out = tmp_path / "r.safetensors"
+    fitting = sys.modules["timetuner.fitting"]
+    saves = {"n": 0}
+    real_save = fitting.Checkpoints.save
+
+    def save_then_die(self, **state):
+        real_save(self, **state)
+        saves["n"] += 1
+        if saves["n"] == 2:  # the grid's checkpoint, then the first e2e iteration's
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tiny_run), out=out, **options)
+    saved = json.loads(out.with_name(out.name + ".partial.json").read_text())
+    assert saved["grid"] == straight.tuned.metadata["timesteps"] and saved["iteration"] == 1
+    monkeypatch.setattr(fitting.Checkpoints, "save", real_save)
+    monkeypatch.setattr(grid_module, "learn_grid", lambda *a, **k: pytest.fail("the grid was learned again"))
+    resumed = fit(str(tiny_run), out=out, **options)
+    assert torch.equal(resumed.tuned.tau, straight.tuned.tau)
+    assert resumed.tuned.metadata["timesteps"] == straight.tuned.metadata["timesteps"]
+
+
+def test_learned_grid_table_reproduces_the_fit_samples_after_save_pretrained_in_a_fresh_process(tiny_run, tmp_path):
+    from diffusers import DDPMPipeline
+
+    from timetuner import TunedScheduler
+    from timetuner.solver import Solver
+
+    out = tmp_path / "g.safetensors"
+    result = fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="dpm++", trajectory="learned", force=True,
+                 **FAST)
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, out)
+    pipe.save_pretrained(tmp_path / "saved")
+    noise = torch.randn((4, 1, *[pipe.unet.config.sample_size] * 2), generator=torch.Generator().manual_seed(3))
+    torch.save(noise, tmp_path / "noise.pt")
+    from timetuner.denoiser import Denoiser
+
+    solver = Solver.for_table(Denoiser(pipe.unet.eval()), pipe.scheduler.config, result.tuned)
+    with torch.no_grad():
+        expected = solver.rollout(noise, result.tuned.tau.float())
+    script = f"""
+import torch, timetuner
+from diffusers import DDPMPipeline
+from timetuner.solver import sample_images
+pipe = DDPMPipeline.from_pretrained({str(tmp_path / 'saved')!r})
+assert type(pipe.scheduler).__name__ == "TunedScheduler"
+noise = torch.load({str(tmp_path / 'noise.pt')!r}, weights_only=True)
+torch.save(sample_images(pipe.unet, pipe.scheduler, noise, 3), {str(tmp_path / 'out.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(got, expected.clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "unipc", "heun"])
+def test_a_learned_grid_is_refused_for_solvers_that_take_no_explicit_grid(tiny_run, tmp_path, scheduler):
+    from timetuner.errors import UserError
+
+    with pytest.raises(UserError, match="'learned' is not available"):
+        fit(str(tiny_run), out=tmp_path / "x.safetensors", progress=False, scheduler=scheduler,
+            trajectory="learned", **FAST)
+    assert not list(tmp_path.iterdir())

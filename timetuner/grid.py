@@ -1,0 +1,77 @@
+"""Learned timestep grids: the solver's own t_k fitted to the reference solver, as LD3 (Tong et al., ICLR 2025)
+fits them — here with the real diffusers scheduler, so what is fitted is exactly what a pipeline runs.
+
+diffusers' `set_timesteps(timesteps=…)` takes integers (DPM-Solver++ casts them) and looks its update coefficients
+up at them, so a grid is a list of K integers and is searched as one: coordinate descent over t_1 … t_{K−1} (t_0,
+where sampling starts, stays; the last step always ends at t = 0), each by a golden-section search on the integers
+strictly between its neighbours, minimising the mean squared distance of the final sample to the reference
+solver's final sample from the same noise — the e2e objective's loss, with τ = t. Starting from the scheduler's
+default explicit grid (Align-Your-Steps for DPM-Solver++), a point only moves when that lowers the loss, so the
+learned grid is never worse than the start on the fit noises. τ is fitted afterwards on the learned grid.
+
+Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
+the same decisions and holds the same grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
+GRID_SWEEPS = 1
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def planned(solver, n: int) -> int:
+    """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close)."""
+    return solver.evaluations * n * (1 + GRID_SWEEPS * (len(solver.grid) - 1) * GRID_POINT_LOSSES)
+
+
+@torch.no_grad()
+def learn_grid(solver, inputs, report=None) -> tuple[list[int], dict]:
+    """(the learned grid, a record: loss before and after, losses evaluated) for `solver` (an explicit grid) against
+    `inputs.reference_final`; `report(k, row)` after each grid point."""
+    reference, memo = inputs.reference_final, {}
+
+    def loss(grid: tuple[int, ...]) -> float:
+        if grid not in memo:
+            error = solver.with_grid(list(grid)).rollout(inputs.noise) - reference
+            memo[grid] = float(inputs.mean(error.pow(2).flatten(1).mean(1)))
+        return memo[grid]
+
+    grid = tuple(int(v) for v in solver.grid)
+    before = loss(grid)
+    for _ in range(GRID_SWEEPS):
+        for k in range(1, len(grid)):
+            lo = grid[k + 1] + 1 if k + 1 < len(grid) else 0
+            hi = grid[k - 1] - 1
+
+            def at(v: int, k: int = k, current: tuple[int, ...] = grid) -> float:
+                return loss(current[:k] + (v,) + current[k + 1:])
+
+            best = _integer_search(at, lo, hi, grid[k])
+            grid = grid[:k] + (best,) + grid[k + 1:]
+            if report is not None:
+                report(k, {"k": k, "t": best, "loss": memo[grid]})
+    return list(grid), {"loss_before": before, "loss_after": memo[grid], "losses": len(memo)}
+
+
+def _integer_search(f, lo: int, hi: int, start: int) -> int:
+    """The integer in [lo, hi] with the lowest f found by a golden-section search of at most GRID_POINT_LOSSES
+    losses, `start` among them; `start` unless another is strictly lower."""
+    seen = {start: f(start)}
+    a, b = lo, hi
+    while len(seen) + 2 <= GRID_POINT_LOSSES:
+        c, d = b - round(GOLDEN * (b - a)), a + round(GOLDEN * (b - a))
+        if c >= d:
+            break
+        for v in (c, d):
+            if v not in seen:
+                seen[v] = f(v)
+        if seen[c] <= seen[d]:
+            b = d - 1
+        else:
+            a = c + 1
+    return min(seen, key=lambda v: (seen[v], v != start))
