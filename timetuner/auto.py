@@ -6,7 +6,9 @@ them, not with the same solver untuned. So `auto`:
 1. ranks every candidate in `CANDIDATES` (solver × grid, one network evaluation per step, so K steps are K
    evaluations for all of them) *plain* by its x0 gap to the reference solver on the fit noises — K
    evaluations per sample each, no held-out data touched;
-2. fits τ for the best `AUTO_TUNED` of them (the configured objective, each with its own checkpoint);
+2. tunes the solvers of the best of them (`AUTO_TUNED` solvers, each once): the timestep grid where the solver
+   takes an explicit one (`timetuner.grid`, starting from the best of its named grids), then τ with the configured
+   objective, each with its own checkpoint;
 3. judges every tuned candidate on the held-out noises against the **best plain candidate** (`evaluation.judge`,
    the same yardstick as everywhere) and writes the tuned table that beats it with the lowest distribution gap
    (x0 gap without one) — or, when none does, the identity table of the best plain candidate: its solver and
@@ -25,10 +27,10 @@ import torch
 
 # solver × grid; all take one network evaluation per step (Heun and DPM-Solver-2 take two and are left out, so
 # that every candidate spends the same K evaluations).
-CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm++", "logsnr"),
-              ("dpm++", "karras"), ("dpm++3m", "ays"), ("unipc", "uniform"), ("unipc", "karras"),
-              ("deis", "uniform"))
-AUTO_TUNED = 2
+CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm++", "quadratic"),
+              ("dpm++", "uniform"), ("dpm++", "logsnr"), ("dpm++", "karras"), ("dpm++3m", "ays"),
+              ("dpm++3m", "logsnr"), ("unipc", "uniform"), ("unipc", "karras"), ("deis", "uniform"))
+AUTO_TUNED = 2  # solvers tuned: those of the best plain candidates, each solver once
 
 
 @torch.no_grad()
@@ -46,6 +48,28 @@ def rank_candidates(config, setup) -> list[dict]:
         gap = run.world.mean(per_sample, config.samples)  # over every process's share of the fit noises
         ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap), "run": run})
     return sorted(ranked, key=lambda c: c["fit_x0_gap"])
+
+
+def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
+    """The solvers of the best plain candidates (each solver once, AUTO_TUNED of them), each on a learned grid
+    (`timetuner.grid`, which starts from the best of the solver's named grids) where the solver takes one, else on
+    the candidate's grid."""
+    from timetuner.fitting import prepare
+    from timetuner.trajectories import TRAJECTORIES
+
+    chosen, seen = [], set()
+    for candidate in ranked:
+        scheduler = candidate["scheduler"]
+        if scheduler in seen:
+            continue
+        seen.add(scheduler)
+        if "learned" in TRAJECTORIES[scheduler]:
+            run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned"), setup)
+            candidate = {**candidate, "trajectory": "learned", "run": run}
+        chosen.append(candidate)
+        if len(chosen) == AUTO_TUNED:
+            break
+    return chosen
 
 
 def _tag(candidate: dict) -> str:
@@ -69,7 +93,7 @@ def fit_auto(config, setup, out, progress: bool = True):
     yardstick = best_plain.yardstick(progress)
     label = f"{config.reference}-{config.reference_steps}"
     tuned = []
-    for candidate in ranked[:AUTO_TUNED]:
+    for candidate in _to_tune(ranked, config, setup):
         run = candidate["run"]
         store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
         taus, rows = run.fit(store, progress, announce(run, progress))  # each tuned candidate's plan, then its fit

@@ -265,6 +265,7 @@ class Run:
     conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
     world: World = SOLO  # the processes this fit is split over (`timetuner.distributed`)
     fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
+    grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.grid.learn_grid`)
 
     def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
@@ -367,14 +368,15 @@ class Run:
         from timetuner.grid import learn_grid
         from timetuner.tuning import FitInputs
 
-        grid = store.load().get("grid")
+        saved = store.load()
+        grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
         if grid is None:
             with bar(self.solver.den, phases, "references", show):
                 final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
             inputs = FitInputs(self.fit_noise, reference_final=final, world=self.world, total=self.config.samples)
             with bar(self.solver.den, phases, "grid", show):
-                grid, _ = learn_grid(self.solver, inputs)
-        store.carry(grid=grid)
+                grid, self.grid_record = learn_grid(self.solver, inputs)
+        store.carry(grid=grid, grid_record=self.grid_record)
         self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
 
     def held_out_view(self, lo: int, hi: int):
@@ -580,6 +582,8 @@ def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: floa
         "versions": {"timetuner": timetuner.__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__},
     }
+    if run.grid_record is not None:
+        meta["learned_grid"] = run.grid_record
     if model.kind is not None:
         fit_cond, eval_cond = run.conditioning
         meta["guidance_scale"] = config.guidance_scale

@@ -5,9 +5,10 @@ diffusers' `set_timesteps(timesteps=…)` takes integers (DPM-Solver++ casts the
 up at them, so a grid is a list of K integers and is searched as one: coordinate descent over t_1 … t_{K−1} (t_0,
 where sampling starts, stays; the last step always ends at t = 0), each by a golden-section search on the integers
 strictly between its neighbours, minimising the mean squared distance of the final sample to the reference
-solver's final sample from the same noise — the e2e objective's loss, with τ = t. Starting from the scheduler's
-default explicit grid (Align-Your-Steps for DPM-Solver++), a point only moves when that lowers the loss, so the
-learned grid is never worse than the start on the fit noises. τ is fitted afterwards on the learned grid.
+solver's final sample from the same noise — the e2e objective's loss, with τ = t. It starts from the best of the
+solver's named grids by that loss (its spacings, Karras, log-SNR, quadratic, Align-Your-Steps: `named_grids`), and
+a point only moves when that lowers the loss, so the learned grid is never worse on the fit noises than any named
+grid. τ is fitted afterwards on the learned grid.
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
@@ -26,7 +27,8 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 
 def planned(solver, n: int) -> int:
     """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close)."""
-    return solver.evaluations * n * (1 + GRID_SWEEPS * (len(solver.grid) - 1) * GRID_POINT_LOSSES)
+    starts = len(named_grids(solver))
+    return solver.evaluations * n * (starts + GRID_SWEEPS * (len(solver.grid) - 1) * (GRID_POINT_LOSSES - 1))
 
 
 @torch.no_grad()
@@ -41,7 +43,9 @@ def learn_grid(solver, inputs, report=None) -> tuple[list[int], dict]:
             memo[grid] = float(inputs.mean(error.pow(2).flatten(1).mean(1)))
         return memo[grid]
 
-    grid = tuple(int(v) for v in solver.grid)
+    starts = {name: tuple(g) for name, g in named_grids(solver).items()}
+    start = min(starts, key=lambda name: loss(starts[name]))
+    grid = starts[start]
     before = loss(grid)
     for _ in range(GRID_SWEEPS):
         for k in range(1, len(grid)):
@@ -55,7 +59,32 @@ def learn_grid(solver, inputs, report=None) -> tuple[list[int], dict]:
             grid = grid[:k] + (best,) + grid[k + 1:]
             if report is not None:
                 report(k, {"k": k, "t": best, "loss": memo[grid]})
-    return list(grid), {"loss_before": before, "loss_after": memo[grid], "losses": len(memo)}
+    return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": len(memo),
+                        "start_losses": {name: memo[g] for name, g in starts.items()}}
+
+
+def named_grids(solver) -> dict[str, list[int]]:
+    """The solver's named grids at its K steps as explicit integer lists ({name: grid}), each usable as
+    `set_timesteps(timesteps=…)`: the scheduler's own spacings read off a scheduler set to them, the computed ones
+    as they are. The start of `learn_grid` is the one of lowest loss."""
+    from timetuner.errors import UserError
+    from timetuner.table import check_grid
+    from timetuner.trajectories import TRAJECTORIES, build
+
+    grids = {}
+    for name in TRAJECTORIES[solver.name]:
+        if name == "learned":
+            continue
+        try:
+            template, explicit = build(solver.name, name, solver.template.config, solver.nfe_steps)
+            if explicit is None:
+                template.set_timesteps(solver.nfe_steps)
+                explicit = [int(round(float(v))) for v in template.timesteps]
+            check_grid(explicit, solver.nfe_steps, solver.num_train_timesteps)
+        except (UserError, ValueError):
+            continue  # e.g. too few distinct timesteps at this K
+        grids[name] = [int(v) for v in explicit]
+    return grids
 
 
 def _integer_search(f, lo: int, hi: int, start: int) -> int:
