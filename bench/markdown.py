@@ -2,6 +2,7 @@
 
     python bench/fit.py | tee fit.jsonl && python bench/markdown.py fit.jsonl
     python bench/train.py --steps 1200 --eval-every 200 | tee train.jsonl && python bench/markdown.py train.jsonl
+    python bench/markdown.py bench/results/solvers.jsonl          # the leaderboard (bench/solvers.py)
 """
 
 from __future__ import annotations
@@ -100,6 +101,36 @@ def train_tables(speedup: list[dict], overhead: list[dict], draw: list[dict]) ->
                   f"{cost.get(r['method'], '—')} |")
 
 
+def _versus(figure: dict | None) -> str:
+    """ratio to the best plain configuration [95 % interval of the change, relative]; "n.s." when it covers 0."""
+    if figure is None:
+        return "—"
+    return (f"{figure['ratio']:.2f}× [{figure['ci'][0]:+.3g}, {figure['ci'][1]:+.3g}]"
+            + ("" if figure["significant"] else " n.s."))
+
+
+def leaderboard_table(rows: list[dict], plain_shown: int = 4) -> None:
+    """Per NFE: the best `plain_shown` plain configurations (by distribution gap) and timetuner's variants."""
+    print("| NFE | method | distribution gap | x0 gap | data FD | dist. gap vs best plain [95 % CI of the change] | "
+          "x0 gap vs best plain | fit s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for nfe in sorted({r["nfe"] for r in rows}):
+        at = [r for r in rows if r["nfe"] == nfe]
+        if all(r["kind"] == "plain" for r in at):
+            continue  # a run cut short before timetuner's variants: not a comparison
+        plain = sorted((r for r in at if r["kind"] == "plain"), key=lambda r: r["dist_gap"])
+        shown = plain[:plain_shown] + sorted((r for r in at if r["kind"] != "plain"), key=lambda r: r["dist_gap"])
+        for r in shown:
+            name = f"plain {r['method']}" if r["kind"] == "plain" else f"**timetuner {r['method']}**"
+            if r["kind"] == "plain" and r["method"] == r["best_plain"]:
+                name += " (best plain)"
+            vs = r.get("vs_best_plain", {})
+            fd = r.get("data_fd", float("nan"))
+            print(f"| {nfe} | {name} | {r['dist_gap']:.2f} | {r['x0_gap']:.4f} | {fd:.2f} | "
+                  f"{_versus(vs.get('dist_gap'))} | {_versus(vs.get('x0_gap'))} | {r.get('fit_seconds', '')} |")
+        print(f"| {nfe} | ({len(plain)} plain configurations in all) | | | | | | |")
+
+
 def main(paths: list[str]) -> None:
     records = [json.loads(line) for path in paths for line in open(path) if line.strip().startswith("{")]
     by = {}
@@ -108,6 +139,8 @@ def main(paths: list[str]) -> None:
     if "quality" in by:
         quality_table(by["quality"])
         gap_nfe_figure(by["quality"])
+    if "leaderboard" in by:
+        leaderboard_table(by["leaderboard"])
     if "optimizer" in by:
         print()
         optimizer_table(by["optimizer"])

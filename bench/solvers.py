@@ -4,7 +4,7 @@
     python bench/solvers.py                          # NFE 3,4,5,6,8,10 on the embedded model, 3 sets (GPU: minutes)
     python bench/solvers.py --quick                  # NFE 5, a few configurations, 1 set of 200: checks the script
     python bench/solvers.py --model FOLDER --nfes 5,10 --out runs/solvers.jsonl
-    python bench/solvers.py --plot bench/results/solvers.jsonl   # the figure only, from earlier lines
+    python bench/solvers.py --plot bench/results/solvers.jsonl --floor 4.203   # the figure only, from earlier lines
 
 NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no fit saw (seeds EVAL_SEED_OFFSET +
 7919·s, s = 1 … sets; set 0 is the fits' own held-out verdict set, on which `auto` chooses):
@@ -154,9 +154,9 @@ def _figures(combined: dict) -> dict:
     return out
 
 
-def plot(lines: list[dict], path: str) -> None:
-    """Distribution gap against NFE: the best plain configuration at each NFE, two named plain ones, and
-    timetuner's variants."""
+def plot(lines: list[dict], path: str, floor: float | None = None) -> None:
+    """Distribution gap against NFE: the best plain configuration at each NFE, three named plain ones, and
+    timetuner's variants; `floor`: the gap of the reference sampler's own samples (bench/yardstick.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,18 +165,23 @@ def plot(lines: list[dict], path: str) -> None:
     from timetuner.plots import save_figure
 
     rows = [r for r in lines if r.get("figure") == "leaderboard" and "dist_gap" in r]
-    nfes = sorted({r["nfe"] for r in rows})
+    complete = {r["nfe"] for r in rows if r["kind"] != "plain"}  # NFEs whose run reached timetuner's variants
+    rows = [r for r in rows if r["nfe"] in complete]
+    nfes = sorted(complete)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     best = [min(r["dist_gap"] for r in rows if r["nfe"] == n and r["kind"] == "plain") for n in nfes]
     ax.plot(nfes, best, "k-o", label="best plain diffusers configuration (per NFE)", linewidth=2)
     for name, style in (("dpm++/ays", "k--"), ("unipc/uniform", "k:"), ("ddim/uniform", "0.6")):
-        points = [(r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name]
+        points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"plain {name}")
     for name, style in (("tau", "C0-s"), ("grid", "C1-^"), ("grid+tau", "C2-D"), ("auto", "C3-o")):
-        points = [(r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name]
+        points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"timetuner {name}")
+    if floor is not None:
+        ax.axhline(floor, color="0.4", linewidth=0.8, linestyle="-.",
+                   label=f"floor: the reference sampler itself, other noises ({floor:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("distribution gap to DPM-Solver++ 100 (FD)")
@@ -200,10 +205,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also append the lines to this file")
     parser.add_argument("--plot", default=None, help="draw the figure from these lines (a .jsonl), and stop")
     parser.add_argument("--figure", default="bench/results/solvers.png")
+    parser.add_argument("--floor", type=float, default=None, help="the yardstick's floor to draw (bench/yardstick.py)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], args.figure)
+        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], args.figure,
+             args.floor)
         return
     if args.quick:  # what is not given on the command line
         given = set(sys.argv)

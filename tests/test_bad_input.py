@@ -3,12 +3,13 @@ accepted, no file left behind, and the error within seconds (README "Bad input")
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -41,6 +42,8 @@ CASES = {
     "fit guidance on unconditional": (["fit", "--guidance-scale", "3"], "--guidance-scale"),
     "fit parallel with multistep": (["fit", "--strategy", "parallel", "--scheduler", "heun"], "--strategy parallel"),
     "fit auto with trajectory": (["fit", "--scheduler", "auto", "--trajectory", "ays"], "--scheduler auto"),
+    "fit learned grid on a solver without explicit grids": (["fit", "--scheduler", "unipc", "--trajectory",
+                                                              "learned"], "--trajectory 'learned'"),
     "fit data without parallel": (["fit", "--data", "digits"], "--data 'digits'"),
     "fit data folder missing": (["fit", "--strategy", "parallel", "--data", "{tmp}/none"], "is not a folder"),
     "fit data folder with non-images": (["fit", "--strategy", "parallel", "--data", "{strays}"], "not images"),
@@ -48,6 +51,7 @@ CASES = {
     "sample truncated table": (["sample", "--table", "{truncated}"], "not a readable safetensors"),
     "sample NaN tau": (["sample", "--table", "{nan}"], "non-finite"),
     "sample increasing t": (["sample", "--table", "{increasing}"], "increases"),
+    "sample table with a grid not decreasing": (["sample", "--table", "{bad_grid}"], "not strictly decreasing"),
     "sample table of another model": (["sample", "--table", "{other_model}"], "fitted for"),
     "sample table of another noise schedule": (["sample", "--table", "{other_schedule}"], "cannot load onto"),
     "sample steps differ from table": (["sample", "--table", "{table}", "--steps", "7"], "--steps 7"),
@@ -75,6 +79,16 @@ def files(tiny_run, tmp_path_factory):
     for name, change in (("nan", lambda t: {**t, "tau": torch.full_like(t["tau"], float("nan"))}),
                          ("increasing", lambda t: {**t, "t": t["t"].flip(0), "tau": t["tau"].flip(0)})):
         save_file(change(tensors), root / f"{name}.safetensors", metadata=metadata)
+    # a learned-grid table whose grid (metadata, handed to set_timesteps) was edited to run upwards
+    dpm = DPMSolverMultistepScheduler.from_config(base.config, solver_order=2, algorithm_type="dpmsolver++")
+    TauTable.identity(dpm, 3, timesteps=[999, 500, 20], scheduler_name="dpm++", trajectory="learned").save(
+        root / "grid.safetensors")
+    with safe_open(str(root / "grid.safetensors"), framework="pt") as f:
+        grid_tensors, grid_header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    meta = json.loads(grid_header["metadata"])
+    meta["timesteps"] = [999, 20, 500]
+    save_file(grid_tensors, root / "bad_grid.safetensors", metadata={**grid_header, "metadata": json.dumps(meta)})
+    (root / "grid.safetensors").unlink()
     other = DDIMScheduler.from_config(base.config, beta_schedule="squaredcos_cap_v2")
     TauTable.identity(other, 3, scheduler_name="ddim", trajectory="uniform").save(root / "other_schedule.safetensors")
     strays = root / "strays"
@@ -84,7 +98,7 @@ def files(tiny_run, tmp_path_factory):
     return {"table": root / "table.safetensors", "garbage": root / "garbage.safetensors",
             "truncated": root / "truncated.safetensors", "nan": root / "nan.safetensors",
             "increasing": root / "increasing.safetensors", "other_schedule": root / "other_schedule.safetensors",
-            "other_model": DEFAULT_TABLE, "strays": strays}
+            "other_model": DEFAULT_TABLE, "strays": strays, "bad_grid": root / "bad_grid.safetensors"}
 
 
 def everything_under(folder: Path) -> set[Path]:
