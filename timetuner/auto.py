@@ -123,7 +123,8 @@ def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
               "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":
                          c["held_out"]} for c in tuned],
-              "best_plain": _tag(ranked[0]), "winner": f"{_tag(chosen)} (tuned)" if better else f"{_tag(ranked[0])} (plain)"}
+              "best_plain": _tag(ranked[0]),
+              "winner": f"{_tag(chosen)} (tuned)" if better else f"{_tag(ranked[0])} (plain)"}
     run = chosen["run"]
     meta = table_metadata(run, chosen["rows"], chosen["held_out"], better, seconds, setup.denoiser.evaluations)
     meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}")
