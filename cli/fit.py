@@ -14,12 +14,15 @@ from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, us
 def fit(
     model: Model = None,
     nfe: Annotated[int, typer.Option(help="Sampler steps (num_inference_steps).")] = 10,
-    scheduler: Annotated[str, typer.Option(help="auto (rank the plain solvers and grids, tune the best two, ship the "
-                                           "best against the best plain one), ddim, dpm2 (DPM-Solver-2), dpm++ / "
-                                           "dpm++3m / dpm++1 (DPM-Solver++ 2M / 3M / order 1), unipc (UniPC-bh2), "
-                                           "deis, heun, euler.")] = "ddim",
+    scheduler: Annotated[str | None, typer.Option(help="auto (the default: rank 12 plain solver × grid setups, learn "
+                                                  "the grid and τ of the best solver that takes a grid, and ship the "
+                                                  "best against the best plain setup), ddim (the default "
+                                                  "with --trajectory or --strategy parallel), dpm2 (DPM-Solver-2), "
+                                                  "dpm++ / dpm++3m / dpm++1 (DPM-Solver++ 2M / 3M / order 1), unipc "
+                                                  "(UniPC-bh2), deis, heun, euler.")] = None,
     trajectory: Annotated[str | None, typer.Option(help="uniform, trailing, linspace, quadratic, logsnr, karras, ays "
-                                                   "(Align-Your-Steps); default per scheduler (ddim: uniform, dpm2: "
+                                                   "(Align-Your-Steps), learned (fitted to the model: dpm++, dpm++3m, "
+                                                   "dpm++1, dpm2); default per scheduler (ddim: uniform, dpm2: "
                                                    "logsnr, dpm++: ays, heun: karras).")] = None,
     strategy: Annotated[str, typer.Option(help="sequential (Alg. 1) or parallel (Eq. 11).")] = "sequential",
     objective: Annotated[str | None, typer.Option(help="e2e (the default: best on held-out figures), paper "
@@ -69,7 +72,9 @@ def fit(
 ) -> None:
     """Fit one network timestep τ per evaluation of a few-step sampler, and write the table.
 
-        timetuner fit --nfe 10
+        timetuner fit --nfe 10                                  # auto: the best solver, grid and τ
+
+        timetuner fit --scheduler dpm++ --trajectory learned --nfe 5
 
         timetuner fit --model runs/digits-ddpm --scheduler dpm2 --nfe 5 --objective e2e --out dpm2-5.safetensors
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-SMALL = dict(samples=16, eval_samples=24, eval_gap_samples=16, reference_steps=8, reference_n=64, search_points=5,
-             search_refine=3, force=True)
+SMALL = dict(scheduler="ddim", samples=16, eval_samples=24, eval_gap_samples=16, reference_steps=8, reference_n=64,
+             search_points=5, search_refine=3, force=True)
 FITS = {
     "sequential-paper": dict(SMALL, nfe=3, objective="paper"),
     "parallel-paper": dict(SMALL, nfe=3, strategy="parallel", objective="paper"),

@@ -39,8 +39,8 @@ runner = CliRunner()
 FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat"]
 EVAL_PROMPTS = ["a yellow boat at sea", "an orange house"]
 # The paper objective with a short search always moves τ on these untrained networks; two e2e Adam steps may not.
-FAST = dict(samples=4, eval_samples=4, reference_steps=8, reference_n=500, objective="paper", search_points=3,
-            search_refine=2)
+FAST = dict(scheduler="ddim", samples=4, eval_samples=4, reference_steps=8, reference_n=500, objective="paper",
+            search_points=3, search_refine=2)
 
 
 @contextlib.contextmanager
@@ -271,7 +271,8 @@ def test_cli_fits_one_table_per_guidance_scale(sd_folders, tmp_path, monkeypatch
     prompts.write_text("\n".join(FIT_PROMPTS) + "\n\n# a comment\n")
     eval_prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")
     result = runner.invoke(app, ["fit", "--model", str(sd_folders["sd"]), "--prompts", str(prompts), "--eval-prompts",
-                                 str(eval_prompts), "--guidance-scale", "3,7.5", "--nfe", "4", "--samples", "2",
+                                 str(eval_prompts), "--guidance-scale", "3,7.5", "--nfe", "4", "--scheduler", "ddim",
+                                 "--samples", "2",
                                  "--eval-samples", "2", "--reference-steps", "6", "--e2e-iters", "2",
                                  "--dtype", "float32", "--json", *(["--out", "sd.safetensors"] if named else [])])
     assert result.exit_code == 0, result.output

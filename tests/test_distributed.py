@@ -59,7 +59,7 @@ def test_two_processes_train_one_run_and_save_a_loadable_pipeline(tmp_path):
 
 def test_fit_processes_option_relaunches_under_accelerate(tiny_run, tmp_path):
     out = tmp_path / "t.safetensors"
-    small = ["--nfe", "3", "--samples", "16", "--eval-samples", "24", "--eval-gap-samples", "16",
+    small = ["--nfe", "3", "--scheduler", "ddim", "--samples", "16", "--eval-samples", "24", "--eval-gap-samples", "16",
              "--reference-steps", "8", "--reference-n", "64", "--e2e-iters", "3", "--force"]
     command = [sys.executable, "-m", "timetuner.cli.main", "fit", "--model", str(tiny_run), *small, "--processes",
                "2", "--out", str(out), "--json"]

@@ -224,8 +224,8 @@ def tiny_table(tiny_run, tmp_path_factory):
     from timetuner.fitting import fit
 
     out = tmp_path_factory.mktemp("table") / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
-        reference_steps=5, force=True)
+    fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,
+        reference_n=500, eval_samples=8, reference_steps=5, force=True)
     return out
 
 

@@ -19,7 +19,9 @@ tuning = importlib.import_module("timetuner.tuning")
 search = importlib.import_module("timetuner.search")
 evaluation = importlib.import_module("timetuner.evaluation")
 fitting = importlib.import_module("timetuner.fitting")
-FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5, search_refine=4)
+# DDIM, named: the default (`auto`) tunes several solvers and has tests of its own
+FAST = dict(scheduler="ddim", samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5,
+            search_refine=4)
 PAPER = dict(FAST, objective="paper")
 runner = CliRunner()
 
@@ -39,7 +41,7 @@ def test_adam_recipe_moves_tau_down_a_slope():
 @pytest.mark.parametrize("scheduler", ["ddim", pytest.param("dpm2", marks=pytest.mark.slow),
                                        pytest.param("heun", marks=pytest.mark.slow)])
 def test_sequential_paper_fit_lowers_every_per_step_loss(tiny_run, scheduler):
-    result = fit(str(tiny_run), progress=False, nfe=3, scheduler=scheduler, **PAPER)
+    result = fit(str(tiny_run), progress=False, nfe=3, **{**PAPER, "scheduler": scheduler})
     table = result.tuned
     assert len(result.rows) == table.nfe == len(table.tau)
     assert all(r["loss_after"] <= r["loss_before"] for r in result.rows)
@@ -139,9 +141,9 @@ def test_an_interrupted_e2e_fit_resumes_to_the_same_table(tiny_run, tmp_path, mo
 def test_multistep_solvers_fit_with_their_history_in_the_snapshot(tiny_run, scheduler):
     # Each candidate τ steps a deep copy of the solver state, model-output history included; e2e differentiates
     # through the multistep update.
-    paper = fit(str(tiny_run), progress=False, nfe=4, scheduler=scheduler, **PAPER)
+    paper = fit(str(tiny_run), progress=False, nfe=4, **{**PAPER, "scheduler": scheduler})
     assert all(r["loss_after"] <= r["loss_before"] for r in paper.rows) and not paper.tuned.is_identity
-    e2e = fit(str(tiny_run), progress=False, nfe=4, scheduler=scheduler, e2e_iters=3, **FAST)
+    e2e = fit(str(tiny_run), progress=False, nfe=4, e2e_iters=3, **{**FAST, "scheduler": scheduler})
     assert e2e.rows[0]["loss_after"] <= e2e.rows[0]["loss_before"]
     assert e2e.tuned.metadata["trajectory"] == ("ays" if scheduler == "dpm++" else "uniform")
 
@@ -206,23 +208,29 @@ def test_sample_refuses_a_corrupt_table(tiny_run, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.slow  # nine plain candidates, two fits (~25 s)
-def test_auto_ranks_plain_candidates_tunes_the_best_two_and_judges_against_the_best_plain(tiny_run, tmp_path):
+@pytest.mark.slow  # twelve plain candidates, a grid and a τ fit (~30 s)
+def test_auto_is_the_default_ranks_plain_candidates_tunes_the_best_solvers_and_judges_against_the_best_plain(
+        tiny_run, tmp_path):
     from diffusers import DDPMPipeline
 
     from timetuner import TunedScheduler
     from timetuner.auto import AUTO_TUNED, CANDIDATES
+    from timetuner.trajectories import TRAJECTORIES
 
     out = tmp_path / "auto.safetensors"
-    result = fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="auto", e2e_iters=2, **FAST)
+    result = fit(str(tiny_run), out=out, progress=False, nfe=3, e2e_iters=2, **{**FAST, "scheduler": None})
     table = TauTable.load(out)
     auto = table.metadata["auto"]
     gaps = [c["fit_x0_gap"] for c in auto["candidates"]]
     assert len(gaps) == len(CANDIDATES) and gaps == sorted(gaps)
     best = auto["candidates"][0]
     assert auto["best_plain"] == f"{best['scheduler']}-{best['trajectory']}"
-    assert [(c["scheduler"], c["trajectory"]) for c in auto["tuned"]] == [
-        (c["scheduler"], c["trajectory"]) for c in auto["candidates"][:AUTO_TUNED]]
+    expected = []  # solvers taking a learned grid first (on one), then the others, each group by rank, each once
+    learnable = [c for c in auto["candidates"] if "learned" in TRAJECTORIES[c["scheduler"]]]
+    for c in learnable + [c for c in auto["candidates"] if c not in learnable]:
+        if c["scheduler"] not in [scheduler for scheduler, _ in expected]:
+            expected.append((c["scheduler"], "learned" if c in learnable else c["trajectory"]))
+    assert [(c["scheduler"], c["trajectory"]) for c in auto["tuned"]] == expected[:AUTO_TUNED]
     assert auto["winner"].endswith("(tuned)") == result.better
     if not result.better:  # the best plain candidate's solver and grid, τ = t
         assert table.is_identity and table.metadata["scheduler_name"] == best["scheduler"]

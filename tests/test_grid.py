@@ -121,3 +121,28 @@ def test_a_learned_grid_is_refused_for_solvers_that_take_no_explicit_grid(tiny_r
         fit(str(tiny_run), out=tmp_path / "x.safetensors", progress=False, scheduler=scheduler,
             trajectory="learned", **FAST)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_identity_table_on_a_learned_grid_is_bitwise_the_plain_scheduler_on_that_grid(tiny_run):
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+
+    from timetuner import TauTable, TunedScheduler
+
+    unet = UNet2DModel.from_pretrained(tiny_run, subfolder="unet").eval()
+    config = DPMSolverMultistepScheduler.load_config(tiny_run, subfolder="scheduler")
+    grid = [999, 640, 313, 71, 9]
+    plain = DPMSolverMultistepScheduler.from_config(config, solver_order=2, algorithm_type="dpmsolver++")
+    table = TauTable.identity(plain, 5, timesteps=grid, scheduler_name="dpm++", trajectory="learned")
+    tuned = TunedScheduler.from_table(plain, table)
+    plain = DPMSolverMultistepScheduler.from_config(plain.config)
+    noise = torch.randn((2, 1, unet.config.sample_size, unet.config.sample_size),
+                        generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for scheduler, args in ((plain, {"timesteps": grid}), (tuned, {"num_inference_steps": 5})):
+        scheduler.set_timesteps(**args)
+        x = noise.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        outputs.append(x)
+    assert torch.equal(outputs[0], outputs[1])

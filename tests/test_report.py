@@ -69,8 +69,8 @@ def tiny_tables(tiny_run, tmp_path_factory):
     paths = []
     for nfe in (3, 4):
         out = folder / f"t{nfe}.safetensors"
-        fit(str(tiny_run), out=out, progress=False, nfe=nfe, objective="paper", samples=8, reference_n=500,
-            eval_samples=8, reference_steps=5, force=True)
+        fit(str(tiny_run), out=out, progress=False, nfe=nfe, scheduler="ddim", objective="paper", samples=8,
+            reference_n=500, eval_samples=8, reference_steps=5, force=True)
         paths.append(out)
     return paths
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow  # three subprocesses per case (~30 s)
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--samples", "16", "--eval-samples", "24", "--eval-gap-samples", "16", "--reference-steps", "8",
+SMALL = ["--scheduler", "ddim", "--samples", "16", "--eval-samples", "24", "--eval-gap-samples", "16",
+         "--reference-steps", "8",
          "--reference-n", "64", "--force", "--json"]
 FITS = {
     "sequential-paper": ["--nfe", "8", "--objective", "paper"],

@@ -65,8 +65,8 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
     from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
-        reference_steps=5, force=True)
+    fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,
+        reference_n=500, eval_samples=8, reference_steps=5, force=True)
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "8",
                                  "--reference-steps", "20", "--json"])
     assert result.exit_code == 0, result.output
@@ -81,8 +81,8 @@ def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
     from timetuner.fitting import fit
 
     out = tmp_path / "t.safetensors"
-    fit(str(tiny_run), out=out, progress=False, nfe=3, objective="paper", samples=8, reference_n=500, eval_samples=8,
-        reference_steps=5, force=True)
+    fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,
+        reference_n=500, eval_samples=8, reference_steps=5, force=True)
     result = runner.invoke(app, ["eval", "--model", str(tiny_run), "--table", str(out), "--n", "16",
                                  "--reference-steps", "20", "--bootstrap", "200", "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output

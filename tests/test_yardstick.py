@@ -15,8 +15,8 @@ from timetuner.evaluation import Setup, build_yardstick, evaluate, reference_key
 from timetuner.loading import load_model
 
 runner = CliRunner()
-FIT = dict(nfe=3, objective="paper", samples=8, eval_samples=40, eval_gap_samples=16, reference_steps=6,
-           reference_n=300, search_points=3, search_refine=2, force=True)
+FIT = dict(nfe=3, scheduler="ddim", objective="paper", samples=8, eval_samples=40, eval_gap_samples=16,
+           reference_steps=6, reference_n=300, search_points=3, search_refine=2, force=True)
 
 
 # -- the cache -----------------------------------------------------------------------------------------------------

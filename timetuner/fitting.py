@@ -45,7 +45,9 @@ class FitConfig:
     """Every setting of a fit; stored in the table's metadata."""
 
     nfe: int = 10  # num_inference_steps of the sampler (Heun: 2·nfe − 1 network evaluations)
-    scheduler: str = "ddim"
+    # None: "auto" (rank the plain solvers, tune the best, ship the best against the best plain one) — or, with a
+    # --trajectory or --strategy parallel, which auto does not take, "ddim" (`resolved`)
+    scheduler: str | None = None
     trajectory: str | None = None  # None: the scheduler's default (timetuner.trajectories.DEFAULT_TRAJECTORY)
     strategy: str = "sequential"
     # None: "e2e" (chosen by held-out evidence in bench/fit.py, README "Results"); "paper" for --strategy parallel,
@@ -139,11 +141,19 @@ def validate(config: FitConfig) -> None:
                         "classifier-free guidance)")
 
 
-def checked_config(**options) -> FitConfig:
-    """The `FitConfig` of `options` with its default objective filled in, validated."""
-    config = FitConfig(**options)
+def resolved(config: FitConfig) -> FitConfig:
+    """The config with its default scheduler and objective filled in."""
+    if config.scheduler is None:
+        plain = config.trajectory is not None or config.strategy != "sequential"
+        config = dataclasses.replace(config, scheduler="ddim" if plain else "auto")
     if config.objective is None:
         config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
+    return config
+
+
+def checked_config(**options) -> FitConfig:
+    """The `FitConfig` of `options` with its default scheduler and objective filled in, validated."""
+    config = resolved(FitConfig(**{k: v for k, v in options.items() if not (k == "scheduler" and v is None)}))
     validate(config)
     return config
 
@@ -623,7 +633,7 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
     for scale in guidance_scales:
         suffix = scale_suffix(kind, scale)
         if out is None:
-            path = default_out(options.get("scheduler", "ddim"), options.get("trajectory"), options.get("nfe", 10),
+            path = default_out(checked_config(**options).scheduler, options.get("trajectory"), options.get("nfe", 10),
                                suffix)
         else:
             path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
