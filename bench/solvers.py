@@ -4,7 +4,7 @@
     python bench/solvers.py                          # NFE 3,4,5,6,8,10 on the embedded model, 3 sets (GPU: minutes)
     python bench/solvers.py --quick                  # NFE 5, a few configurations, 1 set of 200: checks the script
     python bench/solvers.py --model FOLDER --nfes 5,10 --out runs/solvers.jsonl
-    python bench/solvers.py --plot bench/results/solvers.jsonl --floor 4.203   # the figure only, from earlier lines
+    python bench/solvers.py --plot bench/results/solvers-cpu.jsonl,bench/results/solvers.jsonl --floor 4.203
 
 NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no fit saw (seeds EVAL_SEED_OFFSET +
 7919·s, s = 1 … sets; set 0 is the fits' own held-out verdict set, on which `auto` chooses):
@@ -175,7 +175,7 @@ def plot(lines: list[dict], path: str, floor: float | None = None) -> None:
         points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"plain {name}")
-    for name, style in (("tau", "C0-s"), ("grid", "C1-^"), ("grid+tau", "C2-D"), ("auto", "C3-o")):
+    for name, style in (("tau", "C0-s"), ("grid+tau", "C2-D"), ("auto", "C3:o")):
         points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"timetuner {name}")
@@ -203,14 +203,22 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--out", default=None, help="also append the lines to this file")
-    parser.add_argument("--plot", default=None, help="draw the figure from these lines (a .jsonl), and stop")
+    parser.add_argument("--plot", default=None, help="draw the figure from these lines (.jsonl files, comma-separated;"
+                        " the first file's line for a method and NFE counts), and stop")
     parser.add_argument("--figure", default="bench/results/solvers.png")
     parser.add_argument("--floor", type=float, default=None, help="the yardstick's floor to draw (bench/yardstick.py)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], args.figure,
-             args.floor)
+        lines, seen = [], set()  # several files: the first one's line for a (method, NFE) counts
+        for path in args.plot.split(","):
+            for line in Path(path).read_text().splitlines():
+                record = json.loads(line) if line.strip() else {}
+                key = (record.get("method"), record.get("nfe"))
+                if record.get("figure") == "leaderboard" and key not in seen:
+                    seen.add(key)
+                    lines.append(record)
+        plot(lines, args.figure, args.floor)
         return
     if args.quick:  # what is not given on the command line
         given = set(sys.argv)

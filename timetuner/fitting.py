@@ -633,8 +633,9 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
     for scale in guidance_scales:
         suffix = scale_suffix(kind, scale)
         if out is None:
-            path = default_out(checked_config(**options).scheduler, options.get("trajectory"), options.get("nfe", 10),
-                               suffix)
+            settings = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(FitConfig)}}
+            path = default_out(checked_config(**settings).scheduler, options.get("trajectory"),
+                               options.get("nfe", 10), suffix)
         else:
             path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
         yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale, **options)
