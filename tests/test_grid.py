@@ -50,6 +50,21 @@ def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.inner.timesteps.tolist() == grid
     assert torch.allclose(pipe.scheduler.timesteps.double(), result.tuned.tau.to(torch.float64), atol=1e-4)
+    # eval's figures against the step count run the table's own grid at its step count
+    from timetuner.evaluation import Setup, gap_versus_nfe
+    from timetuner.solver import Solver
+
+    grids, real = [], Solver.rollout
+
+    def spy(self, noise, taus=None, keep_states=False):
+        grids.append(self.grid)
+        return real(self, noise, taus, keep_states)
+
+    setup = Setup(str(out), str(tiny_run))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Solver, "rollout", spy)
+        rows = gap_versus_nfe(setup, setup.yardstick(), [4], n=8, bootstrap=10)
+    assert [r["nfe"] for r in rows] == [4] and grids and all(g == grid for g in grids)
 
 
 def test_a_fit_resumes_with_its_learned_grid_without_learning_it_again(tiny_run, tmp_path, monkeypatch):

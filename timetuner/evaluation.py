@@ -439,7 +439,8 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
                    n: int | None = None, seed: int | None = None, bootstrap: int = 200,
                    progress: bool = False) -> list[dict]:
     """The distribution gap (and data FD) of plain sampling at each NFE, and of each tuned table (same solver and
-    trajectory) at its NFE, from the same held-out noises.
+    trajectory) at its NFE, from the same held-out noises; at a table's NFE both run on the table's grid (a
+    learned grid exists only there; elsewhere "learned" runs the grid it starts from).
 
     Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
     `progress`: a bar over the network evaluations.
@@ -464,13 +465,15 @@ def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: di
 
     rows = []
     for nfe in steps:
-        sampler = Solver.named(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
+        table = by_steps.get(nfe)
+        if table is not None:  # the table's own solver and grid (a learned grid exists at its step count only)
+            sampler = Solver.for_table(setup.den, setup.base_config, table)
+        else:
+            sampler = Solver.named(setup.den, setup.base_config, setup.scheduler_name, setup.trajectory, nfe)
         run = setup.view(sampler, cond, 0, n)
         plain = yardstick.features(setup.images(run.rollout(noise)))
         row = {"nfe": nfe, "plain": yardstick.figures(plain)}
-        table = by_steps.get(nfe)
         if table is not None and not table.is_identity:
-            table.check_scheduler(sampler.template)
             tuned = yardstick.features(setup.images(run.rollout(noise, table.tau.float())))
             row["tuned"] = yardstick.figures(tuned)
             row.update(yardstick.changes(plain, tuned, bootstrap))
