@@ -68,6 +68,6 @@ def test_fit_processes_option_relaunches_under_accelerate(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [line for line in result.stdout.splitlines() if line.startswith('{"out"')]
     assert len(records) == 1  # only the main process reports
-    one = fit(str(tiny_run), progress=False, nfe=3, samples=16, eval_samples=24, eval_gap_samples=16,
+    one = fit(str(tiny_run), progress=False, nfe=3, scheduler="ddim", samples=16, eval_samples=24, eval_gap_samples=16,
               reference_steps=8, reference_n=64, e2e_iters=3, force=True)
     assert torch.allclose(TauTable.load(out).tau, one.table.tau, atol=1e-3)
