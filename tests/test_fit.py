@@ -231,7 +231,7 @@ def test_auto_is_the_default_ranks_plain_candidates_tunes_the_best_solvers_and_j
         if c["scheduler"] not in [scheduler for scheduler, _ in expected]:
             expected.append((c["scheduler"], "learned" if c in learnable else c["trajectory"]))
     assert [(c["scheduler"], c["trajectory"]) for c in auto["tuned"]] == expected[:AUTO_TUNED]
-    assert auto["winner"].endswith("(tuned)") == result.better
+    assert auto["winner"].endswith("(tuned)") == result.better and "written" not in auto  # no --force
     if not result.better:  # the best plain candidate's solver and grid, τ = t
         assert table.is_identity and table.metadata["scheduler_name"] == best["scheduler"]
     assert not list(tmp_path.glob("*.partial.json"))

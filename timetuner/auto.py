@@ -128,6 +128,8 @@ def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
                          c["held_out"]} for c in tuned],
               "best_plain": _tag(ranked[0]),
               "winner": f"{_tag(chosen)} (tuned)" if better else f"{_tag(ranked[0])} (plain)"}
+    if config.force and not better:  # written as asked, though the best plain candidate won
+        record["written"] = f"{_tag(chosen)} (tuned, --force)"
     run = chosen["run"]
     meta = table_metadata(run, chosen["rows"], chosen["held_out"], better, seconds, setup.denoiser.evaluations)
     meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}")
