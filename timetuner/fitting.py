@@ -153,7 +153,7 @@ def resolved(config: FitConfig) -> FitConfig:
 
 def checked_config(**options) -> FitConfig:
     """The `FitConfig` of `options` with its default scheduler and objective filled in, validated."""
-    config = resolved(FitConfig(**{k: v for k, v in options.items() if not (k == "scheduler" and v is None)}))
+    config = resolved(FitConfig(**options))
     validate(config)
     return config
 
