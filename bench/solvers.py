@@ -66,9 +66,8 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
                     break
 
 
-def fitted(args, pipe, nfe: int) -> dict:
-    """{variant: (solver, τ or None, fit seconds)} of timetuner's variants at nfe."""
-    from timetuner.denoiser import Denoiser
+def fitted(args, pipe, den, nfe: int) -> dict:
+    """{variant: (solver over `den`, τ or None, fit seconds, auto's winner)} of timetuner's variants at nfe."""
     from timetuner.fitting import fit
     from timetuner.solver import Solver
 
@@ -85,7 +84,6 @@ def fitted(args, pipe, nfe: int) -> dict:
                      samples=args.samples, seed=0, **options)
         seconds = round(time.perf_counter() - started, 1)
         table = result.tuned if options.get("force") else result.table
-        den = Denoiser(pipe.unet.eval())
         solver = Solver.for_table(den, pipe.scheduler.config, table)
         taus = None if table.is_identity else table.tau.float()
         out[variant] = (solver, taus, seconds, table.metadata.get("auto", {}).get("winner"))
@@ -101,7 +99,7 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
     den, base = model.denoiser, model.base_config
     methods = {name: (solver.on(den), None, None, None) for name, solver in plain_configs(den, base, nfe, args.only)}
     plain_names = list(methods)
-    methods.update({name: (s.on(den), t, sec, w) for name, (s, t, sec, w) in fitted(args, pipe, nfe).items()})
+    methods.update(fitted(args, pipe, den, nfe))
     images = {name: [] for name in methods}
     references = []
     for s in range(1, args.sets + 1):

@@ -66,7 +66,7 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
         if scheduler in seen:
             continue
         seen.add(scheduler)
-        if "learned" in TRAJECTORIES[scheduler]:
+        if candidate in learnable:
             run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned"), setup)
             candidate = {**candidate, "trajectory": "learned", "run": run}
         chosen.append(candidate)

@@ -32,9 +32,9 @@ def planned(solver, n: int) -> int:
 
 
 @torch.no_grad()
-def learn_grid(solver, inputs, report=None) -> tuple[list[int], dict]:
-    """(the learned grid, a record: loss before and after, losses evaluated) for `solver` (an explicit grid) against
-    `inputs.reference_final`; `report(k, row)` after each grid point."""
+def learn_grid(solver, inputs) -> tuple[list[int], dict]:
+    """(the learned grid, a record: its start, the losses of the start and of the grid, losses evaluated) for
+    `solver` (an explicit grid) against `inputs.reference_final`."""
     reference, memo = inputs.reference_final, {}
 
     def loss(grid: tuple[int, ...]) -> float:
@@ -57,8 +57,6 @@ def learn_grid(solver, inputs, report=None) -> tuple[list[int], dict]:
 
             best = _integer_search(at, lo, hi, grid[k])
             grid = grid[:k] + (best,) + grid[k + 1:]
-            if report is not None:
-                report(k, {"k": k, "t": best, "loss": memo[grid]})
     return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": len(memo),
                         "start_losses": {name: memo[g] for name, g in starts.items()}}
 

@@ -107,10 +107,10 @@ class Solver:
         table.check_scheduler(solver.template)
         return solver
 
-    def with_grid(self, grid: list[int], trajectory: str | None = None) -> Solver:
-        """The same solver on another explicit grid of K timesteps (`trajectory`: its name, else this one's)."""
+    def with_grid(self, grid: list[int]) -> Solver:
+        """The same solver on another explicit grid of K timesteps."""
         return Solver(self.den, self.template, self.nfe_steps, list(grid), name=self.name,
-                      trajectory=trajectory or self.trajectory, step_kwargs=self.step_kwargs)
+                      trajectory=self.trajectory, step_kwargs=self.step_kwargs)
 
     def on(self, denoiser) -> Solver:
         """The same solver over another denoiser (e.g. bound to other conditioning); the grid is shared."""
