@@ -60,3 +60,30 @@ def test_clean_fid_distances_offline_with_the_digits_extractor():
     kid_floor, kid_far = kernel_distance(f_test, f_train), kernel_distance(f_noise, f_train)
     assert kid_far > 20 * abs(kid_floor)  # KID is unbiased: the floor scatters around 0 (here about -250)
     assert kernel_distance(f_test, f_train, seed=1) == kernel_distance(f_test, f_train, seed=1)
+
+
+def test_kernel_distance_is_clean_fids_estimator_on_its_subsets():
+    """The whole-set sums (and the cached reference terms) give clean-fid's KID on clean-fid's own draws, both when
+    every draw takes all of `a` (n samples against a larger reference) and when draws are subsets of both."""
+    import numpy as np
+    from cleanfid.fid import kernel_distance as clean_fid_kernel
+
+    from timetuner.metrics import kernel_distance
+
+    rng = np.random.default_rng(3)
+    for n_a, n_b in ((120, 500), (90, 60)):
+        a, b = rng.normal(0.1, 0.5, (n_a, 16)), rng.normal(0.0, 0.5, (n_b, 16))
+        state = np.random.get_state()
+        np.random.seed(7)
+        expected = clean_fid_kernel(a, b, max_subset_size=50)
+        np.random.set_state(state)
+        cache = {}
+        first = kernel_distance(a, b, seed=7, max_subset=50, cache=cache)
+        again = kernel_distance(a, b, seed=7, max_subset=50, cache=cache)  # the reference's terms from the cache
+        assert cache and first == again
+        assert abs(first - expected) <= 1e-12 * max(1.0, abs(expected))
+        whole = kernel_distance(a, b, seed=7, max_subset=n_a)  # where n_a <= n_b every draw takes all of a
+        np.random.seed(7)
+        assert abs(whole - clean_fid_kernel(a, b, max_subset_size=n_a)) <= 1e-12 * max(1.0, abs(whole))
+        np.random.set_state(state)
+    assert kernel_distance(a, b) != kernel_distance(a, b, seed=1)  # the seed picks the subsets

@@ -118,7 +118,9 @@ class Yardstick:
 
     def dist_kid(self, features: np.ndarray) -> float:
         scale = getattr(self.extractor, "kid_scale", 1.0)
-        return kernel_distance(features / scale, self.reference / scale)
+        if not hasattr(self, "_kid_cache"):  # the reference's own kernel sums, the same for every sampler judged
+            self._kid_cache = {}
+        return kernel_distance(features / scale, self.reference / scale, cache=self._kid_cache)
 
     def figures(self, features: np.ndarray) -> dict:
         """{"dist_gap", "data_fd"} of one sampler's features (those measured)."""

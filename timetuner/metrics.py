@@ -63,22 +63,52 @@ def frechet_distance(features_a: np.ndarray, features_b) -> float:
     return float(clean_fid_frechet(mu_a, sigma_a, mu_b, sigma_b))
 
 
-def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, seed: int = 0) -> float:
-    """Kernel (Inception) distance, KID (Bińkowski et al., 2018), computed by clean-fid; reproducible by `seed`.
+def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, seed: int = 0, subsets: int = 100,
+                    max_subset: int = 1000, cache: dict | None = None) -> float:
+    """Kernel (Inception) distance, KID (Bińkowski et al., 2018): clean-fid's estimator on clean-fid's subsets.
 
-    clean-fid draws its subsets from NumPy's global generator; it is seeded here and restored afterwards.
+    clean-fid's `kernel_distance(a, b)` averages, over `subsets` draws of m = min(|a|, |b|, max_subset) rows of
+    each side (NumPy's global generator, here seeded by `seed`), the unbiased MMD² of the cubic polynomial kernel.
+    Its sums are computed here from whole-set kernel sums where a draw takes every row of `a` (the usual case: n
+    samples against a larger reference set), and the reference's own terms — the same for every sampler judged
+    against it — are kept in `cache` (one dict per reference set, e.g. the `Yardstick`'s): the same figure (to
+    rounding, tested against clean-fid) in a fraction of the time. NumPy's global generator is left untouched.
     """
-    from cleanfid.fid import kernel_distance as clean_fid_kernel
-
     a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
     if min(a.shape[0], b.shape[0]) < 2:
         raise UserError(f"kernel distance needs at least 2 feature rows on each side; got {a.shape}, {b.shape}")
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return float(clean_fid_kernel(a, b))
-    finally:
-        np.random.set_state(state)
+    d, m = a.shape[1], min(a.shape[0], b.shape[0], max_subset)
+    rng = np.random.RandomState(seed)  # the generator np.random.seed(seed) gives clean-fid's np.random.choice
+    draws = [(rng.choice(b.shape[0], m, replace=False), rng.choice(a.shape[0], m, replace=False))
+             for _ in range(subsets)]
+
+    def kernel(x, y):  # (x·y/d + 1)³, in place
+        k = x @ y.T
+        k /= d
+        k += 1
+        return k * k * k
+
+    def off_diagonal(x):
+        k = kernel(x, x)
+        return k.sum() - np.trace(k)
+
+    key = ("kid", seed, subsets, m, a.shape[0], b.shape[0])
+    own_b = cache.get(key) if cache is not None else None
+    if own_b is None:
+        own_b = [off_diagonal(b[ix]) for ix, _ in draws]
+        if cache is not None:
+            cache[key] = own_b
+    whole = m == a.shape[0]  # every draw takes all of a (in some order): a's sums are the same in every draw
+    own_a = off_diagonal(a) if whole else None
+    # Σ_j k(b_i, a_j) for every reference row i, in blocks of 2000 rows (memory: 2000 × |a| at a time)
+    cross = np.concatenate([kernel(block, a).sum(1) for block in np.array_split(b, -(-b.shape[0] // 2000))]) \
+        if whole else None
+    total = 0.0
+    for (ix, iy), bb in zip(draws, own_b, strict=True):
+        aa = own_a if whole else off_diagonal(a[iy])
+        ab = cross[ix].sum() if whole else kernel(b[ix], a[iy]).sum()
+        total += (aa + bb) / (m - 1) - ab * 2 / m
+    return float(total / subsets / m)
 
 
 @torch.no_grad()
