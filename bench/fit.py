@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=512, help="held-out noises of the optimiser comparison")
     parser.add_argument("--adam-samples", type=int, default=64)
     parser.add_argument("--adam-iters", type=int, default=500)
-    parser.add_argument("--e2e-iters", type=int, default=40)
+    parser.add_argument("--e2e-iters", type=int, default=None, help="default: timetuner fit's")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -41,7 +41,8 @@ def fit(
     reference_steps: Annotated[int, typer.Option(help="Steps of the DPM-Solver++ reference (the converged sampler "
                                                  "every gap is measured to).")] = 100,
     adam_iters: Annotated[int, typer.Option(help="adam: iterations per τ.")] = 500,
-    e2e_iters: Annotated[int, typer.Option(help="e2e: Adam iterations on all τ.")] = 40,
+    e2e_iters: Annotated[int | None, typer.Option(
+        help="e2e: Adam iterations on all τ. Default: 20 on a learned grid (auto's), 40 otherwise.")] = None,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "

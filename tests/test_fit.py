@@ -261,3 +261,14 @@ def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(t
     assert err.index("plan:") < err.index("fit ddim nfe=3")  # before the fitting bar
     expected = sum(p.evaluations for key, p in planned.items() if key in ("references", "fitting") and not p.cached)
     assert 0.5 * result.fit_evaluations <= expected <= 2.0 * result.fit_evaluations
+
+
+def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_number_stays():
+    """On a learned grid (auto's, or --trajectory learned) τ starts close: 20 Adam iterations; else 40."""
+    from timetuner.fitting import E2E_ITERS, E2E_ITERS_LEARNED_GRID, checked_config
+
+    assert checked_config().e2e_iters == E2E_ITERS_LEARNED_GRID  # auto, the default
+    assert checked_config(scheduler="dpm++", trajectory="learned").e2e_iters == E2E_ITERS_LEARNED_GRID
+    assert checked_config(scheduler="ddim").e2e_iters == E2E_ITERS
+    assert checked_config(scheduler="dpm++", trajectory="ays").e2e_iters == E2E_ITERS
+    assert checked_config(e2e_iters=7).e2e_iters == 7 and E2E_ITERS_LEARNED_GRID < E2E_ITERS
