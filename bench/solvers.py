@@ -1,7 +1,7 @@
 """The leaderboard: every plain diffusers solver configuration against timetuner's variants, per NFE (README
 "Leaderboard"). One JSON line per method and NFE, each line written as it is measured.
 
-    python bench/solvers.py                          # NFE 3,4,5,6,8,10 on the embedded model, 3 sets (GPU: minutes)
+    python bench/solvers.py                          # NFE 3,4,5,6,8,10 on the embedded model, 6 sets (GPU: minutes)
     python bench/solvers.py --quick                  # NFE 5, a few configurations, 1 set of 200: checks the script
     python bench/solvers.py --model FOLDER --nfes 5,10 --out runs/solvers.jsonl
     python bench/solvers.py --plot bench/results/solvers-cpu.jsonl,bench/results/solvers.jsonl --floor 4.203
@@ -192,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="hub id or folder; default: the embedded model")
     parser.add_argument("--nfes", default="5,10,4,6,8,3", help="in the order they are run")
-    parser.add_argument("--sets", type=int, default=3)
+    parser.add_argument("--sets", type=int, default=6)
     parser.add_argument("--n", type=int, default=1000, help="held-out samples per set")
     parser.add_argument("--gap-n", type=int, default=256, help="of which the first this many carry the x0 gap")
     parser.add_argument("--samples", type=int, default=128, help="fit noises of every fit")
