@@ -27,6 +27,19 @@ def test_integer_search_finds_the_minimum_within_its_budget_and_keeps_the_start_
     assert _integer_search(lambda v: -v, 10, 11, 10) in (10, 11)
 
 
+def test_the_grid_and_e2e_loss_is_the_mean_per_sample_rms_distance_not_the_mse():
+    from timetuner.tuning import sample_distance
+
+    reference = torch.zeros(3, 1, 2, 2)
+    final = torch.stack([torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 0.2), torch.full((1, 2, 2), 3.0)])
+    assert torch.allclose(sample_distance(final, reference), torch.tensor([0.1, 0.2, 3.0]))
+    # the MSE is 99 % the one bad sample's; the mean RMS distance weighs each sample by its own error
+    assert sample_distance(final, reference).mean() < 1.2 and (final - reference).pow(2).mean() > 3.0
+    zero = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    sample_distance(zero, reference[:1]).sum().backward()
+    assert torch.isfinite(zero.grad).all()  # finite at a perfect match
+
+
 def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp_path):
     from diffusers import DDPMPipeline
 

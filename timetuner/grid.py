@@ -4,11 +4,11 @@ fits them — here with the real diffusers scheduler, so what is fitted is exact
 diffusers' `set_timesteps(timesteps=…)` takes integers (DPM-Solver++ casts them) and looks its update coefficients
 up at them, so a grid is a list of K integers and is searched as one: coordinate descent over t_1 … t_{K−1} (t_0,
 where sampling starts, stays; the last step always ends at t = 0), each by a golden-section search on the integers
-strictly between its neighbours, minimising the mean squared distance of the final sample to the reference
-solver's final sample from the same noise — the e2e objective's loss, with τ = t. It starts from the best of the
-solver's named grids by that loss (its spacings, Karras, log-SNR, quadratic, Align-Your-Steps: `named_grids`), and
-a point only moves when that lowers the loss, so the learned grid is never worse on the fit noises than any named
-grid. τ is fitted afterwards on the learned grid.
+strictly between its neighbours, minimising the mean RMS distance of the final sample to the reference solver's
+final sample from the same noise (`timetuner.tuning.sample_distance`) — the e2e objective's loss, with τ = t. It
+starts from the best of the solver's named grids by that loss (its spacings, Karras, log-SNR, quadratic,
+Align-Your-Steps: `named_grids`), and a point only moves when that lowers the loss, so the learned grid is never
+worse on the fit noises than any named grid. τ is fitted afterwards on the learned grid.
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
@@ -35,12 +35,14 @@ def planned(solver, n: int) -> int:
 def learn_grid(solver, inputs) -> tuple[list[int], dict]:
     """(the learned grid, a record: its start, the losses of the start and of the grid, losses evaluated) for
     `solver` (an explicit grid) against `inputs.reference_final`."""
+    from timetuner.tuning import sample_distance
+
     reference, memo = inputs.reference_final, {}
 
     def loss(grid: tuple[int, ...]) -> float:
         if grid not in memo:
-            error = solver.with_grid(list(grid)).rollout(inputs.noise) - reference
-            memo[grid] = float(inputs.mean(error.pow(2).flatten(1).mean(1)))
+            memo[grid] = float(inputs.mean(sample_distance(solver.with_grid(list(grid)).rollout(inputs.noise),
+                                                           reference)))
         return memo[grid]
 
     starts = {name: tuple(g) for name, g in named_grids(solver).items()}

@@ -14,7 +14,8 @@ Objectives (what τ_k minimises):
   teacher     ‖f(x̃_k, τ_k) − x^ref_{k+1}‖²: the state after the step against a high-NFE reference trajectory from
               the same noise, at the same time.
   e2e         all τ jointly, by gradient through the whole K-step trajectory, matching its final sample to the
-              reference's final sample from the same noise (τ = t + Δ·δ, Adam on δ, Δ the local spacing).
+              reference's final sample from the same noise (τ = t + Δ·δ, Adam on δ, Δ the local spacing): the mean
+              over samples of their RMS distance (`sample_distance`, the x0 gap's form), not of their squared one.
 Optimisers for the per-evaluation objectives (`timetuner.search`): `search` (grid scan plus golden-section
 refinement of the 1-D batch loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, Adam lr
 2e-3, iterations per τ).
@@ -55,6 +56,19 @@ class FitInputs:
     def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         """The mean of a per-sample loss over every process's noises (float64)."""
         return self.world.mean(per_sample, self.total or per_sample.shape[0])
+
+
+def sample_distance(final: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per sample, the RMS distance of a final sample to the reference's from the same noise: the e2e loss and the
+    learned grid's (`timetuner.grid`), averaged over samples — the x0 gap's form.
+
+    Not the squared distance: its mean is dominated by the few samples a few-step solver gets badly wrong, and
+    favours grids and τ that pull every sample toward a safe, blurred average. Measured with a learned DPM-Solver++
+    grid + τ on the embedded model, NFE 8, six held-out sets of 1000 against the best plain setup: squared, the
+    tuned table lost its verdict (held-out x0 gap 0.068 vs 0.051) and auto shipped the plain setup; RMS, distribution
+    gap 0.82× [−2.14, −0.27] and x0 gap 0.67× (README "Leaderboard"). The 1e-12 keeps the gradient finite at 0.
+    """
+    return (final - reference).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
 
 
 def bracket(t: torch.Tensor, k: int, total: int) -> tuple[float, float]:
@@ -224,9 +238,8 @@ class EndToEnd:
         n = inputs.total or inputs.noise.shape[0]
 
         def loss_of(d):
-            """(this process's share of the mean squared error to differentiate, the mean over all processes)."""
-            error = solver.rollout(inputs.noise, taus_of(d)) - inputs.reference_final
-            per_sample = error.pow(2).flatten(1).mean(1)
+            """(this process's share of the mean distance to differentiate, the mean over all processes)."""
+            per_sample = sample_distance(solver.rollout(inputs.noise, taus_of(d)), inputs.reference_final)
             return per_sample.sum() / n, float(inputs.mean(per_sample))
 
         with torch.no_grad():
