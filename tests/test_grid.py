@@ -174,3 +174,32 @@ def test_an_identity_table_on_a_learned_grid_is_bitwise_the_plain_scheduler_on_t
                 x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
         outputs.append(x)
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_losses(tiny_run):
+    """auto's ranking rolls out DPM-Solver++ on its named grids already: the grid search takes those losses (the
+    same figures its own rollouts give) instead of rolling the same grids out again."""
+    from timetuner.auto import _to_tune, rank_candidates
+    from timetuner.fitting import checked_config
+    from timetuner.grid import named_grids
+    from timetuner.loading import load_model
+    from timetuner.tuning import FitInputs, sample_distance
+
+    setup = load_model(str(tiny_run))
+    config = checked_config(nfe=4, **FAST)
+    ranked = rank_candidates(config, setup)
+    run = _to_tune(ranked, config, setup)[0]["run"]
+    known = run.known_grid_losses
+    named = {tuple(g) for g in named_grids(run.solver).values()}
+    assert known and set(known) <= named  # its named grids stepped on timesteps (not Karras / log-SNR sigmas)
+    reference = run.reference(run.fit_noise, config.seed, run.solver)
+    inputs = FitInputs(run.fit_noise, reference_final=reference)
+    for grid, loss in known.items():  # the very figure the grid search's own rollout gives
+        assert float(inputs.mean(sample_distance(run.solver.with_grid(list(grid)).rollout(run.fit_noise),
+                                                 reference))) == loss
+    from timetuner.grid import learn_grid
+
+    with_known, record = learn_grid(run.solver, inputs, known)
+    without, record_alone = learn_grid(run.solver, inputs)
+    assert with_known == without and record["start"] == record_alone["start"]
+    assert record["losses"] == record_alone["losses"] - len(known)

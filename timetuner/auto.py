@@ -40,16 +40,19 @@ AUTO_TUNED = 1
 def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
     from timetuner.fitting import prepare
+    from timetuner.tuning import sample_distance
 
     ranked, reference = [], None
     for scheduler, trajectory in CANDIDATES:
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
-            reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows).clamp(-1, 1)
+            reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)
         final = run.solver.rollout(run.fit_noise)
-        per_sample = (final.clamp(-1, 1) - reference).pow(2).mean(dim=tuple(range(1, final.ndim))).sqrt()
-        gap = run.world.mean(per_sample, config.samples)  # over every process's share of the fit noises
-        ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap), "run": run})
+        # over every process's share of the fit noises: the x0 gap (clamped images), and the learned grid's loss
+        gap = run.world.mean(sample_distance(final.clamp(-1, 1), reference.clamp(-1, 1)), config.samples)
+        loss = run.world.mean(sample_distance(final, reference), config.samples)
+        ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap),
+                       "grid_loss": float(loss), "grid": tuple(int(v) for v in run.solver.t), "run": run})
     return sorted(ranked, key=lambda c: c["fit_x0_gap"])
 
 
@@ -68,11 +71,22 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
         seen.add(scheduler)
         if candidate in learnable:
             run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned"), setup)
+            # the ranking's rollouts of this solver's named grids: the grid search's start losses, not rolled again
+            run.known_grid_losses = {c["grid"]: c["grid_loss"] for c in ranked
+                                     if c["scheduler"] == scheduler and _on_timesteps(c["run"].solver)}
             candidate = {**candidate, "trajectory": "learned", "run": run}
         chosen.append(candidate)
         if len(chosen) == AUTO_TUNED:
             break
     return chosen
+
+
+def _on_timesteps(solver) -> bool:
+    """Whether the solver steps on its integer timesteps (then a rollout equals that grid's explicit one), not on
+    sigmas of its own (Karras, log-SNR λ, exponential, beta), which an explicit grid of timesteps only rounds."""
+    config = solver.template.config
+    return not any(config.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
+                                           "use_beta_sigmas"))
 
 
 def _tag(candidate: dict) -> str:

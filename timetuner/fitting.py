@@ -285,6 +285,7 @@ class Run:
     world: World = SOLO  # the processes this fit is split over (`timetuner.distributed`)
     fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
     grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.grid.learn_grid`)
+    known_grid_losses: dict | None = None  # {grid: its loss} measured already on these fit noises (auto's ranking)
 
     def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
@@ -394,7 +395,7 @@ class Run:
                 final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
             inputs = FitInputs(self.fit_noise, reference_final=final, world=self.world, total=self.config.samples)
             with bar(self.solver.den, phases, "grid", show):
-                grid, self.grid_record = learn_grid(self.solver, inputs)
+                grid, self.grid_record = learn_grid(self.solver, inputs, self.known_grid_losses)
         store.carry(grid=grid, grid_record=self.grid_record)
         self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
 

@@ -32,17 +32,22 @@ def planned(solver, n: int) -> int:
 
 
 @torch.no_grad()
-def learn_grid(solver, inputs) -> tuple[list[int], dict]:
+def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], dict]:
     """(the learned grid, a record: its start, the losses of the start and of the grid, losses evaluated) for
-    `solver` (an explicit grid) against `inputs.reference_final`."""
+    `solver` (an explicit grid) against `inputs.reference_final`; `known`: {grid tuple: loss} already measured on
+    the same noises (auto's ranking rolls out the named grids that are its candidates), not rolled out again."""
     from timetuner.tuning import sample_distance
 
-    reference, memo = inputs.reference_final, {}
+    reference, memo, evaluated = inputs.reference_final, {}, 0
 
     def loss(grid: tuple[int, ...]) -> float:
+        nonlocal evaluated
+        if grid not in memo and known and grid in known:
+            memo[grid] = known[grid]
         if grid not in memo:
             memo[grid] = float(inputs.mean(sample_distance(solver.with_grid(list(grid)).rollout(inputs.noise),
                                                            reference)))
+            evaluated += 1
         return memo[grid]
 
     starts = {name: tuple(g) for name, g in named_grids(solver).items()}
@@ -59,7 +64,7 @@ def learn_grid(solver, inputs) -> tuple[list[int], dict]:
 
             best = _integer_search(at, lo, hi, grid[k])
             grid = grid[:k] + (best,) + grid[k + 1:]
-    return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": len(memo),
+    return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": evaluated,
                         "start_losses": {name: memo[g] for name, g in starts.items()}}
 
 
