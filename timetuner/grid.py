@@ -38,16 +38,12 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     the same noises (auto's ranking rolls out the named grids that are its candidates), not rolled out again."""
     from timetuner.tuning import sample_distance
 
-    reference, memo, evaluated = inputs.reference_final, {}, 0
+    reference, memo = inputs.reference_final, dict(known or {})
 
     def loss(grid: tuple[int, ...]) -> float:
-        nonlocal evaluated
-        if grid not in memo and known and grid in known:
-            memo[grid] = known[grid]
         if grid not in memo:
             memo[grid] = float(inputs.mean(sample_distance(solver.with_grid(list(grid)).rollout(inputs.noise),
                                                            reference)))
-            evaluated += 1
         return memo[grid]
 
     starts = {name: tuple(g) for name, g in named_grids(solver).items()}
@@ -64,6 +60,7 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
 
             best = _integer_search(at, lo, hi, grid[k])
             grid = grid[:k] + (best,) + grid[k + 1:]
+    evaluated = len(memo) - len(known or {})  # rolled out here; `known` ones came with the call
     return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": evaluated,
                         "start_losses": {name: memo[g] for name, g in starts.items()}}
 
