@@ -264,7 +264,7 @@ def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(t
 
 
 def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_number_stays():
-    """On a learned grid (auto's, or --trajectory learned) τ starts close: 20 Adam iterations; else 40."""
+    """On a learned grid (auto's, or --trajectory learned) τ starts close: 15 Adam iterations; else 40."""
     from timetuner.fitting import E2E_ITERS, E2E_ITERS_LEARNED_GRID, checked_config
 
     assert checked_config().e2e_iters == E2E_ITERS_LEARNED_GRID  # auto, the default

@@ -219,8 +219,8 @@ class EndToEnd:
     needs = ("reference_final",)
 
     def planned(self, solver: Solver, config, n: int) -> tuple[int, bool]:
-        """(network evaluations over n samples: a rollout per iteration, the first and last; differentiated)."""
-        return solver.evaluations * n * (config.e2e_iters + 2), True
+        """(network evaluations over n samples: a rollout per iteration and the last; differentiated)."""
+        return solver.evaluations * n * (config.e2e_iters + 1), True
 
     def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
         total = solver.num_train_timesteps
@@ -242,23 +242,27 @@ class EndToEnd:
             per_sample = sample_distance(solver.rollout(inputs.noise, taus_of(d)), inputs.reference_final)
             return per_sample.sum() / n, float(inputs.mean(per_sample))
 
-        with torch.no_grad():
-            before = loss_of(torch.zeros_like(delta))[1]
-        best = (resume["best_loss"], torch.tensor(resume["best_delta"])) if "best_loss" in resume else \
-            (before, torch.zeros_like(delta))
+        # the loss at τ = t: the first iteration's (δ starts at 0), carried by the checkpoint — no rollout of its own
+        before = resume.get("loss_before")
+        if before is None and resume.get("iteration"):  # a checkpoint written before it carried the loss
+            with torch.no_grad():
+                before = loss_of(torch.zeros_like(delta))[1]
+        best = (resume["best_loss"], torch.tensor(resume["best_delta"])) if "best_loss" in resume else None
         for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
             share, loss = loss_of(delta)
-            if loss < best[0]:
+            before = loss if before is None else before
+            if best is None or loss < best[0]:
                 best = (loss, delta.detach().clone())
             opt.zero_grad()
             share.backward()
             inputs.world.sum_(delta.grad)
             opt.step()
             report(it, {"k": it, "loss": loss}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
-                   adam=_adam_json(opt), best_loss=best[0], best_delta=best[1].tolist())
+                   adam=_adam_json(opt), best_loss=best[0], best_delta=best[1].tolist(), loss_before=before)
         with torch.no_grad():
             last = loss_of(delta)[1]
-        if last < best[0]:
+        before = last if before is None else before  # no iterations: δ is still 0
+        if best is None or last < best[0]:
             best = (last, delta.detach().clone())
         taus = taus_of(best[1]).tolist()
         rows = [{"k": k, "t": float(solver.t[k]), "tau": taus[k], "loss_before": before, "loss_after": best[0]}
