@@ -203,3 +203,6 @@ def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_l
     without, record_alone = learn_grid(run.solver, inputs)
     assert with_known == without and record["start"] == record_alone["start"]
     assert record["losses"] == record_alone["losses"] - len(known)
+    from timetuner.grid import planned  # and the plan said before the fit leaves them out
+
+    assert planned(run.solver, 1) - planned(run.solver, 1, known) == run.solver.evaluations * len(known)

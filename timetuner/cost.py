@@ -61,7 +61,8 @@ def plan(run) -> list[Phase]:
     if learned:
         from timetuner.grid import planned
 
-        phases.append(Phase("grid", "learning the timestep grid (at most)", planned(solver, n) * guided))
+        phases.append(Phase("grid", "learning the timestep grid (at most)",
+                            planned(solver, n, run.known_grid_losses) * guided))
     if "reference_states" in objective.needs:
         phases.append(Phase("references", "reference trajectories of the fit noises",
                             n * (steps + solver.evaluations) * guided))

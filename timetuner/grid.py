@@ -25,9 +25,10 @@ GRID_SWEEPS = 1
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def planned(solver, n: int) -> int:
-    """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close)."""
-    starts = len(named_grids(solver))
+def planned(solver, n: int, known: dict | None = None) -> int:
+    """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close), the
+    named grids among `known` (their losses handed over, see `learn_grid`) not rolled out again."""
+    starts = len({tuple(g) for g in named_grids(solver).values()} - set(known or {}))
     return solver.evaluations * n * (starts + GRID_SWEEPS * (len(solver.grid) - 1) * (GRID_POINT_LOSSES - 1))
 
 
