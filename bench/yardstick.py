@@ -1,6 +1,7 @@
 """The resolution of the yardstick on the embedded model, one JSON line each (README "Resolution").
 
     python bench/yardstick.py [--model M] [--ns 250,500,1000,2000,4000] [--sets 3] [--reference-n 10000]
+    python bench/yardstick.py --floor-only --floor-n 4000   # the floor alone, at another n
 
 On `--sets` independent held-out noise sets, for two samplers at NFE 10 (plain DDIM, uniform steps, and plain
 DPM-Solver++ 2M on Align-Your-Steps steps), from the same noises:
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--gap-n", type=int, default=256)
     parser.add_argument("--reference-n", type=int, default=DEFAULT_REFERENCE_N)
     parser.add_argument("--subsets", type=int, default=20)
+    parser.add_argument("--floor-n", type=int, default=DEFAULT_N, help="samples of the floor's two sets")
+    parser.add_argument("--floor-only", action="store_true", help="only the floor line (at --floor-n)")
     args = parser.parse_args()
     ns = [int(v) for v in args.ns.split(",")]
 
@@ -48,7 +51,7 @@ def main() -> None:
     solvers = {"ddim": Solver.named(den, base, "ddim", None, 10), "dpm++/ays": Solver.named(den, base, "dpm++", "ays",
                                                                                              10)}
     default_feats = None
-    for s in range(args.sets):
+    for s in range(0 if args.floor_only else args.sets):
         seed = EVAL_SEED_OFFSET + 7919 * s
         noise = torch.randn((max(ns), *den.sample_shape), generator=torch.Generator().manual_seed(seed))
         finals = {name: solver.rollout(noise) for name, solver in solvers.items()}
@@ -70,14 +73,16 @@ def main() -> None:
                   "x0_width_over_10pct_of_ddim10": round((x0["high"] - x0["low"]) / (0.1 * x0["plain"]), 3)})
         if s == 0:
             default_feats = feats["ddim"][:DEFAULT_N]
-    other = torch.randn((DEFAULT_N, *den.sample_shape), generator=torch.Generator().manual_seed(424242))
+    other = torch.randn((args.floor_n, *den.sample_shape), generator=torch.Generator().manual_seed(424242))
     own = yard.features(reference_samples(den, base, other, "dpm++", 100))
-    noise_feats = yard.features(torch.randn((DEFAULT_N, *den.sample_shape)).clamp(-1, 1))
-    emit({"figure": "floor", "n": DEFAULT_N, "reference_n": args.reference_n,
+    noise_feats = yard.features(torch.randn((args.floor_n, *den.sample_shape)).clamp(-1, 1))
+    emit({"figure": "floor", "n": args.floor_n, "reference_n": args.reference_n,
           "dist_gap_reference_sampler_other_noises": round(yard.dist_gap(own), 3),
           "kid_reference_sampler_other_noises": round(yard.dist_kid(own), 5),
           "dist_gap_pure_noise": round(yard.dist_gap(noise_feats), 3),
           "kid_pure_noise": round(yard.dist_kid(noise_feats), 5)})
+    if args.floor_only:
+        return
     rng = np.random.default_rng(0)
     values = []
     for _ in range(args.subsets):
