@@ -97,15 +97,16 @@ def default_fit_time(args) -> None:
 
     from timetuner.fitting import fit
 
-    out = tempfile.mkdtemp() + "/t.safetensors"
-    start = time.perf_counter()
-    result = fit(None, out=out, progress=False, nfe=10, seed=args.seed, objective=args.default_objective)
-    seconds = round(time.perf_counter() - start, 1)
-    combined = over_sets(out, result.tuned.tau.float(), args)
-    emit({"figure": "default_fit", "nfe": 10, "objective": args.default_objective, "seconds": seconds,
-          "fit_network_evaluations": result.fit_evaluations, "network_evaluations": result.network_evaluations,
-          "fit_verdict": figures(result.held_out), "better": result.better, "sets": args.sets,
-          "over_sets": figures(combined), "better_over_sets": combined["better"]})
+    for nfe in [int(v) for v in args.default_nfes.split(",")]:
+        out = tempfile.mkdtemp() + "/t.safetensors"
+        start = time.perf_counter()
+        result = fit(None, out=out, progress=False, nfe=nfe, seed=args.seed, objective=args.default_objective)
+        seconds = round(time.perf_counter() - start, 1)
+        combined = over_sets(out, result.tuned.tau.float(), args)
+        emit({"figure": "default_fit", "nfe": nfe, "objective": args.default_objective, "seconds": seconds,
+              "fit_network_evaluations": result.fit_evaluations, "network_evaluations": result.network_evaluations,
+              "fit_verdict": figures(result.held_out), "better": result.better, "sets": args.sets,
+              "over_sets": figures(combined), "better_over_sets": combined["better"]})
 
 
 def quality_grid(args) -> None:
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--objectives", default="paper,teacher,e2e")
     parser.add_argument("--nfes", default=None, help="comma-separated NFEs for the quality grid")
     parser.add_argument("--default-objective", default="e2e")
+    parser.add_argument("--default-nfes", default="10", help="NFEs of the default fit's time, comma-separated")
     parser.add_argument("--configs", default="ddim/uniform,ddim/trailing,dpm2/logsnr,heun/karras,dpm++/ays",
                         help="solver/grid pairs of the quality grid")
     parser.add_argument("--samples", type=int, default=256)

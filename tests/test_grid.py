@@ -27,6 +27,51 @@ def test_integer_search_finds_the_minimum_within_its_budget_and_keeps_the_start_
     assert _integer_search(lambda v: -v, 10, 11, 10) in (10, 11)
 
 
+class _CoupledSolver:
+    """A stand-in solver whose 'final sample' is A·t for its grid t (A couples neighbouring points), so the loss
+    RMS(A(t − t*)) has its minimum at t* and coordinate descent needs several sweeps to reach it."""
+
+    name = "fake"
+
+    def __init__(self, grid):
+        self.grid, self.evaluations = list(grid), len(grid)
+
+    def with_grid(self, grid):
+        return _CoupledSolver(grid)
+
+    def rollout(self, noise):
+        t = torch.tensor(self.grid[1:], dtype=torch.float64)
+        return (t - 0.9 * torch.cat([t[1:], torch.zeros(1, dtype=torch.float64)])).reshape(1, -1)
+
+
+def _learn_coupled(monkeypatch, budget: int):
+    import timetuner.grid as grid_module
+    from timetuner.tuning import FitInputs
+
+    target = _CoupledSolver([900, 500, 300, 150, 60])  # the optimum t*, reachable only through several sweeps
+    monkeypatch.setattr(grid_module, "GRID_EVALUATIONS", budget)
+    monkeypatch.setattr(grid_module, "named_grids", lambda solver: {"uniform": [900, 720, 540, 360, 180]})
+    inputs = FitInputs(torch.zeros(1, 1), reference_final=target.rollout(None))
+    grid, record = grid_module.learn_grid(_CoupledSolver([900, 720, 540, 360, 180]), inputs)
+    return grid, record, grid_module.search_budget(target)
+
+
+def test_the_grid_search_sweeps_again_while_points_move_within_its_budget_of_evaluations(monkeypatch):
+    one_grid, one, one_budget = _learn_coupled(monkeypatch, budget=0)  # at least one sweep, whatever the budget
+    assert one["sweeps"] == 1 and one["losses"] - 1 <= one_budget == 4 * (GRID_POINT_LOSSES - 1)
+    grid, many, budget = _learn_coupled(monkeypatch, budget=10_000)
+    assert many["sweeps"] > 1 and many["losses"] - 1 <= budget  # the start grid is the 1
+    assert many["loss"] < one["loss"] / 2  # the later sweeps carry the coupled points much closer to t*
+    assert many["loss"] <= many["loss_start"] and grid[0] == 900 and grid == sorted(grid, reverse=True)
+    _, capped, cap = _learn_coupled(monkeypatch, budget=2 * 4 * (GRID_POINT_LOSSES - 1) * 5)  # two sweeps' worth
+    # the same path cut short (a point's start loss is known, so a sweep may cost fewer than its 4 × 5)
+    assert capped["losses"] - 1 <= cap == 2 * 4 * (GRID_POINT_LOSSES - 1) < many["losses"] - 1
+    assert one["loss"] >= capped["loss"] >= many["loss"]
+    if many["sweeps"] < 10_000 // (5 * (GRID_POINT_LOSSES - 1) * 4):  # stopped before the budget: converged
+        again, _, _ = _learn_coupled(monkeypatch, budget=10_000)
+        assert again == grid  # deterministic, and a sweep moving no point ended it
+
+
 def test_the_grid_and_e2e_loss_is_the_mean_per_sample_rms_distance_not_the_mse():
     from timetuner.tuning import sample_distance
 

@@ -10,6 +10,13 @@ starts from the best of the solver's named grids by that loss (its spacings, Kar
 Align-Your-Steps: `named_grids`), and a point only moves when that lowers the loss, so the learned grid is never
 worse on the fit noises than any named grid. τ is fitted afterwards on the learned grid.
 
+Sweeps repeat until one moves no point or the search has spent `GRID_EVALUATIONS` network evaluations per fit
+noise (beyond its start grids): a fixed cost at every K, one sweep at K = 10 (the default fit's time) and several
+at fewer steps, where one sweep leaves the coupled points far from settled. Measured on the embedded model, NFE 5,
+six held-out sets of 1000 against the best plain setup (DPM-Solver++ 2M on AYS): one sweep, distribution gap 0.73×
+and x0 gap 0.67×; two, 0.63× and 0.53× (grid 830, 625, 401, 312, 73 → 830, 603, 381, 191, 44); three, 0.66× and
+0.53× (README "The leaderboard").
+
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
 """
@@ -21,7 +28,8 @@ import math
 import torch
 
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
-GRID_SWEEPS = 1
+GRID_EVALUATIONS = 450  # network evaluations per fit noise the sweeps may spend: one sweep of ≤ 5 new losses per
+# point at K = 10 (9 points × 5 × 10); more sweeps at fewer steps (K = 5: 4 points × 5 × 5 = 100 a sweep)
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -29,7 +37,15 @@ def planned(solver, n: int, known: dict | None = None) -> int:
     """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close), the
     named grids among `known` (their losses handed over, see `learn_grid`) not rolled out again."""
     starts = len({tuple(g) for g in named_grids(solver).values()} - set(known or {}))
-    return solver.evaluations * n * (starts + GRID_SWEEPS * (len(solver.grid) - 1) * (GRID_POINT_LOSSES - 1))
+    return solver.evaluations * n * starts + search_budget(solver) * solver.evaluations * n
+
+
+def search_budget(solver) -> int:
+    """Losses (K-step rollouts) the sweeps may make after the start: whole points' searches within
+    `GRID_EVALUATIONS` per fit noise, at least one sweep."""
+    per_point, points = GRID_POINT_LOSSES - 1, len(solver.grid) - 1
+    whole = max(GRID_EVALUATIONS // (solver.evaluations * per_point), points)
+    return whole * per_point
 
 
 @torch.no_grad()
@@ -51,8 +67,12 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     start = min(starts, key=lambda name: loss(starts[name]))
     grid = starts[start]
     before = loss(grid)
-    for _ in range(GRID_SWEEPS):
+    spent, budget, sweeps, moved = len(memo), search_budget(solver), 0, True
+    while moved and len(memo) - spent + GRID_POINT_LOSSES - 1 <= budget:
+        sweeps, moved = sweeps + 1, False
         for k in range(1, len(grid)):
+            if len(memo) - spent + GRID_POINT_LOSSES - 1 > budget:  # this point's search could overrun: stop
+                break
             lo = grid[k + 1] + 1 if k + 1 < len(grid) else 0
             hi = grid[k - 1] - 1
 
@@ -60,10 +80,11 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
                 return loss(current[:k] + (v,) + current[k + 1:])
 
             best = _integer_search(at, lo, hi, grid[k])
+            moved = moved or best != grid[k]
             grid = grid[:k] + (best,) + grid[k + 1:]
     evaluated = len(memo) - len(known or {})  # rolled out here; `known` ones came with the call
     return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": evaluated,
-                        "start_losses": {name: memo[g] for name, g in starts.items()}}
+                        "sweeps": sweeps, "start_losses": {name: memo[g] for name, g in starts.items()}}
 
 
 def named_grids(solver) -> dict[str, list[int]]:
