@@ -44,12 +44,13 @@ class _CoupledSolver:
         return (t - 0.9 * torch.cat([t[1:], torch.zeros(1, dtype=torch.float64)])).reshape(1, -1)
 
 
-def _learn_coupled(monkeypatch, budget: int):
+def _learn_coupled(monkeypatch, budget: int, max_sweeps: int = 2):
     import timetuner.grid as grid_module
     from timetuner.tuning import FitInputs
 
     target = _CoupledSolver([900, 500, 300, 150, 60])  # the optimum t*, reachable only through several sweeps
     monkeypatch.setattr(grid_module, "GRID_EVALUATIONS", budget)
+    monkeypatch.setattr(grid_module, "GRID_MAX_SWEEPS", max_sweeps)
     monkeypatch.setattr(grid_module, "named_grids", lambda solver: {"uniform": [900, 720, 540, 360, 180]})
     inputs = FitInputs(torch.zeros(1, 1), reference_final=target.rollout(None))
     grid, record = grid_module.learn_grid(_CoupledSolver([900, 720, 540, 360, 180]), inputs)
@@ -57,19 +58,21 @@ def _learn_coupled(monkeypatch, budget: int):
 
 
 def test_the_grid_search_sweeps_again_while_points_move_within_its_budget_of_evaluations(monkeypatch):
-    one_grid, one, one_budget = _learn_coupled(monkeypatch, budget=0)  # at least one sweep, whatever the budget
-    assert one["sweeps"] == 1 and one["losses"] - 1 <= one_budget == 4 * (GRID_POINT_LOSSES - 1)
-    grid, many, budget = _learn_coupled(monkeypatch, budget=10_000)
-    assert many["sweeps"] > 1 and many["losses"] - 1 <= budget  # the start grid is the 1
-    assert many["loss"] < one["loss"] / 2  # the later sweeps carry the coupled points much closer to t*
+    sweep = 4 * (GRID_POINT_LOSSES - 1)  # ≤ 5 new losses for each of t_1 … t_4
+    _, one, one_budget = _learn_coupled(monkeypatch, budget=0)  # at least one sweep, whatever the budget
+    assert one["sweeps"] == 1 and one["losses"] - 1 <= one_budget == sweep  # the start grid is the 1
+    _, two, two_budget = _learn_coupled(monkeypatch, budget=10_000)  # the default cap: two sweeps
+    assert two["sweeps"] == 2 and two["losses"] - 1 <= two_budget == 2 * sweep
+    assert two["loss"] < 0.8 * one["loss"]  # the second sweep carries the coupled points closer to t*
+    grid, many, budget = _learn_coupled(monkeypatch, budget=10_000, max_sweeps=100)
+    assert many["sweeps"] > 2 and many["losses"] - 1 <= budget and many["loss"] < two["loss"]
     assert many["loss"] <= many["loss_start"] and grid[0] == 900 and grid == sorted(grid, reverse=True)
-    _, capped, cap = _learn_coupled(monkeypatch, budget=2 * 4 * (GRID_POINT_LOSSES - 1) * 5)  # two sweeps' worth
-    # the same path cut short (a point's start loss is known, so a sweep may cost fewer than its 4 × 5)
-    assert capped["losses"] - 1 <= cap == 2 * 4 * (GRID_POINT_LOSSES - 1) < many["losses"] - 1
-    assert one["loss"] >= capped["loss"] >= many["loss"]
-    if many["sweeps"] < 10_000 // (5 * (GRID_POINT_LOSSES - 1) * 4):  # stopped before the budget: converged
-        again, _, _ = _learn_coupled(monkeypatch, budget=10_000)
-        assert again == grid  # deterministic, and a sweep moving no point ended it
+    again, _, _ = _learn_coupled(monkeypatch, budget=10_000, max_sweeps=100)
+    assert again == grid and many["sweeps"] < 100  # deterministic, and a sweep that moved no point ended it
+    # a budget of two sweeps' evaluations (K = 5: 5 evaluations a loss) caps the search, not the sweep count
+    _, capped, cap = _learn_coupled(monkeypatch, budget=2 * sweep * 5, max_sweeps=100)
+    assert capped["losses"] - 1 <= cap == 2 * sweep < many["losses"] - 1
+    assert one["loss"] >= capped["loss"] >= many["loss"]  # the same path, cut short
 
 
 def test_the_grid_and_e2e_loss_is_the_mean_per_sample_rms_distance_not_the_mse():
