@@ -54,25 +54,30 @@ def _learn_coupled(monkeypatch, budget: int, max_sweeps: int = 2):
     monkeypatch.setattr(grid_module, "named_grids", lambda solver: {"uniform": [900, 720, 540, 360, 180]})
     inputs = FitInputs(torch.zeros(1, 1), reference_final=target.rollout(None))
     grid, record = grid_module.learn_grid(_CoupledSolver([900, 720, 540, 360, 180]), inputs)
-    return grid, record, grid_module.search_budget(target)
+    return grid, record, grid_module.sweeps(target)
 
 
-def test_the_grid_search_sweeps_again_while_points_move_within_its_budget_of_evaluations(monkeypatch):
+def test_the_grid_search_sweeps_again_while_points_move_as_far_as_its_budget_of_evaluations_allows(monkeypatch):
     sweep = 4 * (GRID_POINT_LOSSES - 1)  # ≤ 5 new losses for each of t_1 … t_4
-    _, one, one_budget = _learn_coupled(monkeypatch, budget=0)  # at least one sweep, whatever the budget
-    assert one["sweeps"] == 1 and one["losses"] - 1 <= one_budget == sweep  # the start grid is the 1
-    _, two, two_budget = _learn_coupled(monkeypatch, budget=10_000)  # the default cap: two sweeps
-    assert two["sweeps"] == 2 and two["losses"] - 1 <= two_budget == 2 * sweep
+    cost = 5 * sweep  # network evaluations per fit noise of one sweep at K = 5
+    _, one, allowed = _learn_coupled(monkeypatch, budget=2 * cost - 1)  # one sweep, whatever the budget
+    assert allowed == one["sweeps"] == 1 and one["losses"] - 1 <= sweep  # the start grid is the 1
+    _, two, allowed = _learn_coupled(monkeypatch, budget=2 * cost)  # two sweeps fit in the budget
+    assert allowed == two["sweeps"] == 2 and two["losses"] - 1 <= 2 * sweep
     assert two["loss"] < 0.8 * one["loss"]  # the second sweep carries the coupled points closer to t*
-    grid, many, budget = _learn_coupled(monkeypatch, budget=10_000, max_sweeps=100)
-    assert many["sweeps"] > 2 and many["losses"] - 1 <= budget and many["loss"] < two["loss"]
-    assert many["loss"] <= many["loss_start"] and grid[0] == 900 and grid == sorted(grid, reverse=True)
-    again, _, _ = _learn_coupled(monkeypatch, budget=10_000, max_sweeps=100)
-    assert again == grid and many["sweeps"] < 100  # deterministic, and a sweep that moved no point ended it
-    # a budget of two sweeps' evaluations (K = 5: 5 evaluations a loss) caps the search, not the sweep count
-    _, capped, cap = _learn_coupled(monkeypatch, budget=2 * sweep * 5, max_sweeps=100)
-    assert capped["losses"] - 1 <= cap == 2 * sweep < many["losses"] - 1
-    assert one["loss"] >= capped["loss"] >= many["loss"]  # the same path, cut short
+    _, capped, allowed = _learn_coupled(monkeypatch, budget=100 * cost)  # GRID_MAX_SWEEPS caps it
+    assert allowed == capped["sweeps"] == 2 and capped == two
+    grid, many, allowed = _learn_coupled(monkeypatch, budget=100 * cost, max_sweeps=100)
+    assert 2 < many["sweeps"] < allowed == 100  # a sweep that moved no point ended it
+    assert many["losses"] - 1 <= many["sweeps"] * sweep and many["loss"] < two["loss"] <= two["loss_start"]
+    assert grid[0] == 900 and grid == sorted(grid, reverse=True) and len(set(grid)) == 5
+    assert _learn_coupled(monkeypatch, budget=100 * cost, max_sweeps=100)[0] == grid  # deterministic
+
+
+def test_two_sweeps_up_to_seven_steps_one_at_eight_and_ten_the_default_fit_s_time():
+    from timetuner.grid import sweeps
+
+    assert [sweeps(_CoupledSolver(range(k, 0, -1))) for k in (3, 4, 5, 6, 7, 8, 10, 20)] == [2] * 5 + [1] * 3
 
 
 def test_the_grid_and_e2e_loss_is_the_mean_per_sample_rms_distance_not_the_mse():

@@ -10,12 +10,12 @@ starts from the best of the solver's named grids by that loss (its spacings, Kar
 Align-Your-Steps: `named_grids`), and a point only moves when that lowers the loss, so the learned grid is never
 worse on the fit noises than any named grid. τ is fitted afterwards on the learned grid.
 
-A second sweep follows when the first moved a point and the search has spent less than `GRID_EVALUATIONS`
-network evaluations per fit noise (beyond its start grids): one sweep at K = 10 (the default fit's time), two at
-fewer steps, where one sweep leaves the coupled points far from settled. Measured on the embedded model, NFE 5, six
-held-out sets of 1000 against the best plain setup (DPM-Solver++ 2M on AYS): one sweep, distribution gap 0.73× and
-x0 gap 0.67×; two, 0.63× and 0.53× (grid 830, 625, 401, 312, 73 → 830, 603, 381, 191, 44); three, 0.66× and 0.53×;
-sweeping on until 450 evaluations per noise were spent, 0.69× and 0.525× (README "The leaderboard").
+A second sweep follows when the first moved a point and two sweeps cost at most `GRID_EVALUATIONS` network
+evaluations per fit noise: at K ≤ 7, where one sweep leaves the coupled points far from settled; K = 8 and 10 keep
+one (the default fit's time). Measured on the embedded model, NFE 5, six held-out sets of 1000 against the best
+plain setup (DPM-Solver++ 2M on AYS): one sweep, distribution gap 0.73× and x0 gap 0.67×; two, 0.63× and 0.53×
+(grid 830, 625, 401, 312, 73 → 830, 603, 381, 191, 44); three, 0.66× and 0.53×; sweeping on until 450 evaluations
+per noise were spent, 0.69× and 0.525× (README "The leaderboard").
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
@@ -28,8 +28,8 @@ import math
 import torch
 
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
-GRID_EVALUATIONS = 450  # network evaluations per fit noise the sweeps may spend: one sweep of ≤ 5 new losses per
-# point at K = 10 (9 points × 5 × 10); a second at fewer steps (K = 5: 4 points × 5 × 5 = 100 a sweep)
+GRID_EVALUATIONS = 450  # network evaluations per fit noise that buy a second sweep: one sweep costs at most
+# K·(K−1)·5 (5 new losses per point), 450 at K = 10, so K ≤ 7 gets a second sweep and K = 8, 10 one
 GRID_MAX_SWEEPS = 2  # at NFE 5 a third sweep left the held-out x0 gap as it was (0.0689 vs 0.0691), at 25 % more time
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -38,15 +38,18 @@ def planned(solver, n: int, known: dict | None = None) -> int:
     """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close), the
     named grids among `known` (their losses handed over, see `learn_grid`) not rolled out again."""
     starts = len({tuple(g) for g in named_grids(solver).values()} - set(known or {}))
-    return solver.evaluations * n * starts + search_budget(solver) * solver.evaluations * n
+    return solver.evaluations * n * starts + sweeps(solver) * sweep_losses(solver) * solver.evaluations * n
 
 
-def search_budget(solver) -> int:
-    """Losses (K-step rollouts) the sweeps may make after the start: whole points' searches within
-    `GRID_EVALUATIONS` per fit noise, at least one sweep, at most `GRID_MAX_SWEEPS`."""
-    per_point, points = GRID_POINT_LOSSES - 1, len(solver.grid) - 1
-    whole = min(max(GRID_EVALUATIONS // (solver.evaluations * per_point), points), GRID_MAX_SWEEPS * points)
-    return whole * per_point
+def sweep_losses(solver) -> int:
+    """The most losses (K-step rollouts) one sweep makes: GRID_POINT_LOSSES − 1 new ones per point t_1 … t_{K−1}."""
+    return (len(solver.grid) - 1) * (GRID_POINT_LOSSES - 1)
+
+
+def sweeps(solver) -> int:
+    """Sweeps the search may make: as many as fit in `GRID_EVALUATIONS` per fit noise, at least one, at most
+    `GRID_MAX_SWEEPS` (a later sweep only when the one before moved a point)."""
+    return min(GRID_MAX_SWEEPS, max(1, GRID_EVALUATIONS // (solver.evaluations * sweep_losses(solver))))
 
 
 @torch.no_grad()
@@ -68,12 +71,10 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     start = min(starts, key=lambda name: loss(starts[name]))
     grid = starts[start]
     before = loss(grid)
-    spent, budget, sweeps, moved = len(memo), search_budget(solver), 0, True
-    while moved and sweeps < GRID_MAX_SWEEPS and len(memo) - spent + GRID_POINT_LOSSES - 1 <= budget:
-        sweeps, moved = sweeps + 1, False
+    done, moved = 0, True
+    while moved and done < sweeps(solver):
+        done, moved = done + 1, False
         for k in range(1, len(grid)):
-            if len(memo) - spent + GRID_POINT_LOSSES - 1 > budget:  # this point's search could overrun: stop
-                break
             lo = grid[k + 1] + 1 if k + 1 < len(grid) else 0
             hi = grid[k - 1] - 1
 
@@ -85,7 +86,7 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
             grid = grid[:k] + (best,) + grid[k + 1:]
     evaluated = len(memo) - len(known or {})  # rolled out here; `known` ones came with the call
     return list(grid), {"start": start, "loss_start": before, "loss": memo[grid], "losses": evaluated,
-                        "sweeps": sweeps, "start_losses": {name: memo[g] for name, g in starts.items()}}
+                        "sweeps": done, "start_losses": {name: memo[g] for name, g in starts.items()}}
 
 
 def named_grids(solver) -> dict[str, list[int]]:
