@@ -60,7 +60,7 @@ def _learn_coupled(monkeypatch, budget: int, max_sweeps: int = 2):
 def test_the_grid_search_sweeps_again_while_points_move_as_far_as_its_budget_of_evaluations_allows(monkeypatch):
     sweep = 4 * (GRID_POINT_LOSSES - 1)  # ≤ 5 new losses for each of t_1 … t_4
     cost = 5 * sweep  # network evaluations per fit noise of one sweep at K = 5
-    _, one, allowed = _learn_coupled(monkeypatch, budget=2 * cost - 1)  # one sweep, whatever the budget
+    _, one, allowed = _learn_coupled(monkeypatch, budget=2 * cost - 1)  # one evaluation short of two sweeps: one
     assert allowed == one["sweeps"] == 1 and one["losses"] - 1 <= sweep  # the start grid is the 1
     _, two, allowed = _learn_coupled(monkeypatch, budget=2 * cost)  # two sweeps fit in the budget
     assert allowed == two["sweeps"] == 2 and two["losses"] - 1 <= 2 * sweep

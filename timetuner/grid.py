@@ -38,7 +38,7 @@ def planned(solver, n: int, known: dict | None = None) -> int:
     """Network evaluations `learn_grid` makes over n fit noises (at most; fewer where neighbours are close), the
     named grids among `known` (their losses handed over, see `learn_grid`) not rolled out again."""
     starts = len({tuple(g) for g in named_grids(solver).values()} - set(known or {}))
-    return solver.evaluations * n * starts + sweeps(solver) * sweep_losses(solver) * solver.evaluations * n
+    return solver.evaluations * n * (starts + sweeps(solver) * sweep_losses(solver))
 
 
 def sweep_losses(solver) -> int:
@@ -71,8 +71,8 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     start = min(starts, key=lambda name: loss(starts[name]))
     grid = starts[start]
     before = loss(grid)
-    done, moved = 0, True
-    while moved and done < sweeps(solver):
+    done, moved, allowed = 0, True, sweeps(solver)
+    while moved and done < allowed:
         done, moved = done + 1, False
         for k in range(1, len(grid)):
             lo = grid[k + 1] + 1 if k + 1 < len(grid) else 0
