@@ -12,7 +12,8 @@ NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no f
   DPM-Solver-2 at the step count that gives NFE), τ = t; DDPM (stochastic) left out;
 - timetuner, each fitted with the defaults of `timetuner fit` (fit seed 0): "tau" — e2e τ on DPM-Solver++ 2M with
   Align-Your-Steps steps; "grid" — the learned grid (`--trajectory learned`, `timetuner.grid`) with τ = t;
-  "grid+tau" — that grid with its e2e τ (one fit gives both; its seconds are the fit's); "auto" — the table
+  "grid+tau" — that grid with its e2e τ (one fit gives both; its seconds are the fit's); "gradient" — that grid
+  then moved by the e2e gradient jointly with τ (`--grid-gradient`, LD3's joint fit); "auto" — the table
   `--scheduler auto` writes.
 Every method's distribution gap, x0 gap and data FD (the yardstick of `timetuner eval`: n held-out samples, the
 first gap-n with a reference sample) are means over the sets; "vs_best_plain" is the change against the best plain
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("tau", "grid", "grid+tau", "auto")
+VARIANTS = ("tau", "grid", "grid+tau", "gradient", "auto")
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -74,6 +75,7 @@ def fitted(args, pipe, den, nfe: int) -> dict:
     folder = Path(tempfile.mkdtemp())
     runs = {"tau": dict(scheduler="dpm++", trajectory="ays", force=True),
             "grid+tau": dict(scheduler="dpm++", trajectory="learned", force=True),
+            "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True),
             "auto": dict(scheduler="auto")}
     out = {}
     for variant, options in runs.items():

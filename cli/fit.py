@@ -42,7 +42,11 @@ def fit(
                                                  "every gap is measured to).")] = 100,
     adam_iters: Annotated[int, typer.Option(help="adam: iterations per τ.")] = 500,
     e2e_iters: Annotated[int | None, typer.Option(
-        help="e2e: Adam iterations on all τ. Default: 20 on a learned grid (auto's), 40 otherwise.")] = None,
+        help="e2e: Adam iterations on all τ. Default: 15 on a learned grid (auto's), 40 otherwise.")] = None,
+    grid_gradient: Annotated[bool, typer.Option(help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory "
+                                                "learned): after the grid search, move the grid by gradient jointly "
+                                                "with τ (LD3). Lower x0 gap, higher distribution gap on the "
+                                                "embedded model (README).")] = False,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "
@@ -111,6 +115,7 @@ def fit(
                    optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
+                   grid_gradient=grid_gradient,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))

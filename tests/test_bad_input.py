@@ -44,6 +44,8 @@ CASES = {
     "fit auto with trajectory": (["fit", "--scheduler", "auto", "--trajectory", "ays"], "--scheduler auto"),
     "fit learned grid on a solver without explicit grids": (["fit", "--scheduler", "unipc", "--trajectory",
                                                               "learned"], "--trajectory 'learned'"),
+    "fit grid gradient on a fixed grid": (["fit", "--scheduler", "dpm++", "--trajectory", "ays", "--grid-gradient"],
+                                          "--grid-gradient"),
     "fit data without parallel": (["fit", "--data", "digits"], "--data 'digits'"),
     "fit data folder missing": (["fit", "--strategy", "parallel", "--data", "{tmp}/none"], "is not a folder"),
     "fit data folder with non-images": (["fit", "--strategy", "parallel", "--data", "{strays}"], "not images"),

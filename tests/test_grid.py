@@ -259,3 +259,65 @@ def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_l
     from timetuner.grid import planned  # and the plan said before the fit leaves them out
 
     assert planned(run.solver, 1) - planned(run.solver, 1, known) == run.solver.evaluations * len(known)
+
+
+# -- --grid-gradient: the grid moved by the e2e gradient with τ (LD3) ----------------------------------------------
+def test_a_rollout_on_the_grid_s_own_times_is_bitwise_the_plain_one_and_differentiable_in_them(tiny_run):
+    from diffusers import DDPMPipeline
+
+    from timetuner.denoiser import Denoiser
+    from timetuner.solver import Solver
+
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    solver = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "dpm++", "learned", 4)
+    solver = solver.with_grid([900, 500, 200, 40])
+    assert solver.takes_grid_gradient
+    noise = torch.randn((3, 1, *[pipe.unet.config.sample_size] * 2), generator=torch.Generator().manual_seed(1))
+    taus = solver.t.float() + torch.tensor([3.0, -5.0, 2.0, 1.0])
+    times = solver.t.clone().requires_grad_(True)
+    moved = solver.rollout(noise, taus, times=times)
+    assert torch.equal(moved.detach(), solver.rollout(noise, taus).detach())  # same σ at the integer grid
+    moved.pow(2).mean().backward()
+    assert torch.isfinite(times.grad).all() and (times.grad[1:] != 0).all()
+    ddim = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", "uniform", 4)
+    assert not ddim.takes_grid_gradient  # DDIM indexes ᾱ by integer timestep: no gradient in t
+
+
+def test_grid_parameters_start_on_the_grid_stay_monotone_and_round_to_distinct_integers():
+    from timetuner.tuning import GridParameters, integer_grid
+
+    class Grid:
+        t = torch.tensor([830.0, 603.0, 381.0, 191.0, 44.0], dtype=torch.float64)
+
+    params = GridParameters(Grid(), {})
+    assert torch.allclose(params.times(params.logits.detach()), Grid.t, rtol=0, atol=1e-3)
+    for seed in range(5):  # any logits: strictly decreasing from the fixed t_0, above 0
+        times = params.times(torch.randn(5, generator=torch.Generator().manual_seed(seed)) * 3)
+        assert times[0] == 830 and (times[1:] < times[:-1]).all() and times[-1] > 0
+    assert integer_grid([830.0, 603.4, 602.9, 0.2], 1000) == [830, 603, 602, 1]
+    assert integer_grid([999.7, 2.2, 1.6, 0.4], 1000) == [999, 3, 2, 1]
+
+
+def test_grid_gradient_moves_the_grid_with_tau_lowers_the_loss_and_the_table_runs_it(tiny_run, tmp_path):
+    from diffusers import DDPMPipeline
+
+    from timetuner import TauTable, TunedScheduler
+
+    out = tmp_path / "g.safetensors"
+    options = dict(FAST, nfe=4, scheduler="dpm++", trajectory="learned", force=True, e2e_iters=8)
+    searched = fit(str(tiny_run), progress=False, **options)
+    result = fit(str(tiny_run), out=out, progress=False, grid_gradient=True, **options)
+    table = TauTable.load(out)
+    record = table.metadata["learned_grid"]["gradient"]
+    grid = table.metadata["timesteps"]
+    assert record["searched"] == searched.tuned.metadata["timesteps"] and record["grid"] == grid != record["searched"]
+    assert all(isinstance(v, int) for v in grid) and all(a > b > 0 for a, b in zip(grid, grid[1:], strict=False))
+    assert grid[0] == record["searched"][0]  # t_0 stays
+    assert record["loss_after"] < record["loss_before"]
+    assert record["loss_after"] <= searched.rows[0]["loss_after"] * 1.05  # not worse than τ alone on the search's grid
+    assert table.t.tolist() == [float(v) for v in grid]
+    pipe = DDPMPipeline.from_pretrained(tiny_run)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, out)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.inner.timesteps.tolist() == grid
+    assert torch.allclose(pipe.scheduler.timesteps.double(), result.tuned.tau.to(torch.float64), atol=1e-4)

@@ -30,6 +30,9 @@ FITS = {
     "sequential-paper-adam": ["--nfe", "6", "--objective", "paper", "--optimizer", "adam", "--adam-iters", "30"],
     "parallel-paper": ["--nfe", "8", "--strategy", "parallel", "--objective", "paper"],
     "parallel-teacher": ["--nfe", "8", "--strategy", "parallel", "--objective", "teacher"],
+    # the grid search, then grid and τ by the e2e gradient: the checkpoint carries the grid's logits and Adam's
+    "e2e-grid-gradient": ["--nfe", "4", "--scheduler", "dpm++", "--trajectory", "learned", "--grid-gradient",
+                          "--e2e-iters", "30"],
 }
 TIMINGS = ("fit_seconds", "network_evaluations", "seconds")  # wall clock, and calls made by this process
 
@@ -72,7 +75,7 @@ def table_contents(path: Path) -> tuple[dict, dict]:
 def test_a_killed_fit_resumes_to_the_same_table(tiny_run, tmp_path, case):
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "timetuner.cli.main", "fit", "--model", str(tiny_run), "--out", str(out),
-                *FITS[case], *SMALL]
+                *SMALL, *FITS[case]]  # the case's own options last: they win
 
     out, straight = tmp_path / "killed.safetensors", tmp_path / "straight.safetensors"
     partial = out.with_name(out.name + ".partial.json")

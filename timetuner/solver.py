@@ -38,6 +38,17 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: float) -> float:
     return math.exp(la + (t - lo) * (lb - la))
 
 
+def sigma_at(alphas_cumprod: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """σ = √((1 − ᾱ)/ᾱ) at fractional timesteps, differentiable in them: linear between the integers, as diffusers'
+    DPM-Solver interpolates its sigmas (`np.interp`), and equal to its float32 values at integer times."""
+    full = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # diffusers' own expression, in its dtype
+    full = full.to(torch.float64)
+    times = times.to(torch.float64).clamp(0.0, len(full) - 1.0)
+    lo = times.detach().floor().clamp(max=len(full) - 2).long()
+    frac = times - lo
+    return (full[lo] + frac * (full[lo + 1] - full[lo])).to(torch.float32)
+
+
 def to_epsilon(output: torch.Tensor, x_in: torch.Tensor, t, alphas_cumprod: torch.Tensor,
                prediction_type: str) -> torch.Tensor:
     """ε from an ε / v / x0 prediction of a VP network input x_in at timestep t (Salimans & Ho, 2022)."""
@@ -61,6 +72,12 @@ def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, de
 
 
 # -- the solver --------------------------------------------------------------------------------------------------
+# Schedulers whose `step` reads the grid only through `self.sigmas` (torch arithmetic): the e2e fit can move their
+# grid by gradient (`--grid-gradient`). DPM-Solver-2 (KDPM2) interpolates sigmas of its own midpoints and DDIM
+# indexes ᾱ by integer timestep, so neither is differentiable in t.
+GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
+
+
 class Solver:
     """A few-step sampler: a diffusers scheduler at K steps (its own spacing or an explicit grid) over a denoiser.
 
@@ -155,9 +172,20 @@ class Solver:
             x_in, t = x, torch.tensor(0.0)
         return to_epsilon(self.den(x_in, t), x_in, t, self.alphas_cumprod, self.prediction_type)
 
-    def rollout(self, noise, taus=None, keep_states: bool = False):
-        """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states)."""
+    @property
+    def takes_grid_gradient(self) -> bool:
+        """Whether the update reads the grid only through `scheduler.sigmas` (DPM-Solver++ of any order), so that a
+        rollout can be differentiated in the solver's own times t_k (`rollout(times=…)`)."""
+        return type(self.template).__name__ in GRID_GRADIENT_SCHEDULERS and self.grid is not None
+
+    def rollout(self, noise, taus=None, keep_states: bool = False, times=None):
+        """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states).
+        `times`: the solver's own t_k as a (differentiable) tensor in place of its integer grid — the update
+        coefficients then follow them (`takes_grid_gradient` solvers only); the last σ (0) stays."""
         sched = self.fresh()
+        if times is not None:
+            sigmas = sigma_at(self.alphas_cumprod, times).to(sched.sigmas.device)
+            sched.sigmas = torch.cat([sigmas, sched.sigmas[self.evaluations:].detach()])
         x = noise * self.init_noise_sigma
         states = [x]
         for k in range(self.evaluations):
