@@ -43,10 +43,10 @@ def fit(
     adam_iters: Annotated[int, typer.Option(help="adam: iterations per τ.")] = 500,
     e2e_iters: Annotated[int | None, typer.Option(
         help="e2e: Adam iterations on all τ. Default: 15 on a learned grid (auto's), 40 otherwise.")] = None,
-    grid_gradient: Annotated[bool, typer.Option(help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory "
-                                                "learned): after the grid search, move the grid by gradient jointly "
-                                                "with τ (LD3). Lower x0 gap, higher distribution gap on the "
-                                                "embedded model (README).")] = False,
+    grid_gradient: Annotated[bool | None, typer.Option(
+        "--grid-gradient/--no-grid-gradient",
+        help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory learned): after the grid search, move the "
+             "grid by gradient jointly with τ (LD3). Default: on wherever it applies.")] = None,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "

@@ -272,3 +272,17 @@ def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_numbe
     assert checked_config(scheduler="ddim").e2e_iters == E2E_ITERS
     assert checked_config(scheduler="dpm++", trajectory="ays").e2e_iters == E2E_ITERS
     assert checked_config(e2e_iters=7).e2e_iters == 7 and E2E_ITERS_LEARNED_GRID < E2E_ITERS
+
+
+def test_the_grid_gradient_is_on_wherever_it_applies_and_an_explicit_choice_stays():
+    from timetuner.errors import UserError
+    from timetuner.fitting import checked_config
+
+    assert checked_config().grid_gradient  # auto: its learned DPM-Solver++ grid
+    assert checked_config(scheduler="dpm++3m", trajectory="learned").grid_gradient
+    assert not checked_config(scheduler="dpm++", trajectory="learned", grid_gradient=False).grid_gradient
+    assert not checked_config(scheduler="dpm2", trajectory="learned").grid_gradient  # KDPM2: no gradient in t
+    assert not checked_config(scheduler="dpm++", trajectory="learned", objective="paper").grid_gradient
+    assert not checked_config(scheduler="dpm++", trajectory="ays").grid_gradient
+    with pytest.raises(UserError, match="--grid-gradient"):
+        checked_config(scheduler="dpm2", trajectory="learned", grid_gradient=True)

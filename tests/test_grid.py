@@ -153,7 +153,8 @@ def test_a_fit_resumes_with_its_learned_grid_without_learning_it_again(tiny_run,
     with pytest.raises(KeyboardInterrupt):
         fit(str(tiny_run), out=out, **options)
     saved = json.loads(out.with_name(out.name + ".partial.json").read_text())
-    assert saved["grid"] == straight.tuned.metadata["timesteps"] and saved["iteration"] == 1
+    # the searched grid (the e2e fit then moves it with τ: --grid-gradient, on by default here)
+    assert saved["grid"] == straight.tuned.metadata["learned_grid"]["gradient"]["searched"] and saved["iteration"] == 1
     monkeypatch.setattr(fitting.Checkpoints, "save", real_save)
     monkeypatch.setattr(grid_module, "learn_grid", lambda *a, **k: pytest.fail("the grid was learned again"))
     resumed = fit(str(tiny_run), out=out, **options)
@@ -284,13 +285,12 @@ def test_a_rollout_on_the_grid_s_own_times_is_bitwise_the_plain_one_and_differen
 
 
 def test_grid_parameters_start_on_the_grid_stay_monotone_and_round_to_distinct_integers():
-    from timetuner.tuning import GridParameters, integer_grid
+    from timetuner.solver import GridParameters, integer_grid
 
-    class Grid:
-        t = torch.tensor([830.0, 603.0, 381.0, 191.0, 44.0], dtype=torch.float64)
-
-    params = GridParameters(Grid(), {})
-    assert torch.allclose(params.times(params.logits.detach()), Grid.t, rtol=0, atol=1e-3)
+    grid = torch.tensor([830.0, 603.0, 381.0, 191.0, 44.0], dtype=torch.float64)
+    params = GridParameters(grid)
+    assert torch.allclose(params.times(params.logits.detach()), grid, rtol=0, atol=1e-3)
+    assert torch.equal(params.start, params.logits.detach())
     for seed in range(5):  # any logits: strictly decreasing from the fixed t_0, above 0
         times = params.times(torch.randn(5, generator=torch.Generator().manual_seed(seed)) * 3)
         assert times[0] == 830 and (times[1:] < times[:-1]).all() and times[-1] > 0
@@ -305,7 +305,7 @@ def test_grid_gradient_moves_the_grid_with_tau_lowers_the_loss_and_the_table_run
 
     out = tmp_path / "g.safetensors"
     options = dict(FAST, nfe=4, scheduler="dpm++", trajectory="learned", force=True, e2e_iters=8)
-    searched = fit(str(tiny_run), progress=False, **options)
+    searched = fit(str(tiny_run), progress=False, grid_gradient=False, **options)
     result = fit(str(tiny_run), out=out, progress=False, grid_gradient=True, **options)
     table = TauTable.load(out)
     record = table.metadata["learned_grid"]["gradient"]

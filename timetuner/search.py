@@ -79,3 +79,16 @@ def _adam(loss_fn, t_k: float, lo: float, hi: float, total: int, config, inputs)
 
 
 OPTIMIZERS = {"search": _search, "adam": _adam}
+
+
+def adam_json(opt: torch.optim.Adam) -> dict:
+    """Adam's state as JSON-able lists; float32 → float → float32 round-trips exactly."""
+    state = opt.state_dict()
+    return {"state": {str(i): {k: v.tolist() for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def adam_state(saved: dict) -> dict:
+    """`adam_json`'s state back as Adam's `load_state_dict` takes it."""
+    return {"state": {int(i): {k: torch.tensor(v, dtype=torch.float32) for k, v in s.items()}
+                      for i, s in saved["state"].items()}, "param_groups": saved["param_groups"]}

@@ -216,6 +216,40 @@ class Solver:
         return x / math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
 
 
+# -- a grid moved by gradient (`--grid-gradient`) ------------------------------------------------------------------
+class GridParameters:
+    """A K-point grid t_0 > t_1 > … > t_{K−1} > 0 as K logits w: t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), t_0 fixed —
+    strictly decreasing for any w; w = log of the grid's gaps (t_K = 0), `start`, gives back the grid itself."""
+
+    def __init__(self, grid: torch.Tensor, logits: list[float] | None = None):
+        t = grid.to(torch.float64)
+        self.t0 = float(t[0])
+        self.start = (torch.cat([t[:-1] - t[1:], t[-1:]]) / t[0]).log().float()
+        self.logits = torch.tensor(self.start.tolist() if logits is None else logits, requires_grad=True)
+
+    def times(self, logits: torch.Tensor) -> torch.Tensor:
+        u = torch.softmax(logits.to(torch.float64), 0)
+        return self.t0 * (1 - torch.cat([u.new_zeros(1), torch.cumsum(u, 0)[:-1]]))
+
+
+def moves_grid(solver: Solver, config) -> bool:
+    """Whether an e2e fit moves the solver's grid with τ (`config.grid_gradient` on a DPM-Solver++ grid)."""
+    return bool(getattr(config, "grid_gradient", False)) and solver.takes_grid_gradient
+
+
+def integer_grid(times: list[float], total: int) -> list[int]:
+    """`times` (strictly decreasing, in (0, T)) rounded to distinct integer timesteps, strictly decreasing in
+    [1, T − 1]: a point that rounds onto its predecessor moves one below it, and from the end up, one onto its
+    successor moves one above it."""
+    out = []
+    for v in times:
+        r = min(int(round(v)), total - 1)
+        out.append(r if not out else min(r, out[-1] - 1))
+    for i in range(len(out) - 1, -1, -1):
+        out[i] = max(out[i], 1 if i == len(out) - 1 else out[i + 1] + 1)
+    return out
+
+
 @torch.no_grad()
 def sample_images(unet, scheduler, noise: torch.Tensor, num_inference_steps: int,
                   generator: torch.Generator | None = None, batch_size: int = 256, eta: float = 0.0) -> torch.Tensor:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from timetuner.distributed import SOLO, World
-from timetuner.search import OPTIMIZERS
-from timetuner.solver import Solver
+from timetuner.search import OPTIMIZERS, adam_json, adam_state
+from timetuner.solver import GridParameters, Solver, integer_grid, moves_grid
 
 
 @dataclass(frozen=True)
@@ -214,147 +214,86 @@ class Teacher(PerEvaluation):
 
 class EndToEnd:
     """All τ jointly: Adam on δ (τ = t + Δ·δ, Δ the local spacing) through the whole trajectory — and, with
-    `config.grid_gradient` on a solver that `takes_grid_gradient`, the solver's own grid with them (LD3's joint
-    fit of grid and decoupled network time): t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), strictly decreasing with t_0
-    fixed and the last σ (0) kept, τ_k = t_k + Δ_k δ_k; at the end the grid is rounded to the integer timesteps a
-    diffusers pipeline takes and its loss measured on the real rounded rollout."""
+    `config.grid_gradient` (`moves_grid`), the grid with them (LD3; `solver.GridParameters`), rounded at the end to
+    integer timesteps, the table's loss measured on the real rounded rollout."""
 
     joint = True
     needs = ("reference_final",)
 
     def planned(self, solver: Solver, config, n: int) -> tuple[int, bool]:
-        """(network evaluations over n samples: a rollout per iteration and the last (and the rounded grid's);
-        differentiated)."""
-        extra = 1 if moves_grid(solver, config) else 0
-        return solver.evaluations * n * (config.e2e_iters + 1 + extra), True
+        """(network evaluations over n samples: one rollout per iteration, the last, the rounded grid; True)."""
+        return solver.evaluations * n * (config.e2e_iters + 1 + moves_grid(solver, config)), True
 
     def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
-        total, evaluations = solver.num_train_timesteps, solver.evaluations
-        t = solver.t.float()
+        total, t = solver.num_train_timesteps, solver.t.float()
         spacing = torch.tensor([bracket(solver.t, k, total)[1] - float(solver.t[k]) or 1.0
-                                for k in range(evaluations)]).clamp(min=1.0)
-        delta = torch.tensor(resume.get("delta", [0.0] * evaluations), requires_grad=True)
-        groups = [{"params": [delta], "lr": config.e2e_lr}]
-        grid = GridParameters(solver, resume) if moves_grid(solver, config) else None
-        if grid is not None:
-            groups.append({"params": [grid.logits], "lr": config.e2e_grid_lr})
-        opt = torch.optim.Adam(groups)
+                                for k in range(solver.evaluations)]).clamp(min=1.0)
+        delta = torch.tensor(resume.get("delta", [0.0] * solver.evaluations), requires_grad=True)
+        grid = GridParameters(solver.t, resume.get("grid_logits")) if moves_grid(solver, config) else None
+        logits = None if grid is None else grid.logits
+        opt = torch.optim.Adam([{"params": [delta], "lr": config.e2e_lr}]
+                               + ([] if grid is None else [{"params": [logits], "lr": config.e2e_grid_lr}]))
         if "adam" in resume:  # resumed: Adam's moments too, so the run continues exactly as it would have
-            opt.load_state_dict(_adam_state(resume["adam"]))
+            opt.load_state_dict(adam_state(resume["adam"]))
 
         def taus_of(d, times=None):
             return ((t if times is None else times.float()) + spacing * d).clamp(0.0, total - 1.0)
 
-        n = inputs.total or inputs.noise.shape[0]
-
-        def loss_of(d, logits=None):
+        def loss_of(d, w=None):
             """(this process's share of the mean distance to differentiate, the mean over all processes)."""
-            times = None if logits is None else grid.times(logits)
-            final = solver.rollout(inputs.noise, taus_of(d, times), times=times)
-            per_sample = sample_distance(final, inputs.reference_final)
-            return per_sample.sum() / n, float(inputs.mean(per_sample))
+            times = None if w is None else grid.times(w)
+            per_sample = sample_distance(solver.rollout(inputs.noise, taus_of(d, times), times=times),
+                                         inputs.reference_final)
+            return per_sample.sum() / (inputs.total or inputs.noise.shape[0]), float(inputs.mean(per_sample))
 
-        def state():
-            return (delta.detach().clone(), None if grid is None else grid.logits.detach().clone())
+        def now():
+            return delta.detach().clone(), None if logits is None else logits.detach().clone()
 
-        logits = None if grid is None else grid.logits
         # the loss at τ = t: the first iteration's (δ starts at 0), carried by the checkpoint — no rollout of its own
         before = resume.get("loss_before")
         if before is None and resume.get("iteration"):  # a checkpoint written before it carried the loss
             with torch.no_grad():
-                before = loss_of(torch.zeros_like(delta), None if grid is None else grid.start_logits())[1]
-        best = None
-        if "best_loss" in resume:
-            best = (resume["best_loss"], torch.tensor(resume["best_delta"]),
-                    None if grid is None else torch.tensor(resume["best_grid_logits"]))
+                before = loss_of(torch.zeros_like(delta), None if grid is None else grid.start)[1]
+        best = None if "best_loss" not in resume else (resume["best_loss"], torch.tensor(resume["best_delta"]),
+                                                       torch.tensor(resume.get("best_grid_logits", [])))
         for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
             share, loss = loss_of(delta, logits)
             before = loss if before is None else before
-            if best is None or loss < best[0]:
-                best = (loss, *state())
+            best = (loss, *now()) if best is None or loss < best[0] else best
             opt.zero_grad()
             share.backward()
-            for p in (delta, logits):
-                if p is not None:
-                    inputs.world.sum_(p.grad)
+            for p in (delta, logits)[:1 if logits is None else 2]:
+                inputs.world.sum_(p.grad)
             opt.step()
-            saved = {} if grid is None else {"grid_logits": logits.detach().tolist(),
-                                             "best_grid_logits": best[2].tolist()}
+            moved = {} if grid is None else {"grid_logits": logits.tolist(), "best_grid_logits": best[2].tolist()}
             report(it, {"k": it, "loss": loss}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
-                   adam=_adam_json(opt), best_loss=best[0], best_delta=best[1].tolist(), loss_before=before,
-                   **saved)
+                   adam=adam_json(opt), best_loss=best[0], best_delta=best[1].tolist(), loss_before=before, **moved)
         with torch.no_grad():
             last = loss_of(delta, logits)[1]
         before = last if before is None else before  # no iterations: δ is still 0
-        if best is None or last < best[0]:
-            best = (last, *state())
-        loss_after, times = best[0], solver.t
-        if grid is not None:
-            continuous = grid.times(best[2])
-            taus = taus_of(best[1], continuous)
-            times = torch.tensor(integer_grid(continuous.tolist(), total), dtype=torch.float64)
-            with torch.no_grad():  # the table's loss: the real rollout on the rounded grid
-                final = solver.with_grid([int(v) for v in times]).rollout(inputs.noise, taus)
-                loss_after = float(inputs.mean(sample_distance(final, inputs.reference_final)))
-            if loss_after > before:  # rounding undid the gain (not seen in practice): the plain solver
-                times, taus, loss_after = solver.t, solver.t.float(), before
-        else:
-            taus = taus_of(best[1])
-        taus = taus.tolist()
-        rows = [{"k": k, "t": float(times[k]), "tau": taus[k], "loss_before": before, "loss_after": loss_after}
-                for k in range(evaluations)]
-        return taus, rows
+        best = (last, *now()) if best is None or last < best[0] else best
+        if grid is None:
+            return _rows(solver.t, taus_of(best[1]), best[0], before)
+        times = grid.times(best[2])
+        return _rows(*_on_integer_grid(solver, inputs, times, taus_of(best[1], times), before), before)
 
 
-def moves_grid(solver: Solver, config) -> bool:
-    """Whether the e2e fit moves the solver's grid with τ (`--grid-gradient` on a DPM-Solver++ grid)."""
-    return bool(getattr(config, "grid_gradient", False)) and solver.takes_grid_gradient
+def _on_integer_grid(solver: Solver, inputs: FitInputs, times: torch.Tensor, taus: torch.Tensor, before: float):
+    """(grid, τ, loss) of a fit's continuous grid rounded to integer timesteps, the loss of the real rollout on it;
+    the plain solver where rounding undid the gain (not seen in practice)."""
+    grid = integer_grid(times.tolist(), solver.num_train_timesteps)
+    with torch.no_grad():
+        final = solver.with_grid(grid).rollout(inputs.noise, taus)
+        loss = float(inputs.mean(sample_distance(final, inputs.reference_final)))
+    if loss > before:
+        return solver.t, solver.t.float(), before
+    return torch.tensor(grid, dtype=torch.float64), taus, loss
 
 
-class GridParameters:
-    """A K-point grid t_0 > t_1 > … > t_{K−1} > 0 as K logits: t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), t_0 fixed
-    — monotone for any w, and w = log of the grid's gaps (t_K = 0) gives back the grid itself."""
-
-    def __init__(self, solver: Solver, resume: dict):
-        self.t0 = float(solver.t[0])
-        self.start = solver.t.to(torch.float64)
-        start = self.start_logits()
-        self.logits = torch.tensor(resume.get("grid_logits", start.tolist()), requires_grad=True)
-
-    def start_logits(self) -> torch.Tensor:
-        t = self.start
-        return (torch.cat([t[:-1] - t[1:], t[-1:]]) / t[0]).log().float()
-
-    def times(self, logits: torch.Tensor) -> torch.Tensor:
-        u = torch.softmax(logits.to(torch.float64), 0)
-        done = torch.cat([u.new_zeros(1), torch.cumsum(u, 0)[:-1]])
-        return self.t0 * (1 - done)
-
-
-def integer_grid(times: list[float], total: int) -> list[int]:
-    """`times` (strictly decreasing, in (0, T)) rounded to distinct integer timesteps, strictly decreasing in
-    [1, T − 1]: a point that rounds onto its predecessor moves one below it, and from the end up, one onto its
-    successor moves one above it."""
-    out = []
-    for v in times:
-        r = min(int(round(v)), total - 1)
-        out.append(r if not out else min(r, out[-1] - 1))
-    for i in range(len(out) - 1, -1, -1):
-        floor = 1 if i == len(out) - 1 else out[i + 1] + 1
-        out[i] = max(out[i], floor)
-    return out
-
-
-def _adam_json(opt: torch.optim.Adam) -> dict:
-    """Adam's state as JSON-able lists; float32 → float → float32 round-trips exactly."""
-    state = opt.state_dict()
-    return {"state": {str(i): {k: v.tolist() for k, v in s.items()} for i, s in state["state"].items()},
-            "param_groups": state["param_groups"]}
-
-
-def _adam_state(saved: dict) -> dict:
-    return {"state": {int(i): {k: torch.tensor(v, dtype=torch.float32) for k, v in s.items()}
-                      for i, s in saved["state"].items()}, "param_groups": saved["param_groups"]}
+def _rows(times, taus: torch.Tensor, after: float, before: float) -> tuple[list, list]:
+    taus = taus.tolist()
+    return taus, [{"k": k, "t": float(times[k]), "tau": taus[k], "loss_before": before, "loss_after": after}
+                  for k in range(len(taus))]
 
 
 OBJECTIVES = {"paper": Paper(), "teacher": Teacher(), "e2e": EndToEnd()}
