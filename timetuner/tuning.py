@@ -231,8 +231,8 @@ class EndToEnd:
         delta = torch.tensor(resume.get("delta", [0.0] * solver.evaluations), requires_grad=True)
         grid = GridParameters(solver.t, resume.get("grid_logits")) if moves_grid(solver, config) else None
         logits = None if grid is None else grid.logits
-        opt = torch.optim.Adam([{"params": [delta], "lr": config.e2e_lr}]
-                               + ([] if grid is None else [{"params": [logits], "lr": config.e2e_grid_lr}]))
+        params = [(delta, config.e2e_lr)] + ([] if grid is None else [(logits, config.e2e_grid_lr)])
+        opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in params])
         if "adam" in resume:  # resumed: Adam's moments too, so the run continues exactly as it would have
             opt.load_state_dict(adam_state(resume["adam"]))
 
@@ -262,7 +262,7 @@ class EndToEnd:
             best = (loss, *now()) if best is None or loss < best[0] else best
             opt.zero_grad()
             share.backward()
-            for p in (delta, logits)[:1 if logits is None else 2]:
+            for p, _ in params:
                 inputs.world.sum_(p.grad)
             opt.step()
             moved = {} if grid is None else {"grid_logits": logits.tolist(), "best_grid_logits": best[2].tolist()}
