@@ -274,15 +274,18 @@ def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_numbe
     assert checked_config(e2e_iters=7).e2e_iters == 7 and E2E_ITERS_LEARNED_GRID < E2E_ITERS
 
 
-def test_the_grid_gradient_is_on_wherever_it_applies_and_an_explicit_choice_stays():
+def test_the_grid_gradient_is_on_wherever_it_applies_up_to_its_nfe_and_an_explicit_choice_stays():
     from timetuner.errors import UserError
-    from timetuner.fitting import checked_config
+    from timetuner.fitting import GRID_GRADIENT_MAX_NFE, checked_config
 
-    assert checked_config().grid_gradient  # auto: its learned DPM-Solver++ grid
-    assert checked_config(scheduler="dpm++3m", trajectory="learned").grid_gradient
-    assert not checked_config(scheduler="dpm++", trajectory="learned", grid_gradient=False).grid_gradient
-    assert not checked_config(scheduler="dpm2", trajectory="learned").grid_gradient  # KDPM2: no gradient in t
-    assert not checked_config(scheduler="dpm++", trajectory="learned", objective="paper").grid_gradient
-    assert not checked_config(scheduler="dpm++", trajectory="ays").grid_gradient
+    small, large = GRID_GRADIENT_MAX_NFE, GRID_GRADIENT_MAX_NFE + 1
+    assert checked_config(nfe=small).grid_gradient  # auto: its learned DPM-Solver++ grid
+    assert not checked_config(nfe=large).grid_gradient  # τ alone on the searched grid (README "Leaderboard")
+    assert checked_config(nfe=large, grid_gradient=True).grid_gradient
+    assert checked_config(nfe=small, scheduler="dpm++3m", trajectory="learned").grid_gradient
+    assert not checked_config(nfe=small, scheduler="dpm++", trajectory="learned", grid_gradient=False).grid_gradient
+    assert not checked_config(nfe=small, scheduler="dpm2", trajectory="learned").grid_gradient  # KDPM2: none in t
+    assert not checked_config(nfe=small, scheduler="dpm++", trajectory="learned", objective="paper").grid_gradient
+    assert not checked_config(nfe=small, scheduler="dpm++", trajectory="ays").grid_gradient
     with pytest.raises(UserError, match="--grid-gradient"):
         checked_config(scheduler="dpm2", trajectory="learned", grid_gradient=True)
