@@ -12,9 +12,9 @@ NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no f
   DPM-Solver-2 at the step count that gives NFE), τ = t; DDPM (stochastic) left out;
 - timetuner, each fitted with the defaults of `timetuner fit` (fit seed 0): "tau" — e2e τ on DPM-Solver++ 2M with
   Align-Your-Steps steps; "grid" — the learned grid (`--trajectory learned`, `timetuner.grid`) with τ = t;
-  "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`; one fit gives both; its seconds are the fit's);
-  "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`, LD3's joint fit, the
-  default on a learned grid); "auto" — the table `--scheduler auto` writes.
+  "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`, the default above NFE 8; one fit gives both; its
+  seconds are the fit's); "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`,
+  LD3's joint fit, the default on a learned grid up to NFE 8); "auto" — the table `--scheduler auto` writes.
 Every method's distribution gap, x0 gap and data FD (the yardstick of `timetuner eval`: n held-out samples, the
 first gap-n with a reference sample) are means over the sets; "vs_best_plain" is the change against the best plain
 configuration (lowest mean distribution gap at that NFE, chosen on these same sets — the comparison is as hard for
