@@ -289,3 +289,11 @@ def test_the_grid_gradient_is_on_wherever_it_applies_up_to_its_nfe_and_an_explic
     assert not checked_config(nfe=small, scheduler="dpm++", trajectory="ays").grid_gradient
     with pytest.raises(UserError, match="--grid-gradient"):
         checked_config(scheduler="dpm2", trajectory="learned", grid_gradient=True)
+    import typing
+
+    import timetuner.cli.fit as cli_fit  # its help states the reach without importing the constant (torch)
+    option = typing.get_type_hints(cli_fit.fit, include_extras=True)["grid_gradient"].__metadata__[0]
+    assert f"--nfe <= {GRID_GRADIENT_MAX_NFE};" in option.help
+    # a default never refuses itself: a parallel fit is told what is wrong with it, not about --grid-gradient
+    with pytest.raises(UserError, match="--strategy parallel"):
+        checked_config(nfe=small, scheduler="dpm++", trajectory="learned", strategy="parallel", objective="e2e")

@@ -137,8 +137,7 @@ def validate(config: FitConfig) -> None:
                         ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
         if value < 1:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
-    if config.grid_gradient and not (config.objective in (None, "e2e") and config.strategy == "sequential" and (
-            config.scheduler == "auto" or (config.scheduler in GRID_GRADIENT and config.trajectory == "learned"))):
+    if config.grid_gradient and not grid_can_move(config):
         raise UserError("--grid-gradient moves a learned grid with τ by the e2e gradient; accepted: --scheduler "
                         f"auto, or --scheduler {'/'.join(GRID_GRADIENT)} --trajectory learned, with --objective e2e "
                         f"(given: --scheduler {config.scheduler}, --trajectory {config.trajectory}, --objective "
@@ -175,10 +174,16 @@ def resolved(config: FitConfig) -> FitConfig:
     if config.objective is None:
         config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
     if config.grid_gradient is None:
-        config = dataclasses.replace(config, grid_gradient=config.objective == "e2e" and (
-            config.nfe <= GRID_GRADIENT_MAX_NFE) and (
-            config.scheduler == "auto" or (config.scheduler in GRID_GRADIENT and config.trajectory == "learned")))
+        on = config.nfe <= GRID_GRADIENT_MAX_NFE and grid_can_move(config)
+        config = dataclasses.replace(config, grid_gradient=on)
     return config
+
+
+def grid_can_move(config: FitConfig) -> bool:
+    """Whether --grid-gradient applies: a learned DPM-Solver++ grid (auto's, or --trajectory learned) fitted by the
+    sequential e2e objective — what `validate` demands of an explicit one and `resolved` turns on by default."""
+    return config.objective in (None, "e2e") and config.strategy == "sequential" and (
+        config.scheduler == "auto" or (config.scheduler in GRID_GRADIENT and config.trajectory == "learned"))
 
 
 def checked_config(**options) -> FitConfig:
