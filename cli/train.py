@@ -32,19 +32,27 @@ def train(
     sampler: Annotated[str, typer.Option(
         help="Timestep sampler: uniform, speed, adaptive, clts, lognormal, logit-normal.", rich_help_panel=M)
     ] = "uniform",
-    weighting: Annotated[str, typer.Option(
-        help="Loss weighting: none, caw (SpeeD), min-snr, p2.", rich_help_panel=M)] = "none",
+    weighting: Annotated[str | None, typer.Option(
+        help="Loss weighting: none, caw (SpeeD), min-snr, p2; default: caw with --sampler speed, else none.",
+        rich_help_panel=M)] = None,
     importance: Annotated[bool, typer.Option(
         help="Weight samples by 1/(T·p(t)) (unbiased uniform objective); off in every paper.", rich_help_panel=M)
     ] = False,
-    speed_k: Annotated[float, typer.Option(help="SpeeD: suppression intensity k (> 0).", rich_help_panel=M)] = 2.0,
-    speed_tau: Annotated[int, typer.Option(help="SpeeD: threshold τ in [0, T).", rich_help_panel=M)] = 700,
+    speed_setting: Annotated[str, typer.Option(
+        help="SpeeD: published setting the unset knobs take: paper (k 5, τ 700, dual, CAW λ 0.6) or ffhq (k 2).",
+        rich_help_panel=M)] = "paper",
+    speed_k: Annotated[float | None, typer.Option(
+        help="SpeeD: suppression intensity k (> 1); default: the setting's.", rich_help_panel=M)] = None,
+    speed_tau: Annotated[int | None, typer.Option(
+        help="SpeeD: threshold τ in [1, T]; default: the setting's (700).", rich_help_panel=M)] = None,
     speed_r: Annotated[float | None, typer.Option(
         help="SpeeD: derive τ from magnitude r (paper Sec. 2.5) instead of --speed-tau.", rich_help_panel=M)] = None,
-    speed_dual: Annotated[bool, typer.Option(
-        help="SpeeD: the official code's dual partner timesteps.", rich_help_panel=M)] = False,
-    caw_lam: Annotated[float, typer.Option(
-        "--caw-lambda", help="CAW: symmetry ceiling λ in [0.5, 1].", rich_help_panel=M)] = 0.6,
+    speed_dual: Annotated[bool | None, typer.Option(
+        "--speed-dual/--no-speed-dual", help="SpeeD: the authors' dual partner timesteps; default: on.",
+        rich_help_panel=M)] = None,
+    caw_lam: Annotated[float | None, typer.Option(
+        "--caw-lambda", help="CAW: symmetry ceiling λ in [0.5, 1]; default: the setting's (0.6).", rich_help_panel=M)
+    ] = None,
     caw_tau: Annotated[int | None, typer.Option(
         help="CAW: threshold τ; default: SpeeD's.", rich_help_panel=M)] = None,
     adaptive_update_every: Annotated[int, typer.Option(
@@ -64,8 +72,9 @@ def train(
     clts_lambda_start: Annotated[float, typer.Option(help="CLTS: mixture weight at step 0.", rich_help_panel=M)] = 0.0,
     clts_lambda_end: Annotated[float, typer.Option(help="CLTS: mixture weight after the ramp.", rich_help_panel=M)
                                ] = 0.8,
-    clts_ramp_steps: Annotated[int | None, typer.Option(
-        help="CLTS: ramp length in steps; default: half the run.", rich_help_panel=M)] = None,
+    clts_ramp_steps: Annotated[int, typer.Option(
+        help="CLTS: ramp length in steps (not a fraction of --steps); ~half your model's training.",
+        rich_help_panel=M)] = 4000,
     lognormal_mean: Annotated[float, typer.Option(help="Log-normal (EDM): P_mean of ln σ.", rich_help_panel=M)] = -1.2,
     lognormal_std: Annotated[float, typer.Option(help="Log-normal (EDM): P_std of ln σ.", rich_help_panel=M)] = 1.2,
     logit_normal_mean: Annotated[float, typer.Option(
@@ -77,8 +86,12 @@ def train(
     mdlrc: Annotated[bool, typer.Option(
         help="MDLRC: decay Adam's β1 with learning-rate compensation.", rich_help_panel=M)] = False,
     mdlrc_beta1_end: Annotated[float, typer.Option(help="MDLRC: final β1 in [0, 1).", rich_help_panel=M)] = 0.5,
-    mdlrc_steps: Annotated[int | None, typer.Option(
-        help="MDLRC: decay length in steps; default: the whole run.", rich_help_panel=M)] = None,
+    mdlrc_steps: Annotated[int, typer.Option(
+        help="MDLRC: β1 decay length in steps (not a fraction of --steps); ~your model's training.",
+        rich_help_panel=M)] = 8000,
+    mdlrc_compensation: Annotated[bool, typer.Option(
+        help="MDLRC: the learning-rate compensation; --no-mdlrc-compensation: the momentum decay alone.",
+        rich_help_panel=M)] = True,
     hflip: Annotated[bool, typer.Option(help="Random horizontal flips (not for digits).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 1000,
     keep_checkpoints: Annotated[int, typer.Option(help="How many checkpoints to keep.")] = 2,
@@ -98,7 +111,9 @@ def train(
 
         timetuner train --preset digits --steps 20000 --out runs/digits-ddpm --resume
 
-        timetuner train --preset digits --sampler speed --weighting caw --out runs/speed
+        timetuner train --preset digits --sampler speed --out runs/speed        # SpeeD as published
+
+        timetuner train --preset digits --sampler speed --speed-setting ffhq --weighting none --out runs/s
 
         timetuner train --preset digits --sampler clts --mdlrc --out runs/clts
 

@@ -117,7 +117,14 @@ def _write_png(path):
         (["--sampler", "magic"], "--sampler 'magic'"),
         (["--steps", "0"], "--steps 0"),
         (["--sampler", "speed", "--speed-k", "0"], "--speed-k 0"),
-        (["--sampler", "speed", "--speed-tau", "1000"], "--speed-tau 1000"),
+        (["--sampler", "speed", "--speed-k", "1"], "--speed-k 1.0"),
+        (["--sampler", "speed", "--speed-tau", "1001"], "--speed-tau 1001"),
+        (["--sampler", "speed", "--speed-tau", "0"], "--speed-tau 0"),
+        (["--sampler", "speed", "--speed-setting", "cifar"], "--speed-setting 'cifar'"),
+        (["--sampler", "speed", "--caw-lambda", "1.5"], "--caw-lambda 1.5"),
+        (["--weighting", "caw", "--caw-tau", "0"], "--caw-tau 0"),
+        (["--sampler", "clts", "--clts-ramp-steps", "0"], "--clts-ramp-steps 0"),
+        (["--mdlrc", "--mdlrc-steps", "0"], "--mdlrc-steps 0"),
         (["--weighting", "caw", "--caw-lambda", "0.4"], "--caw-lambda 0.4"),
         (["--weighting", "min-snr", "--min-snr-gamma", "0"], "--min-snr-gamma 0"),
         (["--weighting", "p2", "--p2-gamma", "-1"], "--p2-gamma -1"),
@@ -148,3 +155,56 @@ def test_out_folder_of_another_run_is_not_clobbered(tiny_run):
 def test_resume_refuses_a_different_architecture(tiny_run):
     with pytest.raises(UserError, match="--preset 'digits'"):
         train(TrainConfig(out=str(tiny_run), preset="digits", steps=30, resume=True))
+
+
+def test_clts_and_mdlrc_schedules_at_a_step_do_not_depend_on_the_run_length(tmp_path):
+    """Schedules are set in steps: at step s a 2,000-step and a 50,000-step run sample and step alike."""
+    from diffusers import DDPMScheduler
+
+    from timetuner.trainers.loop import _mdlrc, build_sampler
+
+    runs = [TrainConfig(out="unused", sampler="clts", mdlrc=True, steps=steps) for steps in (2000, 50_000)]
+    samplers = [build_sampler(c, DDPMScheduler(num_train_timesteps=1000)) for c in runs]
+    mdlrcs = [_mdlrc(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), c) for c in runs]
+    for step in (0, 1000, 1999, 4000, 7999, 20_000):
+        assert torch.equal(samplers[0].probabilities(step), samplers[1].probabilities(step))
+        assert mdlrcs[0].beta1(step) == mdlrcs[1].beta1(step) and mdlrcs[0].lr_factor(step) == mdlrcs[1].lr_factor(
+            step)
+    assert samplers[0].mixture_weight(4000) == pytest.approx(0.8) and mdlrcs[0].beta1(8000) == pytest.approx(0.5)
+    assert samplers[0].mixture_weight(1000) < 0.8 and mdlrcs[0].beta1(1000) > 0.5
+
+
+def test_momentum_decay_without_compensation_keeps_the_learning_rate():
+    from timetuner.trainers import MDLRC
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    mdlrc = MDLRC(optimizer, 100, compensation=False)
+    mdlrc.step(100)
+    assert optimizer.param_groups[0]["betas"][0] == pytest.approx(0.5) and optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_every_method_sees_one_noise_tensor_and_one_batch_at_a_given_seed_and_step(tmp_path, seed):
+    """Paired comparisons: the same initial weights, batches and noises whatever the sampler draws."""
+    from timetuner.data import load_training_data
+    from timetuner.trainers.loop import _resolved, _Training
+
+    methods = [{}, dict(sampler="speed"), dict(sampler="adaptive", adaptive_update_every=2),
+               dict(sampler="clts", mdlrc=True), dict(sampler="lognormal", weighting="min-snr")]
+    runs = []
+    for i, method in enumerate(methods):
+        config = _resolved(tiny_config(tmp_path / str(i), seed=seed, **method))
+        data = load_training_data(config.data, config.resolution, config.channels)
+        run = _Training(config)
+        initial = [p.detach().clone() for p in run.unet.parameters()]
+        draws = []
+        for _ in range(3):  # the draws of steps 0-2, with the sampler drawing and learning in between
+            x0, noise, _generator = run.draw(data, run.state.step)
+            draws.append((x0, noise))
+            run.step(data)
+        runs.append((initial, draws))
+    for initial, draws in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(initial, runs[0][0], strict=True))
+        for (x0, noise), (x0_ref, noise_ref) in zip(draws, runs[0][1], strict=True):
+            assert torch.equal(x0, x0_ref) and torch.equal(noise, noise_ref)
+    assert not torch.equal(runs[0][1][0][1], runs[0][1][1][1])  # a new noise each step

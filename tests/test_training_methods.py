@@ -33,7 +33,7 @@ def chi2_matches(t: torch.Tensor, p: torch.Tensor, buckets: int = 40) -> tuple[f
 # -- SpeeD ----------------------------------------------------------------------------------------------------
 def test_speed_probabilities_sum_to_one_and_put_k_over_k_tau_plus_rest_below_tau():
     k, tau = 2.0, 700
-    p = make_sampler("speed", T, k=k, tau=tau).probabilities(0)
+    p = make_sampler("speed", T, k=k, tau=tau, dual=False).probabilities(0)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
     assert torch.allclose(p[:tau], torch.full((tau,), k / (k * tau + T - tau), dtype=torch.float64))
     assert torch.allclose(p[tau:], torch.full((T - tau,), 1 / (k * tau + T - tau), dtype=torch.float64))
@@ -56,6 +56,62 @@ def test_speed_dual_pivot_is_the_official_642_and_its_marginal_is_the_mixture():
     stat, bound = chi2_matches(t, sampler.probabilities(0))
     assert stat < bound
     assert torch.equal(w, torch.ones(100_000))
+
+
+def _published_band_masses(k: float, tau: int, lam: float) -> list[float]:
+    """SpeeD's weight mass p(t)·w(t) per band, written again from the authors' code (numpy, `Speed_IDDPM`):
+    n//2 + 1 draws from P̃ ∝ k below τ plus their dual partners about m, CAW weights below τ."""
+    import numpy as np
+
+    alphas = default_alphas_cumprod(T).numpy()
+    p = np.where(np.arange(T) < tau, k, 1.0)
+    p = p / p.sum()
+    m = np.argmax(np.gradient(np.sqrt(1 - alphas)) < 1e-4) + 1
+    t = np.arange(T)
+    partner = np.zeros(T)
+    np.add.at(partner, np.where(t < m, m - t, t - m), p)
+    g = np.gradient(1 - alphas)
+    w = (1 - lam) + (2 * lam - 1) * (g - g.min()) / (g.max() - g.min())
+    w[tau:] = 1
+    pw = (0.5 * p + 0.5 * partner) * w
+    return [float(pw[lo:hi].sum() / pw.sum()) for lo, hi in BANDS]
+
+
+BANDS = [(0, 100), (100, 300), (300, 500), (500, 700), (700, 1000)]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    # The issue's figures for the paper's setting (k = 5) and the authors' FFHQ config (k = 2).
+    [("paper", [0.156, 0.320, 0.266, 0.183, 0.075]), ("ffhq", [0.140, 0.310, 0.236, 0.156, 0.159])],
+)
+def test_speed_band_masses_of_both_published_settings_from_the_formulas_and_from_the_draws(setting, expected):
+    from timetuner.trainers import TrainConfig
+    from timetuner.trainers.loop import build_sampler, build_weighting
+    from timetuner.trainers.samplers import SPEED_SETTINGS
+
+    published = SPEED_SETTINGS[setting]
+    formulas = _published_band_masses(published["k"], published["tau"], published["lam"])
+    assert formulas == pytest.approx(expected, abs=1e-3)
+    # What `timetuner train --sampler speed [--speed-setting ffhq]` builds with no other flag.
+    config = TrainConfig(out="unused", sampler="speed", speed_setting=setting)
+    scheduler = DDPMScheduler(num_train_timesteps=T)
+    sampler, weighting = build_sampler(config, scheduler), build_weighting(config)
+    assert (sampler.k, sampler.tau, sampler.dual, weighting.name, weighting.lam, weighting.tau) == (
+        published["k"], 700, True, "caw", 0.6, 700)
+    t = torch.cat([sampler.sample(128, s, torch.Generator().manual_seed(s))[0] for s in range(2000)])
+    w = weighting(t, scheduler).double()
+    drawn = [float(w[(t >= lo) & (t < hi)].sum() / w.sum()) for lo, hi in BANDS]
+    assert drawn == pytest.approx(formulas, abs=0.006)
+
+
+def test_speed_k2_without_the_partner_and_with_caw_is_uniforms_objective_within_a_few_points():
+    """Why the old default could not differ from uniform: its band masses sit within 0.02 of uniform's."""
+    sampler = make_sampler("speed", T, k=2.0, dual=False)
+    weights = make_weighting("caw").table(default_alphas_cumprod(T))
+    pw = sampler.probabilities(0) * weights
+    bands = [float(pw[lo:hi].sum() / pw.sum()) for lo, hi in BANDS]
+    assert bands == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.3], abs=0.035)
 
 
 def test_caw_weights_for_the_linear_schedule_span_0407_to_06_below_tau_and_are_one_above():
@@ -261,7 +317,13 @@ def test_mdlrc_beta1_and_learning_rate_follow_the_formula_under_a_scheduler():
     [
         (lambda: make_sampler("speed", T, k=0), "--speed-k 0"),
         (lambda: make_sampler("speed", T, k=-1.0), "--speed-k -1.0"),
-        (lambda: make_sampler("speed", T, tau=T), "--speed-tau 1000"),
+        (lambda: make_sampler("speed", T, k=1.0), "--speed-k 1.0"),
+        (lambda: make_sampler("speed", T, tau=T + 1), "--speed-tau 1001"),
+        (lambda: make_sampler("speed", T, tau=0), "--speed-tau 0"),
+        (lambda: make_sampler("speed", T, setting="cifar"), "--speed-setting 'cifar'"),
+        (lambda: make_weighting("caw", tau=0), "--caw-tau 0"),
+        (lambda: make_sampler("clts", T, ramp_steps=0), "--clts-ramp-steps 0"),
+        (lambda: MDLRC(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), 0), "--mdlrc-steps 0"),
         (lambda: make_sampler("speed", T, tau=-1), "--speed-tau -1"),
         (lambda: make_sampler("speed", T, r=0.5), "--speed-r 0.5"),
         (lambda: make_weighting("caw", lam=0.4), "--caw-lambda 0.4"),

@@ -28,7 +28,7 @@ from timetuner.errors import UserError, check_choice
 from timetuner.files import write_atomic
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import get_preset
-from timetuner.trainers.samplers import SAMPLERS, make_sampler
+from timetuner.trainers.samplers import SAMPLERS, make_sampler, speed_setting
 from timetuner.trainers.weighting import make_weighting
 
 CONFIG_FILE = "train_config.json"
@@ -38,7 +38,7 @@ CHECKPOINTS = "checkpoints"
 LOSS_BUCKETS = 10
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("preset", "data", "resolution", "channels", "num_train_timesteps", "beta_schedule",
-                     "prediction_type", "sampler", "weighting", "importance", "mdlrc")
+                     "prediction_type", "sampler", "weighting", "importance", "mdlrc", "mdlrc_compensation")
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,15 @@ class TrainConfig:
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
     sampler: str = "uniform"
-    weighting: str = "none"
+    weighting: str | None = None  # None: "caw" with the speed sampler (the published method), "none" otherwise
     importance: bool = False  # weight 1/(T·p(t)): non-uniform sampling as an unbiased uniform objective
     # Method hyperparameters: a field "<name>_<kwarg>" is passed as <kwarg> to the sampler or weighting <name>.
-    speed_k: float = 2.0
-    speed_tau: int = 700
+    speed_setting: str = "paper"  # the published values the None fields below take (samplers.SPEED_SETTINGS)
+    speed_k: float | None = None
+    speed_tau: int | None = None
     speed_r: float | None = None  # set: τ from SpeeD's threshold formula instead of speed_tau
-    speed_dual: bool = False
-    caw_lam: float = 0.6
+    speed_dual: bool | None = None
+    caw_lam: float | None = None
     caw_tau: int | None = None  # None: speed_tau (or τ from speed_r)
     adaptive_update_every: int = 40
     adaptive_subset: int = 3
@@ -82,7 +83,7 @@ class TrainConfig:
     clts_sigma: float = 0.2
     clts_lambda_start: float = 0.0
     clts_lambda_end: float = 0.8
-    clts_ramp_steps: int | None = None  # None: half the run
+    clts_ramp_steps: int = 4000  # in steps, never a fraction of --steps (samplers.CLTSSampler)
     lognormal_mean: float = -1.2
     lognormal_std: float = 1.2
     logit_normal_mean: float = 0.0
@@ -92,7 +93,8 @@ class TrainConfig:
     p2_gamma: float = 1.0
     mdlrc: bool = False
     mdlrc_beta1_end: float = 0.5
-    mdlrc_steps: int | None = None  # None: the whole run
+    mdlrc_steps: int = 8000  # in steps, never a fraction of --steps (mdlrc.MDLRC)
+    mdlrc_compensation: bool = True  # False: the momentum decay alone (an ablation)
     hflip: bool = False
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -144,7 +146,7 @@ def _resolved(config: TrainConfig) -> TrainConfig:
     build_sampler(config, _noise_scheduler(config))
     build_weighting(config)
     if config.mdlrc:
-        MDLRC(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), config.mdlrc_steps, config.mdlrc_beta1_end)
+        _mdlrc(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), config)
     return dataclasses.replace(
         config,
         resolution=resolution,
@@ -154,6 +156,10 @@ def _resolved(config: TrainConfig) -> TrainConfig:
     )
 
 
+def _mdlrc(optimizer: torch.optim.Optimizer, config: TrainConfig) -> MDLRC:
+    return MDLRC(optimizer, config.mdlrc_steps, config.mdlrc_beta1_end, compensation=config.mdlrc_compensation)
+
+
 def _method_options(config: TrainConfig, name: str) -> dict:
     """The config fields "<name>_<kwarg>" as {kwarg: value} (name with '-' read as '_')."""
     prefix = name.replace("-", "_") + "_"
@@ -161,13 +167,19 @@ def _method_options(config: TrainConfig, name: str) -> dict:
 
 
 def _method_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill the method settings whose default depends on others (CAW's τ, CLTS's ramp, MDLRC's length)."""
+    """Fill the method settings whose default depends on others (SpeeD's published setting, CAW's τ and the
+    weighting that goes with SpeeD)."""
+    published = speed_setting(config.speed_setting)
+    speed_tau = config.speed_tau if config.speed_tau is not None else published["tau"]
     return dataclasses.replace(
         config,
+        weighting=config.weighting or ("caw" if config.sampler == "speed" else "none"),
+        speed_k=config.speed_k if config.speed_k is not None else published["k"],
+        speed_tau=speed_tau,
+        speed_dual=config.speed_dual if config.speed_dual is not None else published["dual"],
+        caw_lam=config.caw_lam if config.caw_lam is not None else published["lam"],
         caw_tau=config.caw_tau if config.caw_tau is not None else (
-            _speed_threshold(config) if config.speed_r is not None else config.speed_tau),
-        clts_ramp_steps=config.clts_ramp_steps or max(1, config.steps // 2),
-        mdlrc_steps=config.mdlrc_steps or config.steps,
+            _speed_threshold(config) if config.speed_r is not None else speed_tau),
     )
 
 
@@ -382,7 +394,7 @@ class _Training:
         self.ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
         self.state = TrainState()
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        self.mdlrc = MDLRC(self.optimizer, config.mdlrc_steps, config.mdlrc_beta1_end) if config.mdlrc else None
+        self.mdlrc = _mdlrc(self.optimizer, config) if config.mdlrc else None
         self.ema.to(accelerator.device)
         # Saved beside accelerate's state as safetensors + JSON (`files.save_tree`), not registered with accelerate,
         # whose custom-object checkpoints are pickles it loads with weights_only=False.
@@ -422,17 +434,8 @@ class _Training:
     def step(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One iteration: draw a batch, timesteps and noise, take the optimiser step; (per-sample loss, t, loss)."""
         config, accelerator, step = self.config, self.accelerator, self.state.step
-        # Every draw of a step comes from a generator keyed by (seed, step, process): a resumed run sees
-        # exactly the batches, timesteps and noise the uninterrupted run would have seen.
-        gen = torch.Generator(device="cpu").manual_seed((config.seed * 1_000_003 + step) * 4099
-                                                        + accelerator.process_index)
-        idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=gen)
-        x0 = data[idx.to(data.device)]
-        if config.hflip:
-            flip = torch.rand(config.batch_size, generator=gen) < 0.5
-            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
-        t, w_sampler = self.sampler.sample(config.batch_size, step, gen, x0=x0)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        x0, noise, sampler_generator = self.draw(data, step)
+        t, w_sampler = self.sampler.sample(config.batch_size, step, sampler_generator, x0=x0)
         t, w_sampler = t.to(x0.device), w_sampler.to(x0.device)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         with accelerator.accumulate(self.unet):
@@ -452,6 +455,26 @@ class _Training:
         self.ema.step(accelerator.unwrap_model(self.unet).parameters())
         self.state.step += 1
         return per_sample, t, loss.item()
+
+    def draw(self, data: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """The batch, the noise and the timestep sampler's generator of `step`: (x0, ε, generator).
+
+        Each comes from its own generator keyed by (seed, step, process, stream), so a resumed run sees exactly the
+        draws of the uninterrupted run, and every sampler and weighting sees the same batches and noises at a given
+        (seed, step): a sampler's draws cannot shift the noise, which a paired comparison of methods needs.
+        """
+        config, batch = self.config, self.config.batch_size
+        data_gen, noise_gen, sampler_gen = (
+            torch.Generator(device="cpu").manual_seed(
+                ((config.seed * 1_000_003 + step) * 4099 + self.accelerator.process_index) * 3 + stream)
+            for stream in range(3))
+        idx = torch.randint(0, data.shape[0], (batch,), generator=data_gen)
+        x0 = data[idx.to(data.device)]
+        if config.hflip:
+            flip = torch.rand(batch, generator=data_gen) < 0.5
+            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
+        return x0, noise, sampler_gen
 
     def log(self, value: float) -> None:
         """Append a line to log.jsonl: loss, learning rate, loss per timestep bucket, the sampler's mass per bucket."""

@@ -2,7 +2,7 @@
 
 A sampler draws the training timesteps of a batch and may learn from the per-sample losses:
 
-    sampler = make_sampler("speed", num_train_timesteps=1000)          # SpeeD, k = 2, τ = 700
+    sampler = make_sampler("speed", num_train_timesteps=1000)    # SpeeD as published: k = 5, τ = 700, dual
     t, weight = sampler.sample(batch_size, step, generator)          # weight: per-sample loss factor
     loss = (weight * per_sample_loss).mean()
     sampler.update(t, per_sample_loss.detach(), step)                # a no-op for static samplers
@@ -188,33 +188,57 @@ def speed_dual_pivot(alphas_cumprod: torch.Tensor, threshold: float = 1e-4) -> i
     return int(below[0]) + 1 if below.numel() else alphas_cumprod.numel()
 
 
+# The authors' published settings (NUS-HPC-AI-Lab/SpeeD, `configs/`): "paper" is the paper's best (Table 6b) and the
+# MetFaces and ablation configs; "ffhq" is the FFHQ comparison config. Both sample with `sampling: ours` (the dual
+# partner on) and weight with `weighting: ours` (CAW, λ = 0.6). docs/training.md shows their weight mass per band.
+SPEED_SETTINGS: dict[str, dict] = {
+    "paper": {"k": 5.0, "tau": 700, "dual": True, "lam": 0.6},
+    "ffhq": {"k": 2.0, "tau": 700, "dual": True, "lam": 0.6},
+}
+
+
+def speed_setting(name: str) -> dict:
+    """The published SpeeD setting called `name` (k, τ, dual, CAW's λ)."""
+    return SPEED_SETTINGS[check_choice("--speed-setting", name, SPEED_SETTINGS)]
+
+
+def check_threshold(flag: str, tau, num_train_timesteps: int) -> int:
+    """τ as an int if it is an integer in [1, T], else a UserError naming `flag`."""
+    if tau is None or int(tau) != tau or not 1 <= tau <= num_train_timesteps:
+        raise UserError(f"{flag} {tau!r} is invalid; accepted: an integer in [1, {num_train_timesteps}]")
+    return int(tau)
+
+
 @register_sampler
 class SpeedSampler(StaticSampler):
-    """SpeeD asymmetric sampling (Wang et al., 2024, Eq. 3): P(t) ∝ k for t < τ, 1 for t ≥ τ.
+    """SpeeD asymmetric sampling (Wang et al., 2024, Eq. 3) as the authors' code runs it (`sampling: ours`).
 
-    t ≥ τ is the convergence area, where the process increment barely changes and the loss is low; it is
-    sampled k times less than the rest. τ is fixed (the run configs' 700) or, with `r`, derived from the
-    paper's threshold formula. `dual=True` adds the official code's partner t' = m − t (t − m above m,
-    m = the first t where ∂_t √(1 − ᾱ_t) < 1e-4: 642 for the linear schedule) for half of the batch —
-    not in the paper; it makes the marginal distribution the mixture that `probabilities` returns.
-    Pair it with `--weighting caw` for the full method.
+    P̃(t) ∝ k for t < τ, 1 for t ≥ τ: t ≥ τ is the convergence area, where the process increment barely changes
+    and the loss is low, sampled k times less than the rest. τ is fixed (the configs' 700) or, with `r`, derived
+    from the paper's threshold formula. With `dual` (the published setting) n//2 + 1 timesteps are drawn from P̃
+    and each gets the partner t' = m − t (t − m above m, m = the first t where ∂_t √(1 − ᾱ_t) < 1e-4: 642 for the
+    linear schedule); the marginal is the mixture that `probabilities` returns. Pair it with CAW
+    (`make_weighting("caw")`, which `timetuner train --sampler speed` does by default) for the whole method.
+    `setting` picks the published values ("paper": k = 5, "ffhq": k = 2); explicit `k`, `tau`, `dual` override it.
     """
 
     name: ClassVar[str] = "speed"
 
     def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
-                 k: float = 2.0, tau: int | None = 700, r: float | None = None, dual: bool = False):
+                 k: float | None = None, tau: int | None = None, r: float | None = None, dual: bool | None = None,
+                 setting: str = "paper"):
         super().__init__(num_train_timesteps, noise_scheduler, importance)
         T = self.num_train_timesteps
-        if not (math.isfinite(k) and k > 0):
-            raise UserError(f"--speed-k {k!r} is invalid; accepted: a positive number (the paper uses k > 1)")
+        published = speed_setting(setting)
+        k = published["k"] if k is None else k
+        if not (math.isfinite(k) and k > 1):
+            raise UserError(f"--speed-k {k!r} is invalid; accepted: a number > 1 (the paper's best is 5)")
         alphas = schedule_of(noise_scheduler, T)
-        if r is not None:
-            tau = speed_threshold(alphas, r)
-        elif tau is None or not 0 <= tau < T:
-            raise UserError(f"--speed-tau {tau!r} is invalid; accepted: an integer in [0, {T})")
-        self.k, self.tau, self.r, self.dual = float(k), int(tau), r, bool(dual)
-        self.pivot = speed_dual_pivot(alphas) if dual else None
+        tau = speed_threshold(alphas, r) if r is not None else check_threshold(
+            "--speed-tau", published["tau"] if tau is None else tau, T)
+        self.k, self.tau, self.r = float(k), tau, r
+        self.dual = bool(published["dual"] if dual is None else dual)
+        self.pivot = speed_dual_pivot(alphas) if self.dual else None
 
     def _base(self) -> torch.Tensor:
         p = torch.ones(self.num_train_timesteps, dtype=torch.float64)
@@ -244,12 +268,14 @@ class SpeedSampler(StaticSampler):
 
 @register_sampler
 class CLTSSampler(StaticSampler):
-    """Curriculum-learning timestep schedule (CLTS): p_k(t) = (1 − λ_k) U(t) + λ_k N(t; μT, σT), truncated.
+    """Curriculum-learning timestep schedule (CLTS, arXiv 2404.07946): p_k(t) = (1 − λ_k) U(t) + λ_k N(t; μT, σT).
 
-    Written from the paper (its authors published no code): high-noise timesteps are learned early and
-    easily, so training mass moves over the run towards μ (≈ 0.3T) as λ_k rises linearly from
-    `lambda_start` to `lambda_end` over `ramp_steps` steps, then stays. λ is clamped to [0, 1] (the one
-    public copy forgets to, and mis-parenthesises the mixture). μ, σ are fractions of T.
+    High-noise timesteps are learned early and easily, so the curriculum moves training mass over the run towards
+    μ = 0.3T, the paper's hardest-to-learn region (its Sec. 5.1), as λ_k rises linearly from `lambda_start` to
+    `lambda_end` over `ramp_steps` steps, then stays. The ramp is set in steps, never as a fraction of the run.
+    λ is clamped to [0, 1] (the one public copy, SpeeD's baseline, forgets to, and mis-parenthesises the
+    Gaussian). μ, σ are fractions of T; the Gaussian is truncated to {0, …, T − 1} and renormalised there.
+    docs/training.md says which values the paper fixes and which were chosen here.
     """
 
     name: ClassVar[str] = "clts"
@@ -257,13 +283,13 @@ class CLTSSampler(StaticSampler):
 
     def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
                  mu: float = 0.3, sigma: float = 0.2, lambda_start: float = 0.0, lambda_end: float = 0.8,
-                 ramp_steps: int = 10_000):
+                 ramp_steps: int = 4000):
         super().__init__(num_train_timesteps, noise_scheduler, importance)
         self.mu = check_range("--clts-mu", mu, 0.0, 1.0)
         self.sigma = check_range("--clts-sigma", sigma, 0.0, math.inf, low_open=True, high_open=True)
         self.lambda_start = check_range("--clts-lambda-start", lambda_start, 0.0, 1.0)
         self.lambda_end = check_range("--clts-lambda-end", lambda_end, 0.0, 1.0)
-        if ramp_steps < 1:
+        if int(ramp_steps) != ramp_steps or ramp_steps < 1:
             raise UserError(f"--clts-ramp-steps {ramp_steps!r} is invalid; accepted: an integer >= 1")
         self.ramp_steps = int(ramp_steps)
 

@@ -105,7 +105,7 @@ class ChangeAwareWeighting:
     g_t = ∂_t(1 − ᾱ_t) (the change of the process variance, numerical gradient); below the threshold τ,
     w_t = (1 − λ) + (2λ − 1)(g_t − min g)/(max g − min g) — g rescaled to [1 − λ, λ] with min/max over all
     T — and w_t = 1 at and above τ (the suppressed convergence area). Per sample, not renormalised.
-    λ ∈ [0.5, 1] is the symmetry ceiling; τ should match `--speed-tau`.
+    λ ∈ [0.5, 1] is the symmetry ceiling (the published 0.6); τ should match the sampler's (700).
     """
 
     name: ClassVar[str] = "caw"
@@ -113,16 +113,16 @@ class ChangeAwareWeighting:
     def __init__(self, lam: float = 0.6, tau: int = 700):
         if not (math.isfinite(lam) and 0.5 <= lam <= 1.0):
             raise UserError(f"--caw-lambda {lam!r} is invalid; accepted: a number in [0.5, 1]")
-        if int(tau) != tau or tau < 0:
-            raise UserError(f"--caw-tau {tau!r} is invalid; accepted: an integer in [0, T)")
+        if int(tau) != tau or tau < 1:
+            raise UserError(f"--caw-tau {tau!r} is invalid; accepted: an integer in [1, T]")
         self.lam, self.tau = float(lam), int(tau)
         self._table: tuple[int, torch.Tensor] | None = None
 
     def table(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """w_t for every t of the schedule (float64)."""
         T = alphas_cumprod.numel()
-        if self.tau >= T:
-            raise UserError(f"--caw-tau {self.tau} is invalid; accepted: an integer in [0, {T})")
+        if self.tau > T:
+            raise UserError(f"--caw-tau {self.tau} is invalid; accepted: an integer in [1, {T}]")
         g = torch.gradient(1.0 - alphas_cumprod.double())[0]
         scaled = (g - g.min()) / (g.max() - g.min())
         w = torch.ones(T, dtype=torch.float64)
