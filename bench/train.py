@@ -1,72 +1,160 @@
-"""Training speed-up of the timestep samplers on the digits preset: FD against iteration, one JSON line each.
+"""Training speed-up of the timestep samplers on the digits preset, run to convergence: FD against iteration.
 
-    python bench/train.py                                  # 5 methods × 3 seeds × 3000 steps (hours on 2 cores)
-    python bench/train.py --steps 1500 --eval-every 250    # what the README reports
-    python bench/train.py --only overhead                  # per-step wall-clock overhead only
+    python bench/train.py                            # headline: uniform, SpeeD, CLTS + MDLRC, adaptive; 3 seeds × 8000
+    python bench/train.py --grid ablations           # SpeeD without CAW / k = 2, CLTS alone, MDLRC alone, …
+    python bench/train.py --report                   # only the summary and plot of the runs recorded so far
 
-Every method trains the same preset for the same steps from the same seeds (same initial weights, batches and
-noise); every `--eval-every` steps the EMA model samples `--n` images with DDIM (`--eval-steps`) from the same
-noises and its FD against the held-out digits is measured with the shipped feature extractor. Printed:
-- one "curve" line per (method, seed): FD at every evaluation;
-- one "speedup" line per method: the iterations it needs to reach uniform's final FD (same seed, FD linearly
-  interpolated between evaluations), as uniform's steps / its steps: median and range over seeds;
-- one "overhead" line per method: median wall-clock seconds per training step relative to uniform, measured in
-  separate interleaved short runs without evaluation, and the cost of the draw + weight alone ("draw_cost");
-and the FD-vs-iteration plot is saved to `--plot`.
+Protocol (docs/training.md): every method trains the `digits` preset (the embedded model's) for `--steps` iterations
+from the same seed, i.e. the same initial weights, batches and noises (the loop draws each from its own generator, so
+no sampler can shift them). At each of `--evals` the EMA model samples `--n` images with DDIM (`--eval-steps`) built
+from the run's own scheduler config (no clipping) from the same noises for every method, and its FD against the
+held-out digits is measured with the shipped feature extractor; the EMA model's loss per timestep band on a fixed
+held-out batch is recorded beside it, with the sampler's mass per band from the run's log.
+
+Resumable: each finished (method, seed) run is one "curve" line appended to `--results`, and a rerun skips it; an
+unfinished run resumes from its last checkpoint under `--work` (outside the repository). Runs go to `--workers`
+processes of one thread each. Then printed, one JSON line each:
+- "speedup": per method and target iteration s ∈ `--targets`: the iterations it needs to reach uniform's FD at s
+  (same seed; linear between evaluations), as s / those iterations, the mean over seeds and a bootstrap interval
+  over seeds; and the final FD's paired difference from uniform with its interval;
+and the plot (`--plot`) of FD against iteration (mean and range over seeds) and of each sampler's p(t)·w(t).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
+import multiprocessing
+import os
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 METHODS = {
     "uniform": {},
-    "speed+caw": {"sampler": "speed", "weighting": "caw"},
-    "adaptive": {"sampler": "adaptive"},
+    "speed": {"sampler": "speed"},  # the published setting: k = 5, τ = 700, dual partner, CAW λ = 0.6
     "clts+mdlrc": {"sampler": "clts", "mdlrc": True},
+    "adaptive": {"sampler": "adaptive"},
+    "speed-no-caw": {"sampler": "speed", "weighting": "none"},
+    "speed-ffhq": {"sampler": "speed", "speed_setting": "ffhq"},  # k = 2
+    "clts": {"sampler": "clts"},
+    "mdlrc": {"mdlrc": True},
+    "momentum-decay": {"mdlrc": True, "mdlrc_compensation": False},
+    "lognormal": {"sampler": "lognormal"},
     "min-snr": {"weighting": "min-snr"},
 }
+GRIDS = {"headline": ["uniform", "speed", "clts+mdlrc", "adaptive"],
+         "ablations": ["uniform", "speed-no-caw", "speed-ffhq", "clts", "mdlrc", "momentum-decay", "lognormal",
+                       "min-snr"]}
+BANDS = 10  # timestep bands of the probe loss: [0, 100), [100, 200), …
+FD_FILE = "fd.jsonl"  # inside a run's work folder: one line per evaluation done
 
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def fd_curve(method: str, seed: int, args) -> list[tuple[int, float]]:
+def run_key(method: str, seed: int, args) -> dict:
+    return {"method": method, "seed": seed, "preset": args.preset, "steps": args.steps, "evals": args.evals,
+            "n": args.n, "eval_steps": args.eval_steps}
+
+
+def read_curves(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _probe_batch(n_per_band: int):
+    """A fixed held-out batch: test digits, noise and timesteps spread evenly over each band."""
+    from timetuner.data import load_digits_tensor
+
+    gen = torch.Generator().manual_seed(424242)
+    test = load_digits_tensor("test")[0]
+    x0 = test[torch.randint(0, test.shape[0], (BANDS * n_per_band,), generator=gen)]
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.cat([torch.linspace(b * 1000 / BANDS, (b + 1) * 1000 / BANDS - 1, n_per_band).round().long()
+                   for b in range(BANDS)])
+    return x0, noise, t
+
+
+@torch.no_grad()
+def _evaluate(step: int, unet, noise_scheduler, noise, probe) -> dict:
     from diffusers import DDIMScheduler
 
     from timetuner.metrics import digits_fd
-    from timetuner.solver import initial_noise, sample_images
+    from timetuner.solver import sample_images
+
+    # The run's own scheduler config (clip_sample false): DDIM built from a clipping config would score haze.
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    images = sample_images(unet, scheduler, noise, ARGS.eval_steps, batch_size=500)
+    x0, eps, t = probe
+    pred = torch.cat([unet(noise_scheduler.add_noise(a, b, c), c).sample
+                      for a, b, c in zip(x0.split(500), eps.split(500), t.split(500), strict=True)])
+    per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+    return {"step": step, "fd": round(digits_fd(images, "test"), 4),
+            "probe_loss": [round(float(v), 6) for v in per_sample.view(BANDS, -1).mean(1)]}
+
+
+ARGS = None  # the worker's copy of the arguments (set by _init)
+
+
+def _init(args) -> None:
+    global ARGS
+    ARGS = args
+    torch.set_num_threads(1)
+
+
+def train_one(job: tuple[str, int]) -> dict:
+    """Train one (method, seed) to the end, evaluating at each of `--evals`; resumes from its work folder."""
+    from timetuner.solver import initial_noise
     from timetuner.trainers import TrainConfig, train
+    from timetuner.trainers.loop import _noise_scheduler, checkpoint_dirs
 
-    curve: list[tuple[int, float]] = []
+    method, seed = job
+    args = ARGS
+    folder = Path(args.work) / f"{args.preset}-{args.steps}-{method}-s{seed}"
+    evals = [int(s) for s in args.evals.split(",")]
+    fd_path = folder / FD_FILE
+    done = {r["step"]: r for r in read_curves(fd_path)}
+    # A checkpoint at an evaluation step whose FD was not recorded (killed in between) is dropped: resume before it.
+    for checkpoint in checkpoint_dirs(folder):
+        if int(checkpoint.name.split("-")[1]) in evals and int(checkpoint.name.split("-")[1]) not in done:
+            shutil.rmtree(checkpoint)
+    resume = bool(checkpoint_dirs(folder))
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
+        done = {}
+    config = TrainConfig(out=str(folder), preset=args.preset, steps=args.steps, seed=seed, cpu=True,
+                         checkpoint_every=args.checkpoint_every, keep_checkpoints=2, log_every=50, sample_n=0,
+                         resume=resume, **METHODS[method])
+    noise_scheduler = _noise_scheduler(config)
     noise = initial_noise(args.n, (1, 8, 8), torch.Generator().manual_seed(10_000 + seed))
+    probe = _probe_batch(100)
 
-    def evaluate(step, unet):
-        scheduler = DDIMScheduler(num_train_timesteps=1000)
-        images = sample_images(unet, scheduler, noise, args.eval_steps, batch_size=args.n)
-        curve.append((step, digits_fd(images, "test")))
+    def on_checkpoint(step, unet):
+        if step in evals and step not in done:
+            done[step] = _evaluate(step, unet, noise_scheduler, noise, probe)
+            with fd_path.open("a") as f:
+                f.write(json.dumps(done[step]) + "\n")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(out=str(Path(tmp) / "run"), preset=args.preset, steps=args.steps, seed=seed,
-                             checkpoint_every=args.eval_every, keep_checkpoints=1, log_every=args.eval_every,
-                             sample_n=0, cpu=True, **METHODS[method])
-        start = time.perf_counter()
-        train(config, on_checkpoint=evaluate)
-    emit({"figure": "curve", "method": method, "seed": seed, "preset": args.preset, "steps": args.steps,
-          "n": args.n, "eval_steps": args.eval_steps, "seconds": round(time.perf_counter() - start, 1),
-          "fd": [[s, round(f, 3)] for s, f in curve]})
-    return curve
+    start = time.perf_counter()
+    train(config, on_checkpoint=on_checkpoint)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    mass = {r["step"]: r["sampler_bucket_mass"] for r in log}
+    record = {"figure": "curve", **run_key(method, seed, args), "config": METHODS[method],
+              "seconds_last_sitting": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(),
+              "fd": [[s, done[s]["fd"]] for s in evals],
+              "probe_loss": [[s, done[s]["probe_loss"]] for s in evals],
+              "sampler_bucket_mass": [[s, mass.get(s)] for s in evals]}
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the record holds what the summary needs
+    return record
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+def steps_to_reach(curve: list[list[float]], target: float) -> float | None:
     """First iteration where FD ≤ target, linear between evaluations; None if never."""
     previous = None
     for step, fd in curve:
@@ -79,118 +167,138 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
-def overhead(args) -> None:
-    from timetuner.trainers import TrainConfig, train
-
-    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
-    names = list(METHODS)
-    for repeat in range(args.overhead_repeats):
-        for method in names[repeat % len(names):] + names[: repeat % len(names)]:  # rotate who runs first
-            with tempfile.TemporaryDirectory() as tmp:
-                config = TrainConfig(out=str(Path(tmp) / "run"), preset=args.preset, steps=args.overhead_steps,
-                                     checkpoint_every=10**9, log_every=args.overhead_steps // 4, sample_n=0,
-                                     cpu=True, seed=repeat, **METHODS[method])
-                train(config)
-                log = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
-            # Per-step time after the first quarter (start-up and warm-up excluded).
-            seconds[method].append((log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"]))
-    base = statistics.median(seconds["uniform"])
-    for method, values in seconds.items():
-        emit({"figure": "overhead", "method": method, "preset": args.preset, "steps": args.overhead_steps,
-              "repeats": args.overhead_repeats, "seconds_per_step": round(statistics.median(values), 5),
-              "overhead_pct": round(100 * (statistics.median(values) / base - 1), 1),
-              "threads": torch.get_num_threads()})
+def fd_at(curve: list[list[float]], step: int) -> float:
+    """FD at `step`, linear between evaluations."""
+    steps, fds = zip(*curve, strict=True)
+    return float(np.interp(step, steps, fds))
 
 
-def draw_cost(args) -> None:
-    """Time of the sampler draw + loss weight alone, per step (batch 128), without the network."""
-    from diffusers import DDPMScheduler
-
-    from timetuner.trainers import TrainConfig
-    from timetuner.trainers.loop import build_sampler, build_weighting
-
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
-    x0 = torch.randn(128, 1, 8, 8)
-    for method, options in METHODS.items():
-        config = TrainConfig(out="unused", **options)
-        sampler, weighting = build_sampler(config, noise_scheduler), build_weighting(config)
-        for step in range(1, 50):  # warm-up; steps not divisible by the adaptive update interval
-            t, _ = sampler.sample(128, step, torch.Generator().manual_seed(step), x0=x0)
-            weighting(t, noise_scheduler)
-        start, calls = time.perf_counter(), 0
-        for step in range(1, 2001):
-            if step % 40 == 0:
-                continue  # learned samplers' update steps need the model; their cost is in "overhead"
-            t, _ = sampler.sample(128, step, torch.Generator().manual_seed(step), x0=x0)
-            weighting(t, noise_scheduler)
-            calls += 1
-        emit({"figure": "draw_cost", "method": method, "batch": 128,
-              "ms_per_step": round(1e3 * (time.perf_counter() - start) / calls, 4)})
+def bootstrap_mean(values: list[float], resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """95 % percentile interval of the mean over seeds (resampling seeds)."""
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, dtype=float)
+    means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
+    return [round(float(np.percentile(means, 2.5)), 3), round(float(np.percentile(means, 97.5)), 3)]
 
 
-def plot(curves: dict[str, list[list[tuple[int, float]]]], path: str) -> None:
+def summarise(curves: list[dict], targets: list[int]) -> None:
+    by = {}
+    for c in curves:
+        by.setdefault(c["method"], {})[c["seed"]] = c
+    uniform = by.get("uniform", {})
+    for method, runs in by.items():
+        seeds = sorted(set(runs) & set(uniform))
+        if not seeds:
+            continue
+        for target in targets:
+            ratios = []
+            for seed in seeds:
+                reached = steps_to_reach(runs[seed]["fd"], fd_at(uniform[seed]["fd"], target))
+                ratios.append(None if reached is None else target / reached)
+            found = [r for r in ratios if r is not None]
+            emit({"figure": "speedup", "method": method, "target": target, "seeds": seeds,
+                  "ratio_per_seed": [None if r is None else round(r, 3) for r in ratios],
+                  "ratio_mean": round(float(np.mean(found)), 3) if len(found) == len(ratios) else None,
+                  "ratio_ci95": bootstrap_mean(found) if len(found) == len(ratios) and len(found) > 1 else None,
+                  "not_reached": len(ratios) - len(found)})
+        final = [runs[s]["fd"][-1][1] for s in seeds]
+        diff = [runs[s]["fd"][-1][1] - uniform[s]["fd"][-1][1] for s in seeds]
+        emit({"figure": "final_fd", "method": method, "seeds": seeds, "fd_mean": round(float(np.mean(final)), 3),
+              "fd_range": [round(min(final), 3), round(max(final), 3)],
+              "minus_uniform_mean": round(float(np.mean(diff)), 3),
+              "minus_uniform_ci95": bootstrap_mean(diff) if len(diff) > 1 else None})
+
+
+def plot(curves: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from diffusers import DDPMScheduler
 
     from timetuner.plots import save_figure
+    from timetuner.trainers import TrainConfig
+    from timetuner.trainers.loop import build_sampler, build_weighting
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, runs in curves.items():
-        steps = [s for s, _ in runs[0]]
-        fds = torch.tensor([[f for _, f in run] for run in runs])
-        mean = fds.mean(0)
-        ax.plot(steps, mean.numpy(), marker="o", ms=3, label=f"{method} (n={len(runs)})")
+    by = {}
+    for c in curves:
+        by.setdefault(c["method"], []).append(c)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for method, runs in by.items():
+        steps = [s for s, _ in runs[0]["fd"]]
+        fds = np.array([[f for _, f in r["fd"]] for r in runs])
+        ax.plot(steps, fds.mean(0), marker="o", ms=3, label=f"{method} (seeds={len(runs)})")
         if len(runs) > 1:
-            ax.fill_between(steps, fds.min(0).values.numpy(), fds.max(0).values.numpy(), alpha=0.15)
+            ax.fill_between(steps, fds.min(0), fds.max(0), alpha=0.15)
+        if method == "adaptive":  # learned: its logged mass per band of 100 timesteps at each evaluation
+            for step, mass in runs[0]["sampler_bucket_mass"][:: max(1, len(steps) // 3)]:
+                if mass is not None:
+                    bx.step(np.arange(0, 1000, 100), np.asarray(mass) / 100, where="post", alpha=0.7,
+                            label=f"adaptive p(t), step {step} (seed {runs[0]['seed']})")
+            continue
+        config = TrainConfig(out="unused", **METHODS[method])
+        scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+        sampler, weighting = build_sampler(config, scheduler), build_weighting(config)
+        step = steps[-1]
+        pw = sampler.probabilities(step) * weighting(torch.arange(1000), scheduler).double()
+        bx.plot(np.arange(1000), (pw / pw.sum()).numpy(), label=f"{method} (step {step})")
     ax.set_yscale("log")
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("FD vs held-out digits (digits features)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set(xlabel="training iteration", ylabel="FD vs held-out digits (digits features)")
+    bx.set(xlabel="timestep t", ylabel="p(t)·w(t), normalised")
+    for a in (ax, bx):
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
     save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="curves,overhead")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--preset", default="digits")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--grid", default="headline", help=f"one of {sorted(GRIDS)}")
+    parser.add_argument("--methods", default=None, help="comma-separated METHODS; default: the grid's")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--n", type=int, default=512, help="samples per FD")
-    parser.add_argument("--eval-steps", type=int, default=25, help="DDIM steps of the fixed evaluation sampler")
-    parser.add_argument("--overhead-steps", type=int, default=200)
-    parser.add_argument("--overhead-repeats", type=int, default=3)
-    parser.add_argument("--plot", default="bench/train_fd.png")
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--evals", default="250,500,1000,1500,2000,3000,4000,5000,6000,7000,8000")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--targets", default="1000,2000,4000,8000")
+    parser.add_argument("--n", type=int, default=1000, help="samples per FD")
+    parser.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation sampler")
+    parser.add_argument("--workers", type=int, default=2, help="processes of one thread each")
+    parser.add_argument("--results", default="bench/results/train.jsonl")
+    parser.add_argument("--work", default=os.path.expanduser("~/.cache/timetuner-bench/train"))
+    parser.add_argument("--plot", default="bench/results/train_fd.png")
+    parser.add_argument("--report", action="store_true", help="summarise the recorded runs only")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    if "uniform" not in methods:
-        parser.error("--methods must include uniform (the baseline)")
-    emit({"figure": "machine", "threads": torch.get_num_threads(), "torch": torch.__version__})
-    parts = args.only.split(",")
-    if "curves" in parts:
-        seeds = [int(s) for s in args.seeds.split(",")]
-        curves = {m: [fd_curve(m, seed, args) for seed in seeds] for m in methods}
-        for method in methods:
-            ratios = []
-            for seed_index in range(len(seeds)):
-                target = curves["uniform"][seed_index][-1][1]
-                reached = steps_to_reach(curves[method][seed_index], target)
-                ratios.append(None if reached is None else round(args.steps / reached, 2))
-            found = [r for r in ratios if r is not None]
-            emit({"figure": "speedup", "method": method, "steps": args.steps, "seeds": seeds,
-                  "ratio_per_seed": ratios, "ratio_median": statistics.median(found) if found else None,
-                  "ratio_min": min(found) if found else None, "ratio_max": max(found) if found else None,
-                  "final_fd_mean": round(statistics.mean(c[-1][1] for c in curves[method]), 3),
-                  "final_fd_range": [round(min(c[-1][1] for c in curves[method]), 3),
-                                     round(max(c[-1][1] for c in curves[method]), 3)]})
+    if args.grid not in GRIDS:
+        parser.error(f"--grid {args.grid!r} is invalid; accepted: {', '.join(sorted(GRIDS))}")
+    methods = args.methods.split(",") if args.methods else GRIDS[args.grid]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods {','.join(unknown)!r} is invalid; accepted: {', '.join(METHODS)}")
+    evals = [int(s) for s in args.evals.split(",")]
+    if evals[-1] != args.steps or any(s % args.checkpoint_every for s in evals):
+        parser.error(f"--evals {args.evals!r} is invalid; accepted: multiples of --checkpoint-every ending at --steps")
+    results = Path(args.results)
+    key = lambda r: json.dumps({k: r[k] for k in ("method", "seed", "preset", "steps", "evals", "n", "eval_steps")})  # noqa: E731
+    recorded = {key(r) for r in read_curves(results)}
+    jobs = [(m, s) for s in map(int, args.seeds.split(",")) for m in methods
+            if key(run_key(m, s, args)) not in recorded]
+    if not args.report and jobs:
+        emit({"figure": "machine", "cpus": os.cpu_count(), "workers": args.workers, "torch": torch.__version__,
+              "to_run": [f"{m}/s{s}" for m, s in jobs]})
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(args.workers, initializer=_init, initargs=(args,), maxtasksperchild=1) as pool:
+            for record in pool.imap_unordered(train_one, jobs):
+                with results.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                emit({k: record[k] for k in ("figure", "method", "seed", "fd")})
+    curves = [r for r in read_curves(results) if r["preset"] == args.preset and r["steps"] == args.steps
+              and r["evals"] == args.evals and r["n"] == args.n and r["eval_steps"] == args.eval_steps]
+    summarise(curves, [int(s) for s in args.targets.split(",")])
+    if curves:
         plot(curves, args.plot)
-    if "overhead" in parts:
-        draw_cost(args)
-        overhead(args)
 
 
 if __name__ == "__main__":
