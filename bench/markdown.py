@@ -1,4 +1,4 @@
-"""Render the JSON lines of bench/fit.py and bench/train.py as the Markdown tables of the README.
+"""Render the JSON lines of bench/fit.py and bench/train.py as the Markdown tables of docs/results.md.
 
     python bench/fit.py | tee fit.jsonl && python bench/markdown.py fit.jsonl
     python bench/train.py --steps 1200 --eval-every 200 | tee train.jsonl && python bench/markdown.py train.jsonl

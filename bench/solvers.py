@@ -1,5 +1,5 @@
-"""The leaderboard: every plain diffusers solver configuration against timetuner's variants, per NFE (README
-"Leaderboard"). One JSON line per method and NFE, each line written as it is measured.
+"""The leaderboard: every plain diffusers solver configuration against timetuner's variants, per NFE
+(docs/results.md). One JSON line per method and NFE, each line written as it is measured.
 
     python bench/solvers.py                          # NFE 3,4,5,6,8,10 on the embedded model, 6 sets (GPU: minutes)
     python bench/solvers.py --quick                  # NFE 5, a few configurations, 1 set of 200: checks the script

@@ -3,6 +3,7 @@
     python bench/train.py                            # headline: uniform, SpeeD, CLTS + MDLRC, adaptive; 3 seeds × 8000
     python bench/train.py --grid ablations           # SpeeD without CAW / k = 2, CLTS alone, MDLRC alone, …
     python bench/train.py --report                   # only the summary and plot of the runs recorded so far
+    python bench/train.py --overhead                 # per-step wall-clock cost of each method (a quiet machine)
 
 Protocol (docs/training.md): every method trains the `digits` preset (the embedded model's) for `--steps` iterations
 from the same seed, i.e. the same initial weights, batches and noises (the loop draws each from its own generator, so
@@ -154,6 +155,49 @@ def train_one(job: tuple[str, int]) -> dict:
     return record
 
 
+def overhead(methods: list[str], args) -> None:
+    """Seconds per training step against uniform (interleaved short runs, first quarter excluded), and the cost of
+    the sampler draw + loss weight alone (batch 128, without the network)."""
+    import statistics
+    import tempfile
+
+    from diffusers import DDPMScheduler
+
+    from timetuner.trainers import TrainConfig, train
+    from timetuner.trainers.loop import build_sampler, build_weighting
+
+    noise_scheduler, x0 = DDPMScheduler(num_train_timesteps=1000, clip_sample=False), torch.randn(128, 1, 8, 8)
+    for method in methods:
+        config = TrainConfig(out="unused", **METHODS[method])
+        sampler, weighting = build_sampler(config, noise_scheduler), build_weighting(config)
+        calls, start = 0, None
+        for step in range(1, 2050):
+            if step == 50:
+                start = time.perf_counter()
+            if step % 40 == 0:
+                continue  # learned samplers' update steps need the model: their cost is in the "overhead" line
+            t, _ = sampler.sample(128, step, torch.Generator().manual_seed(step), x0=x0)
+            weighting(t, noise_scheduler)
+            calls += step >= 50
+        emit({"figure": "draw_cost", "method": method, "batch": 128,
+              "ms_per_step": round(1e3 * (time.perf_counter() - start) / calls, 4)})
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for repeat in range(args.overhead_repeats):
+        for method in methods[repeat % len(methods):] + methods[: repeat % len(methods)]:  # rotate who runs first
+            with tempfile.TemporaryDirectory() as tmp:
+                steps = args.overhead_steps
+                train(TrainConfig(out=str(Path(tmp) / "run"), preset=args.preset, steps=steps, seed=repeat, cpu=True,
+                                  checkpoint_every=10**9, log_every=steps // 4, sample_n=0, **METHODS[method]))
+                log = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
+            seconds[method].append((log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"]))
+    base = statistics.median(seconds["uniform"])
+    for method, values in seconds.items():
+        emit({"figure": "overhead", "method": method, "preset": args.preset, "steps": args.overhead_steps,
+              "repeats": args.overhead_repeats, "seconds_per_step": round(statistics.median(values), 5),
+              "overhead_pct": round(100 * (statistics.median(values) / base - 1), 1),
+              "threads": torch.get_num_threads()})
+
+
 def steps_to_reach(curve: list[list[float]], target: float) -> float | None:
     """First iteration where FD ≤ target, linear between evaluations; None if never."""
     previous = None
@@ -181,7 +225,9 @@ def bootstrap_mean(values: list[float], resamples: int = 10_000, seed: int = 0) 
     return [round(float(np.percentile(means, 2.5)), 3), round(float(np.percentile(means, 97.5)), 3)]
 
 
-def summarise(curves: list[dict], targets: list[int]) -> None:
+def summarise(curves: list[dict], targets: list[int]) -> list[dict]:
+    """Emit and return the "speedup" and "final_fd" lines of the recorded curves."""
+    lines = []
     by = {}
     for c in curves:
         by.setdefault(c["method"], {})[c["seed"]] = c
@@ -196,17 +242,43 @@ def summarise(curves: list[dict], targets: list[int]) -> None:
                 reached = steps_to_reach(runs[seed]["fd"], fd_at(uniform[seed]["fd"], target))
                 ratios.append(None if reached is None else target / reached)
             found = [r for r in ratios if r is not None]
-            emit({"figure": "speedup", "method": method, "target": target, "seeds": seeds,
+            lines.append({"figure": "speedup", "method": method, "target": target, "seeds": seeds,
                   "ratio_per_seed": [None if r is None else round(r, 3) for r in ratios],
                   "ratio_mean": round(float(np.mean(found)), 3) if len(found) == len(ratios) else None,
                   "ratio_ci95": bootstrap_mean(found) if len(found) == len(ratios) and len(found) > 1 else None,
                   "not_reached": len(ratios) - len(found)})
         final = [runs[s]["fd"][-1][1] for s in seeds]
         diff = [runs[s]["fd"][-1][1] - uniform[s]["fd"][-1][1] for s in seeds]
-        emit({"figure": "final_fd", "method": method, "seeds": seeds, "fd_mean": round(float(np.mean(final)), 3),
+        lines.append({"figure": "final_fd", "method": method, "seeds": seeds,
+                      "fd_mean": round(float(np.mean(final)), 3),
               "fd_range": [round(min(final), 3), round(max(final), 3)],
               "minus_uniform_mean": round(float(np.mean(diff)), 3),
               "minus_uniform_ci95": bootstrap_mean(diff) if len(diff) > 1 else None})
+    for line in lines:
+        emit(line)
+    return lines
+
+
+def markdown(lines: list[dict], targets: list[int]) -> str:
+    """The README's training table from the summary lines."""
+    speedups = {(r["method"], r["target"]): r for r in lines if r["figure"] == "speedup"}
+    head = " | ".join(f"×, uniform's FD at {t}" for t in targets)
+    rows = [f"| method | seeds | {head} | final FD (range) | final FD − uniform [95 % CI] |",
+            "|" + "---|" * (len(targets) + 4)]
+    for r in (r for r in lines if r["figure"] == "final_fd"):
+        cells = []
+        for t in targets:
+            s = speedups[r["method"], t]
+            if s["ratio_mean"] is None:
+                cells.append(f"not reached on {s['not_reached']} of {len(s['seeds'])} seeds")
+            else:
+                ci = "" if s["ratio_ci95"] is None else f" [{s['ratio_ci95'][0]:.2f}, {s['ratio_ci95'][1]:.2f}]"
+                cells.append(f"{s['ratio_mean']:.2f}×{ci}")
+        ci = "" if r["minus_uniform_ci95"] is None else (
+            f" [{r['minus_uniform_ci95'][0]:+.2f}, {r['minus_uniform_ci95'][1]:+.2f}]")
+        rows.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {r['fd_mean']:.2f} "
+                    f"({r['fd_range'][0]:.2f}–{r['fd_range'][1]:.2f}) | {r['minus_uniform_mean']:+.2f}{ci} |")
+    return "\n".join(rows)
 
 
 def plot(curves: list[dict], path: str) -> None:
@@ -268,6 +340,10 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/timetuner-bench/train"))
     parser.add_argument("--plot", default="bench/results/train_fd.png")
     parser.add_argument("--report", action="store_true", help="summarise the recorded runs only")
+    parser.add_argument("--markdown", action="store_true", help="also print the summary as the README's table")
+    parser.add_argument("--overhead", action="store_true", help="time the methods' per-step cost only")
+    parser.add_argument("--overhead-steps", type=int, default=200)
+    parser.add_argument("--overhead-repeats", type=int, default=3)
     args = parser.parse_args()
     if args.grid not in GRIDS:
         parser.error(f"--grid {args.grid!r} is invalid; accepted: {', '.join(sorted(GRIDS))}")
@@ -275,6 +351,10 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods {','.join(unknown)!r} is invalid; accepted: {', '.join(METHODS)}")
+    if args.overhead:
+        emit({"figure": "machine", "threads": torch.get_num_threads(), "torch": torch.__version__})
+        overhead(["uniform", *[m for m in methods if m != "uniform"]], args)
+        return
     evals = [int(s) for s in args.evals.split(",")]
     if evals[-1] != args.steps or any(s % args.checkpoint_every for s in evals):
         parser.error(f"--evals {args.evals!r} is invalid; accepted: multiples of --checkpoint-every ending at --steps")
@@ -296,7 +376,10 @@ def main() -> None:
                 emit({k: record[k] for k in ("figure", "method", "seed", "fd")})
     curves = [r for r in read_curves(results) if r["preset"] == args.preset and r["steps"] == args.steps
               and r["evals"] == args.evals and r["n"] == args.n and r["eval_steps"] == args.eval_steps]
-    summarise(curves, [int(s) for s in args.targets.split(",")])
+    targets = [int(s) for s in args.targets.split(",")]
+    lines = summarise(curves, targets)
+    if args.markdown:
+        print(markdown(lines, targets))
     if curves:
         plot(curves, args.plot)
 

@@ -1,4 +1,4 @@
-"""The resolution of the yardstick on the embedded model, one JSON line each (README "Resolution").
+"""The resolution of the yardstick on the embedded model, one JSON line each (docs/measuring.md).
 
     python bench/yardstick.py [--model M] [--ns 250,500,1000,2000,4000] [--sets 3] [--reference-n 10000]
     python bench/yardstick.py --floor-only --floor-n 4000   # the floor alone, at another n

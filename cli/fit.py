@@ -47,7 +47,7 @@ def fit(
         "--grid-gradient/--no-grid-gradient",
         help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory learned): after the grid search, move the "
              "grid by gradient jointly with τ (LD3). Default: on wherever it applies at --nfe <= 8; above, τ "
-             "alone on the searched grid (it served the distribution gap better there: README 'Leaderboard').")] = None,
+             "alone on the searched grid (it served the distribution gap better there: docs/results.md).")] = None,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "

@@ -1,5 +1,5 @@
 """Bad input, refused before any work: for each case of `CASES`, exit code 2, one line naming the value and what is
-accepted, no file left behind, and the error within seconds (README "Bad input")."""
+accepted, no file left behind, and the error within seconds (docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -133,8 +133,8 @@ def test_bad_input_is_one_line_exit_2_no_output_and_fast(case, tiny_run, files, 
     assert seconds < 10, f"{case}: {seconds:.1f} s to the error"
 
 
-def test_the_table_has_at_least_twenty_cases_and_the_readme_lists_them():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_table_has_at_least_twenty_cases_and_the_docs_list_them():
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
     assert len(CASES) >= 20
     missing = [case for case in CASES if f"| {case} |" not in readme]
     assert not missing, missing

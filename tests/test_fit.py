@@ -280,7 +280,7 @@ def test_the_grid_gradient_is_on_wherever_it_applies_up_to_its_nfe_and_an_explic
 
     small, large = GRID_GRADIENT_MAX_NFE, GRID_GRADIENT_MAX_NFE + 1
     assert checked_config(nfe=small).grid_gradient  # auto: its learned DPM-Solver++ grid
-    assert not checked_config(nfe=large).grid_gradient  # τ alone on the searched grid (README "Leaderboard")
+    assert not checked_config(nfe=large).grid_gradient  # τ alone on the searched grid (docs/results.md)
     assert checked_config(nfe=large, grid_gradient=True).grid_gradient
     assert checked_config(nfe=small, scheduler="dpm++3m", trajectory="learned").grid_gradient
     assert not checked_config(nfe=small, scheduler="dpm++", trajectory="learned", grid_gradient=False).grid_gradient

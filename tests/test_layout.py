@@ -1,4 +1,4 @@
-"""The layering the README's "Layout" promises, checked on the source: one rollout, no private imports across
+"""The layering docs/architecture.md promises, checked on the source: one rollout, no private imports across
 modules, short functions, the method apart from files and progress bars."""
 
 from __future__ import annotations

@@ -359,7 +359,7 @@ def test_every_registered_sampler_has_a_normalised_distribution_and_a_state_roun
 
 @pytest.mark.parametrize("name", ["speed", "adaptive", "clts"])
 def test_plug_in_loop_of_the_readme_trains(name):
-    """The README's dozen-line loop, with a tiny UNet: the loss is finite and the weights move."""
+    """The dozen-line loop of docs/training.md, with a tiny UNet: the loss is finite and the weights move."""
     from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
 

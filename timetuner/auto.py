@@ -31,7 +31,7 @@ CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm
               ("dpm++", "uniform"), ("dpm++", "logsnr"), ("dpm++", "karras"), ("dpm++3m", "ays"),
               ("dpm++3m", "logsnr"), ("unipc", "uniform"), ("unipc", "karras"), ("deis", "uniform"))
 # Solvers tuned: the best-ranked solver that takes a learned grid first, then the others by rank, each once. One:
-# on the leaderboard (README), a learned grid + τ of DPM-Solver++ beat τ on any fixed grid at every NFE measured,
+# on the leaderboard (docs/results.md) a learned grid + τ of DPM-Solver++ beat τ on any fixed grid at every NFE,
 # and the second solver auto used to tune (UniPC) never won, at twice the time.
 AUTO_TUNED = 1
 

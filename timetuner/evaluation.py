@@ -23,7 +23,7 @@ from timetuner.metrics import (
 )
 
 FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
-DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (README "Resolution")
+DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md)
 DEFAULT_GAP_N = 256  # of which the first this many carry the x0 gap (a paired figure: precise at this size)
 DEFAULT_REFERENCE_N = 10_000  # samples of the converged sampler the distribution gap is measured against
 
@@ -561,7 +561,7 @@ def judge(yardstick: Yardstick | None, plain: torch.Tensor, tuned: torch.Tensor,
 
 def is_better(held: dict) -> bool:
     """The verdict: a lower held-out x0 gap and a lower distribution gap (where one was measured); or, since the
-    distribution gap cannot resolve small changes at affordable n (README "Resolution"), an x0 gap lower with a
+    distribution gap cannot resolve small changes at affordable n (docs/measuring.md), an x0 gap lower with a
     95 % interval that excludes zero and a distribution gap not significantly higher."""
     x0 = held["x0_gap"]
     if "dist_gap" not in held:

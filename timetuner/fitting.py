@@ -43,12 +43,12 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the
 # at 15, 0.0907 at 20 — as the grid already fits the reference, so 15 there (auto's τ fit at under half the cost);
 # a fixed grid, where τ moves further, keeps 40.
 E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
-# The grid gradient's default reach. On six held-out sets of 4000 (README "Leaderboard", paired, same noises) it
+# The grid gradient's default reach. On six held-out sets of 4000 (docs/results.md, paired, same noises) it
 # cut the distribution gap at NFE 4 and 6 (4.64 → 3.37, 2.36 → 1.73) and raised it at NFE 10 (1.46 → 1.60, higher on
 # all six sets) while lowering the x0 gap everywhere: with ten steps the searched grid already serves the
 # distribution, and moving it to the per-sample distance of 128 fit noises trades the one for the other.
 GRID_GRADIENT_MAX_NFE = 8
-DEFAULT_EVAL_SAMPLES = 1000  # = timetuner.evaluation.DEFAULT_N (README "Resolution"); latent models: 256
+DEFAULT_EVAL_SAMPLES = 1000  # = timetuner.evaluation.DEFAULT_N (docs/measuring.md); latent models: 256
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ class FitConfig:
     scheduler: str | None = None
     trajectory: str | None = None  # None: the scheduler's default (timetuner.trajectories.DEFAULT_TRAJECTORY)
     strategy: str = "sequential"
-    # None: "e2e" (chosen by held-out evidence in bench/fit.py, README "Results"); "paper" for --strategy parallel,
+    # None: "e2e" (chosen by held-out evidence in bench/fit.py, docs/results.md); "paper" for --strategy parallel,
     # whose states are independent of the other τ by construction.
     objective: str | None = None
     optimizer: str = "search"
     samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
-    eval_samples: int | None = None  # held-out noises; None: 1000 for pixel models, 256 for latent ones (README)
+    eval_samples: int | None = None  # held-out noises; None: 1000 for pixel models, 256 for latent
     eval_gap_samples: int = 256  # of which the first this many carry the x0 gap (paired: precise at this size)
     reference_n: int = 10_000  # samples of the reference solver the distribution gap is measured against
     seed: int = 0

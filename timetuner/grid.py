@@ -15,7 +15,7 @@ evaluations per fit noise: at K ≤ 7, where one sweep leaves the coupled points
 one (the default fit's time). Measured on the embedded model, NFE 5, six held-out sets of 1000 against the best
 plain setup (DPM-Solver++ 2M on AYS): one sweep, distribution gap 0.73× and x0 gap 0.67×; two, 0.63× and 0.53×
 (grid 830, 625, 401, 312, 73 → 830, 603, 381, 191, 44); three, 0.66× and 0.53×; sweeping on until 450 evaluations
-per noise were spent, 0.69× and 0.525× (README "The leaderboard").
+per noise were spent, 0.69× and 0.525× (docs/results.md).
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.

@@ -15,7 +15,7 @@ def pixel_unet(pipeline, model: str | None):
     if unet is None or type(unet).__name__ != "UNet2DModel" or latent_decoder(pipeline) is not None:
         raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
                         "those (sample conditional and latent models with their own pipeline and TunedScheduler, "
-                        "README 'Text-to-image and class-conditional models')")
+                        "docs/conditional.md)")
     return unet
 
 
