@@ -6,7 +6,7 @@ Prints: the network forward time on 256 samples; the floor (n training digits ag
 for DDIM at each step count (the model's own config, and with clip_sample=True, the config it shipped with
 before) and DPM-Solver++ 2M at 100 steps, from the same n noises: the data FD against the held-out digits with
 its 95 % bootstrap interval, the paired change from the previous step count (same solver), and the distribution
-gap to the reference set (`timetuner.evaluation`, the one measurement path).
+gap to the reference set (`timetuner.measuring.evaluation`, the one measurement path).
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def interval(features: np.ndarray, statistic, resamples: int = 200, seed: int = 
 def main() -> None:
     import diffusers
 
-    from timetuner.data import load_digits_tensor
-    from timetuner.evaluation import DEFAULT_REFERENCE_N, build_yardstick
-    from timetuner.loading import load_model
-    from timetuner.metrics import paired_bootstrap
-    from timetuner.solver import Solver
+    from timetuner.core.data import load_digits_tensor
+    from timetuner.core.loading import load_model
+    from timetuner.core.solver import Solver
+    from timetuner.measuring.metrics import paired_bootstrap
+    from timetuner.measuring.yardstick import DEFAULT_REFERENCE_N, build_yardstick
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")

@@ -7,7 +7,7 @@
     and x0 gap, at NFE 10 on the same fit/held-out noises;
 (b) plain vs tuned, per objective, at NFE 5/10/20 for DDIM (uniform, trailing), DPM-Solver-2 (log-SNR), Heun
     (Karras) and DPM-Solver++ 2M (Align-Your-Steps): the distribution gap to the converged sampler, the x0 gap and
-    the data FD (`timetuner.evaluation`, the yardstick fit and eval use), each the mean over --sets independent
+    the data FD (`timetuner.measuring`, the yardstick fit and eval use), each the mean over --sets independent
     held-out noise sets with a 95 % interval of the mean change (`evaluation.combine_sets`);
 (c) sampling time of a DDPMPipeline with the plain scheduler vs the TunedScheduler, and its network calls.
 """
@@ -42,10 +42,11 @@ def held_out_paper_loss(sampler, taus, noise) -> float:
 
 
 def optimiser_comparison(args) -> None:
-    from timetuner.denoiser import Denoiser
-    from timetuner.fitting import EVAL_SEED_OFFSET, fit
-    from timetuner.loading import load_pipeline
-    from timetuner.solver import Solver
+    from timetuner.core.denoiser import Denoiser
+    from timetuner.core.loading import load_pipeline
+    from timetuner.core.solver import Solver
+    from timetuner.fitting.api import fit
+    from timetuner.fitting.config import EVAL_SEED_OFFSET
 
     pipe = load_pipeline(None)
     sampler = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", None, 10)
@@ -82,8 +83,9 @@ def figures(held: dict) -> dict:
 
 def over_sets(table_path, taus, args) -> dict:
     """Plain vs `taus` on --sets independent held-out noise sets (the table's own held-out seed first)."""
-    from timetuner.evaluation import Setup, combine_sets, held_out_figures
-    from timetuner.fitting import EVAL_SEED_OFFSET
+    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.measuring.evaluation import Setup, held_out_figures
+    from timetuner.measuring.verdict import combine_sets
 
     setup = Setup(str(table_path), None)
     yard = setup.yardstick(progress=False)
@@ -95,7 +97,7 @@ def over_sets(table_path, taus, args) -> dict:
 def default_fit_time(args) -> None:
     import tempfile
 
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     for nfe in [int(v) for v in args.default_nfes.split(",")]:
         out = tempfile.mkdtemp() + "/t.safetensors"
@@ -112,7 +114,7 @@ def default_fit_time(args) -> None:
 def quality_grid(args) -> None:
     import tempfile
 
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     configs = [tuple(c.split("/")) for c in args.configs.split(",")]
     nfes = [int(v) for v in args.nfes.split(",")] if args.nfes else ([5, 10] if args.quick else [5, 10, 20])

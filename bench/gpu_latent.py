@@ -92,8 +92,8 @@ def main() -> None:
 
     from transformers.utils import logging as transformers_logging
 
-    from timetuner.fitting import fit
-    from timetuner.loading import load_pipeline
+    from timetuner.core.loading import load_pipeline
+    from timetuner.fitting.api import fit
 
     transformers_logging.set_verbosity_error()  # the shipped prompts are longer than a tiny tokenizer's 16 tokens
 

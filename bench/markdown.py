@@ -41,7 +41,7 @@ def gap_nfe_figure(quality: list[dict], path: str = "bench/results/gap_vs_nfe.pn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from timetuner.plots import draw_nfe_curve, save_figure
+    from timetuner.measuring.plots import draw_nfe_curve, save_figure
 
     configs = sorted({(r["scheduler"], r["trajectory"]) for r in quality})
     fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 3.0), squeeze=False)

@@ -8,10 +8,10 @@
 
 NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no fit saw (seeds EVAL_SEED_OFFSET +
 7919·s, s = 1 … sets; set 0 is the fits' own held-out verdict set, on which `auto` chooses):
-- plain: every scheduler × grid of `timetuner.trajectories` whose sampler makes exactly NFE evaluations (Heun and
+- plain: every scheduler × grid of `timetuner.core.trajectories` whose sampler makes exactly NFE evaluations (Heun and
   DPM-Solver-2 at the step count that gives NFE), τ = t; DDPM (stochastic) left out;
 - timetuner, each fitted with the defaults of `timetuner fit` (fit seed 0): "tau" — e2e τ on DPM-Solver++ 2M with
-  Align-Your-Steps steps; "grid" — the learned grid (`--trajectory learned`, `timetuner.grid`) with τ = t;
+  Align-Your-Steps steps; "grid" — the learned grid (`--trajectory learned`, `timetuner.fitting.grid`) with τ = t;
   "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`, the default above NFE 8; one fit gives both; its
   seconds are the fit's); "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`,
   LD3's joint fit, the default on a learned grid up to NFE 8); "auto" — the table `--scheduler auto` writes.
@@ -46,9 +46,9 @@ def emit(record: dict, out: Path | None) -> None:
 
 def plain_configs(den, base, nfe: int, only: list[str] | None):
     """(name, solver) of every plain configuration making exactly nfe network evaluations."""
+    from timetuner.core.solver import Solver
+    from timetuner.core.trajectories import TRAJECTORIES
     from timetuner.errors import UserError
-    from timetuner.solver import Solver
-    from timetuner.trajectories import TRAJECTORIES
 
     for scheduler, grids in TRAJECTORIES.items():
         if scheduler == "ddpm":
@@ -69,8 +69,8 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 
 def fitted(args, pipe, den, nfe: int) -> dict:
     """{variant: (solver over `den`, τ or None, fit seconds, auto's winner)} of timetuner's variants at nfe."""
-    from timetuner.fitting import fit
-    from timetuner.solver import Solver
+    from timetuner.core.solver import Solver
+    from timetuner.fitting.api import fit
 
     folder = Path(tempfile.mkdtemp())
     runs = {"tau": dict(scheduler="dpm++", trajectory="ays", force=True),
@@ -95,8 +95,9 @@ def fitted(args, pipe, den, nfe: int) -> dict:
 
 
 def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
-    from timetuner.evaluation import combine_sets, judge, reference_final
-    from timetuner.fitting import EVAL_SEED_OFFSET
+    from timetuner.core.reference import reference_final
+    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.measuring.verdict import combine_sets, judge
 
     den, base = model.denoiser, model.base_config
     methods = {name: (solver.on(den), None, None, None) for name, solver in plain_configs(den, base, nfe, args.only)}
@@ -162,7 +163,7 @@ def plot(lines: list[dict], path: str, floor: float | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from timetuner.plots import save_figure
+    from timetuner.measuring.plots import save_figure
 
     rows = [r for r in lines if r.get("figure") == "leaderboard" and "dist_gap" in r]
     complete = {r["nfe"] for r in rows if r["kind"] != "plain"}  # NFEs whose run reached timetuner's variants
@@ -229,8 +230,8 @@ def main() -> None:
         args.variants = args.variants or "tau,grid"
     args.variants = (args.variants or ",".join(VARIANTS)).split(",")
     args.only = args.only.split(",") if args.only else None
-    from timetuner.evaluation import DEFAULT_REFERENCE_N, build_yardstick
-    from timetuner.loading import load_model, load_pipeline
+    from timetuner.core.loading import load_model, load_pipeline
+    from timetuner.measuring.yardstick import DEFAULT_REFERENCE_N, build_yardstick
 
     pipe = load_pipeline(args.model)
     if torch.cuda.is_available():

@@ -71,7 +71,7 @@ def read_curves(path: Path) -> list[dict]:
 
 def _probe_batch(n_per_band: int):
     """A fixed held-out batch: test digits, noise and timesteps spread evenly over each band."""
-    from timetuner.data import load_digits_tensor
+    from timetuner.core.data import load_digits_tensor
 
     gen = torch.Generator().manual_seed(424242)
     test = load_digits_tensor("test")[0]
@@ -86,8 +86,8 @@ def _probe_batch(n_per_band: int):
 def _evaluate(step: int, unet, noise_scheduler, noise, probe) -> dict:
     from diffusers import DDIMScheduler
 
-    from timetuner.metrics import digits_fd
-    from timetuner.solver import sample_images
+    from timetuner.core.solver import sample_images
+    from timetuner.measuring.metrics import digits_fd
 
     # The run's own scheduler config (clip_sample false): DDIM built from a clipping config would score haze.
     scheduler = DDIMScheduler.from_config(noise_scheduler.config)
@@ -111,9 +111,10 @@ def _init(args) -> None:
 
 def train_one(job: tuple[str, int]) -> dict:
     """Train one (method, seed) to the end, evaluating at each of `--evals`; resumes from its work folder."""
-    from timetuner.solver import initial_noise
+    from timetuner.core.solver import initial_noise
     from timetuner.trainers import TrainConfig, train
-    from timetuner.trainers.loop import _noise_scheduler, checkpoint_dirs
+    from timetuner.trainers.config import noise_scheduler_for
+    from timetuner.trainers.loop import checkpoint_dirs
 
     method, seed = job
     args = ARGS
@@ -132,7 +133,7 @@ def train_one(job: tuple[str, int]) -> dict:
     config = TrainConfig(out=str(folder), preset=args.preset, steps=args.steps, seed=seed, cpu=True,
                          checkpoint_every=args.checkpoint_every, keep_checkpoints=2, log_every=50, sample_n=0,
                          resume=resume, **METHODS[method])
-    noise_scheduler = _noise_scheduler(config)
+    noise_scheduler = noise_scheduler_for(config)
     noise = initial_noise(args.n, (1, 8, 8), torch.Generator().manual_seed(10_000 + seed))
     probe = _probe_batch(100)
 
@@ -288,7 +289,7 @@ def plot(curves: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from diffusers import DDPMScheduler
 
-    from timetuner.plots import save_figure
+    from timetuner.measuring.plots import save_figure
     from timetuner.trainers import TrainConfig
     from timetuner.trainers.loop import build_sampler, build_weighting
 

@@ -26,12 +26,12 @@ def emit(record: dict) -> None:
 
 
 def main() -> None:
-    from timetuner.evaluation import DEFAULT_N, DEFAULT_REFERENCE_N, build_yardstick, reference_final
-    from timetuner.fitting import EVAL_SEED_OFFSET
-    from timetuner.loading import load_model
-    from timetuner.metrics import feature_statistics, frechet_distance, paired_bootstrap
-    from timetuner.reference import reference_samples
-    from timetuner.solver import Solver
+    from timetuner.core.loading import load_model
+    from timetuner.core.reference import reference_final, reference_samples
+    from timetuner.core.solver import Solver
+    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.measuring.metrics import feature_statistics, frechet_distance, paired_bootstrap
+    from timetuner.measuring.yardstick import DEFAULT_N, DEFAULT_REFERENCE_N, build_yardstick
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")

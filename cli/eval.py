@@ -59,17 +59,19 @@ def evaluate(
         timetuner eval --table tau.safetensors --model my-model --fid --ref val-images/ --n 10000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import FidOptions, Setup, describe_judgement, resolve_features, save_plots
-    from timetuner.evaluation import evaluate as run
+    from timetuner.measuring.evaluation import Setup, save_plots
+    from timetuner.measuring.evaluation import evaluate as run
+    from timetuner.measuring.verdict import describe_judgement
+    from timetuner.measuring.yardstick import FidOptions, resolve_features
 
     if plots is not None and os.path.exists(plots) and not os.path.isdir(plots):
         raise UserError(f"--plots {plots!r} is a file; accepted: a folder (created if missing)")
     if ref is not None and not fid:
         raise UserError(f"--ref {ref!r} is only used with --fid; accepted: --fid --ref {ref}")
-    from timetuner.loading import quiet_loading
+    from timetuner.core.loading import quiet_loading
 
     quiet_loading()
-    from timetuner.prompts import parse_class_labels
+    from timetuner.core.prompts import parse_class_labels
 
     setup = Setup(table, model, prompts, parse_class_labels(class_labels), negative_prompt)
     n = setup.default_n if n is None else n

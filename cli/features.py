@@ -23,7 +23,7 @@ def train_features(
 
         timetuner train-features --out assets/digits-features
     """
-    from timetuner.features import train_digits_features
+    from timetuner.measuring.features import train_digits_features
 
     record = train_digits_features(out, epochs=epochs, seed=seed, feature_dim=feature_dim)
     typer.echo(json.dumps(record))

@@ -103,11 +103,12 @@ def fit(
     """
     import torch
 
-    from timetuner.distributed import current, launched, relaunch
+    from timetuner.core.distributed import current, launched, relaunch
+    from timetuner.core.loading import load_pipeline, parse_dtype, quiet_loading
+    from timetuner.core.prompts import parse_class_labels, parse_guidance_scales
     from timetuner.errors import UserError
-    from timetuner.fitting import check_before_loading, fit_scales
-    from timetuner.loading import load_pipeline, parse_dtype, quiet_loading
-    from timetuner.prompts import parse_class_labels, parse_guidance_scales
+    from timetuner.fitting.api import fit_scales
+    from timetuner.fitting.config import check_before_loading
 
     scales = parse_guidance_scales(guidance_scale)
     labels = parse_class_labels(class_labels)
@@ -165,7 +166,7 @@ def _report(result, name: str, force: bool, as_json: bool) -> None:
     if joint and result.rows:
         typer.echo(f"joint loss (final samples vs reference, fit noises): {result.rows[0]['loss_before']:.5g} -> "
                    f"{result.rows[0]['loss_after']:.5g}")
-    from timetuner.evaluation import describe_judgement
+    from timetuner.measuring.verdict import describe_judgement
 
     if result.table.metadata.get("latent"):
         typer.echo("held-out figures on VAE-decoded images")

@@ -42,16 +42,9 @@ def report(
         timetuner report tau-10.safetensors tau-5.safetensors --model my-model --ref val-images/ --n 5000
     """
     from timetuner.errors import UserError
-    from timetuner.evaluation import (
-        FidOptions,
-        Setup,
-        check_siblings,
-        evaluate,
-        gap_versus_nfe,
-        resolve_features,
-        save_plots,
-    )
-    from timetuner.report import write_report
+    from timetuner.measuring.evaluation import Setup, check_siblings, evaluate, gap_versus_nfe, save_plots
+    from timetuner.measuring.report import write_report
+    from timetuner.measuring.yardstick import FidOptions, resolve_features
     from timetuner.table import TauTable
 
     try:
@@ -61,10 +54,10 @@ def report(
     folder = Path(out or f"{Path(tables[0]).stem}-report")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {str(folder)!r} is a file; accepted: a folder (created if missing)")
-    from timetuner.loading import quiet_loading
+    from timetuner.core.loading import quiet_loading
 
     quiet_loading()
-    from timetuner.prompts import parse_class_labels
+    from timetuner.core.prompts import parse_class_labels
 
     setup = Setup(tables[0], model, prompts, parse_class_labels(class_labels), negative_prompt)
     n = setup.default_n if n is None else n

@@ -33,10 +33,10 @@ def sample(
     """
     import torch
 
+    from timetuner.core.loading import quiet_loading
     from timetuner.errors import UserError
-    from timetuner.loading import quiet_loading
-    from timetuner.plots import save_grid, save_side_by_side
-    from timetuner.sampling import sample as draw
+    from timetuner.measuring.plots import save_grid, save_side_by_side
+    from timetuner.measuring.sampling import sample as draw
     from timetuner.table import TauTable
 
     if not out.lower().endswith(".png"):

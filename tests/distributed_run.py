@@ -44,16 +44,17 @@ def train_config(out: str):
 def main(what: str, *args: str) -> None:
     torch.set_num_threads(1)
     if what == "fit":
-        from timetuner.fitting import fit
+        from timetuner.fitting.api import fit
 
         model, out = args
         for name, options in FITS.items():
             fit(model, out=Path(out) / f"{name}.safetensors", progress=False, **options)
         return
-    from timetuner.trainers.loop import _resolved, _Training, load_training_data
+    from timetuner.trainers.config import resolved
+    from timetuner.trainers.loop import _Training, load_training_data
 
     (out,) = args
-    config = _resolved(train_config(out))
+    config = resolved(train_config(out))
     run = _Training(config)
     data = load_training_data(config.data, config.resolution, config.channels).to(run.accelerator.device)
     while run.state.step < config.steps:

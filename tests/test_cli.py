@@ -26,7 +26,7 @@ def test_sample_compares_plain_and_tuned_from_the_same_noise(tmp_path):
     import torch
 
     from timetuner.assets import DEFAULT_TABLE
-    from timetuner.sampling import sample
+    from timetuner.measuring.sampling import sample
     from timetuner.table import TauTable
 
     table = TauTable.load(DEFAULT_TABLE)

@@ -30,10 +30,10 @@ from typer.testing import CliRunner
 from tests.tiny import quiet
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
-from timetuner.denoiser import Denoiser, class_conditioning, refuse_integer_timesteps, text_conditioning
+from timetuner.core.denoiser import Denoiser, class_conditioning, refuse_integer_timesteps, text_conditioning
+from timetuner.core.solver import Solver
 from timetuner.errors import UserError
-from timetuner.fitting import fit
-from timetuner.solver import Solver
+from timetuner.fitting.api import fit
 
 runner = CliRunner()
 FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat"]
@@ -98,7 +98,7 @@ def test_text_adapter_reproduces_stable_diffusion_with_guidance(sd_pipe):
 
 
 def test_class_adapter_reproduces_dit_with_guidance_and_learned_sigma(dit_pipe):
-    from timetuner.loading import decode_latents
+    from timetuner.core.loading import decode_latents
 
     labels = [3, 999]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -403,7 +403,7 @@ def test_eval_of_a_text_to_image_table(sd_folders, fitted, tables_dir, small_ima
 
 def test_eval_conditioning_follows_the_samples_through_the_gap_split(sd_pipe, sd_folders, fitted, tables_dir):
     """Samples beyond --gap-n keep their own prompts: the final samples do not depend on where the split falls."""
-    from timetuner.evaluation import Setup, evaluate
+    from timetuner.measuring.evaluation import Setup, evaluate
 
     setup = Setup(str(tables_dir / "sd.safetensors"), str(sd_folders["sd"]))
     split = evaluate(setup, n=5, gap_n=2, reference_steps=4, bootstrap=5)

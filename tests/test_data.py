@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from timetuner.data import digits_split, load_digits_tensor, load_image_folder, load_training_data
+from timetuner.core.data import digits_split, load_digits_tensor, load_image_folder, load_training_data
 from timetuner.errors import UserError
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from timetuner import TauTable
-from timetuner.fitting import fit
+from timetuner.fitting.api import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each launch starts two Python processes (~30-60 s)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # each launch starts two Python processes (~30-60
 
 def launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch` of tests/distributed_run.py on this machine's CPU (gloo), from the repository root."""
-    from timetuner.distributed import launch_command
+    from timetuner.core.distributed import launch_command
 
     command = launch_command(processes, str(ROOT / "tests" / "distributed_run.py"), *args, module=None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

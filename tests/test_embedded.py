@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from timetuner.assets import EMBEDDED_MODEL
-from timetuner.data import load_digits_tensor
-from timetuner.features import load_digits_features
-from timetuner.metrics import digits_fd
-from timetuner.solver import initial_noise, sample_images
-from timetuner.trajectories import make_scheduler
+from timetuner.core.data import load_digits_tensor
+from timetuner.core.solver import initial_noise, sample_images
+from timetuner.core.trajectories import make_scheduler
+from timetuner.measuring.features import load_digits_features
+from timetuner.measuring.metrics import digits_fd
 
 
 def test_embedded_model_loads_with_plain_diffusers():

@@ -11,9 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from timetuner.cli.main import app
-from timetuner.data import load_digits_tensor
+from timetuner.core.data import load_digits_tensor
 from timetuner.errors import UserError
-from timetuner.fid import (
+from timetuner.measuring.fid import (
     INCEPTION_ENV,
     INCEPTION_FILE,
     check_reference,
@@ -23,7 +23,7 @@ from timetuner.fid import (
     tensor_features,
     to_uint8,
 )
-from timetuner.metrics import frechet_distance
+from timetuner.measuring.metrics import frechet_distance
 
 runner = CliRunner()
 
@@ -156,7 +156,7 @@ def test_clean_fid_npz_statistics_are_a_reference(tmp_path, digits):
 
 def test_missing_inception_weights_name_the_file_and_how_to_provide_it(monkeypatch, tmp_path):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
-    monkeypatch.setattr("timetuner.fid.inception_candidates", lambda: [tmp_path / INCEPTION_FILE])
+    monkeypatch.setattr("timetuner.measuring.fid.inception_candidates", lambda: [tmp_path / INCEPTION_FILE])
     with pytest.raises(UserError) as err:
         load_extractor("inception")
     message = str(err.value)
@@ -221,7 +221,7 @@ def test_a_users_module_is_an_extractor(digits):
 # -- the CLI ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_table(tiny_run, tmp_path_factory):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     out = tmp_path_factory.mktemp("table") / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,
@@ -255,7 +255,7 @@ def test_eval_fid_against_a_reference_folder(tiny_run, tiny_table, held_out_fold
 def test_eval_fid_bad_input_is_one_line_exit_2(tiny_run, tiny_table, held_out_folder, args, expected, monkeypatch,
                                                tmp_path):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
-    monkeypatch.setattr("timetuner.fid.inception_candidates", lambda: [tmp_path / INCEPTION_FILE])
+    monkeypatch.setattr("timetuner.measuring.fid.inception_candidates", lambda: [tmp_path / INCEPTION_FILE])
     base = ["eval", "--model", str(tiny_run), "--table", str(tiny_table), "--fid", "--ref", str(held_out_folder)]
     result = runner.invoke(app, base + args)
     lines = [line for line in result.output.splitlines() if line.strip()]

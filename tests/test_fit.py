@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
-from timetuner.fitting import fit
-from timetuner.search import adam_search, golden_search
+from timetuner.fitting.api import fit
+from timetuner.fitting.search import adam_search, golden_search
 
-tuning = importlib.import_module("timetuner.tuning")
-search = importlib.import_module("timetuner.search")
-evaluation = importlib.import_module("timetuner.evaluation")
-fitting = importlib.import_module("timetuner.fitting")
+tuning = importlib.import_module("timetuner.fitting.method")
+search = importlib.import_module("timetuner.fitting.search")
+evaluation = importlib.import_module("timetuner.measuring.evaluation")
+fitting = importlib.import_module("timetuner.fitting.run")
 # DDIM, named: the default (`auto`) tunes several solvers and has tests of its own
 FAST = dict(scheduler="ddim", samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5,
             search_refine=4)
@@ -214,8 +214,8 @@ def test_auto_is_the_default_ranks_plain_candidates_tunes_the_best_solvers_and_j
     from diffusers import DDPMPipeline
 
     from timetuner import TunedScheduler
-    from timetuner.auto import AUTO_TUNED, CANDIDATES
-    from timetuner.trajectories import TRAJECTORIES
+    from timetuner.core.trajectories import TRAJECTORIES
+    from timetuner.fitting.auto import AUTO_TUNED, CANDIDATES
 
     out = tmp_path / "auto.safetensors"
     result = fit(str(tiny_run), out=out, progress=False, nfe=3, e2e_iters=2, **{**FAST, "scheduler": None})
@@ -248,8 +248,8 @@ def test_auto_refuses_a_trajectory(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("objective", ["paper", pytest.param("e2e", marks=pytest.mark.slow)])
 def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(tiny_run, capsys, objective):
-    from timetuner.cost import plan
-    from timetuner.loading import load_model
+    from timetuner.core.loading import load_model
+    from timetuner.fitting.cost import plan
 
     options = dict(FAST, nfe=3, objective=objective, e2e_iters=3, force=True, seed=11)
     config = fitting.FitConfig(**options)
@@ -265,7 +265,7 @@ def test_fit_prints_its_plan_and_estimate_before_fitting_and_the_plan_is_close(t
 
 def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_number_stays():
     """On a learned grid (auto's, or --trajectory learned) τ starts close: 15 Adam iterations; else 40."""
-    from timetuner.fitting import E2E_ITERS, E2E_ITERS_LEARNED_GRID, checked_config
+    from timetuner.fitting.config import E2E_ITERS, E2E_ITERS_LEARNED_GRID, checked_config
 
     assert checked_config().e2e_iters == E2E_ITERS_LEARNED_GRID  # auto, the default
     assert checked_config(scheduler="dpm++", trajectory="learned").e2e_iters == E2E_ITERS_LEARNED_GRID
@@ -276,7 +276,7 @@ def test_e2e_iterations_default_to_fewer_on_a_learned_grid_and_an_explicit_numbe
 
 def test_the_grid_gradient_is_on_wherever_it_applies_up_to_its_nfe_and_an_explicit_choice_stays():
     from timetuner.errors import UserError
-    from timetuner.fitting import GRID_GRADIENT_MAX_NFE, checked_config
+    from timetuner.fitting.config import GRID_GRADIENT_MAX_NFE, checked_config
 
     small, large = GRID_GRADIENT_MAX_NFE, GRID_GRADIENT_MAX_NFE + 1
     assert checked_config(nfe=small).grid_gradient  # auto: its learned DPM-Solver++ grid

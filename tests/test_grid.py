@@ -1,4 +1,4 @@
-"""Learned timestep grids (`--trajectory learned`, `timetuner.grid`): the search, the fit, the table, the pipeline."""
+"""Learned timestep grids (`timetuner.fitting.grid`): the search, the fit, the table, the pipeline."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from timetuner.fitting import fit
-from timetuner.grid import GRID_POINT_LOSSES, _integer_search
+from timetuner.fitting.api import fit
+from timetuner.fitting.grid import GRID_POINT_LOSSES, _integer_search
 
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, e2e_iters=3)
 
@@ -45,8 +45,8 @@ class _CoupledSolver:
 
 
 def _learn_coupled(monkeypatch, budget: int, max_sweeps: int = 2):
-    import timetuner.grid as grid_module
-    from timetuner.tuning import FitInputs
+    import timetuner.fitting.grid as grid_module
+    from timetuner.fitting.method import FitInputs
 
     target = _CoupledSolver([900, 500, 300, 150, 60])  # the optimum t*, reachable only through several sweeps
     monkeypatch.setattr(grid_module, "GRID_EVALUATIONS", budget)
@@ -75,13 +75,13 @@ def test_the_grid_search_sweeps_again_while_points_move_as_far_as_its_budget_of_
 
 
 def test_two_sweeps_up_to_seven_steps_one_at_eight_and_ten_the_default_fit_s_time():
-    from timetuner.grid import sweeps
+    from timetuner.fitting.grid import sweeps
 
     assert [sweeps(_CoupledSolver(range(k, 0, -1))) for k in (3, 4, 5, 6, 7, 8, 10, 20)] == [2] * 5 + [1] * 3
 
 
 def test_the_grid_and_e2e_loss_is_the_mean_per_sample_rms_distance_not_the_mse():
-    from timetuner.tuning import sample_distance
+    from timetuner.fitting.method import sample_distance
 
     reference = torch.zeros(3, 1, 2, 2)
     final = torch.stack([torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 0.2), torch.full((1, 2, 2), 3.0)])
@@ -117,8 +117,8 @@ def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp
     assert pipe.scheduler.inner.timesteps.tolist() == grid
     assert torch.allclose(pipe.scheduler.timesteps.double(), result.tuned.tau.to(torch.float64), atol=1e-4)
     # eval's figures against the step count run the table's own grid at its step count
-    from timetuner.evaluation import Setup, gap_versus_nfe
-    from timetuner.solver import Solver
+    from timetuner.core.solver import Solver
+    from timetuner.measuring.evaluation import Setup, gap_versus_nfe
 
     grids, real = [], Solver.rollout
 
@@ -134,12 +134,12 @@ def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp
 
 
 def test_a_fit_resumes_with_its_learned_grid_without_learning_it_again(tiny_run, tmp_path, monkeypatch):
-    import timetuner.grid as grid_module
+    import timetuner.fitting.grid as grid_module
 
     options = dict(FAST, nfe=3, scheduler="dpm++", trajectory="learned", force=True, progress=False)
     straight = fit(str(tiny_run), **options)
     out = tmp_path / "r.safetensors"
-    fitting = sys.modules["timetuner.fitting"]
+    fitting = sys.modules["timetuner.fitting.run"]
     saves = {"n": 0}
     real_save = fitting.Checkpoints.save
 
@@ -166,7 +166,7 @@ def test_learned_grid_table_reproduces_the_fit_samples_after_save_pretrained_in_
     from diffusers import DDPMPipeline
 
     from timetuner import TunedScheduler
-    from timetuner.solver import Solver
+    from timetuner.core.solver import Solver
 
     out = tmp_path / "g.safetensors"
     result = fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="dpm++", trajectory="learned", force=True,
@@ -176,7 +176,7 @@ def test_learned_grid_table_reproduces_the_fit_samples_after_save_pretrained_in_
     pipe.save_pretrained(tmp_path / "saved")
     noise = torch.randn((4, 1, *[pipe.unet.config.sample_size] * 2), generator=torch.Generator().manual_seed(3))
     torch.save(noise, tmp_path / "noise.pt")
-    from timetuner.denoiser import Denoiser
+    from timetuner.core.denoiser import Denoiser
 
     solver = Solver.for_table(Denoiser(pipe.unet.eval()), pipe.scheduler.config, result.tuned)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_learned_grid_table_reproduces_the_fit_samples_after_save_pretrained_in_
     script = f"""
 import torch, timetuner
 from diffusers import DDPMPipeline
-from timetuner.solver import sample_images
+from timetuner.core.solver import sample_images
 pipe = DDPMPipeline.from_pretrained({str(tmp_path / 'saved')!r})
 assert type(pipe.scheduler).__name__ == "TunedScheduler"
 noise = torch.load({str(tmp_path / 'noise.pt')!r}, weights_only=True)
@@ -233,11 +233,11 @@ def test_an_identity_table_on_a_learned_grid_is_bitwise_the_plain_scheduler_on_t
 def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_losses(tiny_run):
     """auto's ranking rolls out DPM-Solver++ on its named grids already: the grid search takes those losses (the
     same figures its own rollouts give) instead of rolling the same grids out again."""
-    from timetuner.auto import _to_tune, rank_candidates
-    from timetuner.fitting import checked_config
-    from timetuner.grid import named_grids
-    from timetuner.loading import load_model
-    from timetuner.tuning import FitInputs, sample_distance
+    from timetuner.core.loading import load_model
+    from timetuner.fitting.auto import _to_tune, rank_candidates
+    from timetuner.fitting.config import checked_config
+    from timetuner.fitting.grid import named_grids
+    from timetuner.fitting.method import FitInputs, sample_distance
 
     setup = load_model(str(tiny_run))
     config = checked_config(nfe=4, **FAST)
@@ -251,13 +251,13 @@ def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_l
     for grid, loss in known.items():  # the very figure the grid search's own rollout gives
         assert float(inputs.mean(sample_distance(run.solver.with_grid(list(grid)).rollout(run.fit_noise),
                                                  reference))) == loss
-    from timetuner.grid import learn_grid
+    from timetuner.fitting.grid import learn_grid
 
     with_known, record = learn_grid(run.solver, inputs, known)
     without, record_alone = learn_grid(run.solver, inputs)
     assert with_known == without and record["start"] == record_alone["start"]
     assert record["losses"] == record_alone["losses"] - len(known)
-    from timetuner.grid import planned  # and the plan said before the fit leaves them out
+    from timetuner.fitting.grid import planned  # and the plan said before the fit leaves them out
 
     assert planned(run.solver, 1) - planned(run.solver, 1, known) == run.solver.evaluations * len(known)
 
@@ -266,8 +266,8 @@ def test_auto_hands_its_ranking_rollouts_to_the_grid_search_as_the_named_grids_l
 def test_a_rollout_on_the_grid_s_own_times_is_bitwise_the_plain_one_and_differentiable_in_them(tiny_run):
     from diffusers import DDPMPipeline
 
-    from timetuner.denoiser import Denoiser
-    from timetuner.solver import Solver
+    from timetuner.core.denoiser import Denoiser
+    from timetuner.core.solver import Solver
 
     pipe = DDPMPipeline.from_pretrained(tiny_run)
     solver = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "dpm++", "learned", 4)
@@ -285,7 +285,7 @@ def test_a_rollout_on_the_grid_s_own_times_is_bitwise_the_plain_one_and_differen
 
 
 def test_grid_parameters_start_on_the_grid_stay_monotone_and_round_to_distinct_integers():
-    from timetuner.solver import GridParameters, integer_grid
+    from timetuner.core.solver import GridParameters, integer_grid
 
     grid = torch.tensor([830.0, 603.0, 381.0, 191.0, 44.0], dtype=torch.float64)
     params = GridParameters(grid)

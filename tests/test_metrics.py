@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from timetuner.errors import UserError
-from timetuner.metrics import describe_change, frechet_distance, paired_bootstrap
+from timetuner.measuring.metrics import describe_change, frechet_distance, paired_bootstrap
 
 
 def test_no_change_covers_zero_and_says_so():
@@ -49,8 +49,8 @@ def test_clean_fid_distances_offline_with_the_digits_extractor():
     """Held-out vs training digits sit near the floor; noise is far above it (FD and KID, via clean-fid)."""
     import torch
 
-    from timetuner.data import load_digits_tensor
-    from timetuner.metrics import digits_features, kernel_distance
+    from timetuner.core.data import load_digits_tensor
+    from timetuner.measuring.metrics import digits_features, kernel_distance
 
     test, train = load_digits_tensor("test")[0], load_digits_tensor("train")[0]
     noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -68,7 +68,7 @@ def test_kernel_distance_is_clean_fids_estimator_on_its_subsets():
     import numpy as np
     from cleanfid.fid import kernel_distance as clean_fid_kernel
 
-    from timetuner.metrics import kernel_distance
+    from timetuner.measuring.metrics import kernel_distance
 
     rng = np.random.default_rng(3)
     for n_a, n_b in ((120, 500), (90, 60)):

@@ -26,7 +26,8 @@ def test_namespaced_subpackages_install_from_their_root_folders():
 
 # What `from timetuner import TunedScheduler` must not load: a pipeline that only samples with a table pays for
 # the table and the scheduler, not for fitting, measurement, plotting, the trainers or the CLI.
-HEAVY = ("timetuner.fitting", "timetuner.tuning", "timetuner.solver", "timetuner.evaluation", "timetuner.fid",
+HEAVY = ("timetuner.fitting.run", "timetuner.fitting.method", "timetuner.core.solver",
+         "timetuner.measuring.evaluation", "timetuner.measuring.fid",
          "timetuner.cli", "timetuner.trainers", "cleanfid", "matplotlib", "sklearn")
 
 
@@ -34,7 +35,7 @@ def test_loading_a_tuned_scheduler_loads_nothing_of_fitting_measurement_trainers
     # One fresh process: what the scheduler import loaded, then that `fit` is reachable and stays the function
     # even after the fitting modules are imported.
     code = ("import sys, json; from timetuner import TunedScheduler, TauTable; loaded = sorted(sys.modules); "
-            "import timetuner, timetuner.tuning, timetuner.fitting; from timetuner import fit; "
+            "import timetuner, timetuner.fitting.method, timetuner.fitting.run; from timetuner import fit; "
             "print(json.dumps([loaded, fit.__module__, callable(fit), timetuner.fit is fit]))")
     loaded, module, is_callable, same = json.loads(subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

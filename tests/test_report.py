@@ -63,7 +63,7 @@ def check_report(folder: Path) -> _Page:
 
 @pytest.fixture(scope="module")
 def tiny_tables(tiny_run, tmp_path_factory):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     folder = tmp_path_factory.mktemp("tables")
     paths = []
@@ -95,7 +95,7 @@ def test_report_for_a_table_with_a_sibling(tiny_run, tiny_tables, tmp_path):
 
 @pytest.mark.slow  # builds an eval setup (~9 s)
 def test_report_refuses_tables_of_another_solver(tiny_run, tiny_tables, tmp_path):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     other = tmp_path / "dpm2.safetensors"
     fit(str(tiny_run), out=other, progress=False, nfe=3, scheduler="dpm2", objective="paper", samples=4,

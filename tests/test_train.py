@@ -161,11 +161,11 @@ def test_clts_and_mdlrc_schedules_at_a_step_do_not_depend_on_the_run_length(tmp_
     """Schedules are set in steps: at step s a 2,000-step and a 50,000-step run sample and step alike."""
     from diffusers import DDPMScheduler
 
-    from timetuner.trainers.loop import _mdlrc, build_sampler
+    from timetuner.trainers.config import build_sampler, make_mdlrc
 
     runs = [TrainConfig(out="unused", sampler="clts", mdlrc=True, steps=steps) for steps in (2000, 50_000)]
     samplers = [build_sampler(c, DDPMScheduler(num_train_timesteps=1000)) for c in runs]
-    mdlrcs = [_mdlrc(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), c) for c in runs]
+    mdlrcs = [make_mdlrc(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), c) for c in runs]
     for step in (0, 1000, 1999, 4000, 7999, 20_000):
         assert torch.equal(samplers[0].probabilities(step), samplers[1].probabilities(step))
         assert mdlrcs[0].beta1(step) == mdlrcs[1].beta1(step) and mdlrcs[0].lr_factor(step) == mdlrcs[1].lr_factor(
@@ -186,14 +186,15 @@ def test_momentum_decay_without_compensation_keeps_the_learning_rate():
 @pytest.mark.parametrize("seed", [0, 3])
 def test_every_method_sees_one_noise_tensor_and_one_batch_at_a_given_seed_and_step(tmp_path, seed):
     """Paired comparisons: the same initial weights, batches and noises whatever the sampler draws."""
-    from timetuner.data import load_training_data
-    from timetuner.trainers.loop import _resolved, _Training
+    from timetuner.core.data import load_training_data
+    from timetuner.trainers.config import resolved
+    from timetuner.trainers.loop import _Training
 
     methods = [{}, dict(sampler="speed"), dict(sampler="adaptive", adaptive_update_every=2),
                dict(sampler="clts", mdlrc=True), dict(sampler="lognormal", weighting="min-snr")]
     runs = []
     for i, method in enumerate(methods):
-        config = _resolved(tiny_config(tmp_path / str(i), seed=seed, **method))
+        config = resolved(tiny_config(tmp_path / str(i), seed=seed, **method))
         data = load_training_data(config.data, config.resolution, config.channels)
         run = _Training(config)
         initial = [p.detach().clone() for p in run.unet.parameters()]

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
+from timetuner.core.trajectories import ays_timesteps, build, logsnr_timesteps, quadratic_timesteps
 from timetuner.errors import UserError
-from timetuner.trajectories import ays_timesteps, build, logsnr_timesteps, quadratic_timesteps
 
 BASE = DDPMScheduler(num_train_timesteps=1000).config
 runner = CliRunner()
@@ -62,7 +62,7 @@ def test_unknown_trajectory_for_a_scheduler_is_refused():
 
 @pytest.mark.slow  # a 1000-step reference trajectory (~17 s)
 def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     out = tmp_path / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,
@@ -78,7 +78,7 @@ def test_eval_prints_gap_per_state_and_fd(tiny_run, tmp_path):
 
 @pytest.mark.slow  # a 1000-step reference and bootstrap (~17 s)
 def test_eval_gives_paired_bootstrap_intervals(tiny_run, tmp_path):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     out = tmp_path / "t.safetensors"
     fit(str(tiny_run), out=out, progress=False, nfe=3, scheduler="ddim", objective="paper", samples=8,

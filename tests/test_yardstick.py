@@ -9,10 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from timetuner.cache import cache_path, cached, grown
 from timetuner.cli.main import app
-from timetuner.evaluation import Setup, build_yardstick, evaluate, reference_key
-from timetuner.loading import load_model
+from timetuner.core.cache import cache_path, cached, grown
+from timetuner.core.loading import load_model
+from timetuner.core.reference import reference_key
+from timetuner.measuring.evaluation import Setup, evaluate
+from timetuner.measuring.yardstick import build_yardstick
 
 runner = CliRunner()
 FIT = dict(nfe=3, scheduler="ddim", objective="paper", samples=8, eval_samples=40, eval_gap_samples=16,
@@ -44,7 +46,7 @@ def test_a_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, monkeypatch):
 
 
 def test_shipped_entries_are_found_by_key_and_checked_like_any_other(tmp_path, monkeypatch):
-    from timetuner.cache import write
+    from timetuner.core.cache import write
 
     monkeypatch.setenv("TIMETUNER_CACHE", str(tmp_path / "made"))
     write("s1", {"x": torch.ones(3)})
@@ -63,9 +65,9 @@ def test_shipped_entries_are_found_by_key_and_checked_like_any_other(tmp_path, m
 
 def test_the_embedded_models_reference_set_ships():
     from timetuner.assets import SHIPPED_CACHE
-    from timetuner.cache import read
-    from timetuner.fid import load_extractor
-    from timetuner.reference import REFERENCE_SET_SEED
+    from timetuner.core.cache import read
+    from timetuner.core.reference import REFERENCE_SET_SEED
+    from timetuner.measuring.fid import load_extractor
 
     model = load_model(None)
     key = reference_key("reference-set", model, model.denoiser, "dpm++", 100, REFERENCE_SET_SEED, 500,
@@ -92,7 +94,7 @@ def test_a_grown_set_computes_only_missing_blocks_and_keeps_its_first_rows(tmp_p
 
 # -- the distribution gap ------------------------------------------------------------------------------------------
 def test_distribution_gap_of_the_reference_sampler_is_near_zero_and_of_noise_large():
-    from timetuner.reference import reference_samples
+    from timetuner.core.reference import reference_samples
 
     model = load_model(None)  # the embedded model: its samples are digits, far from noise
     yard = build_yardstick(model, lambda lo, hi: model.denoiser, "dpm++", 6, 600, progress=False)
@@ -120,7 +122,7 @@ def test_reference_cache_keys_change_with_the_model_weights(tiny_run):
 # -- one measurement path ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fitted(tiny_run, tmp_path_factory):
-    from timetuner.fitting import fit
+    from timetuner.fitting.api import fit
 
     out = tmp_path_factory.mktemp("yard") / "t.safetensors"
     return out, fit(str(tiny_run), out=out, progress=False, **FIT)

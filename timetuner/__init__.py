@@ -4,7 +4,7 @@
 
 `import timetuner` loads the table and the scheduler only — what a pipeline saved with a `TunedScheduler` needs
 (`model_index.json` names `timetuner.scheduler`, and diffusers loads such a component only from a module already
-in sys.modules). Fitting (`timetuner.fitting`, the method in `timetuner.tuning`), measurement, the trainers and
+in sys.modules). Fitting (`timetuner.fitting`, the method in `timetuner.fitting.method`), measurement, the trainers and
 the CLI load when first used.
 """
 
@@ -18,8 +18,8 @@ from timetuner.table import TauTable  # noqa: E402
 
 
 def fit(model: str | None = None, out=None, **options):
-    """Fit a τ table for `model` (default: the embedded digits model); see `timetuner.fitting.fit`."""
-    from timetuner.fitting import fit as run
+    """Fit a τ table for `model` (default: the embedded digits model); see `timetuner.fitting.api.fit`."""
+    from timetuner.fitting.api import fit as run
 
     return run(model, out, **options)
 

@@ -71,7 +71,7 @@ class TauTable:
                  **metadata) -> TauTable:
         """τ = t for `scheduler` at `num_inference_steps` (the plain sampler, the starting point of a fit).
 
-        `timesteps`: an explicit grid (see `timetuner.trajectories`); the table carries it, so that
+        `timesteps`: an explicit grid (see `timetuner.core.trajectories`); the table carries it, so that
         `TunedScheduler.set_timesteps(num_inference_steps)` sets the same grid on the wrapped scheduler.
         """
         config = config_dict(scheduler.config)  # before set_timesteps, which some schedulers let rewrite it

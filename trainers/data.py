@@ -1,6 +1,6 @@
-"""Training data: the digits and image folders of `timetuner.data`, under the trainers' import path."""
+"""Training data: the digits and image folders of `timetuner.core.data`, under the trainers' import path."""
 
-from timetuner.data import (  # noqa: F401
+from timetuner.core.data import (  # noqa: F401
     DIGITS_SPLIT_SEED,
     DIGITS_TEST_FRACTION,
     IMAGE_SUFFIXES,

@@ -10,185 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from timetuner.core.reference import reference_final
 from timetuner.errors import UserError
-from timetuner.metrics import (
-    feature_statistics,
-    frechet_distance,
-    kernel_distance,
-    paired_bootstrap,
+from timetuner.measuring.metrics import (
     truncation_gap,
 )
-
-FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
-DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md)
-DEFAULT_GAP_N = 256  # of which the first this many carry the x0 gap (a paired figure: precise at this size)
-DEFAULT_REFERENCE_N = 10_000  # samples of the converged sampler the distribution gap is measured against
-
-
-@dataclass(frozen=True)
-class FidOptions:
-    """How FD/KID are measured: the reference set and the feature extractor."""
-
-    ref: str | None = None  # folder, .zip, clean-fid .npz, digits:test / digits:train; None: digits:test for digits
-    features: str = "auto"  # auto (digits for digits models, else inception), inception, digits, package.module:factory
-    inception_weights: str | None = None
-
-
-@dataclass
-class Measure:
-    """A feature extractor with the features (or statistics) of a data reference set: the data FD."""
-
-    extractor: object
-    reference: np.ndarray | tuple
-    label: str
-
-    @classmethod
-    def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0,
-              extractor=None) -> Measure:
-        from timetuner.fid import default_reference, load_extractor, reference_features
-
-        ref = options.ref or default_reference(is_digits_model)
-        if ref is None:
-            raise UserError("--fid needs a reference set for this model; accepted: --ref FOLDER (or .zip, a "
-                            "clean-fid .npz, digits:test)")
-        features = resolve_features(options.features, is_digits_model)
-        extractor = extractor or load_extractor(features, options.inception_weights)
-        reference = reference_features(ref, extractor, n=n, seed=seed)
-        return cls(extractor=extractor, reference=reference, label=f"{features} features vs {ref}")
-
-    @property
-    def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(self.reference, tuple):
-            return self.reference
-        if not hasattr(self, "_stats"):
-            self._stats = feature_statistics(self.reference)
-        return self._stats
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return image_features(images, self.extractor)
-
-    def fd(self, features: np.ndarray) -> float:
-        return frechet_distance(features, self.stats)
-
-
-def image_features(images: torch.Tensor, extractor) -> np.ndarray:
-    """Features of images in about [-1, 1] (clamped), through clean-fid's path (`timetuner.fid.tensor_features`)."""
-    from timetuner.fid import tensor_features
-
-    return tensor_features(images.clamp(-1, 1), extractor)
-
-
-def resolve_features(features: str, is_digits_model: bool) -> str:
-    """"auto" → the digits features for digits models, Inception otherwise; other names as given."""
-    return ("digits" if is_digits_model else "inception") if features == "auto" else features
-
-
-@dataclass
-class Yardstick:
-    """What every held-out figure is measured with — fit's verdict, `eval`, `report` and the benches alike.
-
-    - **distribution gap** (primary): FD, and KID, in feature space between a sampler's n final images and N
-      images of the converged reference sampler from their own noises (`reference`: the reference set's
-      features, `timetuner.reference.reference_set`, cached by model hash, sampler and seeds). This is the
-      error a sampler-tuning tool is responsible for, measurable as precisely as compute allows.
-    - **x0 gap** (primary, `judge`): RMS per image to the reference sampler's image from the same noise.
-    - **data FD** (secondary): against held-out data (`data`), as a user's usual FD; never the verdict alone.
-    """
-
-    extractor: object  # timetuner.fid.FeatureExtractor
-    label: str  # the feature space, e.g. "digits features"
-    reference: np.ndarray | None  # N×D features of the reference set (None: no distribution gap)
-    reference_label: str  # e.g. "dpm++-100"
-    data: Measure | None = None  # the data reference (data FD); same extractor
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return image_features(images, self.extractor)
-
-    @property
-    def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        if not hasattr(self, "_ref_stats"):
-            self._ref_stats = feature_statistics(self.reference)
-        return self._ref_stats
-
-    def dist_gap(self, features: np.ndarray) -> float:
-        return frechet_distance(features, self.reference_stats)
-
-    def dist_kid(self, features: np.ndarray) -> float:
-        scale = getattr(self.extractor, "kid_scale", 1.0)
-        if not hasattr(self, "_kid_cache"):  # the reference's own kernel sums, the same for every sampler judged
-            self._kid_cache = {}
-        return kernel_distance(features / scale, self.reference / scale, cache=self._kid_cache)
-
-    def figures(self, features: np.ndarray) -> dict:
-        """{"dist_gap", "data_fd"} of one sampler's features (those measured)."""
-        out = {} if self.reference is None else {"dist_gap": self.dist_gap(features)}
-        if self.data is not None:
-            out["data_fd"] = self.data.fd(features)
-        return out
-
-    def changes(self, plain: np.ndarray, tuned: np.ndarray, bootstrap: int) -> dict:
-        """Paired changes plain → tuned, each with its 95 % bootstrap interval over the noises."""
-        out = {}
-        for name, statistic in (("dist_gap", None if self.reference is None else self.dist_gap),
-                                ("data_fd", None if self.data is None else self.data.fd)):
-            if statistic is not None:
-                out[name] = paired_bootstrap(plain, tuned, statistic=statistic,
-                                             resamples=min(bootstrap, FD_RESAMPLES))
-        return out
-
-    def describe(self) -> dict:
-        out = {"measure": self.label}
-        if self.reference is not None:
-            out["reference_n"] = int(self.reference.shape[0])
-        if self.data is not None:
-            out["data_measure"] = self.data.label
-        return out
-
-
-def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
-                    options: FidOptions | None = None, data: bool = True, progress: bool = True,
-                    data_n: int | None = None, world=None) -> Yardstick | None:
-    """The yardstick of `model` (a `timetuner.loading.ModelSetup`): its reference set of `reference_n` samples of
-    the `reference` solver at `reference_steps` (grown in the cache with a progress bar where short), and its data
-    reference (a seeded subset of `data_n` images; all by default); None where no feature extractor applies
-    (features "none", or "auto" on a non-digits model with no data reference given). `world`: the processes
-    (`timetuner.distributed`) that share the computing of missing reference blocks."""
-    from tqdm.auto import tqdm
-
-    from timetuner.fid import load_extractor
-    from timetuner.reference import REFERENCE_SET_SEED, reference_block, reference_set
-
-    options = options or FidOptions()
-    if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
-        return None
-    name = resolve_features(options.features, model.is_digits)
-    extractor = load_extractor(name, options.inception_weights)
-    data = data and (options.ref is not None or model.is_digits)
-    measure = Measure.build(options, model.is_digits, data_n, extractor=extractor) if data else None
-    features = None
-    if reference_n > 0:
-        block = reference_block(reference_n)
-        key = reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
-                            REFERENCE_SET_SEED, block, extractor.name)
-        bar = None
-
-        def advance(done: int, total: int) -> None:  # a bar only when blocks are computed (not on a cache hit)
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=total * block, desc=f"reference set {reference}-{reference_steps}",
-                           disable=not progress, dynamic_ncols=True, leave=False)
-            bar.update(block if done else 0)
-
-        rows = reference_set(denoiser_for, model.base_config, reference, reference_steps, reference_n,
-                             lambda images: image_features(images, extractor), key,
-                             images=model.images if model.vae is not None else None, progress=advance, world=world)
-        if bar is not None:
-            bar.close()
-        features = rows.double().numpy()
-    return Yardstick(extractor, f"{name} features", features, f"{reference}-{reference_steps}", measure)
+from timetuner.measuring.verdict import judge
+from timetuner.measuring.yardstick import (
+    DEFAULT_GAP_N,
+    DEFAULT_N,
+    DEFAULT_REFERENCE_N,
+    FidOptions,
+    Yardstick,
+    build_yardstick,
+)
 
 
 @dataclass
@@ -211,9 +48,9 @@ class Setup:
 
     def __init__(self, table: str, model: str | None, prompts: str | None = None,
                  class_labels: list[int] | None = None, negative_prompt: str | None = None):
-        from timetuner.loading import load_model, load_pipeline, network_of
+        from timetuner.core.loading import load_model, load_pipeline, network_of
+        from timetuner.core.solver import Solver
         from timetuner.scheduler import check_model
-        from timetuner.solver import Solver
         from timetuner.table import TauTable
 
         self.path = table
@@ -238,7 +75,7 @@ class Setup:
     def _conditioner(self, prompts, class_labels, negative_prompt):
         """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
         from timetuner.assets import EVAL_PROMPTS
-        from timetuner.prompts import check_applies, check_disjoint, conditioning_for, read_prompts, rotated
+        from timetuner.core.prompts import check_applies, check_disjoint, conditioning_for, read_prompts, rotated
 
         meta = self.table.metadata
         fitted = meta.get("fit_config", {})
@@ -386,7 +223,7 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
     gap_n, distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per
     state to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
     tuned sampler is closer). `progress`: a bar over the network evaluations (at most those planned here)."""
-    from timetuner.cost import counting
+    from timetuner.core.progress import counting
 
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
@@ -401,8 +238,8 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
 
 def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, reference_steps: int, bootstrap: int,
               yardstick: Yardstick | None) -> Evaluation:
-    from timetuner.cache import cache_key
-    from timetuner.reference import reference_trajectory
+    from timetuner.core.cache import cache_key
+    from timetuner.core.reference import reference_trajectory
 
     figures, images = _figures(setup, yardstick, noise, seed, cond, g, bootstrap)
     head = setup.view(setup.sampler, cond, 0, g)
@@ -418,24 +255,6 @@ def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, refere
     return Evaluation(record, images[0].clamp(-1, 1), images[1].clamp(-1, 1))
 
 
-def combine_sets(records: list[dict]) -> dict:
-    """Figures over several independent held-out noise sets (`held_out_figures` records): per figure the mean plain,
-    tuned and change, and a 95 % interval of the mean change from the sets' own bootstrap intervals (normal
-    approximation, independent sets), with every set's change listed."""
-    out = {"sets": len(records), "seeds": [r["seed"] for r in records]}
-    for key in ("dist_gap", "x0_gap", "data_fd"):
-        if key not in records[0]:
-            continue
-        parts = [r[key] for r in records]
-        mean = {name: float(np.mean([p[name] for p in parts])) for name in ("plain", "tuned", "change")}
-        se = float(np.sqrt(sum(((p["high"] - p["low"]) / 3.92) ** 2 for p in parts))) / len(parts)
-        low, high = mean["change"] - 1.96 * se, mean["change"] + 1.96 * se
-        out[key] = {**mean, "low": low, "high": high, "level": 0.95, "significant": not (low <= 0.0 <= high),
-                    "per_set": [p["change"] for p in parts]}
-    out["better"] = is_better(out)
-    return out
-
-
 @torch.no_grad()
 def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: list | None = None,
                    n: int | None = None, seed: int | None = None, bootstrap: int = 200,
@@ -447,7 +266,7 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
     Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
     `progress`: a bar over the network evaluations.
     """
-    from timetuner.cost import counting
+    from timetuner.core.progress import counting
 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
@@ -463,7 +282,7 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
 
 def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: dict, noise, cond, n: int,
               bootstrap: int) -> list[dict]:
-    from timetuner.solver import Solver
+    from timetuner.core.solver import Solver
 
     rows = []
     for nfe in steps:
@@ -487,7 +306,13 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_row
                ) -> dict[str, Path]:
     """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given `gap_versus_nfe` rows,
     gap_vs_nfe (the distribution gap against steps; the data FD where there is no reference set)."""
-    from timetuner.plots import curve_rows, save_gap_plot, save_nfe_plot, save_side_by_side, save_tau_shift_plot
+    from timetuner.measuring.plots import (
+        curve_rows,
+        save_gap_plot,
+        save_nfe_plot,
+        save_side_by_side,
+        save_tau_shift_plot,
+    )
 
     folder, rec = Path(folder), evaluation.record
     label = f"{Path(setup.path).name}, {rec['gap_n']} noises"
@@ -506,89 +331,3 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_row
                                             rec.get("data_fd_reference") if figure == "data_fd" else None,
                                             f"{rec['reference']} reference", ylabel)
     return paths
-
-
-def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor, seed: int, *parts
-                    ) -> torch.Tensor:
-    """Final samples of the reference solver from `noise` (seed `seed`) — the one cache entry that fit's
-    verdict, `eval` and `report` share for the same model, reference, noises and conditioning; `parts` tell
-    more about the noises (which rows of the seed's they are, for one process's share)."""
-    from timetuner.reference import reference_samples
-
-    key = reference_final_key(model, denoiser, kind, steps, noise.shape[0], seed, *parts)
-    return reference_samples(denoiser, model.base_config, noise, kind, steps, key)
-
-
-def reference_final_key(model, denoiser, kind: str, steps: int, n: int, seed: int, *parts) -> str:
-    """The cache key of `reference_final` for n noises of `seed`."""
-    return reference_key("samples", model, denoiser, kind, steps, seed, n, *parts)
-
-
-def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> str:
-    """The cache key of reference samples or a reference set: the model's weights hash and noise schedule, the
-    reference solver and steps, the sample shape and conditioning, and `parts` (seeds, counts, extractor)."""
-    from timetuner.cache import cache_key
-
-    schedule = {k: v for k, v in dict(model.base_config).items() if not k.startswith("_")}  # not diffusers' version
-    return cache_key(what, model.weights, schedule, kind, steps, *parts, list(denoiser.sample_shape),
-                     *denoiser.cache_parts())
-
-
-def judge(yardstick: Yardstick | None, plain: torch.Tensor, tuned: torch.Tensor, reference: torch.Tensor,
-          reference_label: str, bootstrap: int = 1000) -> dict:
-    """The held-out record of plain against tuned final images (n, same noises), the one measurement path.
-
-    x0 gap: RMS per image to the reference solver's image from the same noise (`reference`: the first g), mean
-    over the g; distribution gap: FD (and KID) of the n images' features against the reference set; data FD:
-    against held-out data. Each change with a 95 % paired bootstrap interval over the noises; `better`: the
-    verdict, decided on the x0 gap and the distribution gap (`is_better`).
-    """
-    g = reference.shape[0]
-    ref = reference.clamp(-1, 1)
-    gaps = [(x[:g].clamp(-1, 1) - ref).pow(2).mean(dim=tuple(range(1, x.ndim))).sqrt().cpu().numpy()
-            for x in (plain, tuned)]
-    record = {"reference": reference_label, "n": int(plain.shape[0]), "gap_n": g,
-              "x0_gap": paired_bootstrap(gaps[0], gaps[1], resamples=bootstrap)}
-    if yardstick is not None:
-        fa, fb = yardstick.features(plain), yardstick.features(tuned)
-        record.update(yardstick.describe(), **yardstick.changes(fa, fb, bootstrap))
-        record["dist_kid"] = {"plain": yardstick.dist_kid(fa), "tuned": yardstick.dist_kid(fb)}
-        if yardstick.data is not None and yardstick.reference is not None:
-            record["data_fd_reference"] = yardstick.data.fd(yardstick.reference[: record["n"]])
-    record["better"] = is_better(record)
-    return record
-
-
-def is_better(held: dict) -> bool:
-    """The verdict: a lower held-out x0 gap and a lower distribution gap (where one was measured); or, since the
-    distribution gap cannot resolve small changes at affordable n (docs/measuring.md), an x0 gap lower with a
-    95 % interval that excludes zero and a distribution gap not significantly higher."""
-    x0 = held["x0_gap"]
-    if "dist_gap" not in held:
-        return x0["tuned"] < x0["plain"]
-    dist = held["dist_gap"]
-    if x0["tuned"] < x0["plain"] and dist["tuned"] < dist["plain"]:
-        return True
-    return bool(x0["high"] < 0 and dist["low"] <= 0)
-
-
-def describe_judgement(record: dict) -> list[str]:
-    """The held-out figures of a `judge` record as lines: distribution gap, x0 gap, data FD, each with its interval."""
-    from timetuner.metrics import describe_change
-
-    lines = []
-    if "dist_gap" in record:
-        kid = record.get("dist_kid", {})
-        lines.append(describe_change(f"distribution gap (FD, {record['measure']}, {record['n']} samples vs "
-                                     f"{record['reference_n']} of the {record['reference']} reference)",
-                                     record["dist_gap"], digits=3)
-                     + (f"; KID {kid['plain']:.5f} -> {kid['tuned']:.5f}" if kid else ""))
-    lines.append(describe_change(f"x0 gap (RMS to the {record['reference']} sample from the same noise, "
-                                 f"{record['gap_n']} samples)", record["x0_gap"]))
-    if "data_fd" in record:
-        line = describe_change(f"data FD (secondary; {record['data_measure']}, {record['n']} samples)",
-                               record["data_fd"], digits=3)
-        if "data_fd_reference" in record:
-            line += f"; reference sampler {record['data_fd_reference']:.3f}"
-        lines.append(line)
-    return lines

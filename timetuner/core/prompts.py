@@ -125,7 +125,7 @@ def rotated(rows, lo: int) -> tuple:
 def conditioning_for(kind: str | None, pipeline, network, rows: tuple, n: int, negative_prompt: str = ""):
     """Per-sample conditioning of n samples from prompts or class labels (sample i: row i mod P); None if
     the model is unconditional. Text models embed the prompts with the pipeline's own `encode_prompt`."""
-    from timetuner.denoiser import class_conditioning, text_conditioning
+    from timetuner.core.denoiser import class_conditioning, text_conditioning
 
     if kind is None:
         return None

@@ -112,10 +112,10 @@ def grown(key: str | None, n: int, block: int, compute_block, progress=None, wor
 
     The cached set is extended by the missing blocks only, so asking for more rows than are cached grows the cache
     rather than recomputing it; `progress(done, total)` is called before the first new block and after each.
-    Several processes (`world`, a `timetuner.distributed.World`) take turns over the missing blocks; the main
+    Several processes (`world`, a `timetuner.core.distributed.World`) take turns over the missing blocks; the main
     process writes the entry, from the count of blocks it read.
     """
-    from timetuner.distributed import SOLO
+    from timetuner.core.distributed import SOLO
 
     world = world or SOLO
     have = read(key)

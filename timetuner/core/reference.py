@@ -1,6 +1,6 @@
 """Reference samples and trajectories from the same noises: what a few-step solver is measured (and fitted) against.
 
-Both are cached on disk (`timetuner.cache`) keyed by the model's weights hash, the scheduler configuration, the
+Both are cached on disk (`timetuner.core.cache`) keyed by the model's weights hash, the scheduler configuration, the
 reference settings and the noises' seed and count.
 """
 
@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from timetuner.cache import cached
-from timetuner.solver import Solver, alpha_bar_at, to_epsilon
+from timetuner.core.cache import cached
+from timetuner.core.solver import Solver, alpha_bar_at, to_epsilon
 
 REFERENCE_SOLVERS = {"dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2}), "ddim": ("DDIMScheduler", {})}
 
@@ -68,14 +68,14 @@ REFERENCE_SET_BLOCK = 500
 def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, features, key: str | None,
                   images=None, progress=None, world=None) -> torch.Tensor:
     """Features of n final samples of the reference solver from their own noises: what the distribution gap is
-    measured against. Cached by `key` and grown block by block (`timetuner.cache.grown`): asking for more
+    measured against. Cached by `key` and grown block by block (`timetuner.core.cache.grown`): asking for more
     samples than are cached computes only the missing blocks, and the first n are the same at any size.
 
     `denoiser_for(lo, hi)`: the denoiser for samples lo…hi−1 (their conditioning); `features(images)` → N×D
     array; `images` maps final samples to images (the VAE decoder for latent models); `progress(done, total)`;
-    `world`: the processes that share the missing blocks (`timetuner.distributed`).
+    `world`: the processes that share the missing blocks (`timetuner.core.distributed`).
     """
-    from timetuner.cache import grown
+    from timetuner.core.cache import grown
 
     size = reference_block(n)
 
@@ -95,3 +95,27 @@ def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, feat
 def reference_block(n: int) -> int:
     """Samples per block of a reference set of n (part of its cache key): 500, or n for smaller sets."""
     return min(REFERENCE_SET_BLOCK, n)
+
+
+def reference_final(model, denoiser, kind: str, steps: int, noise: torch.Tensor, seed: int, *parts
+                    ) -> torch.Tensor:
+    """Final samples of the reference solver from `noise` (seed `seed`) — the one cache entry that fit's
+    verdict, `eval` and `report` share for the same model, reference, noises and conditioning; `parts` tell
+    more about the noises (which rows of the seed's they are, for one process's share)."""
+    key = reference_final_key(model, denoiser, kind, steps, noise.shape[0], seed, *parts)
+    return reference_samples(denoiser, model.base_config, noise, kind, steps, key)
+
+
+def reference_final_key(model, denoiser, kind: str, steps: int, n: int, seed: int, *parts) -> str:
+    """The cache key of `reference_final` for n noises of `seed`."""
+    return reference_key("samples", model, denoiser, kind, steps, seed, n, *parts)
+
+
+def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> str:
+    """The cache key of reference samples or a reference set: the model's weights hash and noise schedule, the
+    reference solver and steps, the sample shape and conditioning, and `parts` (seeds, counts, extractor)."""
+    from timetuner.core.cache import cache_key
+
+    schedule = {k: v for k, v in dict(model.base_config).items() if not k.startswith("_")}  # not diffusers' version
+    return cache_key(what, model.weights, schedule, kind, steps, *parts, list(denoiser.sample_shape),
+                     *denoiser.cache_parts())

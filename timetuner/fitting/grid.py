@@ -5,7 +5,7 @@ diffusers' `set_timesteps(timesteps=…)` takes integers (DPM-Solver++ casts the
 up at them, so a grid is a list of K integers and is searched as one: coordinate descent over t_1 … t_{K−1} (t_0,
 where sampling starts, stays; the last step always ends at t = 0), each by a golden-section search on the integers
 strictly between its neighbours, minimising the mean RMS distance of the final sample to the reference solver's
-final sample from the same noise (`timetuner.tuning.sample_distance`) — the e2e objective's loss, with τ = t. It
+final sample from the same noise (`timetuner.fitting.method.sample_distance`) — the e2e objective's loss, with τ = t. It
 starts from the best of the solver's named grids by that loss (its spacings, Karras, log-SNR, quadratic,
 Align-Your-Steps: `named_grids`), and a point only moves when that lowers the loss, so the learned grid is never
 worse on the fit noises than any named grid. τ is fitted afterwards on the learned grid.
@@ -57,7 +57,7 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     """(the learned grid, a record: its start, the losses of the start and of the grid, losses evaluated) for
     `solver` (an explicit grid) against `inputs.reference_final`; `known`: {grid tuple: loss} already measured on
     the same noises (auto's ranking rolls out the named grids that are its candidates), not rolled out again."""
-    from timetuner.tuning import sample_distance
+    from timetuner.fitting.method import sample_distance
 
     reference, memo = inputs.reference_final, dict(known or {})
 
@@ -93,9 +93,9 @@ def named_grids(solver) -> dict[str, list[int]]:
     """The solver's named grids at its K steps as explicit integer lists ({name: grid}), each usable as
     `set_timesteps(timesteps=…)`: the scheduler's own spacings read off a scheduler set to them, the computed ones
     as they are. The start of `learn_grid` is the one of lowest loss."""
+    from timetuner.core.trajectories import TRAJECTORIES, build
     from timetuner.errors import UserError
     from timetuner.table import check_grid
-    from timetuner.trajectories import TRAJECTORIES, build
 
     grids = {}
     for name in TRAJECTORIES[solver.name]:

@@ -114,7 +114,7 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, seed: int = 
 @torch.no_grad()
 def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024) -> np.ndarray:
     """Features of N×1×H×W images in [-1, 1] under the digits feature extractor (shipped by default)."""
-    from timetuner.features import load_digits_features
+    from timetuner.measuring.features import load_digits_features
 
     net = extractor if extractor is not None else load_digits_features()
     feats = [net.features(chunk.float().cpu()) for chunk in images.split(batch_size)]
@@ -123,7 +123,7 @@ def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024
 
 def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> float:
     """FD of images against a digits split ("test": held out, "train") in digits-feature space."""
-    from timetuner.data import load_digits_tensor
+    from timetuner.core.data import load_digits_tensor
 
     ref = load_digits_tensor(reference)[0]
     return frechet_distance(digits_features(images, extractor), digits_features(ref, extractor))
@@ -134,7 +134,7 @@ def truncation_gap(solver, noise: torch.Tensor, reference_states: list[torch.Ten
                    clamp: bool = True) -> dict:
     """Per-state and final RMS distance (VP space) of a few-step rollout to the reference trajectory (paper Fig. 2).
 
-    `reference_states` from `timetuner.reference.reference_trajectory` for the same solver and noise; `taus`
+    `reference_states` from `timetuner.core.reference.reference_trajectory` for the same solver and noise; `taus`
     the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
     final samples (clamped to [-1, 1] unless `clamp` is False: latents have no such range), "x0_per_sample":
     that RMS per sample, "final": the final states}.

@@ -75,7 +75,7 @@ class ModelSetup:
     """
 
     network: object
-    denoiser: object  # timetuner.denoiser.Denoiser over `network` (unconditional until bound)
+    denoiser: object  # timetuner.core.denoiser.Denoiser over `network` (unconditional until bound)
     base_config: object  # the pipeline's scheduler config: the noise schedule every solver is built from
     name: str  # what tables record: the hub id or folder given, "embedded:digits-ddpm", or "in-memory"
     path: str = ""  # the resolved folder or hub id ("" for a bare network)
@@ -115,7 +115,7 @@ class ModelSetup:
     @classmethod
     def from_network(cls, network, base_config) -> ModelSetup:
         """A bare unconditional network with its pipeline's scheduler config (no pipeline, no files)."""
-        from timetuner.denoiser import Denoiser
+        from timetuner.core.denoiser import Denoiser
 
         network.eval().requires_grad_(False)
         return cls(network=network, denoiser=Denoiser(network), base_config=base_config, name="in-memory")
@@ -125,7 +125,7 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
                variant: str | None = None, torch_dtype=None) -> ModelSetup:
     """The model `model` names (hub id or folder; None: the embedded digits model), or `pipeline` already loaded
     from it; moved to `device` when given. Networks and VAE are frozen (eval mode, no gradients)."""
-    from timetuner.denoiser import Denoiser
+    from timetuner.core.denoiser import Denoiser
 
     path = resolve_model(model)
     if pipeline is None:

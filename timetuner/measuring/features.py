@@ -60,7 +60,7 @@ def train_digits_features(out: str | Path, epochs: int = 60, seed: int = 0, feat
     """Train `DigitsFeatureNet` on the digits train split, save it to `out`, return its record."""
     from safetensors.torch import save_file
 
-    from timetuner.data import load_digits_tensor
+    from timetuner.core.data import load_digits_tensor
 
     if epochs < 1:
         raise UserError(f"--epochs {epochs} is invalid; accepted: integers >= 1")
@@ -93,7 +93,7 @@ def train_digits_features(out: str | Path, epochs: int = 60, seed: int = 0, feat
         "test_images": len(x_test),
         "test_accuracy": round(accuracy, 4),
         "train_seconds": round(time.perf_counter() - started, 1),
-        "split": "timetuner.data.digits_split (stratified 80/20, random_state=0)",
+        "split": "timetuner.core.data.digits_split (stratified 80/20, random_state=0)",
     }
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:

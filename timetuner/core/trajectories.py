@@ -5,7 +5,7 @@ scheduler config so that it shares the model's noise schedule.
 
 A trajectory is either a configuration of the scheduler itself (DDIM's `timestep_spacing`, Karras σ) or an
 explicit list of timesteps handed to `set_timesteps(timesteps=...)`; "learned" is an explicit grid fitted to the
-model by `timetuner.grid` (here: the grid it starts from, the scheduler's default explicit one). Explicit lists
+model by `timetuner.fitting.grid` (here: the grid it starts from, the scheduler's default explicit one). Explicit lists
 travel inside the table's metadata, so `TunedScheduler` reproduces them when a pipeline calls
 `set_timesteps(num_inference_steps)`.
 """
@@ -114,7 +114,7 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     if overrides:
         sched = type(sched).from_config(sched.config, **overrides)
     timesteps = None
-    if explicit == "learned":  # fitted by `timetuner.grid`, starting from the scheduler's default explicit grid
+    if explicit == "learned":  # fitted by `timetuner.fitting.grid`, starting from the scheduler's default explicit grid
         explicit = TRAJECTORIES[scheduler][DEFAULT_TRAJECTORY[scheduler]]["explicit"]
     if explicit == "quadratic":
         timesteps = quadratic_timesteps(sched.config.num_train_timesteps, num_inference_steps)

@@ -4,7 +4,7 @@ One path for every extractor (Inception, the shipped digits network, a user's to
 clean-fid's "clean" mode takes: images quantised to uint8 as if saved to PNG → the extractor's resize on each
 H×W×3 array (Inception: PIL bicubic to 299², `cleanfid.resize.build_resizer("clean")`) → clean-fid's
 `get_batch_features` / `get_files_features` → clean-fid's Fréchet and kernel distances
-(`timetuner.metrics`). Reference features from a folder, a .zip or a built-in dataset are cached on disk
+(`timetuner.measuring.metrics`). Reference features from a folder, a .zip or a built-in dataset are cached on disk
 (`$TIMETUNER_CACHE/references`), keyed by the extractor and the files' names, sizes and modification times.
 
     extractor = load_extractor("inception")                 # needs inception-2015-12-05.pt (see below)
@@ -157,7 +157,7 @@ def _content_digest(path: Path) -> str:
 def digits_extractor(path: str | None = None) -> FeatureExtractor:
     """The shipped digits network (64-d penultimate layer) on clean-fid's inputs: grey = channel mean."""
     from timetuner.assets import DIGITS_FEATURES
-    from timetuner.features import WEIGHTS_FILE, load_digits_features
+    from timetuner.measuring.features import WEIGHTS_FILE, load_digits_features
 
     net = load_digits_features(path)
 
@@ -168,7 +168,7 @@ def digits_extractor(path: str | None = None) -> FeatureExtractor:
     extractor = FeatureExtractor(name=f"digits:{_content_digest(weights)}", model=model, fn_resize=_as_float)
     # Its features are ~40x Inception's scale (x·y/d ≈ 20 on digits): KID uses them in units of their spread
     # on the training digits, a constant of the extractor.
-    from timetuner.data import load_digits_tensor
+    from timetuner.core.data import load_digits_tensor
 
     extractor.kid_scale = float(tensor_features(load_digits_tensor("train")[0], extractor).std())
     return extractor
@@ -303,10 +303,10 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
 
     Folder and dataset features are cached on disk; a changed, added or removed file changes the key.
     """
-    from timetuner.cache import cache_key, cached
+    from timetuner.core.cache import cache_key, cached
 
     if ref in DATASETS:
-        from timetuner.data import load_digits_tensor
+        from timetuner.core.data import load_digits_tensor
 
         images = load_digits_tensor(ref.split(":")[1])[0]
         if n is not None and len(images) < n:

@@ -1,7 +1,7 @@
 """TimeTuner: one network time τ_k per evaluation of a few-step solver (Xia et al., ICCV 2023) — the method.
 
 The solver keeps its update coefficients at t_k; the network is fed τ_k instead. This module fits τ from states of
-the solver, with no files, progress bars or model loading (those are `timetuner.fitting`'s).
+the solver, with no files, progress bars or model loading (those are `timetuner.fitting.run`'s).
 
 Strategies (how the state x̃_k at evaluation k is obtained):
   sequential  along the solver's own trajectory from a fixed batch of noises, advanced with the τ already fitted
@@ -16,14 +16,14 @@ Objectives (what τ_k minimises):
   e2e         all τ jointly, by gradient through the whole K-step trajectory, matching its final sample to the
               reference's final sample from the same noise (τ = t + Δ·δ, Adam on δ, Δ the local spacing): the mean
               over samples of their RMS distance (`sample_distance`, the x0 gap's form), not of their squared one.
-Optimisers for the per-evaluation objectives (`timetuner.search`): `search` (grid scan plus golden-section
+Optimisers for the per-evaluation objectives (`timetuner.fitting.search`): `search` (grid scan plus golden-section
 refinement of the 1-D batch loss, the default) and `adam` (the official code's recipe: τ = t·r, r₀ = 1, Adam lr
 2e-3, iterations per τ).
 
-Each fit reads its settings from `config` (a `timetuner.fitting.FitConfig`), resumes from `resume` (what its
+Each fit reads its settings from `config` (a `timetuner.fitting.config.FitConfig`), resumes from `resume` (what its
 `report(k, row, **state)` callback was last handed as state) and returns (taus, rows).
 
-Several processes (`timetuner.distributed`): sequential and e2e fits see this process's share of the noises and
+Several processes (`timetuner.core.distributed`): sequential and e2e fits see this process's share of the noises and
 average every loss (and the e2e gradient) over all processes, so each process takes the same steps; the parallel
 strategy keeps every sample and splits the evaluations k instead (its states are independent by construction).
 """
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from timetuner.distributed import SOLO, World
-from timetuner.search import OPTIMIZERS, adam_json, adam_state
-from timetuner.solver import GridParameters, Solver, integer_grid, moves_grid
+from timetuner.core.distributed import SOLO, World
+from timetuner.core.solver import GridParameters, Solver, integer_grid, moves_grid
+from timetuner.fitting.search import OPTIMIZERS, adam_json, adam_state
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class FitInputs:
 
 def sample_distance(final: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per sample, the RMS distance of a final sample to the reference's from the same noise: the e2e loss and the
-    learned grid's (`timetuner.grid`), averaged over samples — the x0 gap's form.
+    learned grid's (`timetuner.fitting.grid`), averaged over samples — the x0 gap's form.
 
     Not the squared distance: its mean is dominated by the few samples a few-step solver gets badly wrong, and
     favours grids and τ that pull every sample toward a safe, blurred average. Measured with a learned DPM-Solver++

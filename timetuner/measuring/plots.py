@@ -120,7 +120,7 @@ def save_gap_plot(times: list[float], plain: list[float], tuned: list[float], pa
 
 
 def curve_rows(rows: list[dict], figure: str) -> list[dict]:
-    """`timetuner.evaluation.gap_versus_nfe` rows as the curve of one figure ("dist_gap" or "data_fd"):
+    """`timetuner.measuring.evaluation.gap_versus_nfe` rows as the curve of one figure ("dist_gap" or "data_fd"):
     {"nfe", "plain"[, "tuned", "change": {change, low, high}]}."""
     out = []
     for row in rows:

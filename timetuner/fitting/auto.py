@@ -7,7 +7,7 @@ them, not with the same solver untuned. So `auto`:
    evaluations for all of them) *plain* by its x0 gap to the reference solver on the fit noises — K
    evaluations per sample each, no held-out data touched;
 2. tunes `AUTO_TUNED` solvers, each once, those that take an explicit grid first, each group by rank: the
-   timestep grid where the solver takes one (`timetuner.grid`, starting from the best of its named grids), then τ
+   timestep grid where the solver takes one (`fitting.grid`, starting from the best of its named grids), then τ
    with the configured objective, each with its own checkpoint;
 3. judges every tuned candidate on the held-out noises against the **best plain candidate** (`evaluation.judge`,
    the same yardstick as everywhere) and writes the tuned table that beats it with the lowest distribution gap
@@ -39,8 +39,8 @@ AUTO_TUNED = 1
 @torch.no_grad()
 def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
-    from timetuner.fitting import prepare
-    from timetuner.tuning import sample_distance
+    from timetuner.fitting.method import sample_distance
+    from timetuner.fitting.run import prepare
 
     ranked, reference = [], None
     for scheduler, trajectory in CANDIDATES:
@@ -57,10 +57,10 @@ def rank_candidates(config, setup) -> list[dict]:
 
 
 def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
-    """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `timetuner.grid`, which starts
+    """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
-    from timetuner.fitting import prepare
-    from timetuner.trajectories import TRAJECTORIES
+    from timetuner.core.trajectories import TRAJECTORIES
+    from timetuner.fitting.run import prepare
 
     chosen, seen = [], set()
     learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
@@ -99,8 +99,9 @@ def _score(held: dict) -> float:
 
 def fit_auto(config, setup, out, progress: bool = True):
     """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
-    from timetuner.evaluation import judge
-    from timetuner.fitting import FitResult, announce
+    from timetuner.fitting.config import FitResult
+    from timetuner.fitting.run import announce
+    from timetuner.measuring.verdict import judge
 
     started = time.perf_counter()
     ranked = rank_candidates(config, setup)
@@ -135,7 +136,7 @@ def fit_auto(config, setup, out, progress: bool = True):
 def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
     else the identity table of the best plain candidate; both record the whole selection."""
-    from timetuner.fitting import table_metadata
+    from timetuner.fitting.run import table_metadata
 
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
               "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":

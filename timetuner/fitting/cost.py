@@ -14,7 +14,6 @@ are costed at three forward passes (the backward pass takes about two).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -46,9 +45,9 @@ class Phase:
 
 
 def plan(run) -> list[Phase]:
-    """The phases of `run` (a prepared `timetuner.fitting.Run`), in the order the fit runs them."""
-    from timetuner.cache import exists
-    from timetuner.tuning import OBJECTIVES
+    """The phases of `run` (a prepared `timetuner.fitting.run.Run`), in the order the fit runs them."""
+    from timetuner.core.cache import exists
+    from timetuner.fitting.method import OBJECTIVES
 
     config, solver = run.config, run.solver
     guided = 2 if solver.den.guided else 1
@@ -59,7 +58,7 @@ def plan(run) -> list[Phase]:
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
                             cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
     if learned:
-        from timetuner.grid import planned
+        from timetuner.fitting.grid import planned
 
         phases.append(Phase("grid", "learning the timestep grid (at most)",
                             planned(solver, n, run.known_grid_losses) * guided))
@@ -123,28 +122,3 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-@contextlib.contextmanager
-def bar(denoiser, phases: list[Phase] | None, key: str, show: bool):
-    """A progress bar over the evaluations of the phases named `key`, advanced by every network call inside the
-    block (none without `phases`, or when they are cached)."""
-    mine = [p for p in phases or [] if p.key == key and not p.cached]
-    if not mine:
-        yield
-        return
-    with counting(denoiser, sum(p.evaluations for p in mine), " and ".join(p.name for p in mine), show):
-        yield
-
-
-@contextlib.contextmanager
-def counting(denoiser, total: int, desc: str, show: bool):
-    """A progress bar of `total` network evaluations, advanced by every call of `denoiser` inside the block (where
-    part of the work is found in the cache, the bar ends early)."""
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=total, desc=desc, unit="eval", unit_scale=True, leave=False, disable=not show,
-                    dynamic_ncols=True)
-    with denoiser.watch(progress.update):
-        yield
-    progress.close()

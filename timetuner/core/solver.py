@@ -81,7 +81,7 @@ GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
 class Solver:
     """A few-step sampler: a diffusers scheduler at K steps (its own spacing or an explicit grid) over a denoiser.
 
-    `Solver.named(...)` builds one of the named solvers and grids of `timetuner.trajectories`; the constructor
+    `Solver.named(...)` builds one of the named solvers and grids of `timetuner.core.trajectories`; the constructor
     takes any scheduler, a `TunedScheduler` included (whose `timesteps` are then τ: the network times it hands
     out). `step_kwargs` go to `scheduler.step` where its signature has them (e.g. `generator` for DDPM).
     """
@@ -106,8 +106,8 @@ class Solver:
 
     @classmethod
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
-        """A named solver and grid (`timetuner.trajectories`) built from a pipeline's scheduler config, at K steps."""
-        from timetuner.trajectories import DEFAULT_TRAJECTORY, build
+        """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
+        from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build
 
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
         template, grid = build(scheduler, trajectory, base_config, nfe)
@@ -258,7 +258,7 @@ def sample_images(unet, scheduler, noise: torch.Tensor, num_inference_steps: int
     Unlike `DDPMPipeline`, the solver calls `scale_model_input` and scales the noise by `init_noise_sigma`, so
     σ-space schedulers (Heun, Euler, EDM) sample correctly too. `scheduler` may be a `TunedScheduler`.
     """
-    from timetuner.denoiser import Denoiser
+    from timetuner.core.denoiser import Denoiser
 
     denoiser = Denoiser(unet, batch_size=batch_size)
     solver = Solver(denoiser, scheduler, num_inference_steps, step_kwargs={"eta": eta, "generator": generator})

@@ -1,6 +1,6 @@
-"""The 1-D optimisers of a per-evaluation τ fit (`timetuner.tuning`): a bracketed search and the official Adam recipe.
+"""The 1-D optimisers of a per-evaluation τ fit (`fitting.method`): a bracketed search and the official Adam recipe.
 
-`inputs` (a `timetuner.tuning.FitInputs`) says over which processes' samples a per-sample loss is averaged.
+`inputs` (a `timetuner.fitting.method.FitInputs`) says over which processes' samples a per-sample loss is averaged.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from timetuner.core.distributed import SOLO
 
 
 def golden_search(f, lo: float, hi: float, start: float, points: int = 7, refine: int = 8) -> tuple[float, float]:
@@ -42,16 +44,23 @@ def golden_search(f, lo: float, hi: float, start: float, points: int = 7, refine
     return best, seen[best]
 
 
+class _OneProcess:
+    """`inputs` of a fit on one process (`FitInputs` without its noises): losses averaged over its samples."""
+
+    total, world = None, SOLO
+
+    @staticmethod
+    def mean(per_sample: torch.Tensor) -> torch.Tensor:
+        return SOLO.mean(per_sample, per_sample.shape[0])
+
+
 def adam_search(loss_fn, t: float, iters: int, lr: float, lo: float, hi: float,
                 inputs=None) -> tuple[float, float]:
     """The official recipe: τ = s·r − (s − t) with s = max(t, 1) (τ = t·r for t ≥ 1), r₀ = 1, Adam on r.
 
     `loss_fn(τ)` gives per-sample losses; `inputs` says over which processes' samples they are averaged.
     """
-    if inputs is None:
-        from timetuner.tuning import FitInputs
-
-        inputs = FitInputs(torch.empty(0))
+    inputs = _OneProcess() if inputs is None else inputs
     s = max(t, 1.0)
     r = torch.ones((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([r], lr=lr)

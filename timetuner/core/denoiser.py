@@ -13,7 +13,7 @@ of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exact
 what τ is tuned for. Guidance s ≤ 1 is the conditional output alone, as in the pipelines.
 
 The raw output (ε, v or x0, as the model was trained) is what the scheduler's `step` consumes, so fitting and
-sampling hand it on unchanged; `timetuner.solver.to_epsilon` converts it where a loss compares noise predictions.
+sampling hand it on unchanged; `timetuner.core.solver.to_epsilon` converts it where a loss compares noise predictions.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""The entry points of a fit: `fit` (one table; `--scheduler auto` hands over to `timetuner.fitting.auto`) and
+`fit_scales` (one table per guidance scale).
+
+    from timetuner import fit
+    result = fit(nfe=10)                       # embedded digits model, auto
+    result.table.save("tau-auto-nfe10.safetensors")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from timetuner.fitting.config import FitConfig, FitResult, check_out, checked_config, default_out, scale_suffix
+from timetuner.fitting.run import fit_one
+
+
+def fit(model: str | None = None, out: str | Path | None = None, progress: bool = True, unet=None,
+        base_scheduler_config=None, pipeline=None, **options) -> FitResult:
+    """Fit a τ table for `model` (hub id or folder; default: the embedded digits model); see `FitConfig`.
+
+    `pipeline`: the pipeline `model` names, already loaded (and on the device to fit on); `unet` with
+    `base_scheduler_config`: a bare unconditional network. Writes the table to `out` when given (the identity
+    table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
+    every τ and resumes from `out`'s checkpoint.
+    """
+    from timetuner.core.loading import ModelSetup, load_model
+
+    config = checked_config(**options)
+    out = check_out(out)
+    if unet is None:
+        setup = load_model(model, pipeline=pipeline)
+    else:
+        setup = ModelSetup.from_network(unet, base_scheduler_config)
+        setup.name = model or setup.name
+    if config.scheduler == "auto":
+        from timetuner.fitting.auto import fit_auto
+
+        return fit_auto(config, setup, out, progress)
+    return fit_one(config, setup, out, progress)
+
+
+def fit_scales(model: str | None, guidance_scales: list[float | None], out: str | None = None, pipeline=None,
+               **options):
+    """Fit one table per classifier-free guidance scale (None: the pipeline's default); yields (path, result).
+
+    Each table goes to `out` (one scale), to `out` with -cfgS added (several), or to `default_out`.
+    """
+    from timetuner.core.loading import load_model
+
+    setup = load_model(model, pipeline=pipeline)  # loaded once, shared by every scale's fit
+    kind, pipeline = setup.kind, setup.pipeline
+    for scale in guidance_scales:
+        suffix = scale_suffix(kind, scale)
+        if out is None:
+            settings = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(FitConfig)}}
+            path = default_out(checked_config(**settings).scheduler, options.get("trajectory"),
+                               options.get("nfe", 10), suffix)
+        else:
+            path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
+        yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale, **options)

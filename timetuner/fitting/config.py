@@ -1,0 +1,257 @@
+"""A fit's settings: `FitConfig` and its checks (one-line errors before any work), the defaults that depend on
+the model, the output's name, and `FitResult`, what a fit returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from timetuner.errors import UserError, check_choice
+from timetuner.table import TauTable
+
+PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
+
+
+GRID_GRADIENT = ("dpm++", "dpm++3m", "dpm++1")  # their grids move with τ under --grid-gradient (DPM-Solver++)
+
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the fit's
+
+
+# e2e Adam iterations. On a learned grid (the embedded model, RMS loss) the held-out x0 gap is no better after 20
+# or 40 than after 15, as the grid already fits the reference (docs/results.md), so 15 there (auto's τ fit at under
+# half the cost); a fixed grid, where τ moves further, keeps 40.
+E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
+# The grid gradient's default reach. On six held-out sets of 4000 (docs/results.md, paired, same noises) it
+# cut the distribution gap at NFE 4 and 6 (4.64 → 3.37, 2.36 → 1.73) and raised it at NFE 10 (1.46 → 1.60, higher on
+# all six sets) while lowering the x0 gap everywhere: with ten steps the searched grid already serves the
+# distribution, and moving it to the per-sample distance of 128 fit noises trades the one for the other.
+GRID_GRADIENT_MAX_NFE = 8
+
+
+DEFAULT_EVAL_SAMPLES = 1000  # = timetuner.measuring.yardstick.DEFAULT_N (docs/measuring.md); latent models: 256
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Every setting of a fit; stored in the table's metadata."""
+
+    nfe: int = 10  # num_inference_steps of the sampler (Heun: 2·nfe − 1 network evaluations)
+    # None: "auto" (rank the plain solvers, tune the best, ship the best against the best plain one) — or, with a
+    # --trajectory or --strategy parallel, which auto does not take, "ddim" (`resolved`)
+    scheduler: str | None = None
+    trajectory: str | None = None  # None: the scheduler's default (timetuner.core.trajectories.DEFAULT_TRAJECTORY)
+    strategy: str = "sequential"
+    # None: "e2e" (chosen by held-out evidence in bench/fit.py, docs/results.md); "paper" for --strategy parallel,
+    # whose states are independent of the other τ by construction.
+    objective: str | None = None
+    optimizer: str = "search"
+    samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
+    eval_samples: int | None = None  # held-out noises; None: 1000 for pixel models, 256 for latent
+    eval_gap_samples: int = 256  # of which the first this many carry the x0 gap (paired: precise at this size)
+    reference_n: int = 10_000  # samples of the reference solver the distribution gap is measured against
+    seed: int = 0
+    data: str | None = None  # parallel strategy: "digits" or an image folder; None: the model's own samples
+    search_points: int = 7
+    search_refine: int = 8
+    adam_iters: int = 500
+    adam_lr: float = 2e-3
+    # None: E2E_ITERS_LEARNED_GRID on a learned grid (auto's), else E2E_ITERS (`resolved`)
+    e2e_iters: int | None = None
+    e2e_lr: float = 0.05  # in units of the local step spacing
+    # e2e on a learned DPM-Solver++ grid: move the grid by gradient jointly with τ after the search (LD3). None: on
+    # wherever it applies up to GRID_GRADIENT_MAX_NFE — auto's grid, and --trajectory learned with a DPM-Solver++
+    # and e2e (`resolved`).
+    grid_gradient: bool | None = None
+    e2e_grid_lr: float = 0.02  # Adam's step on the grid's log-gaps (0.05 moved it too far at NFE 5)
+    reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
+    reference_steps: int = 100
+    features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
+    force: bool = False
+    # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
+    guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, DiT 4.0); <= 1: no CFG
+    prompts: tuple[str, ...] | None = None  # text models; None: assets/prompts/fit.txt
+    eval_prompts: tuple[str, ...] | None = None  # held out, disjoint from prompts; None: assets/prompts/eval.txt
+    negative_prompt: str = ""  # the unconditional branch of CFG, as StableDiffusionPipeline's default
+    class_labels: tuple[int, ...] | None = None  # DiT; None: 16 classes spread evenly over the label range
+    eval_class_labels: tuple[int, ...] | None = None  # None: the fit's labels, on held-out noises
+
+
+@dataclass
+class FitResult:
+    """The table written (tuned, or the identity when tuning did not help), with the evidence."""
+
+    table: TauTable
+    tuned: TauTable
+    rows: list[dict]
+    held_out: dict
+    better: bool
+    seconds: float
+    network_evaluations: int  # per sample, everything: references, fitting, the held-out verdict
+    fit_evaluations: int  # per sample, up to the end of fitting (references included, verdict excluded)
+    config: FitConfig = field(default_factory=FitConfig)
+
+
+# -- settings ------------------------------------------------------------------------------------------------------
+def validate(config: FitConfig) -> None:
+    """Every setting checked before any work: one-line UserErrors naming the value and what is accepted."""
+    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES
+    from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
+
+    check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
+    if config.scheduler == "auto" and (config.trajectory is not None or config.strategy != "sequential"):
+        raise UserError("--scheduler auto chooses the solver and its grid and fits along its trajectory; accepted: "
+                        "no --trajectory, --strategy sequential (or name one --scheduler)")
+    check_choice("--strategy", config.strategy, STRATEGIES)
+    check_choice("--objective", config.objective, OBJECTIVES)
+    check_choice("--optimizer", config.optimizer, OPTIMIZERS)
+    check_choice("--reference", config.reference, ("dpm++", "ddim"))
+    check_choice("--features", config.features, ("auto", "digits", "none"))
+    for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
+        if value is not None and value < 2:
+            raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
+    if config.reference_n < 0:
+        raise UserError(f"--reference-n {config.reference_n} is invalid; accepted: integers >= 0 (0: no "
+                        "distribution gap)")
+    for name, value in (("--nfe", config.nfe), ("--samples", config.samples),
+                        ("--reference-steps", config.reference_steps), ("--adam-iters", config.adam_iters),
+                        ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
+        if value < 1:
+            raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
+    if config.grid_gradient and not grid_can_move(config):
+        raise UserError("--grid-gradient moves a learned grid with τ by the e2e gradient; accepted: --scheduler "
+                        f"auto, or --scheduler {'/'.join(GRID_GRADIENT)} --trajectory learned, with --objective e2e "
+                        f"(given: --scheduler {config.scheduler}, --trajectory {config.trajectory}, --objective "
+                        f"{config.objective})")
+    if config.trajectory is not None and config.trajectory not in TRAJECTORIES.get(config.scheduler, {}):
+        raise UserError(f"--trajectory {config.trajectory!r} is not available for --scheduler {config.scheduler}; "
+                        f"accepted: {', '.join(sorted(TRAJECTORIES[config.scheduler]))}")
+    if config.strategy == "parallel" and config.scheduler not in PARALLEL_SCHEDULERS:
+        raise UserError(f"--strategy parallel needs a solver whose evaluations are whole steps; --scheduler "
+                        f"{config.scheduler} carries state between them; accepted: {', '.join(PARALLEL_SCHEDULERS)}")
+    if config.data is not None:
+        if config.strategy != "parallel":
+            raise UserError(f"--data {config.data!r} gives the clean images of the parallel strategy; accepted: "
+                            "--strategy parallel --data …, or no --data")
+        if config.data != "digits":
+            from timetuner.core.data import list_images
+
+            list_images(config.data)  # a missing, empty or mixed folder is refused before any model is loaded
+    if config.objective == "e2e" and config.strategy == "parallel":
+        raise UserError("--objective e2e fits along the whole trajectory; accepted: --strategy sequential")
+    if config.guidance_scale is not None and not (math.isfinite(config.guidance_scale) and config.guidance_scale >= 1):
+        raise UserError(f"--guidance-scale {config.guidance_scale!r} is invalid; accepted: numbers >= 1 (1 means no "
+                        "classifier-free guidance)")
+
+
+def resolved(config: FitConfig) -> FitConfig:
+    """The config with its default scheduler, objective, e2e iterations and grid gradient filled in."""
+    if config.scheduler is None:
+        plain = config.trajectory is not None or config.strategy != "sequential"
+        config = dataclasses.replace(config, scheduler="ddim" if plain else "auto")
+    if config.e2e_iters is None:  # auto tunes on a learned grid
+        learned = config.scheduler == "auto" or config.trajectory == "learned"
+        config = dataclasses.replace(config, e2e_iters=E2E_ITERS_LEARNED_GRID if learned else E2E_ITERS)
+    if config.objective is None:
+        config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
+    if config.grid_gradient is None:
+        on = config.nfe <= GRID_GRADIENT_MAX_NFE and grid_can_move(config)
+        config = dataclasses.replace(config, grid_gradient=on)
+    return config
+
+
+def grid_can_move(config: FitConfig) -> bool:
+    """Whether --grid-gradient applies: a learned DPM-Solver++ grid (auto's, or --trajectory learned) fitted by the
+    sequential e2e objective — what `validate` demands of an explicit one and `resolved` turns on by default."""
+    return config.objective in (None, "e2e") and config.strategy == "sequential" and (
+        config.scheduler == "auto" or (config.scheduler in GRID_GRADIENT and config.trajectory == "learned"))
+
+
+def checked_config(**options) -> FitConfig:
+    """The `FitConfig` of `options` with its default scheduler and objective filled in, validated."""
+    config = resolved(FitConfig(**options))
+    validate(config)
+    return config
+
+
+def check_before_loading(model: str | None, out, **options) -> FitConfig:
+    """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
+    model load: the resolved config, or a one-line UserError."""
+    from timetuner.core.loading import resolve_model
+
+    config = checked_config(**options)
+    check_out(out)
+    folder = Path(resolve_model(model))
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if folder.is_dir() and scheduler_config.is_file():  # a hub id is judged once it is loaded (Solver)
+        try:
+            total = int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
+        except (ValueError, TypeError):
+            total = None
+        if total is not None and config.nfe > total:
+            raise UserError(f"--nfe {config.nfe} exceeds the model's {total} training timesteps; accepted: 1 to that "
+                            "number")
+    return config
+
+
+def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, network) -> FitConfig:
+    """The config with every conditioning default filled in (so the table records what was used), checked."""
+    from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
+    from timetuner.core.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set
+
+    check_applies(kind, model_label, {"--prompts": config.prompts, "--eval-prompts": config.eval_prompts,
+                                      "--class-labels": config.class_labels,
+                                      "--eval-class-labels": config.eval_class_labels,
+                                      "--guidance-scale": config.guidance_scale})
+    if kind is None:
+        return config
+    scale = DEFAULT_GUIDANCE[kind] if config.guidance_scale is None else float(config.guidance_scale)
+    if kind == "text":
+        fit_prompts = prompt_set(config.prompts, "--prompts", FIT_PROMPTS)
+        eval_prompts = prompt_set(config.eval_prompts, "--eval-prompts", EVAL_PROMPTS)
+        check_disjoint(list(fit_prompts), list(eval_prompts))
+        return dataclasses.replace(config, guidance_scale=scale, prompts=fit_prompts, eval_prompts=eval_prompts)
+    classes = int(network.config.num_embeds_ada_norm)
+    labels = tuple(sorted({i * classes // 16 for i in range(min(16, classes))}) if config.class_labels is None
+                   else config.class_labels)
+    eval_labels = labels if config.eval_class_labels is None else tuple(config.eval_class_labels)
+    for name, value in (("--class-labels", labels), ("--eval-class-labels", eval_labels)):
+        if not value:
+            raise UserError(f"{name} is empty; accepted: class labels separated by commas, e.g. 207,360,387")
+    return dataclasses.replace(config, guidance_scale=scale, class_labels=labels, eval_class_labels=eval_labels)
+
+
+def check_out(out: str | Path | None) -> Path | None:
+    """The output path, judged before any work: a .safetensors file in an existing, writable folder."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise UserError(f"--out {str(out)!r} is not a .safetensors file path; accepted: e.g. tau-ddim-10.safetensors")
+    folder = out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--out {str(out)!r}: folder {str(folder)!r} does not exist or is not writable; accepted: "
+                        "a .safetensors path in an existing, writable folder")
+    return out
+
+
+def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
+    """"-cfgS" for a conditional model's table at guidance scale S (None: the pipeline's default), else ""."""
+    from timetuner.core.prompts import DEFAULT_GUIDANCE, scale_tag
+
+    if kind is None:
+        return ""
+    return "-" + scale_tag(DEFAULT_GUIDANCE[kind] if guidance_scale is None else guidance_scale)
+
+
+def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
+    """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors (tau-auto-nfeN… for auto): what `fit` writes by default."""
+    from timetuner.core.trajectories import DEFAULT_TRAJECTORY
+
+    if scheduler == "auto":
+        return f"tau-auto-nfe{nfe}{suffix}.safetensors"
+    return f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}{suffix}.safetensors"

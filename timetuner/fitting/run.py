@@ -1,0 +1,399 @@
+"""A fit run: load the model, prepare states and references, fit τ (`fitting.method`), judge on held-out seeds,
+write the table.
+
+    from timetuner import fit
+    result = fit(nfe=10)                       # embedded digits model, DDIM, e2e objective
+    result.table.save("ddim-10.safetensors")
+
+The method itself is `timetuner.fitting.method`; this module is everything around it: one model setup
+(`timetuner.core.loading`), conditioning defaults, the reference samples it fits and judges against (cached), a
+checkpoint after every τ (or e2e iteration) beside the output, a progress bar, the held-out verdict through
+`timetuner.measuring`, and the table's metadata. Fit and held-out seeds never overlap; every table records its
+held-out x0 gap (and FD where a feature extractor exists) before and after, and the identity table (τ = t) is
+written when tuning did not help, unless `force`.
+
+Conditional and latent models (Stable Diffusion, DiT): fitting runs in latent space on the guided model output
+at one guidance scale (`guidance_scale`, recorded in the table); sample i of the fit uses prompt (or class
+label) i mod P, sample i of the held-out verdict eval prompt i mod P' from a disjoint set (DiT: the same labels
+by default, on held-out noises). The VAE only decodes the held-out samples, so the verdict's x0 gap is measured
+on images. Prompts are embedded once, with the pipeline's own `encode_prompt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from timetuner.core.distributed import SOLO, World
+from timetuner.errors import UserError
+from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+class Checkpoints:
+    """The fit's state after every τ (or e2e iteration), JSON beside the output; only a fit of the same
+    configuration on the same model resumes from it."""
+
+    def __init__(self, out: Path | None, key: dict, world: World = SOLO):
+        self.path = None if out is None else out.with_name(out.name + ".partial.json")
+        self.key = json.loads(json.dumps(key))  # JSON-normalised (tuples → lists), as it is read back
+        self.world = world  # only the main process writes; every process resumes from what it read
+        self.carried: dict = {}  # written with every checkpoint (a learned grid)
+
+    def load(self) -> dict:
+        return self.world.broadcast(self._read() if self.world.is_main else None)
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # not ours, or damaged: start afresh rather than fail (it is rewritten)
+            return {}
+        return saved if isinstance(saved, dict) and saved.get("key") == self.key else {}
+
+    def save(self, **state) -> None:
+        if self.path is None or not self.world.is_main:
+            return
+        from timetuner.files import write_atomic
+
+        text = json.dumps({"key": self.key, **self.carried, **state})
+        write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
+
+    def carry(self, **state) -> None:
+        """Write `state` now and with every later checkpoint."""
+        self.carried.update(state)
+        self.save()
+
+    def clear(self) -> None:
+        if self.path is not None and self.world.is_main:
+            self.path.unlink(missing_ok=True)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A prepared fit: the model, the solver on the fit and held-out conditioning, and the noises."""
+
+    config: FitConfig
+    model: object  # timetuner.core.loading.ModelSetup
+    solver: object  # timetuner.core.solver.Solver on the fit conditioning
+    eval_solver: object  # the same solver on the held-out conditioning
+    fit_noise: torch.Tensor
+    eval_noise: torch.Tensor
+    eval_seed: int
+    conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
+    world: World = SOLO  # the processes this fit is split over (`timetuner.core.distributed`)
+    fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
+    grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.fitting.grid.learn_grid`)
+    known_grid_losses: dict | None = None  # {grid: its loss} measured already on these fit noises (auto's ranking)
+
+    def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
+        `rows`: which rows of the seed's noises `noise` is, when it is one process's share)."""
+        from timetuner.core.reference import reference_final
+
+        return reference_final(self.model, solver.den, self.config.reference, self.config.reference_steps, noise,
+                               seed, *_rows_part(rows))
+
+    def reference_key(self, n: int, seed: int, solver, rows: tuple[int, int] | None = None) -> str:
+        """The cache key `reference` uses for n noises of `seed` (to tell, before any work, whether it is cached)."""
+        from timetuner.core.reference import reference_final_key
+
+        return reference_final_key(self.model, solver.den, self.config.reference, self.config.reference_steps, n,
+                                   seed, *_rows_part(rows))
+
+    def held_out_share(self) -> tuple[int, int, tuple[int, int] | None]:
+        """This process's rows lo…hi−1 of the x0 gap's held-out noises, and `rows` for their cache key."""
+        lo, hi = self.world.shard(self.gap_n)
+        return lo, hi, None if self.world.size == 1 else (lo, hi)
+
+    def inputs(self):
+        """What the objective and strategy fit against: noises, and the references they need."""
+        from timetuner.core.cache import cache_key
+        from timetuner.core.reference import reference_trajectory
+        from timetuner.fitting.method import OBJECTIVES, FitInputs
+
+        config, objective = self.config, OBJECTIVES[self.config.objective]
+        x0 = states = final = None
+        if config.strategy == "parallel":
+            x0 = self._parallel_x0()
+        if "reference_states" in objective.needs:
+            key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
+                            config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts(),
+                            *_rows_part(self.fit_rows))
+            states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
+        if "reference_final" in objective.needs:
+            final = self.reference(self.fit_noise, config.seed, self.solver, self.fit_rows)
+        return FitInputs(self.fit_noise, x0=x0, reference_states=states, reference_final=final, world=self.world,
+                         total=config.samples)
+
+    def _parallel_x0(self) -> torch.Tensor:
+        """Eq. (11)'s x0: data when given, else the model's own high-NFE samples."""
+        config, den = self.config, self.model.denoiser
+        if config.data is None:
+            x0 = self.reference(self.fit_noise, config.seed, self.solver)
+            return x0.clamp(-1, 1) if self.model.vae is None else x0  # images live in [-1, 1]; latents do not
+        from timetuner.core.data import load_training_data
+
+        shape = den.sample_shape
+        data = load_training_data(config.data, shape[1], shape[0])
+        idx = torch.randint(0, len(data), (config.samples,), generator=torch.Generator().manual_seed(config.seed + 1))
+        return data[idx].to(den.device)
+
+    def held_out_denoiser(self, lo: int, hi: int):
+        """The denoiser of held-out samples lo…hi−1 (sample i: eval prompt or label i mod P), for reference sets."""
+        from timetuner.core.prompts import conditioning_for, rotated
+
+        config, model = self.config, self.model
+        if model.kind is None:
+            return model.denoiser
+        rows = config.eval_prompts if model.kind == "text" else config.eval_class_labels
+        return model.denoiser.bind(conditioning_for(model.kind, model.pipeline, model.network, rotated(rows, lo),
+                                                    hi - lo, config.negative_prompt))
+
+    def yardstick(self, progress: bool = True):
+        """The model's yardstick for the verdict (`measuring.yardstick.build_yardstick`), None without features."""
+        from timetuner.measuring.yardstick import FidOptions, build_yardstick
+
+        config = self.config
+        return build_yardstick(self.model, self.held_out_denoiser, config.reference, config.reference_steps,
+                               config.reference_n, FidOptions(features=config.features),
+                               progress=progress and self.world.is_main, world=self.world)
+
+    def checkpoints(self, out: Path | None) -> Checkpoints:
+        """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
+        return Checkpoints(out, {"config": dataclasses.asdict(self.config), "model_hash": self.model.weights,
+                                 "conditioning": self.solver.den.cache_parts()}, self.world)
+
+    def fit(self, store: Checkpoints, progress: bool = True, phases=None) -> tuple[list[float], list[dict]]:
+        """The objective's fit of τ (`timetuner.fitting.method`), resuming from `store`; (τ, rows). `phases`
+        (`timetuner.fitting.cost.plan`): a progress bar for the references it computes first."""
+        from timetuner.core.progress import bar
+        from timetuner.fitting.method import OBJECTIVES
+
+        show = progress and self.world.is_main
+        if self.config.trajectory == "learned":
+            self.learn_grid(store, show, phases)
+        with bar(self.solver.den, phases, "references", show):
+            inputs = self.inputs()
+        report = Progress(self, store, show)
+        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, store.load(), report)
+        report.close()
+        if self.config.grid_gradient and self.grid_record is not None:  # the e2e fit may have moved the grid
+            grid = [int(row["t"]) for row in rows]
+            self.grid_record = {**self.grid_record, "gradient": {
+                "searched": [int(v) for v in self.solver.grid], "grid": grid, "loss_before": rows[0]["loss_before"],
+                "loss_after": rows[0]["loss_after"], "lr": self.config.e2e_grid_lr}}
+            self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
+        return taus, rows
+
+    def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
+        """Fit the solver's grid (`fitting.grid`) and put this run's solvers on it; a checkpoint's grid is taken
+        as it is, and every later checkpoint of this fit carries it."""
+        from timetuner.core.progress import bar
+        from timetuner.fitting.grid import learn_grid
+        from timetuner.fitting.method import FitInputs
+
+        saved = store.load()
+        grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
+        if grid is None:
+            with bar(self.solver.den, phases, "references", show):
+                final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
+            inputs = FitInputs(self.fit_noise, reference_final=final, world=self.world, total=self.config.samples)
+            with bar(self.solver.den, phases, "grid", show):
+                grid, self.grid_record = learn_grid(self.solver, inputs, self.known_grid_losses)
+        store.carry(grid=grid, grid_record=self.grid_record)
+        self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
+
+    def held_out_view(self, lo: int, hi: int):
+        """The solver of held-out samples lo…hi−1, on their conditioning."""
+        cond = self.conditioning[1]
+        return self.eval_solver if cond is None else self.eval_solver.on(self.model.denoiser.bind(cond.slice(lo, hi)))
+
+    @property
+    def gap_n(self) -> int:
+        return min(self.config.eval_gap_samples, self.config.eval_samples)
+
+    def held_out_reference(self) -> torch.Tensor:
+        """The reference solver's images from the first gap_n held-out noises (the x0 gap's targets)."""
+        lo, hi, rows = self.held_out_share()
+        final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self.held_out_view(lo, hi), rows)
+        return self.world.gather(self.model.images(final))
+
+    def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
+        """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
+        `timetuner eval` runs them (each process its share)."""
+        from timetuner.measuring.evaluation import held_out_finals
+
+        taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
+        lo, hi = self.world.shard(self.eval_noise.shape[0])
+        finals = held_out_finals(lambda a, b: self.held_out_view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
+                                 min(max(self.gap_n - lo, 0), hi - lo), plain)
+        return [self.world.gather(self.model.images(f)) for f in finals]
+
+    def verdict(self, taus: list[float], progress: bool = True, phases=None) -> dict:
+        """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`);
+        `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
+        from timetuner.core.progress import bar
+        from timetuner.measuring.verdict import judge
+
+        show, den = progress and self.world.is_main, self.model.denoiser
+        with bar(den, phases, "held-out", show):
+            plain, tuned = self.held_out_images(taus)
+        with bar(den, phases, "held-out references", show):
+            reference = self.held_out_reference()
+        yardstick = self.yardstick(progress)
+        label = f"{self.config.reference}-{self.config.reference_steps}"
+        return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
+
+
+def _rows_part(rows: tuple[int, int] | None) -> list:
+    """The cache-key part naming one process's share of a seed's noises ([] for all of them)."""
+    return [] if rows is None else [list(rows)]
+
+
+def prepare(config: FitConfig, model) -> Run:
+    """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
+    from timetuner.core.denoiser import refuse_integer_timesteps
+    from timetuner.core.distributed import current
+    from timetuner.core.prompts import conditioning_for
+    from timetuner.core.solver import Solver
+
+    den, kind = model.denoiser, model.kind
+    config = resolve_conditioning(config, kind, repr(model.name), model.network)
+    if config.eval_samples is None:
+        config = dataclasses.replace(config, eval_samples=DEFAULT_EVAL_SAMPLES if model.vae is None else 256)
+    if model.vae is not None:
+        if config.features == "digits":
+            raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "
+                            "accepted: --features none or auto")
+        if config.data is not None:
+            raise UserError("--data gives images, and this model samples latents; accepted: no --data (the "
+                            "parallel strategy then uses the model's own high-NFE samples)")
+    rows = (config.prompts, config.eval_prompts) if kind == "text" else (config.class_labels, config.eval_class_labels)
+    conditioning = tuple(conditioning_for(kind, model.pipeline, model.network, r, n, config.negative_prompt)
+                         for r, n in zip(rows, (config.samples, config.eval_samples), strict=True))
+    den.guidance_scale = config.guidance_scale
+    if model.vae is not None:
+        # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
+        # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
+        den.checkpoint, den.batch_size = True, 16
+    # Several processes: sequential and e2e fits split the fit noises; parallel ones split the evaluations instead.
+    world = current()
+    if world.size > min(config.samples, config.eval_samples):
+        raise UserError(f"{world.size} processes need at least as many --samples and --eval-samples (given "
+                        f"{config.samples} and {config.eval_samples}); accepted: fewer processes or more samples")
+    lo, hi = (0, config.samples) if config.strategy == "parallel" else world.shard(config.samples)
+    fit_cond = None if conditioning[0] is None else conditioning[0].slice(lo, hi)
+    fit_den, eval_den = den.bind(fit_cond), den.bind(conditioning[1])
+    solver = Solver.named(fit_den, model.base_config, config.scheduler, config.trajectory, config.nfe)
+    refuse_integer_timesteps(fit_den, solver.num_train_timesteps)
+    shape, eval_seed = den.sample_shape, config.seed + EVAL_SEED_OFFSET
+    fit_noise = torch.randn((config.samples, *shape), generator=torch.Generator().manual_seed(config.seed))[lo:hi]
+    eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
+    return Run(config, model, solver, solver.on(eval_den), fit_noise.to(den.device), eval_noise.to(den.device),
+               eval_seed, conditioning, world, None if (lo, hi) == (0, config.samples) else (lo, hi))
+
+
+def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:
+    """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`."""
+    from timetuner.measuring.verdict import is_better
+
+    run = prepare(config, setup)
+    config, den = run.config, setup.denoiser
+    started = time.perf_counter()
+    store = run.checkpoints(out)
+    phases = announce(run, progress)
+    taus, rows = run.fit(store, progress, phases)
+    fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
+    held = run.verdict(taus, progress, phases)
+    better = is_better(held)
+    seconds = time.perf_counter() - started
+    meta = table_metadata(run, rows, held, better, seconds, fit_evaluations)
+    tuned = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
+    written = tuned if (better or config.force) else run.solver.identity_table(**meta,
+                                                                                identity_because_not_better=True)
+    if out is not None and run.world.is_main:
+        written.save(out)
+        store.clear()
+    return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,
+                     network_evaluations=den.evaluations, fit_evaluations=fit_evaluations, config=config)
+
+
+def announce(run: Run, progress: bool):
+    """Print the fit's plan and estimated time (`timetuner.fitting.cost`) before any work; the plan, or None (quiet)."""
+    import sys
+
+    from timetuner.fitting.cost import describe, plan, seconds_per_evaluation
+
+    if not progress:
+        return None
+    phases = plan(run)
+    per_evaluation = seconds_per_evaluation(run)
+    if run.world.is_main:
+        print("\n".join(describe(phases, per_evaluation, run.world.size)), file=sys.stderr, flush=True)
+    return phases
+
+
+class Progress:
+    """`report(k, row, **state)` for the method: a progress bar, and a checkpoint whenever state comes with it."""
+
+    def __init__(self, run: Run, store: Checkpoints, show: bool):
+        from tqdm.auto import tqdm
+
+        from timetuner.fitting.method import OBJECTIVES
+
+        config = run.config
+        scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"
+        total = config.e2e_iters if OBJECTIVES[config.objective].joint else run.solver.evaluations
+        self.store = store
+        self.bar = tqdm(total=total, desc=f"fit {config.scheduler} nfe={config.nfe}{scale}", disable=not show,
+                        dynamic_ncols=True)
+
+    def __call__(self, k: int, row: dict, **state) -> None:
+        self.bar.update(1)
+        if "tau" in row:
+            self.bar.set_postfix(t=f"{row['t']:.1f}", tau=f"{row['tau']:.2f}", refresh=False)
+        else:
+            self.bar.set_postfix(loss=f"{row['loss']:.5f}", refresh=False)
+        if state:
+            self.store.save(**state)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: float, fit_evaluations: int) -> dict:
+    """What the table records: the model, the solver, how it was fitted, the held-out evidence, the versions."""
+    import diffusers
+
+    import timetuner
+
+    config, model = run.config, run.model
+    meta = {
+        "model": model.name, "model_hash": model.weights, "trajectory": run.solver.trajectory,
+        "scheduler_name": config.scheduler, "strategy": config.strategy, "objective": config.objective,
+        "optimizer": config.optimizer, "samples": config.samples, "fit_seed": config.seed,
+        "eval_seed": run.eval_seed, "eval_samples": config.eval_samples,
+        "reference": f"{config.reference}-{config.reference_steps}", "fit_config": dataclasses.asdict(config),
+        "rows": rows, "held_out": held,
+        "held_out_space": "images decoded by the VAE" if model.vae is not None else "samples",
+        "latent": model.vae is not None, "better_on_held_out": better, "fit_seconds": round(seconds, 2),
+        "network_evaluations": {"fit": fit_evaluations, "total": model.denoiser.evaluations},
+        "versions": {"timetuner": timetuner.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__},
+    }
+    if run.grid_record is not None:
+        meta["learned_grid"] = run.grid_record
+    if model.kind is not None:
+        fit_cond, eval_cond = run.conditioning
+        meta["guidance_scale"] = config.guidance_scale
+        meta["conditioning"] = {"kind": model.kind, "per_sample": "sample i uses row i mod P of its set",
+                                "fit": fit_cond.fingerprint(), "eval": eval_cond.fingerprint()}
+    return meta
