@@ -58,6 +58,13 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+KEY = ("method", "seed", "preset", "steps", "evals", "n", "eval_steps")  # what makes two runs the same run
+
+
+def same_run(record: dict) -> str:
+    return json.dumps({k: record[k] for k in KEY})
+
+
 def run_key(method: str, seed: int, args) -> dict:
     return {"method": method, "seed": seed, "preset": args.preset, "steps": args.steps, "evals": args.evals,
             "n": args.n, "eval_steps": args.eval_steps}
@@ -124,7 +131,8 @@ def train_one(job: tuple[str, int]) -> dict:
     done = {r["step"]: r for r in read_curves(fd_path)}
     # A checkpoint at an evaluation step whose FD was not recorded (killed in between) is dropped: resume before it.
     for checkpoint in checkpoint_dirs(folder):
-        if int(checkpoint.name.split("-")[1]) in evals and int(checkpoint.name.split("-")[1]) not in done:
+        step = int(checkpoint.name.split("-")[1])
+        if step in evals and step not in done:
             shutil.rmtree(checkpoint)
     resume = bool(checkpoint_dirs(folder))
     if not resume and folder.exists():
@@ -360,10 +368,9 @@ def main() -> None:
     if evals[-1] != args.steps or any(s % args.checkpoint_every for s in evals):
         parser.error(f"--evals {args.evals!r} is invalid; accepted: multiples of --checkpoint-every ending at --steps")
     results = Path(args.results)
-    key = lambda r: json.dumps({k: r[k] for k in ("method", "seed", "preset", "steps", "evals", "n", "eval_steps")})  # noqa: E731
-    recorded = {key(r) for r in read_curves(results)}
+    recorded = {same_run(r) for r in read_curves(results)}
     jobs = [(m, s) for s in map(int, args.seeds.split(",")) for m in methods
-            if key(run_key(m, s, args)) not in recorded]
+            if same_run(run_key(m, s, args)) not in recorded]
     if not args.report and jobs:
         emit({"figure": "machine", "cpus": os.cpu_count(), "workers": args.workers, "torch": torch.__version__,
               "to_run": [f"{m}/s{s}" for m, s in jobs]})
@@ -375,8 +382,8 @@ def main() -> None:
                 with results.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 emit({k: record[k] for k in ("figure", "method", "seed", "fd")})
-    curves = [r for r in read_curves(results) if r["preset"] == args.preset and r["steps"] == args.steps
-              and r["evals"] == args.evals and r["n"] == args.n and r["eval_steps"] == args.eval_steps]
+    wanted = run_key("", 0, args)
+    curves = [r for r in read_curves(results) if all(r[k] == wanted[k] for k in KEY[2:])]
     targets = [int(s) for s in args.targets.split(",")]
     lines = summarise(curves, targets)
     if args.markdown:
