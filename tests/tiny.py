@@ -51,3 +51,36 @@ def tiny_pixel_unet() -> UNet2DModel:
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=8).eval()
+
+
+def tiny_latent_vae(latent_channels: int = 4):
+    """A one-level VAE (scale factor 1) with SD3/Flux's shift and scaling factors."""
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                         layers_per_block=1, norm_num_groups=8, sample_size=8, shift_factor=0.0609,
+                         scaling_factor=1.5035).eval()
+
+
+def tiny_sd3(scheduler, img2img: bool = False):
+    """A StableDiffusion3 (img2img) pipeline of one transformer block, fed prompt embeddings (no text encoders)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4).eval()
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    return quiet(cls(transformer=transformer, scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=None,
+                     tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None))
+
+
+def tiny_flux(scheduler):
+    """A Flux pipeline of one double and one single block, fed prompt embeddings (no text encoders)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    return quiet(FluxPipeline(scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=None, tokenizer=None,
+                              text_encoder_2=None, tokenizer_2=None, transformer=transformer))

@@ -43,11 +43,14 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from timetuner.errors import UserError
-from timetuner.table import TauTable, set_grid
+from timetuner.table import TauTable, is_flow, set_grid
 
 logger = logging.getLogger(__name__)
 MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps, and a passed value to τ_k
 OWN = "_timetuner"  # the config key holding the wrapper's own settings
+# The solver's calls that take a time, served by the wrapper with τ_k mapped to t_k: `scale_noise` is flow matching's
+# add_noise (SD3/Flux img2img).
+MAPPED = {"scale_model_input": "_scale_model_input", "scale_noise": "_scale_noise"}
 # Attributes that live on the wrapper itself; every other attribute is the wrapped scheduler's.
 OWN_ATTRIBUTES = frozenset({"inner", "tables", "_own", "_step_params", "_set_params", "_tau", "_tau_values",
                             "_inner_timesteps", "_k", "_warned"})
@@ -73,6 +76,11 @@ def _solver_for(scheduler, table):
     """`scheduler` itself if the table is for its class; else the table's solver, built from the table's config,
     when it shares the scheduler's noise schedule (the same model, sampled by another solver)."""
     name = table.scheduler_class
+    if is_flow((name, table.scheduler_config)) != is_flow(scheduler):
+        kinds = {True: "a flow-matching model", False: "a DDPM-style (noise-prediction) model"}
+        raise UserError(f"table for {name} was fitted on {kinds[is_flow((name, table.scheduler_config))]} and this "
+                        f"{type(scheduler).__name__} samples {kinds[is_flow(scheduler)]}; accepted: a table fitted on "
+                        "this model")
     if type(scheduler).__name__ == name:
         return scheduler
     solver = scheduler_class(name)
@@ -200,13 +208,14 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     # -- attributes: the wrapped scheduler's, except the wrapper's own ------------------------------------------
     def __getattr__(self, name: str):
         inner = self.__dict__.get("inner")
+        if name in MAPPED and hasattr(inner, name):  # calls that take a time: τ mapped to t (only where the solver
+            return getattr(self, MAPPED[name])     # has them: flow schedulers have no scale_model_input)
         if inner is not None and not name.startswith("__"):
             try:
                 return getattr(inner, name)
             except AttributeError:
                 pass
-        raise AttributeError(f"'{type(self).__name__}' object (over {type(inner).__name__}) has no attribute "
-                             f"'{name}'")
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")  # Python's own wording
 
     def __setattr__(self, name: str, value) -> None:
         if name in OWN_ATTRIBUTES or "inner" not in self.__dict__ or hasattr(type(self), name):
@@ -225,6 +234,11 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         self._tau = None
 
     @property
+    def compatibles(self) -> list:
+        """The classes a pipeline may swap this scheduler for: the wrapped scheduler's (UIs list them from here)."""
+        return self.inner.compatibles
+
+    @property
     def order(self) -> int:
         return self.inner.order
 
@@ -239,16 +253,31 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list | None = None, sigmas: list | None = None, **kwargs) -> None:
         """Set the wrapped scheduler's t_k (on the table's grid when it has one) and, when a tuned table exists
-        for this step count, expose its τ_k as `timesteps`. Custom `timesteps` / `sigmas` run plain."""
+        for this step count, expose its τ_k as `timesteps`.
+
+        Custom `timesteps` run plain. Custom `sigmas` run plain too, unless they are the σ grid the table was fitted
+        on (Flux passes linspace(1, 1/N, N) on every call: a table fitted through FluxPipeline records it). A
+        scheduler with dynamic shifting gets `mu` from the pipeline (it follows the image size): a table applies only
+        at the `mu` it was fitted at, and another `mu` is refused in one line rather than run with τ tuned for
+        another schedule."""
         custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
         for name in custom:
             if name not in self._set_params:
                 raise ValueError(f"The current scheduler class {type(self.inner)}'s `set_timesteps` does not support "
                                  f"custom {name} schedules. Please check whether you are using the correct scheduler.")
-        table = self.tables.get(num_inference_steps) if not custom else None
+        # diffusers' `retrieve_timesteps` passes custom sigmas without the step count (Flux, SD3 with sigmas=).
+        steps = num_inference_steps if num_inference_steps is not None or sigmas is None else len(sigmas)
+        table = self.tables.get(steps)
+        if table is not None and (timesteps is not None or (sigmas is not None and not _same_sigmas(sigmas,
+                                                                                                   table.sigmas))):
+            table = None  # a schedule of the caller's own: the plain scheduler
+        elif table is not None and table.sigmas is not None:
+            custom = {"sigmas": table.sigmas}  # the table owns its σ grid (what the pipeline passed, or none)
+        if table is not None and self.inner.config.get("use_dynamic_shifting"):
+            _check_mu(table, kwargs.get("mu"))
         if table is not None and "timesteps" in table.metadata:
             # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
-            set_grid(self.inner, num_inference_steps, table.metadata["timesteps"], device=device)
+            set_grid(self.inner, steps, table.metadata["timesteps"], device=device)
         else:
             args = {"device": device, **custom, **kwargs}
             if num_inference_steps is not None or "num_inference_steps" not in self._set_params:
@@ -257,14 +286,17 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                 self.inner.set_timesteps(**args)
         self._k, self._tau = 0, None
         if table is None:
-            if self.tables and not custom:
+            if steps in self.tables and custom:
+                logger.warning("TunedScheduler got a schedule of its own (%s) for %s steps, not the table's grid; "
+                               "sampling with it plainly", ", ".join(custom), steps)
+            elif self.tables and not custom:
                 logger.warning("TunedScheduler has no table for %s steps (tables: %s); sampling with plain "
                                "timesteps", num_inference_steps, sorted(self.tables))
             return
         t = self.inner.timesteps
         mine = t.detach().to("cpu", torch.float64)
         if table.t.numel() != mine.numel() or not torch.allclose(table.t, mine, atol=MATCH_ATOL, rtol=0):
-            raise UserError(f"table for {num_inference_steps} steps expects t = {table.t.tolist()} but the "
+            raise UserError(f"table for {steps} steps expects t = {table.t.tolist()} but the "
                             f"scheduler runs t = {mine.tolist()}; accepted: the scheduler the table was fitted for")
         if table.is_identity:
             return  # τ = t: every call is the wrapped scheduler's own
@@ -288,7 +320,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             self._warned = True
         return timestep
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+    def _scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
         """The wrapped scheduler's input scaling at t_k (σ-space schedulers divide by √(σ² + 1))."""
         return self.inner.scale_model_input(sample, self._inner_t(timestep), *args, **kwargs)
 
@@ -315,6 +347,10 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         """Noise to the level of t for each τ the pipeline passes (τ_k mapped back to t_k by position)."""
         return self.inner.add_noise(original_samples, noise, self._to_inner(timesteps))
 
+    def _scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow matching's forward process (SD3/Flux img2img): noise to the σ of t for each τ the pipeline passes."""
+        return self.inner.scale_noise(sample, self._to_inner(timestep), noise)
+
     def _to_inner(self, timesteps: torch.Tensor) -> torch.Tensor:
         if self._tau is None:
             return timesteps
@@ -335,6 +371,24 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             if abs(value - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
                 return k
         return None
+
+def _same_sigmas(passed, fitted: list[float] | None) -> bool:
+    """Whether the σ grid a pipeline passes is the one a table was fitted on (both absent counts)."""
+    if passed is None or fitted is None:
+        return passed is None and fitted is None
+    passed = [float(v) for v in torch.as_tensor(passed, dtype=torch.float64).reshape(-1).tolist()]
+    return len(passed) == len(fitted) and all(abs(a - b) <= 1e-6 for a, b in zip(passed, fitted, strict=True))
+
+
+def _check_mu(table: TauTable, mu) -> None:
+    """A flow table runs at the dynamic shift it was fitted at; another one is refused in one line."""
+    fitted = table.mu
+    if fitted is not None and mu is not None and math.isclose(float(mu), fitted, rel_tol=0, abs_tol=1e-6):
+        return
+    raise UserError(f"table for {table.num_inference_steps} steps was fitted at mu={fitted} and the pipeline "
+                    f"passes mu={None if mu is None else float(mu)} (mu follows the image size); accepted: the image "
+                    "size the table was fitted at, or a table fitted at this mu")
+
 
 def table_scale(table: TauTable) -> float | None:
     """The guidance scale a table was fitted at, or None for an unconditional model."""

@@ -68,15 +68,18 @@ class TauTable:
 
     @classmethod
     def identity(cls, scheduler, num_inference_steps: int, timesteps: list[int] | None = None,
-                 **metadata) -> TauTable:
+                 sigmas: list[float] | None = None, mu: float | None = None, **metadata) -> TauTable:
         """τ = t for `scheduler` at `num_inference_steps` (the plain sampler, the starting point of a fit).
 
         `timesteps`: an explicit grid (see `timetuner.core.trajectories`); the table carries it, so that
         `TunedScheduler.set_timesteps(num_inference_steps)` sets the same grid on the wrapped scheduler.
+        Flow-matching schedulers: `sigmas` is the σ grid handed to `set_timesteps` (what Flux passes:
+        linspace(1, 1/N, N)), `mu` the dynamic shift (it follows the image size); the table records both, applies
+        when a pipeline passes the same, and refuses another `mu` (see `TunedScheduler.set_timesteps`).
         """
         config = config_dict(scheduler.config)  # before set_timesteps, which some schedulers let rewrite it
         fresh = type(scheduler).from_config(scheduler.config)
-        set_grid(fresh, num_inference_steps, timesteps)
+        set_grid(fresh, num_inference_steps, timesteps, sigmas=sigmas, mu=mu)
         t = fresh.timesteps.detach().to(torch.float64).cpu()
         meta = {
             "scheduler_class": type(scheduler).__name__,
@@ -84,9 +87,23 @@ class TauTable:
             "num_inference_steps": num_inference_steps,
             "nfe": int(t.numel()),
             **({"timesteps": [int(v) for v in timesteps]} if timesteps is not None else {}),
+            **({"sigmas": [float(v) for v in sigmas]} if sigmas is not None else {}),
+            **({"mu": float(mu)} if mu is not None else {}),
             **metadata,
         }
         return cls(t, t.clone(), meta)
+
+    @property
+    def sigmas(self) -> list[float] | None:
+        """The σ grid a flow-matching table was fitted on (None: the scheduler's own spacing)."""
+        value = self.metadata.get("sigmas")
+        return None if value is None else [float(v) for v in value]
+
+    @property
+    def mu(self) -> float | None:
+        """The dynamic shift a flow-matching table was fitted at (None: a static shift)."""
+        value = self.metadata.get("mu")
+        return None if value is None else float(value)
 
     def with_tau(self, tau, **metadata) -> TauTable:
         """A copy with new τ values and extra metadata."""
@@ -158,10 +175,23 @@ class TauTable:
                    dict(data.get("metadata", {})))
 
 
-def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = None, device=None) -> None:
-    """`scheduler.set_timesteps` for K steps, on its own spacing or on an explicit grid of K timesteps."""
+def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = None, device=None,
+             sigmas: list[float] | None = None, mu: float | None = None) -> None:
+    """`scheduler.set_timesteps` for K steps: on its own spacing, on an explicit grid of K timesteps, or (flow
+    matching) on a σ grid of K values and/or at a dynamic shift `mu`."""
+    flow = {k: v for k, v in (("sigmas", sigmas), ("mu", mu)) if v is not None}
+    if scheduler.config.get("use_dynamic_shifting") and mu is None:
+        raise UserError(f"{type(scheduler).__name__} shifts its sigmas by the image size (use_dynamic_shifting), so "
+                        "it needs mu; accepted: mu= the pipeline's shift for the image size (Flux: calculate_shift)")
     if timesteps is None:
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        accepted = inspect.signature(scheduler.set_timesteps).parameters
+        for name in flow:
+            if name not in accepted:
+                raise UserError(f"{type(scheduler).__name__} takes no {name}=; accepted: a flow-matching scheduler "
+                                "that does, e.g. FlowMatchEulerDiscreteScheduler")
+        if sigmas is not None:
+            check_sigmas(sigmas, num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, device=device, **flow)
         return
     if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
         raise UserError(f"{type(scheduler).__name__} cannot take a custom timestep grid; accepted: a class that can, "
@@ -183,11 +213,25 @@ def check_grid(timesteps, num_inference_steps: int, total: int) -> None:
                         "data (low t), each timestep below the one before")
 
 
+def check_sigmas(sigmas, num_inference_steps: int) -> None:
+    """A flow σ grid: K finite values in (0, 1], strictly decreasing; else a UserError."""
+    grid = [float(v) for v in sigmas]
+    if len(grid) != num_inference_steps:
+        raise UserError(f"sigma grid {grid} has {len(grid)} entries for {num_inference_steps} steps; accepted: one "
+                        "sigma per step")
+    if not all(math.isfinite(v) and 0 < v <= 1 for v in grid) or any(b >= a for a, b in zip(grid, grid[1:],
+                                                                                            strict=False)):
+        raise UserError(f"sigma grid {grid} is not strictly decreasing inside (0, 1]; accepted: sigmas from noise "
+                        "(1) towards data, each below the one before")
+
+
 def time_range(scheduler) -> tuple[float, float]:
     """The network times a scheduler hands out over its whole schedule, in its own units: [0, T] for discrete
     timesteps, [¼ log σ_min, ¼ log σ_max] for continuous-time Euler."""
     fresh = type(scheduler).from_config(scheduler.config)
     total = float(scheduler.config.num_train_timesteps)
+    if is_flow(scheduler):  # the network was trained on every σ in (0, 1]: times σ·T in [0, T]
+        return 0.0, total
     times = getattr(fresh, "timesteps", None)
     if times is None or not len(times):
         return 0.0, total
@@ -196,6 +240,13 @@ def time_range(scheduler) -> tuple[float, float]:
     if torch.equal(times, times.round()):  # integer timesteps: the whole [0, T] the embedding was trained on
         lo, hi = min(lo, 0.0), max(hi, total)
     return lo, hi
+
+
+def is_flow(scheduler) -> bool:
+    """Whether a scheduler (or its class name and config) samples a flow-matching model: x_σ = (1 − σ) x0 + σ ε."""
+    name, config = (scheduler if isinstance(scheduler, tuple) else (type(scheduler).__name__, scheduler.config))
+    return (name.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
 
 
 def config_dict(config) -> dict:
