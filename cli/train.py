@@ -29,12 +29,16 @@ def train(
     num_train_timesteps: Annotated[int, typer.Option(help="Diffusion steps T.")] = 1000,
     beta_schedule: Annotated[str, typer.Option(help="linear, scaled_linear or squaredcos_cap_v2.")] = "linear",
     prediction_type: Annotated[str, typer.Option(help="epsilon, v_prediction or sample.")] = "epsilon",
+    objective: Annotated[str, typer.Option(
+        help="ddpm (noise prediction) or flow (rectified flow: velocity, a FlowMatchEuler pipeline).")] = "ddpm",
+    flow_shift: Annotated[float, typer.Option(help="Flow: static shift of the sigma schedule (SD3: 3).")] = 1.0,
     sampler: Annotated[str, typer.Option(
-        help="Timestep sampler: uniform, speed, adaptive, clts, lognormal, logit-normal.", rich_help_panel=M)
+        help="Timestep sampler: uniform, speed, adaptive, clts, lognormal, logit-normal, mode (flow: uniform, "
+             "logit-normal, mode).", rich_help_panel=M)
     ] = "uniform",
     weighting: Annotated[str | None, typer.Option(
-        help="Loss weighting: none, caw (SpeeD), min-snr, p2; default: caw with --sampler speed, else none.",
-        rich_help_panel=M)] = None,
+        help="Loss weighting: none, caw (SpeeD), min-snr, p2; flow: none, sigma-sqrt, cosmap; default: caw with "
+             "--sampler speed, else none.", rich_help_panel=M)] = None,
     importance: Annotated[bool, typer.Option(
         help="Weight samples by 1/(T·p(t)) (unbiased uniform objective); off in every paper.", rich_help_panel=M)
     ] = False,
@@ -80,6 +84,7 @@ def train(
     logit_normal_mean: Annotated[float, typer.Option(
         help="Logit-normal (SD3): mean; > 0 favours noise.", rich_help_panel=M)] = 0.0,
     logit_normal_std: Annotated[float, typer.Option(help="Logit-normal (SD3): std.", rich_help_panel=M)] = 1.0,
+    mode_scale: Annotated[float, typer.Option(help="Mode (SD3): scale s in [-1, 1.75].", rich_help_panel=M)] = 1.29,
     min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR: γ (> 0).", rich_help_panel=M)] = 5.0,
     p2_k: Annotated[float, typer.Option(help="P2: k (> 0).", rich_help_panel=M)] = 1.0,
     p2_gamma: Annotated[float, typer.Option(help="P2: γ (> 0).", rich_help_panel=M)] = 1.0,
@@ -97,13 +102,13 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option(help="How many checkpoints to keep.")] = 2,
     log_every: Annotated[int, typer.Option(help="Write log.jsonl (loss per timestep bucket) every N steps.")] = 50,
     sample_n: Annotated[int, typer.Option(help="Images in the final samples.png grid; 0: none.")] = 64,
-    sample_steps: Annotated[int, typer.Option(help="DDIM steps for the sample grid.")] = 100,
+    sample_steps: Annotated[int, typer.Option(help="DDIM (flow: Euler) steps for the sample grid.")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
     seed: Seed = 0,
     cpu: Cpu = False,
 ) -> None:
-    """Train a diffusion model (DDPM, UNet2DModel) and save it as a diffusers pipeline.
+    """Train a diffusion model (DDPM or rectified flow, UNet2DModel) and save it as a diffusers pipeline.
 
     Runs on one CPU process or under `accelerate launch` on many GPUs. Examples:
 
@@ -116,6 +121,8 @@ def train(
         timetuner train --preset digits --sampler speed --speed-setting ffhq --weighting none --out runs/s
 
         timetuner train --preset digits --sampler clts --mdlrc --out runs/clts
+
+        timetuner train --preset digits --objective flow --sampler logit-normal --out runs/flow
 
         accelerate launch -m timetuner.cli.main train --preset small --data ./images --out runs/small
     """

@@ -22,6 +22,11 @@ from timetuner.cli.main import app
 runner = CliRunner()
 SMALL = ["--samples", "4", "--eval-samples", "4", "--reference-steps", "2", "--reference-n", "8"]
 
+def train(*args: str) -> list[str]:
+    return ["train", *args, "--out", "{tmp}/run"]
+
+
+FLOW = ("--objective", "flow")
 # (command and arguments; {model}: the tiny run, {tmp}: a fresh folder, {table}/{nan}/...: prepared files), the
 # text the one error line must hold.
 CASES = {
@@ -63,6 +68,14 @@ CASES = {
     "train unknown preset": (["train", "--preset", "huge", "--out", "{tmp}/run"], "--preset"),
     "train steps 0": (["train", "--steps", "0", "--out", "{tmp}/run"], "--steps 0"),
     "train data with non-images": (["train", "--data", "{strays}", "--out", "{tmp}/run"], "not images"),
+    "train unknown objective": (train("--objective", "score"), "--objective 'score'"),
+    "train flow shift 0": (train(*FLOW, "--flow-shift", "0"), "--flow-shift 0"),
+    "train flow with speed": (train(*FLOW, "--sampler", "speed"), "never below its 1e-4"),
+    "train flow with adaptive": (train(*FLOW, "--sampler", "adaptive"), "--sampler adaptive"),
+    "train flow with min-snr": (train(*FLOW, "--weighting", "min-snr"), "--weighting min-snr"),
+    "train flow with v-prediction": (train(*FLOW, "--prediction-type", "v_prediction"), "--prediction-type v_"),
+    "train ddpm with a flow weighting": (train("--weighting", "cosmap"), "--weighting cosmap"),
+    "train mode scale out of range": (train("--sampler", "mode", "--mode-scale", "3"), "--mode-scale 3"),
 }
 
 

@@ -36,14 +36,25 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from timetuner.errors import UserError
-from timetuner.table import TauTable, is_flow, set_grid
+from timetuner.matching import (  # noqa: F401 (check_model, model_hash: their old home, still imported from here)
+    check_model,
+    check_mu,
+    model_hash,
+    same_scale,
+    same_sigmas,
+    scale_name,
+    scheduler_class,
+    select_guidance_scale,
+    solver_for,
+    table_scale,
+)
+from timetuner.table import TauTable, set_grid
 
 logger = logging.getLogger(__name__)
 MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps, and a passed value to τ_k
@@ -54,48 +65,6 @@ MAPPED = {"scale_model_input": "_scale_model_input", "scale_noise": "_scale_nois
 # Attributes that live on the wrapper itself; every other attribute is the wrapped scheduler's.
 OWN_ATTRIBUTES = frozenset({"inner", "tables", "_own", "_step_params", "_set_params", "_tau", "_tau_values",
                             "_inner_timesteps", "_k", "_warned"})
-
-
-def scheduler_class(name: str):
-    """The diffusers scheduler class called `name`; a UserError naming what is accepted otherwise."""
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)) or cls is TunedScheduler:
-        raise UserError(f"solver class {name!r} is not a diffusers scheduler; accepted: a scheduler class of "
-                        f"diffusers {diffusers.__version__}, e.g. DDIMScheduler, DPMSolverMultistepScheduler, "
-                        "HeunDiscreteScheduler")
-    return cls
-
-
-NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                       "prediction_type", "rescale_betas_zero_snr")
-
-
-def _solver_for(scheduler, table):
-    """`scheduler` itself if the table is for its class; else the table's solver, built from the table's config,
-    when it shares the scheduler's noise schedule (the same model, sampled by another solver)."""
-    name = table.scheduler_class
-    if is_flow((name, table.scheduler_config)) != is_flow(scheduler):
-        kinds = {True: "a flow-matching model", False: "a DDPM-style (noise-prediction) model"}
-        raise UserError(f"table for {name} was fitted on {kinds[is_flow((name, table.scheduler_config))]} and this "
-                        f"{type(scheduler).__name__} samples {kinds[is_flow(scheduler)]}; accepted: a table fitted on "
-                        "this model")
-    if type(scheduler).__name__ == name:
-        return scheduler
-    solver = scheduler_class(name)
-    mine = table.scheduler_config
-    for key in NOISE_SCHEDULE_KEYS:
-        theirs = scheduler.config.get(key)
-        if key in mine and theirs is not None and _plain(mine[key]) != _plain(theirs):
-            raise UserError(f"table for {name} was fitted with {key}={mine[key]!r} and this "
-                            f"{type(scheduler).__name__} has {key}={theirs!r}: another noise schedule; accepted: a "
-                            "table fitted for this model's noise schedule")
-    return solver.from_config(mine)
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple | list) else value
 
 
 class TunedScheduler(SchedulerMixin, ConfigMixin):
@@ -177,12 +146,12 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         loaded, scale = select_guidance_scale(loaded, guidance_scale)
         if isinstance(scheduler, TunedScheduler):
             held = scheduler.guidance_scale
-            if scheduler.tables and not _same_scale(held, scale):
-                raise UserError(f"this TunedScheduler holds tables for {_scale_name(held)}, not "
-                                f"{_scale_name(scale)}; accepted: tables of one guidance scale per scheduler")
+            if scheduler.tables and not same_scale(held, scale):
+                raise UserError(f"this TunedScheduler holds tables for {scale_name(held)}, not "
+                                f"{scale_name(scale)}; accepted: tables of one guidance scale per scheduler")
             wrapped = cls.from_config(scheduler.config)
         else:
-            scheduler = _solver_for(scheduler, loaded[0]) if loaded else scheduler
+            scheduler = solver_for(scheduler, loaded[0]) if loaded else scheduler
             wrapped = cls(solver_class=type(scheduler).__name__, **dict(scheduler.config))
         wrapped._own["guidance_scale"] = scale
         for table in loaded:
@@ -198,10 +167,10 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
 
     def _add(self, table: TauTable) -> None:
         table.check_scheduler(self.inner)
-        if not _same_scale(table_scale(table), self.guidance_scale):
+        if not same_scale(table_scale(table), self.guidance_scale):
             raise UserError(f"table for {table.num_inference_steps} steps was fitted for "
-                            f"{_scale_name(table_scale(table))}, and this scheduler holds "
-                            f"{_scale_name(self.guidance_scale)}; accepted: tables of one guidance scale")
+                            f"{scale_name(table_scale(table))}, and this scheduler holds "
+                            f"{scale_name(self.guidance_scale)}; accepted: tables of one guidance scale")
         self.tables[table.num_inference_steps] = table
         self._own["tables"] = {str(k): v.to_dict() for k, v in sorted(self.tables.items())}
 
@@ -268,13 +237,13 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' `retrieve_timesteps` passes custom sigmas without the step count (Flux, SD3 with sigmas=).
         steps = num_inference_steps if num_inference_steps is not None or sigmas is None else len(sigmas)
         table = self.tables.get(steps)
-        if table is not None and (timesteps is not None or (sigmas is not None and not _same_sigmas(sigmas,
+        if table is not None and (timesteps is not None or (sigmas is not None and not same_sigmas(sigmas,
                                                                                                    table.sigmas))):
             table = None  # a schedule of the caller's own: the plain scheduler
         elif table is not None and table.sigmas is not None:
             custom = {"sigmas": table.sigmas}  # the table owns its σ grid (what the pipeline passed, or none)
         if table is not None and self.inner.config.get("use_dynamic_shifting"):
-            _check_mu(table, kwargs.get("mu"))
+            check_mu(table, kwargs.get("mu"))
         if table is not None and "timesteps" in table.metadata:
             # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
             set_grid(self.inner, steps, table.metadata["timesteps"], device=device)
@@ -371,71 +340,3 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             if abs(value - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
                 return k
         return None
-
-def _same_sigmas(passed, fitted: list[float] | None) -> bool:
-    """Whether the σ grid a pipeline passes is the one a table was fitted on (both absent counts)."""
-    if passed is None or fitted is None:
-        return passed is None and fitted is None
-    passed = [float(v) for v in torch.as_tensor(passed, dtype=torch.float64).reshape(-1).tolist()]
-    return len(passed) == len(fitted) and all(abs(a - b) <= 1e-6 for a, b in zip(passed, fitted, strict=True))
-
-
-def _check_mu(table: TauTable, mu) -> None:
-    """A flow table runs at the dynamic shift it was fitted at; another one is refused in one line."""
-    fitted = table.mu
-    if fitted is not None and mu is not None and math.isclose(float(mu), fitted, rel_tol=0, abs_tol=1e-6):
-        return
-    raise UserError(f"table for {table.num_inference_steps} steps was fitted at mu={fitted} and the pipeline "
-                    f"passes mu={None if mu is None else float(mu)} (mu follows the image size); accepted: the image "
-                    "size the table was fitted at, or a table fitted at this mu")
-
-
-def table_scale(table: TauTable) -> float | None:
-    """The guidance scale a table was fitted at, or None for an unconditional model."""
-    value = table.metadata.get("guidance_scale")
-    return None if value is None else float(value)
-
-
-def _same_scale(a: float | None, b: float | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6))
-
-
-def _scale_name(scale: float | None) -> str:
-    return "an unconditional model" if scale is None else f"guidance scale {scale:g}"
-
-
-def select_guidance_scale(tables: list[TauTable], guidance_scale: float | None) -> tuple[list[TauTable], float | None]:
-    """The tables of one guidance scale, and that scale: `guidance_scale` if given, else the only one there is."""
-    scales = sorted({table_scale(t) for t in tables}, key=lambda v: (v is not None, v or 0.0))
-    names = ", ".join(_scale_name(v) for v in scales)
-    if guidance_scale is not None:
-        chosen = [t for t in tables if _same_scale(table_scale(t), float(guidance_scale))]
-        if not chosen:
-            raise UserError(f"no table was fitted at guidance scale {float(guidance_scale):g} (the tables are for "
-                            f"{names}); accepted: guidance_scale one of the tables' scales")
-        return chosen, float(guidance_scale)
-    if len(scales) > 1:
-        given = [v for v in scales if v is not None]
-        raise UserError(f"the tables are for {names}; a table is tuned for one guidance scale, so pass "
-                        f"guidance_scale= one of {', '.join(f'{v:g}' for v in given)}")
-    return tables, (scales[0] if scales else None)
-
-
-def model_hash(module: torch.nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of a module's parameters and buffers: names, shapes, dtypes and bytes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def check_model(table: TauTable, unet) -> None:
-    """Raise a UserError if `table` records a model hash that differs from `unet`'s."""
-    expected = table.metadata.get("model_hash")
-    if expected and model_hash(unet) != expected:
-        model = table.metadata.get("model", "another model")
-        raise UserError(f"table was fitted for {model} (weights {expected}), not for this model "
-                        f"(weights {model_hash(unet)}); accepted: the model the table was fitted for")

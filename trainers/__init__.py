@@ -1,14 +1,13 @@
 """Training companion: timestep samplers, loss weightings, MDLRC and the `timetuner train` loop."""
 
 from timetuner.trainers.adaptive import AdaptiveSampler, BetaPolicy
+from timetuner.trainers.densities import LogitNormalSampler, LogNormalSampler, ModeSampler
 from timetuner.trainers.loop import TrainConfig, train
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import PRESETS, Preset, get_preset
 from timetuner.trainers.samplers import (
     SAMPLERS,
     CLTSSampler,
-    LogitNormalSampler,
-    LogNormalSampler,
     SpeedSampler,
     TimestepSampler,
     UniformSampler,
@@ -39,6 +38,7 @@ __all__ = [
     "LogitNormalSampler",
     "LossWeighting",
     "MinSNRWeighting",
+    "ModeSampler",
     "NoWeighting",
     "P2Weighting",
     "Preset",

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 
 from timetuner.errors import UserError, check_choice
 from timetuner.trainers.mdlrc import MDLRC
+from timetuner.trainers.objectives import FLOW_WEIGHTINGS, OBJECTIVES, check_flow_method
 from timetuner.trainers.presets import get_preset
 from timetuner.trainers.samplers import SAMPLERS, make_sampler, speed_setting
-from timetuner.trainers.weighting import make_weighting
+from timetuner.trainers.weighting import WEIGHTINGS, make_weighting
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    objective: str = "ddpm"  # "ddpm" (ε / v / x0 prediction) or "flow" (rectified flow, velocity; objectives.py)
+    flow_shift: float = 1.0  # flow: the static shift of the σ schedule (SD3: 3.0), saved in the pipeline's scheduler
     sampler: str = "uniform"
     weighting: str | None = None  # None: "caw" with the speed sampler (the published method), "none" otherwise
     importance: bool = False  # weight 1/(T·p(t)): non-uniform sampling as an unbiased uniform objective
@@ -65,6 +69,7 @@ class TrainConfig:
     lognormal_std: float = 1.2
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    mode_scale: float = 1.29
     min_snr_gamma: float = 5.0
     p2_k: float = 1.0
     p2_gamma: float = 1.0
@@ -105,8 +110,17 @@ def resolved(config: TrainConfig) -> TrainConfig:
     check_choice("--beta-schedule", config.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
     check_choice("--prediction-type", config.prediction_type, {"epsilon", "v_prediction", "sample"})
     check_choice("--mixed-precision", config.mixed_precision, {"no", "fp16", "bf16"})
+    check_choice("--objective", config.objective, OBJECTIVES)
+    if not (math.isfinite(config.flow_shift) and config.flow_shift > 0):
+        raise UserError(f"--flow-shift {config.flow_shift} is invalid; accepted: a positive number (1: no shift)")
+    noise_scheduler = noise_scheduler_for(config)
+    if config.objective == "flow":  # before the defaults: SpeeD's τ from --speed-r reads a DDPM schedule
+        check_flow_method(config.sampler, config.weighting or "none", config.prediction_type, noise_scheduler)
     config = _method_defaults(config)
-    build_sampler(config, noise_scheduler_for(config))
+    if config.objective == "ddpm" and config.weighting in FLOW_WEIGHTINGS and config.weighting != "none":
+        raise UserError(f"--weighting {config.weighting} weights the flow velocity; accepted with --objective ddpm: "
+                        f"{', '.join(sorted(set(WEIGHTINGS) - set(FLOW_WEIGHTINGS) | {'none'}))}")
+    build_sampler(config, noise_scheduler)
     build_weighting(config)
     if config.mdlrc:
         make_mdlrc(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), config)
@@ -169,7 +183,10 @@ def build_weighting(config: TrainConfig):
 
 
 def noise_scheduler_for(config: TrainConfig):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if config.objective == "flow":  # what the saved pipeline samples with; its σ grid is the training grid
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
 
     # clip_sample=False: DDIM built from a config that clips x0 at every step recomputes ε from the clipped x0,
     # which at small σ adds haze that grows with the step count — the embedded model's 1000-step DDIM scored worse

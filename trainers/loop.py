@@ -41,6 +41,7 @@ from timetuner.trainers.config import (
     noise_scheduler_for,
     resolved,
 )
+from timetuner.trainers.objectives import make_objective
 from timetuner.trainers.presets import get_preset
 
 LOSS_BUCKETS = 10
@@ -82,15 +83,7 @@ class TrainState:
 
 
 
-def _target(noise_scheduler, x0, noise, t, prediction_type):
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(x0, noise, t)
-    return x0
-
-
-def _probe(model, noise_scheduler, config: TrainConfig):
+def _probe(model, objective, config: TrainConfig):
     """probe(x0, t, noise) → per-sample training loss without gradient, in chunks of the batch size."""
 
     def probe(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -98,20 +91,11 @@ def _probe(model, noise_scheduler, config: TrainConfig):
         with torch.no_grad():
             for a, b, c in zip(x0.split(config.batch_size), t.split(config.batch_size),
                                noise.split(config.batch_size), strict=True):
-                pred = model(noise_scheduler.add_noise(a, c, b), b).sample
-                target = _target(noise_scheduler, a, c, b, config.prediction_type)
-                out.append((pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)))
+                pred = model(objective.noisy(a, c, b), objective.network_time(b)).sample
+                out.append((pred.float() - objective.target(a, c, b).float()).pow(2).mean(dim=(1, 2, 3)))
         return torch.cat(out)
 
     return probe
-
-
-
-
-
-
-
-
 
 
 def train(config: TrainConfig, on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None) -> Path:
@@ -183,6 +167,7 @@ class _Training:
         torch.manual_seed(config.seed)  # model initialisation
         unet = UNet2DModel(**get_preset(config.preset).unet_config(config.resolution, config.channels))
         self.noise_scheduler = noise_scheduler_for(config)
+        self.objective = make_objective(config.objective, self.noise_scheduler, config.prediction_type)
         self.sampler = build_sampler(config, self.noise_scheduler)
         self.weighting = build_weighting(config)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -201,7 +186,7 @@ class _Training:
         self.extras = {"ema": self.ema, "sampler": self.sampler, "state": self.state,
                        **({"mdlrc": self.mdlrc} if self.mdlrc else {})}
         if hasattr(self.sampler, "bind"):  # learned samplers score the model's loss before and after an update
-            self.sampler.bind(_probe(accelerator.unwrap_model(self.unet), self.noise_scheduler, config))
+            self.sampler.bind(_probe(accelerator.unwrap_model(self.unet), self.objective, config))
         if config.resume:
             self._resume(checkpoint_dirs(self.out)[-1])
         if self.mdlrc:
@@ -237,10 +222,11 @@ class _Training:
         x0, noise, sampler_generator = self.draw(data, step)
         t, w_sampler = self.sampler.sample(config.batch_size, step, sampler_generator, x0=x0)
         t, w_sampler = t.to(x0.device), w_sampler.to(x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        objective = self.objective
+        noisy = objective.noisy(x0, noise, t)
         with accelerator.accumulate(self.unet):
-            pred = self.unet(noisy, t).sample
-            target = _target(self.noise_scheduler, x0, noise, t, config.prediction_type)
+            pred = self.unet(noisy, objective.network_time(t)).sample
+            target = objective.target(x0, noise, t)
             per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
             loss = (w_sampler * self.weighting(t, self.noise_scheduler).to(x0.device) * per_sample).mean()
             accelerator.backward(loss)
@@ -281,7 +267,7 @@ class _Training:
         config, accelerator, losses, step = self.config, self.accelerator, self.losses, self.state.step
         sums, counts = accelerator.reduce(losses.sum, "sum"), accelerator.reduce(losses.count, "sum")
         if accelerator.is_main_process:
-            total, alphas = config.num_train_timesteps, self.noise_scheduler.alphas_cumprod
+            total = config.num_train_timesteps
             record = {
                 "step": step, "loss": value, "loss_ema": losses.running, "lr": self.lr_scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - self.started, 2),
@@ -292,8 +278,8 @@ class _Training:
                 **({"sampler_reward": self.sampler.last_reward}
                    if getattr(self.sampler, "last_reward", None) is not None else {}),
                 "bucket_loss": [round(float(s / c), 6) if c > 0 else None for s, c in zip(sums, counts, strict=True)],
-                "alpha_bar_at_bucket_edges": [round(float(alphas[min(i * total // LOSS_BUCKETS, total - 1)]), 6)
-                                              for i in range(LOSS_BUCKETS)],
+                self.objective.level_name: [round(float(v), 6) for v in self.objective.level_at(torch.tensor(
+                    [min(i * total // LOSS_BUCKETS, total - 1) for i in range(LOSS_BUCKETS)]))],
             }
             with (self.out / LOG_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -335,7 +321,10 @@ class _Training:
         if accelerator.is_main_process:
             final = self.ema_model()
             save_pipeline(final, self.noise_scheduler, self.out)
-            if config.sample_n > 0:
+            if config.sample_n > 0 and config.objective == "flow":  # the saved pipeline, as a user runs it
+                images = _pipeline_samples(self.out, config, accelerator.device)
+                save_grid(images, self.out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
+            elif config.sample_n > 0:
                 gen = torch.Generator(device="cpu").manual_seed(config.seed)
                 noise = initial_noise(config.sample_n, (config.channels, config.resolution, config.resolution), gen)
                 ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
@@ -345,3 +334,12 @@ class _Training:
         accelerator.end_training()
 
 
+def _pipeline_samples(out: Path, config: TrainConfig, device) -> torch.Tensor:
+    """`sample_n` images in [-1, 1] from the saved folder through plain diffusers' DDPMPipeline (its scheduler)."""
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(out).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=config.sample_n, generator=torch.Generator(device="cpu").manual_seed(config.seed),
+                  num_inference_steps=config.sample_steps, output_type="np").images
+    return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1

@@ -95,7 +95,7 @@ def importance_weight(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1.0 / (p.numel() * p.to(t.device)[t])).float()
 
 
-def _device(generator: torch.Generator | None) -> torch.device:
+def generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -137,7 +137,8 @@ class StaticSampler:
 
     def sample(self, batch_size, step, generator=None, x0=None):
         p = self.probabilities(step)
-        t = torch.multinomial(p.float(), batch_size, replacement=True, generator=generator).to(_device(generator))
+        t = torch.multinomial(p.float(), batch_size, replacement=True, generator=generator)
+        t = t.to(generator_device(generator))
         return t, self._weight(p, t)
 
     def _weight(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ class UniformSampler(StaticSampler):
         return torch.ones(self.num_train_timesteps, dtype=torch.float64)
 
     def sample(self, batch_size, step, generator=None, x0=None):
-        device = _device(generator)
+        device = generator_device(generator)
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
         return t, torch.ones(batch_size, device=device)
 
@@ -262,7 +263,7 @@ class SpeedSampler(StaticSampler):
         # Official layout: n//2 + 1 draws and their partners, truncated to n. With an odd batch the first
         # half is one longer, so the marginal is the 50/50 mixture up to one sample.
         base = torch.multinomial(self._base().float(), batch_size // 2 + 1, replacement=True, generator=generator)
-        t = torch.cat([base, self._partner(base)])[:batch_size].to(_device(generator))
+        t = torch.cat([base, self._partner(base)])[:batch_size].to(generator_device(generator))
         return t, self._weight(self.probabilities(step), t)
 
 
@@ -304,72 +305,3 @@ class CLTSSampler(StaticSampler):
         gauss = torch.exp(-0.5 * ((t - self.mu * T) / (self.sigma * T)) ** 2)
         lam = self.mixture_weight(step)
         return (1.0 - lam) / T + lam * gauss / gauss.sum()
-
-
-def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-@register_sampler
-class LogNormalSampler(StaticSampler):
-    """EDM's training distribution (Karras et al., 2022): ln σ ~ N(P_mean, P_std²), σ mapped to the nearest t.
-
-    σ_t = √((1 − ᾱ_t)/ᾱ_t) of the model's own schedule; nearest in ln σ, so the discrete distribution is
-    the normal mass between the midpoints of neighbouring ln σ_t (σ beyond the schedule's ends clamps).
-    """
-
-    name: ClassVar[str] = "lognormal"
-
-    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
-                 mean: float = -1.2, std: float = 1.2):
-        super().__init__(num_train_timesteps, noise_scheduler, importance)
-        self.mean = check_range("--lognormal-mean", mean, -math.inf, math.inf, low_open=True, high_open=True)
-        self.std = check_range("--lognormal-std", std, 0.0, math.inf, low_open=True, high_open=True)
-        alphas = schedule_of(noise_scheduler, self.num_train_timesteps)
-        self.log_sigmas = 0.5 * torch.log((1.0 - alphas) / alphas)
-
-    def _probabilities(self, step):
-        edges = (self.log_sigmas[1:] + self.log_sigmas[:-1]) / 2
-        cdf = _normal_cdf((edges - self.mean) / self.std)
-        cdf = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf, torch.ones(1, dtype=cdf.dtype)])
-        return cdf[1:] - cdf[:-1]
-
-    def sample(self, batch_size, step, generator=None, x0=None):
-        device = _device(generator)
-        log_sigma = self.mean + self.std * torch.randn(batch_size, generator=generator, device=device).double()
-        edges = ((self.log_sigmas[1:] + self.log_sigmas[:-1]) / 2).to(device)
-        t = torch.bucketize(log_sigma, edges)
-        return t, self._weight(self.probabilities(step), t)
-
-
-@register_sampler
-class LogitNormalSampler(StaticSampler):
-    """SD3's logit-normal (Esser et al., 2024): u = sigmoid(N(m, s²)) ∈ (0, 1), t = ⌊u·T⌋ (u → 1 is noise).
-
-    Drawn with diffusers' `compute_density_for_timestep_sampling`. Direction: here u is the noise level as
-    in the SD3 paper, so `mean` > 0 favours noisier timesteps. diffusers' SD3 scripts index their
-    *descending* `timesteps` with ⌊u·T⌋, which flips that: their logit_mean = −ours.
-    """
-
-    name: ClassVar[str] = "logit-normal"
-
-    def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
-                 mean: float = 0.0, std: float = 1.0):
-        super().__init__(num_train_timesteps, noise_scheduler, importance)
-        self.mean = check_range("--logit-normal-mean", mean, -math.inf, math.inf, low_open=True, high_open=True)
-        self.std = check_range("--logit-normal-std", std, 0.0, math.inf, low_open=True, high_open=True)
-
-    def _probabilities(self, step):
-        T = self.num_train_timesteps
-        u = torch.arange(T + 1, dtype=torch.float64) / T
-        cdf = _normal_cdf((torch.logit(u) - self.mean) / self.std)  # logit(0) = −inf, logit(1) = inf
-        return cdf[1:] - cdf[:-1]
-
-    def sample(self, batch_size, step, generator=None, x0=None):
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        device = _device(generator)
-        u = compute_density_for_timestep_sampling("logit_normal", batch_size, logit_mean=self.mean,
-                                                  logit_std=self.std, device=device, generator=generator)
-        t = (u.double() * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
-        return t, self._weight(self.probabilities(step), t)

@@ -135,3 +135,38 @@ class ChangeAwareWeighting:
         if self._table is None or self._table[0] != key:
             self._table = (key, self.table(alphas.cpu()).float())
         return self._table[1].to(t.device)[t]
+
+
+class _FlowWeighting:
+    """SD3's loss weightings of the flow velocity (diffusers' `compute_loss_weighting_for_sd3`) at the run's σ_t."""
+
+    scheme: ClassVar[str] = ""
+
+    def __init__(self):
+        self._table: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, t: torch.Tensor, noise_scheduler) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        from timetuner.trainers.objectives import training_sigmas
+
+        if self._table is None or self._table[0] != id(noise_scheduler):
+            sigmas = training_sigmas(noise_scheduler).float()
+            self._table = (id(noise_scheduler), compute_loss_weighting_for_sd3(self.scheme, sigmas=sigmas).float())
+        return self._table[1].to(t.device)[t]
+
+
+@register_weighting
+class SigmaSqrtWeighting(_FlowWeighting):
+    """w = σ⁻² (SD3's "sigma_sqrt"); flow objective only."""
+
+    name: ClassVar[str] = "sigma-sqrt"
+    scheme: ClassVar[str] = "sigma_sqrt"
+
+
+@register_weighting
+class CosMapWeighting(_FlowWeighting):
+    """w = 2 / (π (1 − 2σ + 2σ²)) (SD3's "cosmap"); flow objective only."""
+
+    name: ClassVar[str] = "cosmap"
+    scheme: ClassVar[str] = "cosmap"
