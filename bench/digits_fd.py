@@ -1,12 +1,15 @@
 """Figures for the embedded digits model, one JSON line each (the table in assets/README.md).
 
     python bench/digits_fd.py [--model assets/digits-ddpm] [--n 1000] [--steps 10,20,50,100,1000]
+    python bench/digits_fd.py --model assets/digits-flow --clipped ""      # a flow model: its Euler, DPM-Solver++
 
 Prints: the network forward time on 256 samples; the floor (n training digits against the 360 held-out ones);
 for DDIM at each step count (the model's own config, and with clip_sample=True, the config it shipped with
 before) and DPM-Solver++ 2M at 100 steps, from the same n noises: the data FD against the held-out digits with
 its 95 % bootstrap interval, the paired change from the previous step count (same solver), and the distribution
-gap to the reference set (`timetuner.measuring.evaluation`, the one measurement path).
+gap to the reference set (`timetuner.measuring.evaluation`, the one measurement path). A flow-matching model runs
+its own Euler (FlowMatchEulerDiscreteScheduler, the model's shift) in place of DDIM and DPM-Solver++ 2M on flow
+sigmas as the reference.
 """
 
 from __future__ import annotations
@@ -43,11 +46,10 @@ def interval(features: np.ndarray, statistic, resamples: int = 200, seed: int = 
 
 
 def main() -> None:
-    import diffusers
-
     from timetuner.core.data import load_digits_tensor
     from timetuner.core.loading import load_model
     from timetuner.core.solver import Solver
+    from timetuner.core.trajectories import make_scheduler
     from timetuner.measuring.metrics import paired_bootstrap
     from timetuner.measuring.yardstick import DEFAULT_REFERENCE_N, build_yardstick
 
@@ -70,13 +72,14 @@ def main() -> None:
     print(json.dumps({"figure": "floor_train_vs_test", "n": len(pick), "fd": round(data.fd(floor), 3),
                       "fd_ci": interval(floor, data.fd)}), flush=True)
     noise = torch.randn((args.n, *model.denoiser.sample_shape), generator=torch.Generator().manual_seed(args.seed))
-    runs = [("ddim", s, {}) for s in map(int, args.steps.split(","))]
-    runs += [("ddim", s, {"clip_sample": True}) for s in map(int, filter(None, args.clipped.split(",")))]
-    runs += [("dpm++", 100, {})]
+    few, reference = ("flow-euler", "flow-dpm++") if model.flow else ("ddim", "dpm++")
+    runs = [(few, s, {}) for s in map(int, args.steps.split(","))]
+    runs += [(few, s, {"clip_sample": True}) for s in map(int, filter(None, args.clipped.split(",")))]
+    runs += [(reference, 100, {})]
     previous = {}
     for name, steps, overrides in runs:
-        class_name = "DDIMScheduler" if name == "ddim" else "DPMSolverMultistepScheduler"
-        scheduler = getattr(diffusers, class_name).from_config(model.base_config, **overrides)
+        scheduler = make_scheduler(name, model.base_config)
+        scheduler = type(scheduler).from_config(scheduler.config, **overrides)
         start = time.perf_counter()
         feats = yard.features(Solver(model.denoiser, scheduler, steps).rollout(noise))
         row = {"figure": "sampler", "solver": name, "steps": steps, **overrides, "n": args.n,

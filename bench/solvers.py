@@ -11,7 +11,8 @@ NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no f
 - plain: every scheduler × grid of `timetuner.core.trajectories` whose sampler makes exactly NFE evaluations (Heun and
   DPM-Solver-2 at the step count that gives NFE), τ = t; DDPM (stochastic) left out;
 - timetuner, each fitted with the defaults of `timetuner fit` (fit seed 0): "tau" — e2e τ on DPM-Solver++ 2M with
-  Align-Your-Steps steps; "grid" — the learned grid (`--trajectory learned`, `timetuner.fitting.grid`) with τ = t;
+  Align-Your-Steps steps (a flow model: on its own Euler, and "auto" only besides); "grid" — the learned grid
+  (`--trajectory learned`, `timetuner.fitting.grid`) with τ = t;
   "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`, the default above NFE 8; one fit gives both; its
   seconds are the fit's); "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`,
   LD3's joint fit, the default on a learned grid up to NFE 8); "auto" — the table `--scheduler auto` writes.
@@ -70,6 +71,7 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 def fitted(args, pipe, den, nfe: int) -> dict:
     """{variant: (solver over `den`, τ or None, fit seconds, auto's winner)} of timetuner's variants at nfe."""
     from timetuner.core.solver import Solver
+    from timetuner.core.trajectories import is_flow_config
     from timetuner.fitting.api import fit
 
     folder = Path(tempfile.mkdtemp())
@@ -77,6 +79,8 @@ def fitted(args, pipe, den, nfe: int) -> dict:
             "grid+tau": dict(scheduler="dpm++", trajectory="learned", grid_gradient=False, force=True),
             "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True),
             "auto": dict(scheduler="auto")}
+    if is_flow_config(pipe.scheduler.config):  # flow solvers take no learned grid (yet)
+        runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True), "auto": dict(scheduler="auto")}
     out = {}
     for variant, options in runs.items():
         if variant not in args.variants and not (variant == "grid+tau" and "grid" in args.variants):

@@ -52,6 +52,7 @@ CASES = {
     "fit grid gradient on a fixed grid": (["fit", "--scheduler", "dpm++", "--trajectory", "ays", "--grid-gradient"],
                                           "--grid-gradient"),
     "fit data without parallel": (["fit", "--data", "digits"], "--data 'digits'"),
+    "fit flow solver on a DDPM model": (["fit", "--scheduler", "flow-euler"], "does not sample a DDPM-style"),
     "fit data folder missing": (["fit", "--strategy", "parallel", "--data", "{tmp}/none"], "is not a folder"),
     "fit data folder with non-images": (["fit", "--strategy", "parallel", "--data", "{strays}"], "not images"),
     "sample garbage table": (["sample", "--table", "{garbage}"], "not a readable safetensors"),

@@ -269,3 +269,22 @@ def test_legacy_saved_configs_still_load():
     loaded = TunedScheduler.from_config(legacy)
     assert type(loaded.inner) is diffusers.DDIMScheduler and sorted(loaded.tables) == [STEPS]
     assert_same(outcome(lambda: loop(plain)), outcome(lambda: loop(loaded)))
+
+
+def test_a_pipeline_folder_and_a_table_saved_before_the_restructure_still_load():
+    """tests/fixtures/pre-move-*: saved by commit 1e7d0c2, the release before the subpackage move (a tiny DDPM
+    pipeline with a tuned DDIM table, its table file, and the images it sampled then)."""
+    from pathlib import Path
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    fixtures = Path(__file__).parent / "fixtures"
+    pipe = DiffusionPipeline.from_pretrained(fixtures / "pre-move-pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, TunedScheduler) and sorted(pipe.scheduler.tables) == [4]
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert np.allclose(images, np.load(fixtures / "pre-move-images.npy"), atol=1e-6, rtol=0)
+    table = TauTable.load(fixtures / "pre-move-table.safetensors")
+    assert torch.equal(table.tau, pipe.scheduler.tables[4].tau) and not table.is_identity

@@ -88,6 +88,13 @@ class ModelSetup:
         return self.denoiser.family.conditional
 
     @property
+    def flow(self) -> bool:
+        """Whether the model is a flow-matching one (its scheduler samples x_σ = (1 − σ) x0 + σ ε)."""
+        from timetuner.core.trajectories import is_flow_config
+
+        return is_flow_config(self.base_config)
+
+    @property
     def weights(self) -> str:
         """The network's weights hash (tables and reference caches are keyed by it)."""
         from timetuner.scheduler import model_hash

@@ -12,20 +12,31 @@ import torch
 
 from timetuner.core.cache import cached
 from timetuner.core.solver import Solver, alpha_bar_at, to_epsilon
+from timetuner.core.trajectories import is_flow_config, make_scheduler
 
 REFERENCE_SOLVERS = {"dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2}), "ddim": ("DDIMScheduler", {})}
+# A flow-matching model's: DPM-Solver++ 2M on flow sigmas at the model's shift, or its own Euler (the flow "ddim").
+FLOW_REFERENCE_SOLVERS = {"dpm++": "flow-dpm++", "ddim": "flow-euler"}
+
+
+def reference_scheduler(base_config, kind: str):
+    """The reference solver `kind` ("dpm++" or "ddim") for a model, built from its pipeline's scheduler config."""
+    import diffusers
+
+    if is_flow_config(base_config):
+        return make_scheduler(FLOW_REFERENCE_SOLVERS[kind], base_config)
+    class_name, overrides = REFERENCE_SOLVERS[kind]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 @torch.no_grad()
 def reference_samples(denoiser, base_config, noise: torch.Tensor, kind: str, steps: int,
                       key: str | None = None) -> torch.Tensor:
-    """Final samples of a high-NFE solver ("dpm++": DPM-Solver++ 2M, or "ddim") from unit-variance `noise`."""
-    import diffusers
+    """Final samples of a high-NFE solver ("dpm++": DPM-Solver++ 2M, or "ddim"; flow models: their flow
+    counterparts) from unit-variance `noise`."""
 
     def compute():
-        class_name, overrides = REFERENCE_SOLVERS[kind]
-        scheduler = getattr(diffusers, class_name).from_config(base_config, **overrides)
-        return {"x0": Solver(denoiser, scheduler, steps).rollout(noise)}
+        return {"x0": Solver(denoiser, reference_scheduler(base_config, kind), steps).rollout(noise)}
 
     return cached(key, compute)["x0"].to(noise.device)
 
@@ -36,15 +47,27 @@ def reference_trajectory(solver: Solver, noise: torch.Tensor, steps: int, key: s
     """The reference's state at the time of every few-step state (`Solver.state_times`), in the solver's space.
 
     A DDIM (probability-flow) reference with `steps` uniform steps, its grid joined with the few-step times
-    so that every comparison is at exactly the same time, runs in VP space from the solver's own x_T.
+    so that every comparison is at exactly the same time, runs in VP space from the solver's own x_T; a flow
+    model's reference is Euler on the same joined grid of σ·T.
     """
     a_bar = solver.alphas_cumprod
     times = solver.state_times()
     start = times[0]
-    fine = torch.linspace(solver.num_train_timesteps - 1, 0, steps + 1, dtype=torch.float64).tolist()
+    top = solver.num_train_timesteps if solver.flow else solver.num_train_timesteps - 1
+    fine = torch.linspace(top, 0, steps + 1, dtype=torch.float64).tolist()
     grid = sorted({round(v, 6) for v in fine + times if v <= start + 1e-9}, reverse=True)
 
+    def flow():
+        x, total = noise * solver.init_noise_sigma, solver.num_train_timesteps
+        states = {grid[0]: x}
+        for a, b in zip(grid[:-1], grid[1:], strict=True):
+            x = x + (b - a) / total * solver.den(x, torch.tensor(a))  # dσ · v(x, σ·T)
+            states[round(b, 6)] = x
+        return {f"s{i}": states[round(v, 6)] for i, v in enumerate(times)}
+
     def compute():
+        if solver.flow:
+            return flow()
         x = solver.to_vp(noise * solver.init_noise_sigma, start)
         states = {grid[0]: x}
         for a, b in zip(grid[:-1], grid[1:], strict=True):

@@ -25,6 +25,7 @@ import math
 import torch
 
 from timetuner.errors import UserError
+from timetuner.table import is_flow
 
 
 # -- ᾱ, σ and t --------------------------------------------------------------------------------------------------
@@ -71,6 +72,11 @@ def initial_noise(n: int, shape: tuple[int, ...], generator: torch.Generator, de
     return noise if device is None else noise.to(device)
 
 
+def scaled_input(sched, x: torch.Tensor, t) -> torch.Tensor:
+    """The network input of a state: `scale_model_input` where the scheduler has one (flow schedulers have none)."""
+    return sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+
+
 # -- the solver --------------------------------------------------------------------------------------------------
 # Schedulers whose `step` reads the grid only through `self.sigmas` (torch arithmetic): the e2e fit can move their
 # grid by gradient (`--grid-gradient`). DPM-Solver-2 (KDPM2) interpolates sigmas of its own midpoints and DDIM
@@ -97,12 +103,13 @@ class Solver:
         self.name, self.trajectory, self.nfe_steps = name, trajectory, num_inference_steps
         accepted = inspect.signature(scheduler.step).parameters
         self.step_kwargs = {k: v for k, v in (step_kwargs or {}).items() if k in accepted}
-        self.prediction_type = config.prediction_type
-        self.alphas_cumprod = scheduler.alphas_cumprod
+        self.flow = is_flow(scheduler)  # x_σ = (1 − σ) x0 + σ ε, the network fed σ·T predicts ε − x0
+        self.prediction_type = "flow_prediction" if self.flow else config.prediction_type
+        self.alphas_cumprod = None if self.flow else scheduler.alphas_cumprod
         self.num_train_timesteps = config.num_train_timesteps
         first = self.fresh()
         self.t = first.timesteps.detach().to(torch.float64).cpu()  # t_k, one per network evaluation
-        self.init_noise_sigma = float(first.init_noise_sigma)
+        self.init_noise_sigma = float(getattr(first, "init_noise_sigma", 1.0))  # flow schedulers: none (1)
 
     @classmethod
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
@@ -155,7 +162,7 @@ class Solver:
 
     def model_output(self, sched, x, k: int, tau):
         """Network output at τ for the scaled input of evaluation k (scheduler state as given)."""
-        return self.den(sched.scale_model_input(x, sched.timesteps[k]), tau)
+        return self.den(scaled_input(sched, x, sched.timesteps[k]), tau)
 
     def step(self, sched, output, x, k: int):
         return sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
@@ -167,16 +174,19 @@ class Solver:
     def eps_at(self, sched, x, k: int):
         """ε_θ at the honest time of evaluation k (t_k), or at t = 0 after the last evaluation."""
         if k < self.evaluations:
-            x_in, t = sched.scale_model_input(x, sched.timesteps[k]), sched.timesteps[k]
+            x_in, t = scaled_input(sched, x, sched.timesteps[k]), sched.timesteps[k]
         else:
             x_in, t = x, torch.tensor(0.0)
+        if self.flow:  # x = (1 − σ) x0 + σ ε and v = ε − x0 give ε = x + (1 − σ) v, σ = t/T
+            sigma = float(torch.as_tensor(t).reshape(-1)[0]) / self.num_train_timesteps
+            return x_in + (1.0 - sigma) * self.den(x_in, t)
         return to_epsilon(self.den(x_in, t), x_in, t, self.alphas_cumprod, self.prediction_type)
 
     @property
     def takes_grid_gradient(self) -> bool:
         """Whether the update reads the grid only through `scheduler.sigmas` (DPM-Solver++ of any order), so that a
         rollout can be differentiated in the solver's own times t_k (`rollout(times=…)`)."""
-        return type(self.template).__name__ in GRID_GRADIENT_SCHEDULERS and self.grid is not None
+        return type(self.template).__name__ in GRID_GRADIENT_SCHEDULERS and self.grid is not None and not self.flow
 
     def rollout(self, noise, taus=None, keep_states: bool = False, times=None):
         """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states).
@@ -204,14 +214,15 @@ class Solver:
         return self.init_noise_sigma > 1.0 + 1e-6
 
     def to_vp(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """A state of this solver at time t in VP space (x_t = α x0 + σ ε)."""
-        if not self.sigma_space or t <= 0:
+        """A state of this solver at time t in VP space (x_t = α x0 + σ ε); a flow state as it is (flow solvers are
+        compared with flow solvers only)."""
+        if self.flow or not self.sigma_space or t <= 0:
             return x
         return x * math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
 
     def from_vp(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """A VP-space state at time t in this solver's space (the inverse of `to_vp`)."""
-        if not self.sigma_space or t <= 0:
+        if self.flow or not self.sigma_space or t <= 0:
             return x
         return x / math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
 

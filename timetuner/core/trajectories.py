@@ -12,6 +12,8 @@ travel inside the table's metadata, so `TunedScheduler` reproduces them when a p
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from timetuner.errors import UserError, check_choice
@@ -32,14 +34,44 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
+# Flow-matching models (SD3, Flux, the `--objective flow` digits model): their own Euler and Heun, and DPM-Solver++ /
+# UniPC on flow sigmas (`prediction_type="flow_prediction"`); each starts from the model's own shift.
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow-dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "dpmsolver++", **FLOW}),
+    "flow-unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", **FLOW}),
+}
+SCHEDULERS.update(FLOW_SCHEDULERS)
+
+
+def is_flow_config(base_config) -> bool:
+    """Whether a pipeline's scheduler config is a flow-matching model's (SD3, Flux, `--objective flow`)."""
+    from timetuner.table import is_flow
+
+    config = dict(base_config)  # a scheduler built in code has no _class_name: FlowMatch configs have no betas
+    return is_flow((str(config.get("_class_name", "")), config)) or ("shift" in config and "beta_start" not in config)
 
 
 def make_scheduler(name: str, base_config):
-    """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler) built from a pipeline's scheduler config."""
+    """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler; flow-euler, …) built from a pipeline's scheduler
+    config; a solver of the other family (a DDPM solver for a flow model, or the reverse) is a UserError."""
     import diffusers
 
     class_name, overrides = SCHEDULERS[check_choice("--scheduler", name, SCHEDULERS)]
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    flow = is_flow_config(base_config)
+    if flow != (name in FLOW_SCHEDULERS):
+        accepted = sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
+        raise UserError(f"--scheduler {name} samples {'flow-matching' if name in FLOW_SCHEDULERS else 'DDPM-style'} "
+                        f"models and this model is {'a flow-matching' if flow else 'a DDPM-style'} one; accepted: "
+                        f"{', '.join(accepted)}")
+    cls = getattr(diffusers, class_name)
+    if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
+        overrides = {**overrides, "flow_shift": float(dict(base_config).get("shift", 1.0))}
+        accepted = inspect.signature(cls.__init__).parameters  # FlowMatch's own keys mean nothing to them
+        base_config = {k: v for k, v in dict(base_config).items() if k in accepted}
+    return cls.from_config(base_config, **overrides)
 
 
 def quadratic_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -94,9 +126,18 @@ TRAJECTORIES: dict[str, dict[str, dict]] = {
     "heun": {"karras": {}, "uniform": {"use_karras_sigmas": False}},
     "euler": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "ddpm": {"uniform": {}},
+    # flow: "uniform" is the model's own shift; shift1 / shift3 the two a user picks (SD3 ships 3)
+    "flow-euler": {"uniform": {}, "shift1": {"shift": 1.0}, "shift3": {"shift": 3.0},
+                   "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
+                   "beta": {"use_beta_sigmas": True}},
+    "flow-heun": {"uniform": {}, "shift1": {"shift": 1.0}, "shift3": {"shift": 3.0}},
+    "flow-dpm++": {"uniform": {}, "shift1": {"flow_shift": 1.0}, "shift3": {"flow_shift": 3.0}},
+    "flow-unipc": {"uniform": {}, "shift1": {"flow_shift": 1.0}, "shift3": {"flow_shift": 3.0}},
 }
 DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm++3m": "ays", "dpm++1": "ays",
-                      "unipc": "uniform", "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform"}
+                      "unipc": "uniform", "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform",
+                      "flow-euler": "uniform", "flow-heun": "uniform", "flow-dpm++": "uniform",
+                      "flow-unipc": "uniform"}
 
 
 def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int):

@@ -33,6 +33,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     else:
         setup = ModelSetup.from_network(unet, base_scheduler_config)
         setup.name = model or setup.name
+    config = checked_config(flow=setup.flow, **options)  # the model's family known: its solvers and defaults
     if config.scheduler == "auto":
         from timetuner.fitting.auto import fit_auto
 

@@ -30,6 +30,12 @@ import torch
 CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm++", "quadratic"),
               ("dpm++", "uniform"), ("dpm++", "logsnr"), ("dpm++", "karras"), ("dpm++3m", "ays"),
               ("dpm++3m", "logsnr"), ("unipc", "uniform"), ("unipc", "karras"), ("deis", "uniform"))
+# A flow-matching model's: its Euler at its own shift, at shift 1 and 3, on Karras / exponential / beta sigmas, and
+# DPM-Solver++ 2M and UniPC on flow sigmas (Heun evaluates twice per step and is left out, as above).
+FLOW_CANDIDATES = (("flow-euler", "uniform"), ("flow-euler", "shift1"), ("flow-euler", "shift3"),
+                   ("flow-euler", "karras"), ("flow-euler", "exponential"), ("flow-euler", "beta"),
+                   ("flow-dpm++", "uniform"), ("flow-dpm++", "shift3"), ("flow-unipc", "uniform"),
+                   ("flow-unipc", "shift3"))
 # Solvers tuned: the best-ranked solver that takes a learned grid first, then the others by rank, each once. One:
 # on the leaderboard (docs/results.md) a learned grid + τ of DPM-Solver++ beat τ on any fixed grid at every NFE,
 # and the second solver auto used to tune (UniPC) never won, at twice the time.
@@ -43,7 +49,11 @@ def rank_candidates(config, setup) -> list[dict]:
     from timetuner.fitting.run import prepare
 
     ranked, reference = [], None
-    for scheduler, trajectory in CANDIDATES:
+    base = dict(setup.base_config)
+    own_shift = f"shift{float(base.get('shift', base.get('flow_shift', 1.0))):g}"
+    for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
+        if setup.flow and trajectory == own_shift:
+            continue  # the model's own shift is its "uniform" candidate already
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
             reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)

@@ -97,12 +97,20 @@ class FitResult:
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
-def validate(config: FitConfig) -> None:
-    """Every setting checked before any work: one-line UserErrors naming the value and what is accepted."""
-    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES
+def validate(config: FitConfig, flow: bool | None = None) -> None:
+    """Every setting checked before any work: one-line UserErrors naming the value and what is accepted.
+    `flow`: whether the model is a flow-matching one (None: not known yet, before the model is read)."""
+    from timetuner.core.trajectories import FLOW_SCHEDULERS, SCHEDULERS, TRAJECTORIES
     from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
+    if flow is not None and config.scheduler != "auto" and flow != (config.scheduler in FLOW_SCHEDULERS):
+        accepted = sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
+        raise UserError(f"--scheduler {config.scheduler} does not sample a {'flow-matching' if flow else 'DDPM-style'}"
+                        f" model like this one; accepted: auto, {', '.join(accepted)}")
+    if flow and config.strategy == "parallel":
+        raise UserError("--strategy parallel builds x_t = α x0 + σ ε of a DDPM-style model, and this is a "
+                        "flow-matching model; accepted: --strategy sequential")
     if config.scheduler == "auto" and (config.trajectory is not None or config.strategy != "sequential"):
         raise UserError("--scheduler auto chooses the solver and its grid and fits along its trajectory; accepted: "
                         "no --trajectory, --strategy sequential (or name one --scheduler)")
@@ -148,18 +156,19 @@ def validate(config: FitConfig) -> None:
                         "classifier-free guidance)")
 
 
-def resolved(config: FitConfig) -> FitConfig:
-    """The config with its default scheduler, objective, e2e iterations and grid gradient filled in."""
+def resolved(config: FitConfig, flow: bool | None = None) -> FitConfig:
+    """The config with its default scheduler, objective, e2e iterations and grid gradient filled in (`flow`: the
+    model is a flow-matching one; its solvers take no learned grid yet, so no grid gradient)."""
     if config.scheduler is None:
         plain = config.trajectory is not None or config.strategy != "sequential"
-        config = dataclasses.replace(config, scheduler="ddim" if plain else "auto")
+        config = dataclasses.replace(config, scheduler=("flow-euler" if flow else "ddim") if plain else "auto")
     if config.e2e_iters is None:  # auto tunes on a learned grid
         learned = config.scheduler == "auto" or config.trajectory == "learned"
         config = dataclasses.replace(config, e2e_iters=E2E_ITERS_LEARNED_GRID if learned else E2E_ITERS)
     if config.objective is None:
         config = dataclasses.replace(config, objective="paper" if config.strategy == "parallel" else "e2e")
     if config.grid_gradient is None:
-        on = config.nfe <= GRID_GRADIENT_MAX_NFE and grid_can_move(config)
+        on = config.nfe <= GRID_GRADIENT_MAX_NFE and grid_can_move(config) and not flow
         config = dataclasses.replace(config, grid_gradient=on)
     return config
 
@@ -171,10 +180,11 @@ def grid_can_move(config: FitConfig) -> bool:
         config.scheduler == "auto" or (config.scheduler in GRID_GRADIENT and config.trajectory == "learned"))
 
 
-def checked_config(**options) -> FitConfig:
-    """The `FitConfig` of `options` with its default scheduler and objective filled in, validated."""
-    config = resolved(FitConfig(**options))
-    validate(config)
+def checked_config(flow: bool | None = None, **options) -> FitConfig:
+    """The `FitConfig` of `options` with its default scheduler and objective filled in, validated (`flow`: whether
+    the model is a flow-matching one, None while it is not known)."""
+    config = resolved(FitConfig(**options), flow)
+    validate(config, flow)
     return config
 
 
@@ -182,14 +192,22 @@ def check_before_loading(model: str | None, out, **options) -> FitConfig:
     """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
     model load: the resolved config, or a one-line UserError."""
     from timetuner.core.loading import resolve_model
+    from timetuner.core.trajectories import is_flow_config
 
-    config = checked_config(**options)
-    check_out(out)
     folder = Path(resolve_model(model))
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    saved = None
     if folder.is_dir() and scheduler_config.is_file():  # a hub id is judged once it is loaded (Solver)
         try:
-            total = int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
+            saved = json.loads(scheduler_config.read_text())
+        except ValueError:
+            saved = None
+    flow = None if not isinstance(saved, dict) else is_flow_config(saved)
+    config = checked_config(flow=flow, **options)
+    check_out(out)
+    if isinstance(saved, dict):
+        try:
+            total = int(saved.get("num_train_timesteps", 1000))
         except (ValueError, TypeError):
             total = None
         if total is not None and config.nfe > total:

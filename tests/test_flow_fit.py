@@ -1,0 +1,110 @@
+"""`fit` on flow-matching models: the solver steps as the flow schedulers do, ε from the velocity, the flow
+reference, every objective, `auto` ranking the plain flow setups, and tables that load into the model's pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_config
+from timetuner import TunedScheduler
+from timetuner.cli.main import app
+from timetuner.core.reference import reference_trajectory
+from timetuner.core.solver import Solver
+from timetuner.core.trajectories import make_scheduler
+from timetuner.errors import UserError
+from timetuner.fitting.api import fit
+
+FAST = dict(samples=8, eval_samples=16, eval_gap_samples=8, reference_steps=10, reference_n=64, search_points=5,
+            search_refine=4)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    """A finished 20-step digits-tiny rectified-flow run (DDPMPipeline + FlowMatchEulerDiscreteScheduler)."""
+    from timetuner.trainers import train
+
+    return train(tiny_config(tmp_path_factory.mktemp("flow") / "run", objective="flow"))
+
+
+class Velocity:
+    """A denoiser whose velocity is exact for one known (x0, ε): v = ε − x0, whatever the input."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, x0, eps):
+        self.x0, self.eps, self.calls = x0, eps, []
+
+    def __call__(self, x, t):
+        self.calls.append(float(torch.as_tensor(t).reshape(-1)[0]))
+        return self.eps - self.x0
+
+
+def test_flow_solver_is_euler_in_sigma_and_recovers_epsilon():
+    x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    den = Velocity(x0, eps)
+    solver = Solver(den, FlowMatchEulerDiscreteScheduler(shift=3.0), 5)
+    assert solver.flow and solver.init_noise_sigma == 1.0 and not solver.takes_grid_gradient
+    final = solver.rollout(eps)  # the straight path from ε lands on x0 exactly
+    assert torch.allclose(final, x0, atol=1e-5)
+    sched = solver.fresh()
+    x = (1 - sched.sigmas[2]) * x0 + sched.sigmas[2] * eps
+    assert torch.allclose(solver.eps_at(sched, x, 2), eps, atol=1e-5)  # ε = x + (1 − σ) v
+    assert den.calls[:5] == pytest.approx(solver.t.tolist(), abs=1e-3)  # the network saw σ·T
+
+
+def test_flow_reference_trajectory_is_euler_on_the_joined_grid():
+    x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    solver = Solver(Velocity(x0, eps), FlowMatchEulerDiscreteScheduler(), 4)
+    states = reference_trajectory(solver, eps, steps=20)
+    sigmas = solver.fresh().sigmas
+    for state, sigma in zip(states, sigmas, strict=True):  # on the straight path at every few-step time
+        assert torch.allclose(state, (1 - sigma) * x0 + sigma * eps, atol=1e-5)
+
+
+def test_flow_solvers_refuse_ddpm_models_and_the_reverse():
+    with pytest.raises(UserError, match="--scheduler ddim samples DDPM-style models and this model is a flow"):
+        make_scheduler("ddim", FlowMatchEulerDiscreteScheduler().config)
+    with pytest.raises(UserError, match="--scheduler flow-euler samples flow-matching models"):
+        make_scheduler("flow-euler", DDIMScheduler().config)
+    dpm = make_scheduler("flow-dpm++", FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert dpm.config.use_flow_sigmas and dpm.config.flow_shift == 3.0
+    assert dpm.config.prediction_type == "flow_prediction"
+
+
+@pytest.mark.parametrize("objective", ["e2e", "paper", "teacher"])
+def test_every_objective_fits_a_flow_model_and_the_table_loads_into_its_pipeline(flow_run, objective):
+    result = fit(str(flow_run), progress=False, nfe=3, scheduler="flow-euler", objective=objective,
+                 e2e_iters=3, force=True, **FAST)
+    table = result.tuned
+    assert table.scheduler_class == "FlowMatchEulerDiscreteScheduler" and not table.is_identity
+    assert float(table.t[0]) == pytest.approx(1000.0) and (table.tau >= 0).all() and (table.tau <= 1000).all()
+    pipe = DDPMPipeline.from_pretrained(flow_run)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    assert torch.allclose(pipe.scheduler.timesteps.double(), table.tau, atol=1e-4)
+
+
+def test_auto_ranks_the_plain_flow_setups(flow_run):
+    result = fit(str(flow_run), progress=False, nfe=3, e2e_iters=2, **FAST)
+    record = result.table.metadata["auto"]
+    names = {(c["scheduler"], c["trajectory"]) for c in record["candidates"]}
+    assert all(s.startswith("flow-") for s, _ in names)
+    assert {("flow-euler", "uniform"), ("flow-euler", "shift3"), ("flow-dpm++", "uniform"),
+            ("flow-unipc", "uniform")} <= names and ("flow-euler", "shift1") not in names  # shift 1 is its own
+    assert result.table.scheduler_class in ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                            "UniPCMultistepScheduler")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--scheduler", "ddim"], "--scheduler ddim does not sample a flow-matching model"),
+    (["--strategy", "parallel", "--scheduler", "flow-euler"], "--strategy parallel builds"),
+])
+def test_fit_on_a_flow_model_refuses_ddpm_only_settings_in_one_line(flow_run, args, needle):
+    result = runner.invoke(app, ["fit", "--model", str(flow_run), *args])
+    assert result.exit_code == 2 and needle in result.output and len(result.output.strip().splitlines()) == 1
