@@ -11,11 +11,14 @@ from timetuner.errors import UserError, check_choice
 
 
 def resolve_model(model: str | None) -> str:
-    """The embedded digits model's folder for None; a local folder, checked; else the string as a hub id."""
-    from timetuner.assets import EMBEDDED_MODEL
+    """The embedded digits model's folder for None (`digits-flow`: the embedded flow model); a local folder,
+    checked; else the string as a hub id."""
+    from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 
     if model is None:
         return str(EMBEDDED_MODEL)
+    if model in EMBEDDED:
+        return str(EMBEDDED[model])
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

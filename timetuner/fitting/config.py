@@ -22,14 +22,11 @@ GRID_GRADIENT = ("dpm++", "dpm++3m", "dpm++1")  # their grids move with τ under
 EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the fit's
 
 
-# e2e Adam iterations. On a learned grid (the embedded model, RMS loss) the held-out x0 gap is no better after 20
-# or 40 than after 15, as the grid already fits the reference (docs/results.md), so 15 there (auto's τ fit at under
-# half the cost); a fixed grid, where τ moves further, keeps 40.
+# e2e Adam iterations: on a learned grid, which already fits the reference, more than 15 did not lower the held-out
+# x0 gap; a fixed grid, where τ moves further, keeps 40 (docs/results.md, "The figures behind the defaults").
 E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
-# The grid gradient's default reach. On six held-out sets of 4000 (docs/results.md, paired, same noises) it
-# cut the distribution gap at NFE 4 and 6 (4.64 → 3.37, 2.36 → 1.73) and raised it at NFE 10 (1.46 → 1.60, higher on
-# all six sets) while lowering the x0 gap everywhere: with ten steps the searched grid already serves the
-# distribution, and moving it to the per-sample distance of 128 fit noises trades the one for the other.
+# The grid gradient's default reach: up to NFE 8 it lowered the distribution gap, at NFE 10 it raised it while
+# lowering the x0 gap (docs/results.md, "The figures behind the defaults").
 GRID_GRADIENT_MAX_NFE = 8
 
 

@@ -12,10 +12,8 @@ worse on the fit noises than any named grid. τ is fitted afterwards on the lear
 
 A second sweep follows when the first moved a point and two sweeps cost at most `GRID_EVALUATIONS` network
 evaluations per fit noise: at K ≤ 7, where one sweep leaves the coupled points far from settled; K = 8 and 10 keep
-one (the default fit's time). Measured on the embedded model, NFE 5, six held-out sets of 1000 against the best
-plain setup (DPM-Solver++ 2M on AYS): one sweep, distribution gap 0.73× and x0 gap 0.67×; two, 0.63× and 0.53×
-(grid 830, 625, 401, 312, 73 → 830, 603, 381, 191, 44); three, 0.66× and 0.53×; sweeping on until 450 evaluations
-per noise were spent, 0.69× and 0.525× (docs/results.md).
+one (the default fit's time). The measurements behind both limits: docs/results.md, "The figures behind the
+defaults".
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
@@ -30,7 +28,7 @@ import torch
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
 GRID_EVALUATIONS = 450  # network evaluations per fit noise that buy a second sweep: one sweep costs at most
 # K·(K−1)·5 (5 new losses per point), 450 at K = 10, so K ≤ 7 gets a second sweep and K = 8, 10 one
-GRID_MAX_SWEEPS = 2  # at NFE 5 a third sweep left the held-out x0 gap as it was (0.0689 vs 0.0691), at 25 % more time
+GRID_MAX_SWEEPS = 2  # a third sweep did not lower the held-out x0 gap, at more time (docs/results.md)
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 

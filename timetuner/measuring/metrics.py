@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from timetuner.core.distance import rms_distance
 from timetuner.errors import UserError
 
 
@@ -143,12 +144,10 @@ def truncation_gap(solver, noise: torch.Tensor, reference_states: list[torch.Ten
     times = solver.state_times()
     per_state = []
     for x, ref, t in zip(states, reference_states, times, strict=True):
-        diff = solver.to_vp(x, t) - solver.to_vp(ref, t)
-        per_state.append(float(diff.pow(2).mean(dim=tuple(range(1, diff.ndim))).sqrt().mean()))
+        per_state.append(float(rms_distance(solver.to_vp(x, t), solver.to_vp(ref, t)).mean()))
     # The x0 figure compares what a user sees: final samples clamped to the data range [-1, 1].
     final, target = states[-1], reference_states[-1]
-    x0 = ((final.clamp(-1, 1) - target.clamp(-1, 1)) if clamp else (final - target)).pow(2)
-    x0_per_sample = x0.mean(dim=tuple(range(1, x0.ndim))).sqrt()
+    x0_per_sample = rms_distance(final.clamp(-1, 1), target.clamp(-1, 1)) if clamp else rms_distance(final, target)
     return {"times": times, "per_state": per_state, "x0": float(x0_per_sample.mean()),
             "x0_per_sample": x0_per_sample.cpu(), "final": states[-1]}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from timetuner.core.distance import rms_distance
 from timetuner.measuring.metrics import (
     paired_bootstrap,
 )
@@ -41,8 +42,7 @@ def judge(yardstick: Yardstick | None, plain: torch.Tensor, tuned: torch.Tensor,
     """
     g = reference.shape[0]
     ref = reference.clamp(-1, 1)
-    gaps = [(x[:g].clamp(-1, 1) - ref).pow(2).mean(dim=tuple(range(1, x.ndim))).sqrt().cpu().numpy()
-            for x in (plain, tuned)]
+    gaps = [rms_distance(x[:g].clamp(-1, 1), ref).cpu().numpy() for x in (plain, tuned)]
     record = {"reference": reference_label, "n": int(plain.shape[0]), "gap_n": g,
               "x0_gap": paired_bootstrap(gaps[0], gaps[1], resamples=bootstrap)}
     if yardstick is not None:
