@@ -108,3 +108,12 @@ def test_auto_ranks_the_plain_flow_setups(flow_run):
 def test_fit_on_a_flow_model_refuses_ddpm_only_settings_in_one_line(flow_run, args, needle):
     result = runner.invoke(app, ["fit", "--model", str(flow_run), *args])
     assert result.exit_code == 2 and needle in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_embedded_flow_model_is_a_plain_diffusers_flow_pipeline():
+    from timetuner.core.loading import resolve_model
+
+    folder = resolve_model("digits-flow")
+    pipe = DDPMPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 1.0
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 1_112_801  # the digits preset, as digits-ddpm

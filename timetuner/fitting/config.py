@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from timetuner.errors import UserError, check_choice
+from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
 from timetuner.table import TauTable
 
 PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
@@ -19,7 +20,6 @@ PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no 
 GRID_GRADIENT = ("dpm++", "dpm++3m", "dpm++1")  # their grids move with τ under --grid-gradient (DPM-Solver++)
 
 
-EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from seed + this: never the fit's
 
 
 # e2e Adam iterations: on a learned grid, which already fits the reference, more than 15 did not lower the held-out
@@ -30,7 +30,7 @@ E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
 GRID_GRADIENT_MAX_NFE = 8
 
 
-DEFAULT_EVAL_SAMPLES = 1000  # = timetuner.measuring.yardstick.DEFAULT_N (docs/measuring.md); latent models: 256
+DEFAULT_EVAL_SAMPLES = DEFAULT_N  # the held-out protocol's constants have one home: timetuner.measuring.yardstick
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from timetuner.measuring.yardstick import (
     DEFAULT_GAP_N,
     DEFAULT_N,
     DEFAULT_REFERENCE_N,
+    EVAL_SEED_OFFSET,
     FidOptions,
     Yardstick,
     build_yardstick,
@@ -154,7 +155,7 @@ class Setup:
         if seed is not None and seed == meta.get("fit_seed"):
             raise UserError(f"--seed {seed} is the seed the table was fitted on; accepted: any other seed (default: "
                             f"the table's held-out seed {meta.get('eval_seed')})")
-        seed = meta.get("eval_seed", 1_000_003) if seed is None else seed
+        seed = meta.get("eval_seed", EVAL_SEED_OFFSET) if seed is None else seed
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
 

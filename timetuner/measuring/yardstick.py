@@ -19,7 +19,8 @@ from timetuner.measuring.metrics import (
 FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
 
 
-DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md)
+DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md); latent models: 256
+EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from the fit's seed + this: never the fit's own
 
 
 DEFAULT_GAP_N = 256  # of which the first this many carry the x0 gap (a paired figure: precise at this size)
