@@ -16,6 +16,7 @@ from timetuner.core.solver import Solver
 from timetuner.core.trajectories import make_scheduler
 from timetuner.errors import UserError
 from timetuner.fitting.api import fit
+from timetuner.fitting.grid import takes_grid_gradient
 
 FAST = dict(samples=8, eval_samples=16, eval_gap_samples=8, reference_steps=10, reference_n=64, search_points=5,
             search_refine=4)
@@ -47,7 +48,7 @@ def test_flow_solver_is_euler_in_sigma_and_recovers_epsilon():
     x0, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     den = Velocity(x0, eps)
     solver = Solver(den, FlowMatchEulerDiscreteScheduler(shift=3.0), 5)
-    assert solver.flow and solver.init_noise_sigma == 1.0 and not solver.takes_grid_gradient
+    assert solver.flow and solver.init_noise_sigma == 1.0 and not takes_grid_gradient(solver)
     final = solver.rollout(eps)  # the straight path from ε lands on x0 exactly
     assert torch.allclose(final, x0, atol=1e-5)
     sched = solver.fresh()

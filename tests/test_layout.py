@@ -126,7 +126,8 @@ def test_the_method_module_holds_no_file_io_progress_or_loading():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     assert imported <= {"__future__", "copy", "math", "time", "dataclasses", "torch", "timetuner.core.solver",
-                        "timetuner.fitting.search", "timetuner.core.distributed", "timetuner.core.distance"}
+                        "timetuner.fitting.search", "timetuner.core.distributed", "timetuner.core.distance",
+                        "timetuner.fitting.grid"}
     calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     assert not {c for c in calls if c in {"open", "print"} or c.endswith(("write_text", "save", "tqdm"))}
 

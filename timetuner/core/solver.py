@@ -78,10 +78,6 @@ def scaled_input(sched, x: torch.Tensor, t) -> torch.Tensor:
 
 
 # -- the solver --------------------------------------------------------------------------------------------------
-# Schedulers whose `step` reads the grid only through `self.sigmas` (torch arithmetic): the e2e fit can move their
-# grid by gradient (`--grid-gradient`). DPM-Solver-2 (KDPM2) interpolates sigmas of its own midpoints and DDIM
-# indexes ᾱ by integer timestep, so neither is differentiable in t.
-GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
 
 
 class Solver:
@@ -182,16 +178,11 @@ class Solver:
             return x_in + (1.0 - sigma) * self.den(x_in, t)
         return to_epsilon(self.den(x_in, t), x_in, t, self.alphas_cumprod, self.prediction_type)
 
-    @property
-    def takes_grid_gradient(self) -> bool:
-        """Whether the update reads the grid only through `scheduler.sigmas` (DPM-Solver++ of any order), so that a
-        rollout can be differentiated in the solver's own times t_k (`rollout(times=…)`)."""
-        return type(self.template).__name__ in GRID_GRADIENT_SCHEDULERS and self.grid is not None and not self.flow
-
     def rollout(self, noise, taus=None, keep_states: bool = False, times=None):
         """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states).
         `times`: the solver's own t_k as a (differentiable) tensor in place of its integer grid — the update
-        coefficients then follow them (`takes_grid_gradient` solvers only); the last σ (0) stays."""
+        coefficients then follow them (solvers that read their grid only through `scheduler.sigmas`: the learned grid's
+        rule, `timetuner.fitting.grid.takes_grid_gradient`); the last σ (0) stays."""
         sched = self.fresh()
         if times is not None:
             sigmas = sigma_at(self.alphas_cumprod, times).to(sched.sigmas.device)
@@ -225,40 +216,6 @@ class Solver:
         if self.flow or not self.sigma_space or t <= 0:
             return x
         return x / math.sqrt(alpha_bar_at(self.alphas_cumprod, t))
-
-
-# -- a grid moved by gradient (`--grid-gradient`) ------------------------------------------------------------------
-class GridParameters:
-    """A K-point grid t_0 > t_1 > … > t_{K−1} > 0 as K logits w: t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), t_0 fixed —
-    strictly decreasing for any w; w = log of the grid's gaps (t_K = 0), `start`, gives back the grid itself."""
-
-    def __init__(self, grid: torch.Tensor, logits: list[float] | None = None):
-        t = grid.to(torch.float64)
-        self.t0 = float(t[0])
-        self.start = (torch.cat([t[:-1] - t[1:], t[-1:]]) / t[0]).log().float()
-        self.logits = torch.tensor(self.start.tolist() if logits is None else logits, requires_grad=True)
-
-    def times(self, logits: torch.Tensor) -> torch.Tensor:
-        u = torch.softmax(logits.to(torch.float64), 0)
-        return self.t0 * (1 - torch.cat([u.new_zeros(1), torch.cumsum(u, 0)[:-1]]))
-
-
-def moves_grid(solver: Solver, config) -> bool:
-    """Whether an e2e fit moves the solver's grid with τ (`config.grid_gradient` on a DPM-Solver++ grid)."""
-    return bool(getattr(config, "grid_gradient", False)) and solver.takes_grid_gradient
-
-
-def integer_grid(times: list[float], total: int) -> list[int]:
-    """`times` (strictly decreasing, in (0, T)) rounded to distinct integer timesteps, strictly decreasing in
-    [1, T − 1]: a point that rounds onto its predecessor moves one below it, and from the end up, one onto its
-    successor moves one above it."""
-    out = []
-    for v in times:
-        r = min(int(round(v)), total - 1)
-        out.append(r if not out else min(r, out[-1] - 1))
-    for i in range(len(out) - 1, -1, -1):
-        out[i] = max(out[i], 1 if i == len(out) - 1 else out[i + 1] + 1)
-    return out
 
 
 @torch.no_grad()

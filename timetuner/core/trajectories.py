@@ -69,7 +69,8 @@ def make_scheduler(name: str, base_config):
     cls = getattr(diffusers, class_name)
     if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
         overrides = {**overrides, "flow_shift": float(dict(base_config).get("shift", 1.0))}
-        accepted = inspect.signature(cls.__init__).parameters  # FlowMatch's own keys mean nothing to them
+    if flow:  # keys of another flow class (FlowMatchEuler's dynamic shifting for Heun, …) mean nothing to this one
+        accepted = inspect.signature(cls.__init__).parameters
         base_config = {k: v for k, v in dict(base_config).items() if k in accepted}
     return cls.from_config(base_config, **overrides)
 

@@ -70,6 +70,7 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
     from timetuner.core.trajectories import TRAJECTORIES
+    from timetuner.fitting.grid import on_timesteps
     from timetuner.fitting.run import prepare
 
     chosen, seen = [], set()
@@ -83,20 +84,12 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
             run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned"), setup)
             # the ranking's rollouts of this solver's named grids: the grid search's start losses, not rolled again
             run.known_grid_losses = {c["grid"]: c["grid_loss"] for c in ranked
-                                     if c["scheduler"] == scheduler and _on_timesteps(c["run"].solver)}
+                                     if c["scheduler"] == scheduler and on_timesteps(c["run"].solver)}
             candidate = {**candidate, "trajectory": "learned", "run": run}
         chosen.append(candidate)
         if len(chosen) == AUTO_TUNED:
             break
     return chosen
-
-
-def _on_timesteps(solver) -> bool:
-    """Whether the solver steps on its integer timesteps (then a rollout equals that grid's explicit one), not on
-    sigmas of its own (Karras, log-SNR λ, exponential, beta), which an explicit grid of timesteps only rounds."""
-    config = solver.template.config
-    return not any(config.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
-                                           "use_beta_sigmas"))
 
 
 def _tag(candidate: dict) -> str:

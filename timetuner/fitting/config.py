@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from timetuner.errors import UserError, check_choice
+from timetuner.fitting.grid import grid_gradient_names
 from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
 from timetuner.table import TauTable
 
 PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
 
 
-GRID_GRADIENT = ("dpm++", "dpm++3m", "dpm++1")  # their grids move with τ under --grid-gradient (DPM-Solver++)
+GRID_GRADIENT = grid_gradient_names()  # dpm++, dpm++3m, dpm++1: their learned grids move with τ (fitting.grid's rule)
 
 
 

@@ -25,11 +25,25 @@ import math
 
 import torch
 
+from timetuner.core.distance import rms_distance
+
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
 GRID_EVALUATIONS = 450  # network evaluations per fit noise that buy a second sweep: one sweep costs at most
 # K·(K−1)·5 (5 new losses per point), 450 at K = 10, so K ≤ 7 gets a second sweep and K = 8, 10 one
 GRID_MAX_SWEEPS = 2  # a third sweep did not lower the held-out x0 gap, at more time (docs/results.md)
 GOLDEN = (math.sqrt(5) - 1) / 2
+# The grid gradient's one rule: it applies where the solver reads its grid only through `scheduler.sigmas` (torch
+# arithmetic), so that a rollout is differentiable in t_k (`Solver.rollout(times=…)`): DPM-Solver++ of any order.
+# DPM-Solver-2 (KDPM2) interpolates sigmas of its own midpoints and DDIM indexes ᾱ by integer timestep.
+GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
+
+
+def grid_gradient_names() -> tuple[str, ...]:
+    """The named solvers (`core.trajectories`) whose learned grid the gradient can move: by the rule above."""
+    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES
+
+    return tuple(name for name, (cls, _) in SCHEDULERS.items()
+                 if cls in GRID_GRADIENT_SCHEDULERS and "learned" in TRAJECTORIES.get(name, {}))
 
 
 def planned(solver, n: int, known: dict | None = None) -> int:
@@ -55,14 +69,12 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     """(the learned grid, a record: its start, the losses of the start and of the grid, losses evaluated) for
     `solver` (an explicit grid) against `inputs.reference_final`; `known`: {grid tuple: loss} already measured on
     the same noises (auto's ranking rolls out the named grids that are its candidates), not rolled out again."""
-    from timetuner.fitting.method import sample_distance
-
     reference, memo = inputs.reference_final, dict(known or {})
 
     def loss(grid: tuple[int, ...]) -> float:
         if grid not in memo:
-            memo[grid] = float(inputs.mean(sample_distance(solver.with_grid(list(grid)).rollout(inputs.noise),
-                                                           reference)))
+            final = solver.with_grid(list(grid)).rollout(inputs.noise)
+            memo[grid] = float(inputs.mean(rms_distance(final, reference, eps=1e-12)))  # = method.sample_distance
         return memo[grid]
 
     starts = {name: tuple(g) for name, g in named_grids(solver).items()}
@@ -128,3 +140,63 @@ def _integer_search(f, lo: int, hi: int, start: int) -> int:
         else:
             a = c + 1
     return min(seen, key=lambda v: (seen[v], v != start))
+
+
+# -- a grid moved by gradient (`--grid-gradient`) ------------------------------------------------------------------
+class GridParameters:
+    """A K-point grid t_0 > t_1 > … > t_{K−1} > 0 as K logits w: t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), t_0 fixed —
+    strictly decreasing for any w; w = log of the grid's gaps (t_K = 0), `start`, gives back the grid itself."""
+
+    def __init__(self, grid: torch.Tensor, logits: list[float] | None = None):
+        t = grid.to(torch.float64)
+        self.t0 = float(t[0])
+        self.start = (torch.cat([t[:-1] - t[1:], t[-1:]]) / t[0]).log().float()
+        self.logits = torch.tensor(self.start.tolist() if logits is None else logits, requires_grad=True)
+
+    def times(self, logits: torch.Tensor) -> torch.Tensor:
+        u = torch.softmax(logits.to(torch.float64), 0)
+        return self.t0 * (1 - torch.cat([u.new_zeros(1), torch.cumsum(u, 0)[:-1]]))
+
+
+def takes_grid_gradient(solver) -> bool:
+    """Whether a solver's rollout can be differentiated in its own times t_k (`Solver.rollout(times=…)`): an explicit
+    grid of a DDPM-style solver the rule `GRID_GRADIENT_SCHEDULERS` admits."""
+    return type(solver.template).__name__ in GRID_GRADIENT_SCHEDULERS and solver.grid is not None and not solver.flow
+
+
+def moves_grid(solver, config) -> bool:
+    """Whether an e2e fit moves the solver's grid with τ (`config.grid_gradient` on a DPM-Solver++ grid)."""
+    return bool(getattr(config, "grid_gradient", False)) and takes_grid_gradient(solver)
+
+
+def integer_grid(times: list[float], total: int) -> list[int]:
+    """`times` (strictly decreasing, in (0, T)) rounded to distinct integer timesteps, strictly decreasing in
+    [1, T − 1]: a point that rounds onto its predecessor moves one below it, and from the end up, one onto its
+    successor moves one above it."""
+    out = []
+    for v in times:
+        r = min(int(round(v)), total - 1)
+        out.append(r if not out else min(r, out[-1] - 1))
+    for i in range(len(out) - 1, -1, -1):
+        out[i] = max(out[i], 1 if i == len(out) - 1 else out[i + 1] + 1)
+    return out
+
+
+def on_integer_grid(solver, inputs, times: torch.Tensor, taus: torch.Tensor, before: float):
+    """(grid, τ, loss) of a fit's continuous grid rounded to integer timesteps, the loss of the real rollout on it;
+    the plain solver where rounding undid the gain (not seen in practice)."""
+    grid = integer_grid(times.tolist(), solver.num_train_timesteps)
+    with torch.no_grad():
+        final = solver.with_grid(grid).rollout(inputs.noise, taus)
+        loss = float(inputs.mean(rms_distance(final, inputs.reference_final, eps=1e-12)))
+    if loss > before:
+        return solver.t, solver.t.float(), before
+    return torch.tensor(grid, dtype=torch.float64), taus, loss
+
+
+def on_timesteps(solver) -> bool:
+    """Whether the solver steps on its integer timesteps (then a rollout equals that grid's explicit one), not on
+    sigmas of its own (Karras, log-SNR λ, exponential, beta), which an explicit grid of timesteps only rounds."""
+    config = solver.template.config
+    return not any(config.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
+                                           "use_beta_sigmas"))

@@ -39,7 +39,8 @@ import torch
 
 from timetuner.core.distance import rms_distance
 from timetuner.core.distributed import SOLO, World
-from timetuner.core.solver import GridParameters, Solver, integer_grid, moves_grid
+from timetuner.core.solver import Solver
+from timetuner.fitting.grid import GridParameters, moves_grid, on_integer_grid
 from timetuner.fitting.search import OPTIMIZERS, adam_json, adam_state
 
 
@@ -214,7 +215,7 @@ class Teacher(PerEvaluation):
 
 class EndToEnd:
     """All τ jointly: Adam on δ (τ = t + Δ·δ, Δ the local spacing) through the whole trajectory — and, with
-    `config.grid_gradient` (`moves_grid`), the grid with them (LD3; `solver.GridParameters`), rounded at the end to
+    `config.grid_gradient` (`moves_grid`), the grid with them (LD3; `grid.GridParameters`), rounded at the end to
     integer timesteps, the table's loss measured on the real rounded rollout."""
 
     joint = True
@@ -275,19 +276,7 @@ class EndToEnd:
         if grid is None:
             return _rows(solver.t, taus_of(best[1]), best[0], before)
         times = grid.times(best[2])
-        return _rows(*_on_integer_grid(solver, inputs, times, taus_of(best[1], times), before), before)
-
-
-def _on_integer_grid(solver: Solver, inputs: FitInputs, times: torch.Tensor, taus: torch.Tensor, before: float):
-    """(grid, τ, loss) of a fit's continuous grid rounded to integer timesteps, the loss of the real rollout on it;
-    the plain solver where rounding undid the gain (not seen in practice)."""
-    grid = integer_grid(times.tolist(), solver.num_train_timesteps)
-    with torch.no_grad():
-        final = solver.with_grid(grid).rollout(inputs.noise, taus)
-        loss = float(inputs.mean(sample_distance(final, inputs.reference_final)))
-    if loss > before:
-        return solver.t, solver.t.float(), before
-    return torch.tensor(grid, dtype=torch.float64), taus, loss
+        return _rows(*on_integer_grid(solver, inputs, times, taus_of(best[1], times), before), before)
 
 
 def _rows(times, taus: torch.Tensor, after: float, before: float) -> tuple[list, list]:
