@@ -71,15 +71,15 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 def fitted(args, pipe, den, nfe: int) -> dict:
     """{variant: (solver over `den`, τ or None, fit seconds, auto's winner)} of timetuner's variants at nfe."""
     from timetuner.core.solver import Solver
-    from timetuner.core.trajectories import is_flow_config
     from timetuner.fitting.api import fit
+    from timetuner.table import is_flow
 
     folder = Path(tempfile.mkdtemp())
     runs = {"tau": dict(scheduler="dpm++", trajectory="ays", force=True),
             "grid+tau": dict(scheduler="dpm++", trajectory="learned", grid_gradient=False, force=True),
             "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True),
             "auto": dict(scheduler="auto")}
-    if is_flow_config(pipe.scheduler.config):  # flow solvers take no learned grid (yet)
+    if is_flow(pipe.scheduler.config):  # flow solvers take no learned grid (yet)
         runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True), "auto": dict(scheduler="auto")}
     out = {}
     for variant, options in runs.items():

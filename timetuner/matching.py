@@ -33,11 +33,11 @@ def solver_for(scheduler, table):
     """`scheduler` itself if the table is for its class; else the table's solver, built from the table's config,
     when it shares the scheduler's noise schedule (the same model, sampled by another solver)."""
     name = table.scheduler_class
-    if is_flow((name, table.scheduler_config)) != is_flow(scheduler):
+    fitted_on, runs = is_flow((name, table.scheduler_config)), is_flow(scheduler)
+    if fitted_on != runs:
         kinds = {True: "a flow-matching model", False: "a DDPM-style (noise-prediction) model"}
-        raise UserError(f"table for {name} was fitted on {kinds[is_flow((name, table.scheduler_config))]} and this "
-                        f"{type(scheduler).__name__} samples {kinds[is_flow(scheduler)]}; accepted: a table fitted on "
-                        "this model")
+        raise UserError(f"table for {name} was fitted on {kinds[fitted_on]} and this {type(scheduler).__name__} "
+                        f"samples {kinds[runs]}; accepted: a table fitted on this model")
     if type(scheduler).__name__ == name:
         return scheduler
     solver = scheduler_class(name)

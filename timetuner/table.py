@@ -243,8 +243,16 @@ def time_range(scheduler) -> tuple[float, float]:
 
 
 def is_flow(scheduler) -> bool:
-    """Whether a scheduler (or its class name and config) samples a flow-matching model: x_σ = (1 − σ) x0 + σ ε."""
-    name, config = (scheduler if isinstance(scheduler, tuple) else (type(scheduler).__name__, scheduler.config))
+    """Whether a scheduler — or its (class name, config), or a pipeline's scheduler config — samples a flow-matching
+    model: x_σ = (1 − σ) x0 + σ ε (SD3, Flux, `timetuner train --objective flow`)."""
+    if isinstance(scheduler, tuple):
+        name, config = scheduler
+    elif hasattr(scheduler, "config"):
+        name, config = type(scheduler).__name__, scheduler.config
+    else:  # a config: a saved one names its class; one built in code does not, and FlowMatch configs have no betas
+        config = dict(scheduler)
+        name = str(config.get("_class_name", "")) or ("FlowMatch" if "shift" in config and "beta_start" not in config
+                                                      else "")
     return (name.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
             or config.get("prediction_type") == "flow_prediction")
 

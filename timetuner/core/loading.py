@@ -93,9 +93,9 @@ class ModelSetup:
     @property
     def flow(self) -> bool:
         """Whether the model is a flow-matching one (its scheduler samples x_σ = (1 − σ) x0 + σ ε)."""
-        from timetuner.core.trajectories import is_flow_config
+        from timetuner.table import is_flow
 
-        return is_flow_config(self.base_config)
+        return is_flow(self.base_config)
 
     @property
     def weights(self) -> str:

@@ -12,7 +12,8 @@ import torch
 
 from timetuner.core.cache import cached
 from timetuner.core.solver import Solver, alpha_bar_at, to_epsilon
-from timetuner.core.trajectories import is_flow_config, make_scheduler
+from timetuner.core.trajectories import make_scheduler
+from timetuner.table import is_flow
 
 REFERENCE_SOLVERS = {"dpm++": ("DPMSolverMultistepScheduler", {"solver_order": 2}), "ddim": ("DDIMScheduler", {})}
 # A flow-matching model's: DPM-Solver++ 2M on flow sigmas at the model's shift, or its own Euler (the flow "ddim").
@@ -23,7 +24,7 @@ def reference_scheduler(base_config, kind: str):
     """The reference solver `kind` ("dpm++" or "ddim") for a model, built from its pipeline's scheduler config."""
     import diffusers
 
-    if is_flow_config(base_config):
+    if is_flow(base_config):
         return make_scheduler(FLOW_REFERENCE_SOLVERS[kind], base_config)
     class_name, overrides = REFERENCE_SOLVERS[kind]
     return getattr(diffusers, class_name).from_config(base_config, **overrides)

@@ -17,6 +17,7 @@ import inspect
 import numpy as np
 
 from timetuner.errors import UserError, check_choice
+from timetuner.table import is_flow
 
 # name → (diffusers scheduler class name, config overrides). "dpm2" is DPM-Solver-2 (singlestep, order 2);
 # "dpm++" / "dpm++3m" DPM-Solver++ 2M / 3M (multistep: the history of model outputs is part of the solver state);
@@ -46,12 +47,9 @@ FLOW_SCHEDULERS: dict[str, tuple[str, dict]] = {
 SCHEDULERS.update(FLOW_SCHEDULERS)
 
 
-def is_flow_config(base_config) -> bool:
-    """Whether a pipeline's scheduler config is a flow-matching model's (SD3, Flux, `--objective flow`)."""
-    from timetuner.table import is_flow
-
-    config = dict(base_config)  # a scheduler built in code has no _class_name: FlowMatch configs have no betas
-    return is_flow((str(config.get("_class_name", "")), config)) or ("shift" in config and "beta_start" not in config)
+def solvers_for(flow: bool) -> list[str]:
+    """The named solvers of a model's family: flow-matching ones for a flow model, DDPM-style ones otherwise."""
+    return sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
 
 
 def make_scheduler(name: str, base_config):
@@ -60,9 +58,9 @@ def make_scheduler(name: str, base_config):
     import diffusers
 
     class_name, overrides = SCHEDULERS[check_choice("--scheduler", name, SCHEDULERS)]
-    flow = is_flow_config(base_config)
+    flow = is_flow(base_config)
     if flow != (name in FLOW_SCHEDULERS):
-        accepted = sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
+        accepted = solvers_for(flow)
         raise UserError(f"--scheduler {name} samples {'flow-matching' if name in FLOW_SCHEDULERS else 'DDPM-style'} "
                         f"models and this model is {'a flow-matching' if flow else 'a DDPM-style'} one; accepted: "
                         f"{', '.join(accepted)}")

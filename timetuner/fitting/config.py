@@ -13,7 +13,7 @@ from pathlib import Path
 from timetuner.errors import UserError, check_choice
 from timetuner.fitting.grid import grid_gradient_names
 from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
-from timetuner.table import TauTable
+from timetuner.table import TauTable, is_flow
 
 PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
 
@@ -98,12 +98,12 @@ class FitResult:
 def validate(config: FitConfig, flow: bool | None = None) -> None:
     """Every setting checked before any work: one-line UserErrors naming the value and what is accepted.
     `flow`: whether the model is a flow-matching one (None: not known yet, before the model is read)."""
-    from timetuner.core.trajectories import FLOW_SCHEDULERS, SCHEDULERS, TRAJECTORIES
+    from timetuner.core.trajectories import FLOW_SCHEDULERS, SCHEDULERS, TRAJECTORIES, solvers_for
     from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
     if flow is not None and config.scheduler != "auto" and flow != (config.scheduler in FLOW_SCHEDULERS):
-        accepted = sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
+        accepted = solvers_for(flow)
         raise UserError(f"--scheduler {config.scheduler} does not sample a {'flow-matching' if flow else 'DDPM-style'}"
                         f" model like this one; accepted: auto, {', '.join(accepted)}")
     if flow and config.strategy == "parallel":
@@ -190,7 +190,6 @@ def check_before_loading(model: str | None, out, **options) -> FitConfig:
     """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
     model load: the resolved config, or a one-line UserError."""
     from timetuner.core.loading import resolve_model
-    from timetuner.core.trajectories import is_flow_config
 
     folder = Path(resolve_model(model))
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
@@ -200,7 +199,7 @@ def check_before_loading(model: str | None, out, **options) -> FitConfig:
             saved = json.loads(scheduler_config.read_text())
         except ValueError:
             saved = None
-    flow = None if not isinstance(saved, dict) else is_flow_config(saved)
+    flow = None if not isinstance(saved, dict) else is_flow(saved)
     config = checked_config(flow=flow, **options)
     check_out(out)
     if isinstance(saved, dict):
