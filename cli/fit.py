@@ -19,11 +19,15 @@ def fit(
                                                   "best against the best plain setup), ddim (the default "
                                                   "with --trajectory or --strategy parallel), dpm2 (DPM-Solver-2), "
                                                   "dpm++ / dpm++3m / dpm++1 (DPM-Solver++ 2M / 3M / order 1), unipc "
-                                                  "(UniPC-bh2), deis, heun, euler.")] = None,
+                                                  "(UniPC-bh2), deis, heun, euler; flow-matching models: flow-euler "
+                                                  "(the default with --trajectory), flow-heun, flow-dpm++, flow-unipc."
+                                                  )] = None,
     trajectory: Annotated[str | None, typer.Option(help="uniform, trailing, linspace, quadratic, logsnr, karras, ays "
                                                    "(Align-Your-Steps), learned (fitted to the model: dpm++, dpm++3m, "
-                                                   "dpm++1, dpm2); default per scheduler (ddim: uniform, dpm2: "
-                                                   "logsnr, dpm++: ays, heun: karras).")] = None,
+                                                   "dpm++1, dpm2; a sigma grid for flow-euler, flow-unipc); flow: "
+                                                   "shift1, shift3, exponential, beta; default per scheduler (ddim: "
+                                                   "uniform, dpm2: logsnr, dpm++: ays, heun: karras, flow: the "
+                                                   "model's shift).")] = None,
     strategy: Annotated[str, typer.Option(help="sequential (Alg. 1) or parallel (Eq. 11).")] = "sequential",
     objective: Annotated[str | None, typer.Option(help="e2e (the default: best on held-out figures), paper "
                                                   "(Eq. 9/11; the default with --strategy parallel) or teacher."

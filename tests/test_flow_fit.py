@@ -118,3 +118,46 @@ def test_the_embedded_flow_model_is_a_plain_diffusers_flow_pipeline():
     pipe = DDPMPipeline.from_pretrained(folder)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 1.0
     assert sum(p.numel() for p in pipe.unet.parameters()) == 1_112_801  # the digits preset, as digits-ddpm
+
+
+@pytest.mark.parametrize("name", ["flow-euler", "flow-unipc"])
+def test_a_flow_solver_s_named_sigma_grids_are_learned_grids_that_run_the_same_sigmas(name):
+    from timetuner.core.trajectories import TRAJECTORIES
+    from timetuner.fitting.grid import named_grids
+
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0).config  # a shifted model: the grids are handed pre-shift
+    den = Velocity(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    learned = Solver.named(den, base, name, "learned", 6)
+    grids = named_grids(learned)
+    assert set(grids) == set(TRAJECTORIES[name]) - {"learned"} and grids["uniform"] == learned.grid
+    for trajectory, grid in grids.items():
+        plain = Solver.named(den, base, name, trajectory, 6).fresh().sigmas
+        assert grid[0] == 1.0 and torch.allclose(learned.with_grid(grid).fresh().sigmas, plain, atol=2e-7, rtol=0)
+
+
+def test_a_learned_sigma_grid_is_fitted_on_a_flow_model_and_replays_in_its_pipeline(flow_run):
+    result = fit(str(flow_run), progress=False, nfe=4, scheduler="flow-unipc", trajectory="learned", e2e_iters=2,
+                 force=True, **FAST)
+    table, record = result.tuned, result.tuned.metadata["learned_grid"]
+    assert table.metadata["trajectory"] == "learned" and table.scheduler_class == "UniPCMultistepScheduler"
+    sigmas = table.sigmas
+    assert len(sigmas) == 4 and sigmas[0] == 1.0 and sigmas == sorted(sigmas, reverse=True) and sigmas[-1] > 0
+    assert record["loss"] <= record["loss_start"] and record["start"] in ("uniform", "shift3")
+    assert "timesteps" not in table.metadata  # a flow grid is a σ grid
+    pipe = DDPMPipeline.from_pretrained(flow_run)  # ships FlowMatchEuler: the table brings its UniPC on its σ grid
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table)
+    pipe.scheduler.set_timesteps(4)
+    solver = Solver.for_table(Velocity(0, 0), pipe.scheduler.inner.config, table)
+    assert torch.equal(pipe.scheduler.inner.sigmas, solver.fresh().sigmas)
+    assert torch.allclose(pipe.scheduler.inner.sigmas[:4].double(), torch.tensor(sigmas, dtype=torch.float64),
+                          atol=1e-6)  # shift 1: the grid is the σ the solver runs (UniPC's first is 1 − 1e-6)
+    assert pipe(batch_size=2, num_inference_steps=4, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+def test_a_learned_sigma_grid_needs_a_static_shift():
+    from timetuner.core.trajectories import build
+
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    with pytest.raises(UserError, match="a learned sigma grid needs a static shift; accepted: --trajectory"):
+        build("flow-euler", "learned", dynamic, 5)

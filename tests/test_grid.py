@@ -10,28 +10,28 @@ import pytest
 import torch
 
 from timetuner.fitting.api import fit
-from timetuner.fitting.grid import GRID_POINT_LOSSES, _integer_search
+from timetuner.fitting.grid import GRID_POINT_LOSSES, _lattice_search
 
 FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, e2e_iters=3)
 
 
-def test_integer_search_finds_the_minimum_within_its_budget_and_keeps_the_start_on_ties():
+def test_lattice_search_finds_the_minimum_within_its_budget_and_keeps_the_start_on_ties():
     calls = []
 
     def f(v):
         calls.append(v)
         return (v - 37) ** 2
 
-    assert abs(_integer_search(f, 0, 99, 50) - 37) <= 3 and len(calls) <= GRID_POINT_LOSSES
-    assert _integer_search(lambda v: 1.0, 0, 99, 50) == 50  # nothing strictly lower: the start stays
-    assert _integer_search(lambda v: -v, 10, 11, 10) in (10, 11)
+    assert abs(_lattice_search(f, 0, 99, 50) - 37) <= 3 and len(calls) <= GRID_POINT_LOSSES
+    assert _lattice_search(lambda v: 1.0, 0, 99, 50) == 50  # nothing strictly lower: the start stays
+    assert _lattice_search(lambda v: -v, 10, 11, 10) in (10, 11)
 
 
 class _CoupledSolver:
     """A stand-in solver whose 'final sample' is A·t for its grid t (A couples neighbouring points), so the loss
     RMS(A(t − t*)) has its minimum at t* and coordinate descent needs several sweeps to reach it."""
 
-    name = "fake"
+    name, flow, num_train_timesteps = "fake", False, 1000
 
     def __init__(self, grid):
         self.grid, self.evaluations = list(grid), len(grid)

@@ -54,7 +54,7 @@ from timetuner.matching import (  # noqa: F401 (check_model, model_hash: their o
     solver_for,
     table_scale,
 )
-from timetuner.table import TauTable, set_grid
+from timetuner.table import TauTable, as_array, set_grid
 
 logger = logging.getLogger(__name__)
 MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps, and a passed value to τ_k
@@ -241,7 +241,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                                                                                                    table.sigmas))):
             table = None  # a schedule of the caller's own: the plain scheduler
         elif table is not None and table.sigmas is not None:
-            custom = {"sigmas": table.sigmas}  # the table owns its σ grid (what the pipeline passed, or none)
+            custom = {"sigmas": as_array(table.sigmas)}  # the table owns its σ grid (the pipeline's, or none)
         if table is not None and self.inner.config.get("use_dynamic_shifting"):
             check_mu(table, kwargs.get("mu"))
         if table is not None and "timesteps" in table.metadata:

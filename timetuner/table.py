@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from timetuner.errors import UserError
@@ -179,7 +180,8 @@ def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = 
              sigmas: list[float] | None = None, mu: float | None = None) -> None:
     """`scheduler.set_timesteps` for K steps: on its own spacing, on an explicit grid of K timesteps, or (flow
     matching) on a σ grid of K values and/or at a dynamic shift `mu`."""
-    flow = {k: v for k, v in (("sigmas", sigmas), ("mu", mu)) if v is not None}
+    # σ as an array, as pipelines pass them (UniPC / DPM-Solver++ shift them with numpy arithmetic)
+    flow = {k: v for k, v in (("sigmas", as_array(sigmas)), ("mu", mu)) if v is not None}
     if scheduler.config.get("use_dynamic_shifting") and mu is None:
         raise UserError(f"{type(scheduler).__name__} shifts its sigmas by the image size (use_dynamic_shifting), so "
                         "it needs mu; accepted: mu= the pipeline's shift for the image size (Flux: calculate_shift)")
@@ -198,6 +200,11 @@ def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = 
                         "e.g. DPMSolverMultistepScheduler (solver_order=1 is DDIM's update), UniPCMultistepScheduler")
     check_grid(timesteps, num_inference_steps, int(scheduler.config.num_train_timesteps))
     scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+
+
+def as_array(sigmas) -> np.ndarray | None:
+    """A σ grid as the float64 array a pipeline hands `set_timesteps` (Flux: `np.linspace`); None stays None."""
+    return None if sigmas is None else np.asarray([float(v) for v in sigmas], dtype=np.float64)
 
 
 def check_grid(timesteps, num_inference_steps: int, total: int) -> None:

@@ -85,10 +85,12 @@ class Solver:
 
     `Solver.named(...)` builds one of the named solvers and grids of `timetuner.core.trajectories`; the constructor
     takes any scheduler, a `TunedScheduler` included (whose `timesteps` are then τ: the network times it hands
-    out). `step_kwargs` go to `scheduler.step` where its signature has them (e.g. `generator` for DDPM).
+    out). `grid`: an explicit grid — K integer timesteps, or for a flow-matching scheduler K σ before its shift
+    (`set_timesteps(sigmas=…)`). `step_kwargs` go to `scheduler.step` where its signature has them (e.g.
+    `generator` for DDPM).
     """
 
-    def __init__(self, denoiser, scheduler, num_inference_steps: int, grid: list[int] | None = None,
+    def __init__(self, denoiser, scheduler, num_inference_steps: int, grid: list | None = None,
                  name: str | None = None, trajectory: str | None = None, step_kwargs: dict | None = None):
         config = scheduler.config
         if num_inference_steps > config.num_train_timesteps:
@@ -122,13 +124,14 @@ class Solver:
         meta = table.metadata
         solver = cls.named(denoiser, base_config, meta.get("scheduler_name", "ddim"), meta.get("trajectory"),
                            table.num_inference_steps)
-        if meta.get("trajectory") == "learned" and "timesteps" in meta:  # the grid is the table's own
-            solver = solver.with_grid(meta["timesteps"])
+        if meta.get("trajectory") == "learned":  # the grid is the table's own
+            grid = meta.get("sigmas" if solver.flow else "timesteps")
+            solver = solver if grid is None else solver.with_grid(grid)
         table.check_scheduler(solver.template)
         return solver
 
-    def with_grid(self, grid: list[int]) -> Solver:
-        """The same solver on another explicit grid of K timesteps."""
+    def with_grid(self, grid: list) -> Solver:
+        """The same solver on another explicit grid of K timesteps (flow: K σ before the shift)."""
         return Solver(self.den, self.template, self.nfe_steps, list(grid), name=self.name,
                       trajectory=self.trajectory, step_kwargs=self.step_kwargs)
 
@@ -147,14 +150,18 @@ class Solver:
         from timetuner.table import set_grid
 
         sched = copy.deepcopy(self.template)
-        set_grid(sched, self.nfe_steps, self.grid, device=self.den.device)
+        set_grid(sched, self.nfe_steps, **self._grid_arguments(), device=self.den.device)
         return sched
+
+    def _grid_arguments(self) -> dict:
+        """The explicit grid as `set_grid` / `TauTable.identity` take it: `timesteps`, or a flow solver's `sigmas`."""
+        return {"sigmas" if self.flow else "timesteps": self.grid}
 
     def identity_table(self, **metadata):
         """τ = t for this solver (the plain sampler), carrying `metadata`."""
         from timetuner.table import TauTable
 
-        return TauTable.identity(self.template, self.nfe_steps, timesteps=self.grid, **metadata)
+        return TauTable.identity(self.template, self.nfe_steps, **self._grid_arguments(), **metadata)
 
     def model_output(self, sched, x, k: int, tau):
         """Network output at τ for the scaled input of evaluation k (scheduler state as given)."""

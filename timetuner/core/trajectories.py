@@ -4,10 +4,11 @@ A solver is a diffusers scheduler class with config overrides (`SCHEDULERS`), bu
 scheduler config so that it shares the model's noise schedule.
 
 A trajectory is either a configuration of the scheduler itself (DDIM's `timestep_spacing`, Karras σ) or an
-explicit list of timesteps handed to `set_timesteps(timesteps=...)`; "learned" is an explicit grid fitted to the
-model by `timetuner.fitting.grid` (here: the grid it starts from, the scheduler's default explicit one). Explicit lists
-travel inside the table's metadata, so `TunedScheduler` reproduces them when a pipeline calls
-`set_timesteps(num_inference_steps)`.
+explicit list of timesteps handed to `set_timesteps(timesteps=...)` — for a flow-matching solver, an explicit σ grid
+handed to `set_timesteps(sigmas=...)`, before the scheduler's shift, as a pipeline's `sigmas` are; "learned" is an
+explicit grid fitted to the model by `timetuner.fitting.grid` (here: the grid it starts from, the scheduler's default
+explicit one, or a flow solver's own σ grid). Explicit grids travel inside the table's metadata (`timesteps`,
+`sigmas`), so `TunedScheduler` reproduces them when a pipeline calls `set_timesteps(num_inference_steps)`.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def make_scheduler(name: str, base_config):
                         f"{', '.join(accepted)}")
     cls = getattr(diffusers, class_name)
     if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
-        overrides = {**overrides, "flow_shift": float(dict(base_config).get("shift", 1.0))}
+        overrides = {**overrides, "flow_shift": model_shift(base_config)}
     if flow:  # keys of another flow class (FlowMatchEuler's dynamic shifting for Heun, …) mean nothing to this one
         accepted = inspect.signature(cls.__init__).parameters
         base_config = {k: v for k, v in dict(base_config).items() if k in accepted}
@@ -125,13 +126,15 @@ TRAJECTORIES: dict[str, dict[str, dict]] = {
     "heun": {"karras": {}, "uniform": {"use_karras_sigmas": False}},
     "euler": {"uniform": {}, "trailing": {"timestep_spacing": "trailing"}, "karras": {"use_karras_sigmas": True}},
     "ddpm": {"uniform": {}},
-    # flow: "uniform" is the model's own shift; shift1 / shift3 the two a user picks (SD3 ships 3)
+    # flow: "uniform" is the model's own shift; shift1 / shift3 the two a user picks (SD3 ships 3). A learned σ grid
+    # where the scheduler takes `sigmas=` (DPM-Solver++ takes none with flow sigmas in diffusers 0.42)
     "flow-euler": {"uniform": {}, "shift1": {"shift": 1.0}, "shift3": {"shift": 3.0},
                    "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
-                   "beta": {"use_beta_sigmas": True}},
+                   "beta": {"use_beta_sigmas": True}, "learned": {"explicit": "learned"}},
     "flow-heun": {"uniform": {}, "shift1": {"shift": 1.0}, "shift3": {"shift": 3.0}},
     "flow-dpm++": {"uniform": {}, "shift1": {"flow_shift": 1.0}, "shift3": {"flow_shift": 3.0}},
-    "flow-unipc": {"uniform": {}, "shift1": {"flow_shift": 1.0}, "shift3": {"flow_shift": 3.0}},
+    "flow-unipc": {"uniform": {}, "shift1": {"flow_shift": 1.0}, "shift3": {"flow_shift": 3.0},
+                   "learned": {"explicit": "learned"}},
 }
 DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm++3m": "ays", "dpm++1": "ays",
                       "unipc": "uniform", "deis": "uniform", "heun": "karras", "euler": "uniform", "ddpm": "uniform",
@@ -154,6 +157,8 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     if overrides:
         sched = type(sched).from_config(sched.config, **overrides)
     timesteps = None
+    if explicit == "learned" and scheduler in FLOW_SCHEDULERS:  # a σ grid, starting from the solver's own
+        return sched, flow_sigmas(sched, num_inference_steps)
     if explicit == "learned":  # fitted by `timetuner.fitting.grid`, starting from the scheduler's default explicit grid
         explicit = TRAJECTORIES[scheduler][DEFAULT_TRAJECTORY[scheduler]]["explicit"]
     if explicit == "quadratic":
@@ -163,3 +168,42 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     elif explicit == "ays":
         timesteps = ays_timesteps(sched.config.num_train_timesteps, num_inference_steps)
     return sched, timesteps
+
+
+# -- flow σ grids --------------------------------------------------------------------------------------------------
+def model_shift(config) -> float:
+    """The static shift of a flow scheduler config: FlowMatch classes' `shift`, DPM-Solver++ / UniPC's `flow_shift`."""
+    config = dict(config)
+    return float(config.get("shift", config.get("flow_shift", 1.0)))
+
+
+def flow_shift(sched) -> float:
+    """A flow scheduler's static shift s (σ ↦ sσ / (1 + (s − 1)σ)): `shift` of FlowMatch classes, `flow_shift` of
+    DPM-Solver++ / UniPC on flow sigmas. A shift by image size (`mu`) or one stretched to a terminal σ has no fixed
+    inverse and takes no learned grid yet: a UserError."""
+    config = sched.config
+    if config.get("use_dynamic_shifting") or config.get("shift_terminal"):
+        raise UserError(f"{type(sched).__name__} shifts its sigmas by the image size (use_dynamic_shifting) or to a "
+                        "terminal sigma (shift_terminal); a learned sigma grid needs a static shift; accepted: "
+                        "--trajectory uniform, shift1, shift3")
+    return model_shift(config)
+
+
+def unshifted(sched, sigmas) -> list[float]:
+    """The σ grid to hand to `sched.set_timesteps(sigmas=…)` so that it runs `sigmas` (after its shift): the shift's
+    inverse σ / (s − (s − 1)σ), to 7 decimals (what float32 σ hold); a first σ within 1e-5 of 1 is 1 (UniPC starts at
+    1 − 1e-6 to keep log α finite)."""
+    s = flow_shift(sched)
+    grid = [round(float(v) / (s - (s - 1) * float(v)), 7) for v in sigmas]
+    return [1.0 if i == 0 and abs(v - 1) < 1e-5 else v for i, v in enumerate(grid)]
+
+
+def flow_sigmas(sched, num_inference_steps: int, target=None) -> list[float]:
+    """The σ grid (before `target`'s shift; `sched`'s own without one) that makes `target` run the σ_0 … σ_{K−1}
+    which `sched`, with its own configuration — any named trajectory: shift 1 or 3, Karras, exponential, beta σ —
+    runs at K steps."""
+    target = sched if target is None else target
+    flow_shift(target)  # a static one, or the one-line refusal
+    fresh = type(sched).from_config(sched.config)
+    fresh.set_timesteps(num_inference_steps)
+    return unshifted(target, fresh.sigmas[:num_inference_steps].tolist())

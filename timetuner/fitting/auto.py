@@ -45,12 +45,12 @@ AUTO_TUNED = 1
 @torch.no_grad()
 def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
+    from timetuner.core.trajectories import model_shift
     from timetuner.fitting.method import sample_distance
     from timetuner.fitting.run import prepare
 
     ranked, reference = [], None
-    base = dict(setup.base_config)
-    own_shift = f"shift{float(base.get('shift', base.get('flow_shift', 1.0))):g}"
+    own_shift = f"shift{model_shift(setup.base_config):g}"
     for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
         if setup.flow and trajectory == own_shift:
             continue  # the model's own shift is its "uniform" candidate already

@@ -156,7 +156,7 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
 
 def resolved(config: FitConfig, flow: bool | None = None) -> FitConfig:
     """The config with its default scheduler, objective, e2e iterations and grid gradient filled in (`flow`: the
-    model is a flow-matching one; its solvers take no learned grid yet, so no grid gradient)."""
+    model is a flow-matching one: its learned grid is a searched σ grid, never moved by gradient)."""
     if config.scheduler is None:
         plain = config.trajectory is not None or config.strategy != "sequential"
         config = dataclasses.replace(config, scheduler=("flow-euler" if flow else "ddim") if plain else "auto")

@@ -15,6 +15,11 @@ evaluations per fit noise: at K ≤ 7, where one sweep leaves the coupled points
 one (the default fit's time). The measurements behind both limits: docs/results.md, "The figures behind the
 defaults".
 
+Flow-matching solvers (FlowMatchEuler, UniPC on flow sigmas) take a σ grid (`set_timesteps(sigmas=…)`, before their
+shift) instead: the same search over σ_1 … σ_{K−1} on a lattice of 1/T (σ_0 = 1 stays, the last σ ≥ 1/T), from the best
+of the solver's named σ grids (its shifts, Karras / exponential / beta σ) read as σ grids; the table carries it in
+`sigmas`.
+
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
 """
@@ -70,8 +75,10 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     `solver` (an explicit grid) against `inputs.reference_final`; `known`: {grid tuple: loss} already measured on
     the same noises (auto's ranking rolls out the named grids that are its candidates), not rolled out again."""
     reference, memo = inputs.reference_final, dict(known or {})
+    unit = 1 / solver.num_train_timesteps if solver.flow else 1  # the lattice: timesteps, or σ in steps of 1/T
+    last = unit if solver.flow else 0  # the lowest last point: t = 0, σ = 1/T (σ = 0 is the end of sampling)
 
-    def loss(grid: tuple[int, ...]) -> float:
+    def loss(grid: tuple) -> float:
         if grid not in memo:
             final = solver.with_grid(list(grid)).rollout(inputs.noise)
             memo[grid] = float(inputs.mean(rms_distance(final, reference, eps=1e-12)))  # = method.sample_distance
@@ -85,13 +92,13 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     while moved and done < allowed:
         done, moved = done + 1, False
         for k in range(1, len(grid)):
-            lo = grid[k + 1] + 1 if k + 1 < len(grid) else 0
-            hi = grid[k - 1] - 1
+            lo = grid[k + 1] + unit if k + 1 < len(grid) else last
+            hi = grid[k - 1] - unit
 
-            def at(v: int, k: int = k, current: tuple[int, ...] = grid) -> float:
+            def at(v, k: int = k, current: tuple = grid) -> float:
                 return loss(current[:k] + (v,) + current[k + 1:])
 
-            best = _integer_search(at, lo, hi, grid[k])
+            best = _lattice_search(at, lo, hi, grid[k], unit)
             moved = moved or best != grid[k]
             grid = grid[:k] + (best,) + grid[k + 1:]
     evaluated = len(memo) - len(known or {})  # rolled out here; `known` ones came with the call
@@ -99,17 +106,27 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
                         "sweeps": done, "start_losses": {name: memo[g] for name, g in starts.items()}}
 
 
-def named_grids(solver) -> dict[str, list[int]]:
-    """The solver's named grids at its K steps as explicit integer lists ({name: grid}), each usable as
+def named_grids(solver) -> dict[str, list]:
+    """The solver's named grids at its K steps as explicit lists ({name: grid}), each usable as
     `set_timesteps(timesteps=…)`: the scheduler's own spacings read off a scheduler set to them, the computed ones
-    as they are. The start of `learn_grid` is the one of lowest loss."""
-    from timetuner.core.trajectories import TRAJECTORIES, build
+    as they are; a flow solver's as σ grids for its own shift (`set_timesteps(sigmas=…)`). The start of
+    `learn_grid` is the one of lowest loss."""
+    from timetuner.core.trajectories import TRAJECTORIES, build, flow_sigmas
     from timetuner.errors import UserError
-    from timetuner.table import check_grid
+    from timetuner.table import check_grid, check_sigmas
 
     grids = {}
     for name in TRAJECTORIES[solver.name]:
         if name == "learned":
+            continue
+        if solver.flow:  # each named trajectory's σ, as the learned solver (the model's shift) is handed them
+            template, _ = build(solver.name, name, solver.template.config, solver.nfe_steps)
+            grid = flow_sigmas(template, solver.nfe_steps, target=solver.template)
+            try:
+                check_sigmas(grid, solver.nfe_steps)
+            except UserError:
+                continue
+            grids[name] = grid
             continue
         try:
             template, explicit = build(solver.name, name, solver.template.config, solver.nfe_steps)
@@ -123,22 +140,23 @@ def named_grids(solver) -> dict[str, list[int]]:
     return grids
 
 
-def _integer_search(f, lo: int, hi: int, start: int) -> int:
-    """The integer in [lo, hi] with the lowest f found by a golden-section search of at most GRID_POINT_LOSSES
-    losses, `start` among them; `start` unless another is strictly lower."""
+def _lattice_search(f, lo, hi, start, unit=1):
+    """The point of lo + unit·ℤ in [lo, hi] (integers for unit 1) with the lowest f found by a golden-section search
+    of at most GRID_POINT_LOSSES losses, `start` among them; `start` unless another is strictly lower."""
     seen = {start: f(start)}
     a, b = lo, hi
     while len(seen) + 2 <= GRID_POINT_LOSSES:
-        c, d = b - round(GOLDEN * (b - a)), a + round(GOLDEN * (b - a))
+        step = round(GOLDEN * (b - a) / unit) * unit
+        c, d = b - step, a + step
         if c >= d:
             break
         for v in (c, d):
             if v not in seen:
                 seen[v] = f(v)
         if seen[c] <= seen[d]:
-            b = d - 1
+            b = d - unit
         else:
-            a = c + 1
+            a = c + unit
     return min(seen, key=lambda v: (seen[v], v != start))
 
 
@@ -196,7 +214,8 @@ def on_integer_grid(solver, inputs, times: torch.Tensor, taus: torch.Tensor, bef
 
 def on_timesteps(solver) -> bool:
     """Whether the solver steps on its integer timesteps (then a rollout equals that grid's explicit one), not on
-    sigmas of its own (Karras, log-SNR λ, exponential, beta), which an explicit grid of timesteps only rounds."""
+    sigmas of its own (Karras, log-SNR λ, exponential, beta), which an explicit grid of timesteps only rounds. A flow
+    solver's σ come back through its explicit σ grid only to float rounding (the shift's inverse): never."""
     config = solver.template.config
-    return not any(config.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
-                                           "use_beta_sigmas"))
+    return not solver.flow and not any(config.get(k) for k in ("use_karras_sigmas", "use_lu_lambdas",
+                                                               "use_exponential_sigmas", "use_beta_sigmas"))
