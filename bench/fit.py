@@ -83,14 +83,13 @@ def figures(held: dict) -> dict:
 
 def over_sets(table_path, taus, args) -> dict:
     """Plain vs `taus` on --sets independent held-out noise sets (the table's own held-out seed first)."""
-    from timetuner.fitting.config import EVAL_SEED_OFFSET
     from timetuner.measuring.evaluation import Setup, held_out_figures
+    from timetuner.measuring.heldout import set_seed
     from timetuner.measuring.verdict import combine_sets
 
     setup = Setup(str(table_path), None)
     yard = setup.yardstick(progress=False)
-    records = [held_out_figures(setup, yard, seed=args.seed + EVAL_SEED_OFFSET + 7919 * s, taus=taus)[0]
-               for s in range(args.sets)]
+    records = [held_out_figures(setup, yard, seed=set_seed(s, args.seed), taus=taus)[0] for s in range(args.sets)]
     return combine_sets(records)
 
 

@@ -11,7 +11,8 @@ NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no f
 - plain: every scheduler × grid of `timetuner.core.trajectories` whose sampler makes exactly NFE evaluations (Heun and
   DPM-Solver-2 at the step count that gives NFE), τ = t; DDPM (stochastic) left out;
 - timetuner, each fitted with the defaults of `timetuner fit` (fit seed 0): "tau" — e2e τ on DPM-Solver++ 2M with
-  Align-Your-Steps steps (a flow model: on its own Euler, and "auto" only besides); "grid" — the learned grid
+  Align-Your-Steps steps (a flow model: on its own Euler; "grid" / "grid+tau" its learned σ grid; and "auto",
+  which tunes UniPC's learned σ grid where UniPC ranks first); "grid" — the learned grid
   (`--trajectory learned`, `timetuner.fitting.grid`) with τ = t;
   "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`, the default above NFE 8; one fit gives both; its
   seconds are the fit's); "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`,
@@ -79,8 +80,10 @@ def fitted(args, pipe, den, nfe: int) -> dict:
             "grid+tau": dict(scheduler="dpm++", trajectory="learned", grid_gradient=False, force=True),
             "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True),
             "auto": dict(scheduler="auto")}
-    if is_flow(pipe.scheduler.config):  # flow solvers take no learned grid (yet)
-        runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True), "auto": dict(scheduler="auto")}
+    if is_flow(pipe.scheduler.config):  # the flow pipelines' own Euler: τ alone, the learned σ grid with τ; auto
+        runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True),
+                "grid+tau": dict(scheduler="flow-euler", trajectory="learned", force=True),
+                "auto": dict(scheduler="auto")}
     out = {}
     for variant, options in runs.items():
         if variant not in args.variants and not (variant == "grid+tau" and "grid" in args.variants):
@@ -99,8 +102,7 @@ def fitted(args, pipe, den, nfe: int) -> dict:
 
 
 def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
-    from timetuner.core.reference import reference_final
-    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.measuring.heldout import HeldOut, set_seed
     from timetuner.measuring.verdict import combine_sets, judge
 
     den, base = model.denoiser, model.base_config
@@ -108,12 +110,12 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
     plain_names = list(methods)
     methods.update(fitted(args, pipe, den, nfe))
     images = {name: [] for name in methods}
-    references = []
+    references, held = [], HeldOut(model, set_seed(0))  # the held-out protocol: its sets, reference dpm++-100
     for s in range(1, args.sets + 1):
-        seed = EVAL_SEED_OFFSET + 7919 * s
-        noise = torch.randn((args.n, *den.sample_shape), generator=torch.Generator().manual_seed(seed)).to(den.device)
+        seed = set_seed(s)
+        noise = held.noise(args.n, seed)
         g = min(args.gap_n, args.n)
-        references.append((seed, model.images(reference_final(model, den, "dpm++", 100, noise[:g], seed))))
+        references.append((seed, model.images(held.reference(den, noise[:g], seed))))
         with torch.no_grad():
             for name, (solver, taus, _, _) in methods.items():
                 images[name].append(model.images(torch.cat([solver.rollout(c, taus)

@@ -27,9 +27,9 @@ def emit(record: dict) -> None:
 
 def main() -> None:
     from timetuner.core.loading import load_model
-    from timetuner.core.reference import reference_final, reference_samples
+    from timetuner.core.reference import reference_samples
     from timetuner.core.solver import Solver
-    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.measuring.heldout import HeldOut, set_seed
     from timetuner.measuring.metrics import feature_statistics, frechet_distance, paired_bootstrap
     from timetuner.measuring.yardstick import DEFAULT_N, DEFAULT_REFERENCE_N, build_yardstick
 
@@ -52,12 +52,13 @@ def main() -> None:
     solvers = {} if args.floor_only else {"ddim": Solver.named(den, base, "ddim", None, 10),
                                           "dpm++/ays": Solver.named(den, base, "dpm++", "ays", 10)}
     default_feats = None
+    held = HeldOut(model, set_seed(0))  # the held-out protocol: its sets, reference dpm++-100
     for s in range(0 if args.floor_only else args.sets):
-        seed = EVAL_SEED_OFFSET + 7919 * s
-        noise = torch.randn((max(ns), *den.sample_shape), generator=torch.Generator().manual_seed(seed))
+        seed = set_seed(s)
+        noise = held.noise(max(ns), seed)
         finals = {name: solver.rollout(noise) for name, solver in solvers.items()}
         feats = {name: yard.features(x) for name, x in finals.items()}
-        ref = reference_final(model, den, "dpm++", 100, noise[: args.gap_n], seed).clamp(-1, 1)
+        ref = held.reference(den, noise[: args.gap_n], seed).clamp(-1, 1)
         gaps = {name: (x[: args.gap_n].clamp(-1, 1) - ref).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
                 for name, x in finals.items()}
         x0 = paired_bootstrap(gaps["ddim"], gaps["dpm++/ays"])

@@ -35,8 +35,9 @@ def layer(module: str) -> str:
 MAY_IMPORT = {"artifact": {"artifact"}, "core": {"artifact", "core"}, "measuring": {"artifact", "core", "measuring"},
               "fitting": {"artifact", "core", "fitting"}, "trainers": {"artifact", "core", "measuring", "trainers"},
               "cli": {"artifact", "core", "fitting", "measuring", "trainers", "cli"}}
-# fitting uses measuring only for the held-out verdict: its yardstick, held-out samples and rule.
-VERDICT = {"timetuner.measuring.yardstick", "timetuner.measuring.evaluation", "timetuner.measuring.verdict"}
+# fitting uses measuring only for the held-out verdict: its protocol, yardstick, held-out samples and rule.
+VERDICT = {"timetuner.measuring.yardstick", "timetuner.measuring.evaluation", "timetuner.measuring.verdict",
+           "timetuner.measuring.heldout"}
 
 
 def imports() -> dict[str, set[str]]:

@@ -32,6 +32,7 @@ import torch
 from timetuner.core.distributed import SOLO, World
 from timetuner.errors import UserError
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
+from timetuner.measuring.heldout import HeldOut, rows_part
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class Checkpoints:
 # -- the run -------------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """A prepared fit: the model, the solver on the fit and held-out conditioning, and the noises."""
+    """A prepared fit: the model, the solver on the fit and held-out conditioning, the noises, and the held-out
+    protocol (`measuring.heldout.HeldOut`: seed, conditioning, references, yardstick) its verdict is measured by."""
 
     config: FitConfig
     model: object  # timetuner.core.loading.ModelSetup
@@ -88,6 +90,7 @@ class Run:
     eval_noise: torch.Tensor
     eval_seed: int
     conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
+    held_out: HeldOut
     world: World = SOLO  # the processes this fit is split over (`timetuner.core.distributed`)
     fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
     grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.fitting.grid.learn_grid`)
@@ -96,17 +99,11 @@ class Run:
     def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
         `rows`: which rows of the seed's noises `noise` is, when it is one process's share)."""
-        from timetuner.core.reference import reference_final
-
-        return reference_final(self.model, solver.den, self.config.reference, self.config.reference_steps, noise,
-                               seed, *_rows_part(rows))
+        return self.held_out.reference(solver.den, noise, seed, rows)
 
     def reference_key(self, n: int, seed: int, solver, rows: tuple[int, int] | None = None) -> str:
         """The cache key `reference` uses for n noises of `seed` (to tell, before any work, whether it is cached)."""
-        from timetuner.core.reference import reference_final_key
-
-        return reference_final_key(self.model, solver.den, self.config.reference, self.config.reference_steps, n,
-                                   seed, *_rows_part(rows))
+        return self.held_out.reference_key(solver.den, n, seed, rows)
 
     def held_out_share(self) -> tuple[int, int, tuple[int, int] | None]:
         """This process's rows lo…hi−1 of the x0 gap's held-out noises, and `rows` for their cache key."""
@@ -126,7 +123,7 @@ class Run:
         if "reference_states" in objective.needs:
             key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
                             config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts(),
-                            *_rows_part(self.fit_rows))
+                            *rows_part(self.fit_rows))
             states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
         if "reference_final" in objective.needs:
             final = self.reference(self.fit_noise, config.seed, self.solver, self.fit_rows)
@@ -146,25 +143,11 @@ class Run:
         idx = torch.randint(0, len(data), (config.samples,), generator=torch.Generator().manual_seed(config.seed + 1))
         return data[idx].to(den.device)
 
-    def held_out_denoiser(self, lo: int, hi: int):
-        """The denoiser of held-out samples lo…hi−1 (sample i: eval prompt or label i mod P), for reference sets."""
-        from timetuner.core.prompts import conditioning_for, rotated
-
-        config, model = self.config, self.model
-        if model.kind is None:
-            return model.denoiser
-        rows = config.eval_prompts if model.kind == "text" else config.eval_class_labels
-        return model.denoiser.bind(conditioning_for(model.kind, model.pipeline, model.network, rotated(rows, lo),
-                                                    hi - lo, config.negative_prompt))
-
     def yardstick(self, progress: bool = True):
-        """The model's yardstick for the verdict (`measuring.yardstick.build_yardstick`), None without features."""
-        from timetuner.measuring.yardstick import FidOptions, build_yardstick
+        """The model's yardstick for the verdict (`HeldOut.yardstick`), None without features."""
+        from timetuner.measuring.yardstick import FidOptions
 
-        config = self.config
-        return build_yardstick(self.model, self.held_out_denoiser, config.reference, config.reference_steps,
-                               config.reference_n, FidOptions(features=config.features),
-                               progress=progress and self.world.is_main, world=self.world)
+        return self.held_out.yardstick(FidOptions(features=self.config.features), progress=progress)
 
     def checkpoints(self, out: Path | None) -> Checkpoints:
         """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
@@ -213,8 +196,7 @@ class Run:
 
     def held_out_view(self, lo: int, hi: int):
         """The solver of held-out samples lo…hi−1, on their conditioning."""
-        cond = self.conditioning[1]
-        return self.eval_solver if cond is None else self.eval_solver.on(self.model.denoiser.bind(cond.slice(lo, hi)))
+        return self.held_out.view(self.eval_solver, self.conditioning[1], lo, hi)
 
     @property
     def gap_n(self) -> int:
@@ -249,13 +231,8 @@ class Run:
         with bar(den, phases, "held-out references", show):
             reference = self.held_out_reference()
         yardstick = self.yardstick(progress)
-        label = f"{self.config.reference}-{self.config.reference_steps}"
+        label = self.held_out.reference_label
         return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
-
-
-def _rows_part(rows: tuple[int, int] | None) -> list:
-    """The cache-key part naming one process's share of a seed's noises ([] for all of them)."""
-    return [] if rows is None else [list(rows)]
 
 
 def prepare(config: FitConfig, model) -> Run:
@@ -276,16 +253,18 @@ def prepare(config: FitConfig, model) -> Run:
         if config.data is not None:
             raise UserError("--data gives images, and this model samples latents; accepted: no --data (the "
                             "parallel strategy then uses the model's own high-NFE samples)")
-    rows = (config.prompts, config.eval_prompts) if kind == "text" else (config.class_labels, config.eval_class_labels)
-    conditioning = tuple(conditioning_for(kind, model.pipeline, model.network, r, n, config.negative_prompt)
-                         for r, n in zip(rows, (config.samples, config.eval_samples), strict=True))
+    fit_rows, eval_rows = ((config.prompts, config.eval_prompts) if kind == "text"
+                           else (config.class_labels, config.eval_class_labels))
+    world = current()  # several processes: sequential and e2e fits split the fit noises, parallel ones the evaluations
+    held_out = HeldOut(model, config.seed + EVAL_SEED_OFFSET, eval_rows, config.negative_prompt, config.reference,
+                       config.reference_steps, config.reference_n, world)
+    conditioning = (conditioning_for(kind, model.pipeline, model.network, fit_rows, config.samples,
+                                     config.negative_prompt), held_out.conditioning(config.eval_samples))
     den.guidance_scale = config.guidance_scale
     if model.vae is not None:
         # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
         # in the backward pass and bound one call's batch (2 × 16 rows with guidance).
         den.checkpoint, den.batch_size = True, 16
-    # Several processes: sequential and e2e fits split the fit noises; parallel ones split the evaluations instead.
-    world = current()
     if world.size > min(config.samples, config.eval_samples):
         raise UserError(f"{world.size} processes need at least as many --samples and --eval-samples (given "
                         f"{config.samples} and {config.eval_samples}); accepted: fewer processes or more samples")
@@ -294,11 +273,10 @@ def prepare(config: FitConfig, model) -> Run:
     fit_den, eval_den = den.bind(fit_cond), den.bind(conditioning[1])
     solver = Solver.named(fit_den, model.base_config, config.scheduler, config.trajectory, config.nfe)
     refuse_integer_timesteps(fit_den, solver.num_train_timesteps)
-    shape, eval_seed = den.sample_shape, config.seed + EVAL_SEED_OFFSET
-    fit_noise = torch.randn((config.samples, *shape), generator=torch.Generator().manual_seed(config.seed))[lo:hi]
-    eval_noise = torch.randn((config.eval_samples, *shape), generator=torch.Generator().manual_seed(eval_seed))
-    return Run(config, model, solver, solver.on(eval_den), fit_noise.to(den.device), eval_noise.to(den.device),
-               eval_seed, conditioning, world, None if (lo, hi) == (0, config.samples) else (lo, hi))
+    fit_noise = torch.randn((config.samples, *den.sample_shape), generator=torch.Generator().manual_seed(config.seed))
+    return Run(config, model, solver, solver.on(eval_den), fit_noise[lo:hi].to(den.device),
+               held_out.noise(config.eval_samples), held_out.seed, conditioning, held_out, world,
+               None if (lo, hi) == (0, config.samples) else (lo, hi))
 
 
 def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:

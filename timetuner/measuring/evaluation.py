@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from timetuner.core.reference import reference_final
 from timetuner.errors import UserError
-from timetuner.measuring.metrics import (
-    truncation_gap,
-)
+from timetuner.measuring.heldout import HeldOut
+from timetuner.measuring.metrics import truncation_gap
 from timetuner.measuring.verdict import judge
 from timetuner.measuring.yardstick import (
     DEFAULT_GAP_N,
@@ -25,7 +23,6 @@ from timetuner.measuring.yardstick import (
     EVAL_SEED_OFFSET,
     FidOptions,
     Yardstick,
-    build_yardstick,
 )
 
 
@@ -39,7 +36,8 @@ class Evaluation:
 
 
 class Setup:
-    """A table with the model and the solver it was fitted for, checked against each other.
+    """A table with the model and the solver it was fitted for, checked against each other, and the held-out
+    protocol its fit was judged by (`held_out`, a `measuring.heldout.HeldOut` built from the table's metadata).
 
     Conditional models are evaluated as they were fitted: guided at the table's scale, sample i conditioned on
     prompt (or class label) i mod P of a held-out set — by default the table's own held-out set, and never one
@@ -62,21 +60,26 @@ class Setup:
             check_model(self.table, network)  # before moving a foreign model to the GPU
         self.model = load_model(model, pipeline=pipe, device="cuda" if torch.cuda.is_available() else None)
         self.den, self.vae, self.kind = self.model.denoiser, self.model.vae, self.model.kind
-        self._conditioning = self._conditioner(prompts, class_labels, negative_prompt)
+        self.fitted = self.table.metadata.get("fit_config", {})
+        rows, negative = self._held_out_rows(prompts, class_labels, negative_prompt)
+        self.held_out = HeldOut(self.model, self.table.metadata.get("eval_seed", EVAL_SEED_OFFSET), rows, negative,
+                                self.fitted.get("reference", "dpm++"),  # the fit's reference solver: same figures
+                                int(self.fitted.get("reference_steps", 100)),
+                                int(self.fitted.get("reference_n", DEFAULT_REFERENCE_N)))
         self.base_config = self.model.base_config
         self.sampler = Solver.for_table(self.den, self.base_config, self.table)
         self.scheduler_name, self.trajectory = self.sampler.name, self.sampler.trajectory
         self.weights = self.model.weights
         self.is_digits = self.model.is_digits
-        self.fitted = self.table.metadata.get("fit_config", {})
-        self.reference = self.fitted.get("reference", "dpm++")  # the fit's reference solver: the same figures
-        self.reference_steps = int(self.fitted.get("reference_steps", 100))
-        self.reference_label = f"{self.reference}-{self.reference_steps}"
+        self.reference = self.held_out.reference_solver
+        self.reference_steps = self.held_out.reference_steps
+        self.reference_label = self.held_out.reference_label
 
-    def _conditioner(self, prompts, class_labels, negative_prompt):
-        """n ↦ the per-sample conditioning of n held-out samples (None: unconditional); sets the guidance scale."""
+    def _held_out_rows(self, prompts, class_labels, negative_prompt) -> tuple[tuple, str]:
+        """(the held-out prompts or class labels, the negative prompt) — () for an unconditional model; sets the
+        guidance scale."""
         from timetuner.assets import EVAL_PROMPTS
-        from timetuner.core.prompts import check_applies, check_disjoint, conditioning_for, read_prompts, rotated
+        from timetuner.core.prompts import check_applies, check_disjoint, read_prompts
 
         meta = self.table.metadata
         fitted = meta.get("fit_config", {})
@@ -84,13 +87,12 @@ class Setup:
                                                 "--negative-prompt": negative_prompt})
         if self.kind is None:
             self.conditioning_label = None
-            return lambda n, lo=0: None
+            return (), ""
         if meta.get("guidance_scale") is None:
             raise UserError(f"table {self.path!r} records no guidance scale, so it was not fitted for this "
                             "conditional model; accepted: a table from `timetuner fit` on this model")
         self.den.guidance_scale = float(meta["guidance_scale"])
         scale = f"guidance {self.den.guidance_scale:g}"
-        pipe, network = self.model.pipeline, self.model.network
         if self.kind == "text":
             if prompts is not None:
                 chosen = read_prompts(prompts, "--prompts")
@@ -100,29 +102,22 @@ class Setup:
                            "fitted on")
             negative = fitted.get("negative_prompt", "") if negative_prompt is None else negative_prompt
             self.conditioning_label = f"{len(chosen)} held-out prompts, {scale}"
-            return lambda n, lo=0: conditioning_for("text", pipe, network, rotated(chosen, lo), n, negative)
+            return tuple(chosen), negative
         labels = list(class_labels if class_labels is not None else fitted.get("eval_class_labels") or [])
         if not labels:
             raise UserError("--class-labels is empty and the table records none; accepted: class labels separated "
                             "by commas, e.g. 207,360,387")
         self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
-        return lambda n, lo=0: conditioning_for("class", pipe, network, rotated(labels, lo), n)
+        return tuple(labels), ""
 
     def conditioning(self, n: int):
         """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
-        return self._conditioning(n)
-
-    def denoiser_for(self, lo: int, hi: int):
-        """The denoiser of samples lo…hi−1 of a held-out set (their conditioning; reference sets)."""
-        cond = self._conditioning(hi - lo, lo)
-        return self.den if cond is None else self.den.bind(cond)
+        return self.held_out.conditioning(n)
 
     def yardstick(self, options: FidOptions | None = None, reference_n: int | None = None, data: bool = True,
                   progress: bool = True, data_n: int | None = None) -> Yardstick | None:
-        """This model's yardstick (`build_yardstick`) against the table's reference solver."""
-        n = int(self.fitted.get("reference_n", DEFAULT_REFERENCE_N)) if reference_n is None else reference_n
-        return build_yardstick(self.model, self.denoiser_for, self.reference, self.reference_steps, n, options,
-                               data, progress, data_n)
+        """This model's yardstick (`HeldOut.yardstick`) against the table's reference solver."""
+        return self.held_out.yardstick(options, reference_n, data, progress, data_n)
 
     @property
     def default_n(self) -> int:
@@ -135,7 +130,7 @@ class Setup:
 
     def view(self, solver, conditioning, lo: int, hi: int):
         """`solver` running samples lo…hi−1 of a batch conditioned by `conditioning` (itself if unconditional)."""
-        return solver if conditioning is None else solver.on(self.den.bind(conditioning.slice(lo, hi)))
+        return self.held_out.view(solver, conditioning, lo, hi)
 
     def key_parts(self, conditioning) -> list:
         """Extra cache-key parts: what the samples are conditioned on, and how strongly."""
@@ -155,9 +150,8 @@ class Setup:
         if seed is not None and seed == meta.get("fit_seed"):
             raise UserError(f"--seed {seed} is the seed the table was fitted on; accepted: any other seed (default: "
                             f"the table's held-out seed {meta.get('eval_seed')})")
-        seed = meta.get("eval_seed", EVAL_SEED_OFFSET) if seed is None else seed
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((n, *self.den.sample_shape), generator=gen).to(self.den.device), seed
+        seed = self.held_out.seed if seed is None else seed
+        return self.held_out.noise(n, seed), seed
 
 
 def check_siblings(table, others: list, paths: list[str], first: str) -> None:
@@ -210,7 +204,7 @@ def _figures(setup: Setup, yardstick, noise, seed: int, cond, g: int, bootstrap:
     taus = setup.table.tau.float() if taus is None else taus
     finals = held_out_finals(lambda lo, hi: setup.view(setup.sampler, cond, lo, hi), noise, taus, g)
     head = setup.view(setup.sampler, cond, 0, g)
-    ref_final = reference_final(setup.model, head.den, setup.reference, setup.reference_steps, noise[:g], seed)
+    ref_final = setup.held_out.reference(head.den, noise[:g], seed)
     images = [setup.images(f) for f in finals]
     record = judge(yardstick, images[0], images[1], setup.images(ref_final), setup.reference_label, bootstrap)
     return {"seed": seed, **record}, images
