@@ -67,9 +67,11 @@ def test_flow_reference_trajectory_is_euler_on_the_joined_grid():
 
 
 def test_flow_solvers_refuse_ddpm_models_and_the_reverse():
-    with pytest.raises(UserError, match="--scheduler ddim samples DDPM-style models and this model is a flow"):
+    with pytest.raises(UserError, match="--scheduler ddim does not sample a flow-matching model like this one; "
+                                        "accepted: flow-"):
         make_scheduler("ddim", FlowMatchEulerDiscreteScheduler().config)
-    with pytest.raises(UserError, match="--scheduler flow-euler samples flow-matching models"):
+    with pytest.raises(UserError, match="--scheduler flow-euler does not sample a DDPM-style model like this one; "
+                                        "accepted: ddim"):
         make_scheduler("flow-euler", DDIMScheduler().config)
     dpm = make_scheduler("flow-dpm++", FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     assert dpm.config.use_flow_sigmas and dpm.config.flow_shift == 3.0

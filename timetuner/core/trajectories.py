@@ -53,6 +53,14 @@ def solvers_for(flow: bool) -> list[str]:
     return sorted(FLOW_SCHEDULERS if flow else set(SCHEDULERS) - set(FLOW_SCHEDULERS))
 
 
+def check_family(name: str, flow: bool, also: tuple[str, ...] = ()) -> None:
+    """The one refusal of a solver of the other family (a DDPM solver for a flow model, or the reverse); `also`:
+    other accepted names (fit's `auto`)."""
+    if name not in also and flow != (name in FLOW_SCHEDULERS):
+        raise UserError(f"--scheduler {name} does not sample a {'flow-matching' if flow else 'DDPM-style'} model "
+                        f"like this one; accepted: {', '.join((*also, *solvers_for(flow)))}")
+
+
 def make_scheduler(name: str, base_config):
     """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler; flow-euler, …) built from a pipeline's scheduler
     config; a solver of the other family (a DDPM solver for a flow model, or the reverse) is a UserError."""
@@ -60,11 +68,7 @@ def make_scheduler(name: str, base_config):
 
     class_name, overrides = SCHEDULERS[check_choice("--scheduler", name, SCHEDULERS)]
     flow = is_flow(base_config)
-    if flow != (name in FLOW_SCHEDULERS):
-        accepted = solvers_for(flow)
-        raise UserError(f"--scheduler {name} samples {'flow-matching' if name in FLOW_SCHEDULERS else 'DDPM-style'} "
-                        f"models and this model is {'a flow-matching' if flow else 'a DDPM-style'} one; accepted: "
-                        f"{', '.join(accepted)}")
+    check_family(name, flow)
     cls = getattr(diffusers, class_name)
     if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
         overrides = {**overrides, "flow_shift": model_shift(base_config)}

@@ -98,14 +98,12 @@ class FitResult:
 def validate(config: FitConfig, flow: bool | None = None) -> None:
     """Every setting checked before any work: one-line UserErrors naming the value and what is accepted.
     `flow`: whether the model is a flow-matching one (None: not known yet, before the model is read)."""
-    from timetuner.core.trajectories import FLOW_SCHEDULERS, SCHEDULERS, TRAJECTORIES, solvers_for
+    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES, check_family
     from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
-    if flow is not None and config.scheduler != "auto" and flow != (config.scheduler in FLOW_SCHEDULERS):
-        accepted = solvers_for(flow)
-        raise UserError(f"--scheduler {config.scheduler} does not sample a {'flow-matching' if flow else 'DDPM-style'}"
-                        f" model like this one; accepted: auto, {', '.join(accepted)}")
+    if flow is not None:
+        check_family(config.scheduler, flow, also=("auto",))
     if flow and config.strategy == "parallel":
         raise UserError("--strategy parallel builds x_t = α x0 + σ ε of a DDPM-style model, and this is a "
                         "flow-matching model; accepted: --strategy sequential")
