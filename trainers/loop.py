@@ -321,25 +321,12 @@ class _Training:
         if accelerator.is_main_process:
             final = self.ema_model()
             save_pipeline(final, self.noise_scheduler, self.out)
-            if config.sample_n > 0 and config.objective == "flow":  # the saved pipeline, as a user runs it
-                images = _pipeline_samples(self.out, config, accelerator.device)
-                save_grid(images, self.out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
-            elif config.sample_n > 0:
+            if config.sample_n > 0:  # DDIM for a DDPM model, the saved FlowMatchEuler for a flow one
                 gen = torch.Generator(device="cpu").manual_seed(config.seed)
                 noise = initial_noise(config.sample_n, (config.channels, config.resolution, config.resolution), gen)
-                ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
-                images = sample_images(final.to(accelerator.device), ddim, noise, config.sample_steps)
+                sampler = type(self.noise_scheduler) if config.objective == "flow" else DDIMScheduler
+                images = sample_images(final.to(accelerator.device), sampler.from_config(self.noise_scheduler.config),
+                                       noise, config.sample_steps)
                 save_grid(images, self.out / "samples.png", nrow=int(math.ceil(math.sqrt(config.sample_n))))
         accelerator.wait_for_everyone()
         accelerator.end_training()
-
-
-def _pipeline_samples(out: Path, config: TrainConfig, device) -> torch.Tensor:
-    """`sample_n` images in [-1, 1] from the saved folder through plain diffusers' DDPMPipeline (its scheduler)."""
-    from diffusers import DDPMPipeline
-
-    pipe = DDPMPipeline.from_pretrained(out).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=config.sample_n, generator=torch.Generator(device="cpu").manual_seed(config.seed),
-                  num_inference_steps=config.sample_steps, output_type="np").images
-    return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
