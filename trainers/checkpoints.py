@@ -10,8 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from timetuner.core.distributed import current
 from timetuner.errors import UserError
-from timetuner.files import write_atomic
+from timetuner.files import save_tree, write_atomic
 from timetuner.trainers.config import (
     TrainConfig,
 )
@@ -94,7 +95,6 @@ def step_of(line: str) -> float:
 
 def check_output_once(config: TrainConfig) -> None:
     """`check_output` on the main process, its verdict on all (one process must not see the other's new run)."""
-    from timetuner.core.distributed import current
 
     world = current(config.cpu)
     problem = None
@@ -111,7 +111,6 @@ def check_output_once(config: TrainConfig) -> None:
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, extras: dict) -> None:
     """`accelerator.save_state` and `extras` (EXTRAS_FILE) into checkpoints/checkpoint-STEP via a temp folder; keep
     the newest `keep`."""
-    from timetuner.files import save_tree
 
     root = out / CHECKPOINTS
     final = root / f"checkpoint-{step}"

@@ -16,7 +16,7 @@ from timetuner.errors import UserError, check_choice
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.objectives import FLOW_WEIGHTINGS, OBJECTIVES, check_flow_method
 from timetuner.trainers.presets import get_preset
-from timetuner.trainers.samplers import SAMPLERS, make_sampler, speed_setting
+from timetuner.trainers.samplers import SAMPLERS, make_sampler, schedule_of, speed_setting, speed_threshold
 from timetuner.trainers.weighting import WEIGHTINGS, make_weighting
 
 
@@ -161,8 +161,6 @@ def _method_defaults(config: TrainConfig) -> TrainConfig:
 
 
 def _speed_threshold(config: TrainConfig) -> int:
-    from timetuner.trainers.samplers import schedule_of, speed_threshold
-
     return speed_threshold(schedule_of(noise_scheduler_for(config), config.num_train_timesteps), config.speed_r)
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from timetuner.core.data import load_training_data
+from timetuner.core.solver import initial_noise, sample_images
 from timetuner.errors import UserError
-from timetuner.files import write_atomic
+from timetuner.files import load_tree, write_atomic
+from timetuner.measuring.plots import save_distribution_plot, save_grid
 from timetuner.trainers.checkpoints import (
     CONFIG_FILE,
     EXTRAS_FILE,
@@ -47,8 +49,6 @@ from timetuner.trainers.presets import get_preset
 LOSS_BUCKETS = 10
 
 
-
-
 @dataclass
 class TrainState:
     """The step counter and the logged running loss, checkpointed with the model."""
@@ -61,26 +61,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.loss_ema = int(state["step"]), state.get("loss_ema")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _probe(model, objective, config: TrainConfig):
@@ -198,7 +178,6 @@ class _Training:
     def _resume(self, latest: Path) -> None:
         """Model, optimiser, LR scheduler and RNG states (accelerate), then EMA, sampler, step counter and MDLRC;
         the log loses the lines written after the checkpoint (the resumed run writes them again, identically)."""
-        from timetuner.files import load_tree
 
         accelerator = self.accelerator
         if not (latest / EXTRAS_FILE).is_file():
@@ -296,7 +275,6 @@ class _Training:
 
     def checkpoint(self, on_checkpoint) -> None:
         """Save a resumable checkpoint, run the caller's hook on the EMA model, redraw sampler.png."""
-        from timetuner.measuring.plots import save_distribution_plot
 
         config, step = self.config, self.state.step
         self.state.loss_ema = self.losses.running
@@ -313,8 +291,6 @@ class _Training:
         """Write the EMA model as a diffusers pipeline and its sample grid (main process), end the run."""
         from diffusers import DDIMScheduler
 
-        from timetuner.core.solver import initial_noise, sample_images
-        from timetuner.measuring.plots import save_grid
 
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 from timetuner.errors import UserError, check_choice
+from timetuner.trainers.objectives import training_sigmas
 
 
 @runtime_checkable
@@ -148,7 +149,6 @@ class _FlowWeighting:
     def __call__(self, t: torch.Tensor, noise_scheduler) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        from timetuner.trainers.objectives import training_sigmas
 
         if self._table is None or self._table[0] != id(noise_scheduler):
             sigmas = training_sigmas(noise_scheduler).float()

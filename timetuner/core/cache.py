@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from timetuner import assets
+from timetuner.core.distributed import SOLO
+
 
 def cache_key(*parts) -> str:
     """A short stable hash of JSON-able parts (model hash, configs, seeds, …)."""
@@ -78,9 +81,7 @@ def exists(key: str | None) -> bool:
 
 
 def _shipped(key: str) -> Path | None:
-    from timetuner.assets import SHIPPED_CACHE
-
-    path = SHIPPED_CACHE / f"{key}.safetensors"
+    path = assets.SHIPPED_CACHE / f"{key}.safetensors"
     return path if path.is_file() else None
 
 
@@ -115,7 +116,6 @@ def grown(key: str | None, n: int, block: int, compute_block, progress=None, wor
     Several processes (`world`, a `timetuner.core.distributed.World`) take turns over the missing blocks; the main
     process writes the entry, from the count of blocks it read.
     """
-    from timetuner.core.distributed import SOLO
 
     world = world or SOLO
     have = read(key)

@@ -7,13 +7,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
+from timetuner.core.denoiser import Denoiser
 from timetuner.errors import UserError, check_choice
+from timetuner.scheduler import model_hash
+from timetuner.table import is_flow
 
 
 def resolve_model(model: str | None) -> str:
     """The embedded digits model's folder for None (`digits-flow`: the embedded flow model); a local folder,
     checked; else the string as a hub id."""
-    from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 
     if model is None:
         return str(EMBEDDED_MODEL)
@@ -93,14 +96,12 @@ class ModelSetup:
     @property
     def flow(self) -> bool:
         """Whether the model is a flow-matching one (its scheduler samples x_σ = (1 − σ) x0 + σ ε)."""
-        from timetuner.table import is_flow
 
         return is_flow(self.base_config)
 
     @property
     def weights(self) -> str:
         """The network's weights hash (tables and reference caches are keyed by it)."""
-        from timetuner.scheduler import model_hash
 
         if not hasattr(self, "_weights"):
             self._weights = model_hash(self.network)
@@ -109,7 +110,6 @@ class ModelSetup:
     @property
     def is_digits(self) -> bool:
         """A pixel-space model of the 8×8 digits (the embedded one, or a `timetuner train --data digits` run)."""
-        from timetuner.assets import EMBEDDED_MODEL
 
         if self.vae is not None or self.denoiser.sample_shape[0] != 1 or not self.path:
             return False
@@ -125,7 +125,6 @@ class ModelSetup:
     @classmethod
     def from_network(cls, network, base_config) -> ModelSetup:
         """A bare unconditional network with its pipeline's scheduler config (no pipeline, no files)."""
-        from timetuner.core.denoiser import Denoiser
 
         network.eval().requires_grad_(False)
         return cls(network=network, denoiser=Denoiser(network), base_config=base_config, name="in-memory")
@@ -135,7 +134,6 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
                variant: str | None = None, torch_dtype=None) -> ModelSetup:
     """The model `model` names (hub id or folder; None: the embedded digits model), or `pipeline` already loaded
     from it; moved to `device` when given. Networks and VAE are frozen (eval mode, no gradients)."""
-    from timetuner.core.denoiser import Denoiser
 
     path = resolve_model(model)
     if pipeline is None:

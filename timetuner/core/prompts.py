@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from timetuner.core.denoiser import class_conditioning, text_conditioning
 from timetuner.errors import UserError
 
 
@@ -125,7 +126,6 @@ def rotated(rows, lo: int) -> tuple:
 def conditioning_for(kind: str | None, pipeline, network, rows: tuple, n: int, negative_prompt: str = ""):
     """Per-sample conditioning of n samples from prompts or class labels (sample i: row i mod P); None if
     the model is unconditional. Text models embed the prompts with the pipeline's own `encode_prompt`."""
-    from timetuner.core.denoiser import class_conditioning, text_conditioning
 
     if kind is None:
         return None

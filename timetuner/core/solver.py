@@ -24,8 +24,10 @@ import math
 
 import torch
 
+from timetuner.core.denoiser import Denoiser
+from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build
 from timetuner.errors import UserError
-from timetuner.table import is_flow
+from timetuner.table import TauTable, is_flow, set_grid
 
 
 # -- ᾱ, σ and t --------------------------------------------------------------------------------------------------
@@ -112,7 +114,6 @@ class Solver:
     @classmethod
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
-        from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build
 
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
         template, grid = build(scheduler, trajectory, base_config, nfe)
@@ -147,7 +148,6 @@ class Solver:
 
     def fresh(self):
         """A scheduler set to the grid, with no history: the state before evaluation 0."""
-        from timetuner.table import set_grid
 
         sched = copy.deepcopy(self.template)
         set_grid(sched, self.nfe_steps, **self._grid_arguments(), device=self.den.device)
@@ -159,7 +159,6 @@ class Solver:
 
     def identity_table(self, **metadata):
         """τ = t for this solver (the plain sampler), carrying `metadata`."""
-        from timetuner.table import TauTable
 
         return TauTable.identity(self.template, self.nfe_steps, **self._grid_arguments(), **metadata)
 
@@ -233,7 +232,6 @@ def sample_images(unet, scheduler, noise: torch.Tensor, num_inference_steps: int
     Unlike `DDPMPipeline`, the solver calls `scale_model_input` and scales the noise by `init_noise_sigma`, so
     σ-space schedulers (Heun, Euler, EDM) sample correctly too. `scheduler` may be a `TunedScheduler`.
     """
-    from timetuner.core.denoiser import Denoiser
 
     denoiser = Denoiser(unet, batch_size=batch_size)
     solver = Solver(denoiser, scheduler, num_inference_steps, step_kwargs={"eta": eta, "generator": generator})

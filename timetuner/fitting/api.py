@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from timetuner.core.loading import ModelSetup, load_model
+from timetuner.fitting.auto import fit_auto
 from timetuner.fitting.config import FitConfig, FitResult, check_out, checked_config, default_out, scale_suffix
 from timetuner.fitting.run import fit_one
 
@@ -24,7 +26,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
     every τ and resumes from `out`'s checkpoint.
     """
-    from timetuner.core.loading import ModelSetup, load_model
 
     config = checked_config(**options)
     out = check_out(out)
@@ -35,7 +36,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         setup.name = model or setup.name
     config = checked_config(flow=setup.flow, **options)  # the model's family known: its solvers and defaults
     if config.scheduler == "auto":
-        from timetuner.fitting.auto import fit_auto
 
         return fit_auto(config, setup, out, progress)
     return fit_one(config, setup, out, progress)
@@ -47,7 +47,6 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
 
     Each table goes to `out` (one scale), to `out` with -cfgS added (several), or to `default_out`.
     """
-    from timetuner.core.loading import load_model
 
     setup = load_model(model, pipeline=pipeline)  # loaded once, shared by every scale's fit
     kind, pipeline = setup.kind, setup.pipeline

@@ -25,6 +25,13 @@ import time
 
 import torch
 
+from timetuner.core.trajectories import TRAJECTORIES, model_shift
+from timetuner.fitting.config import FitResult
+from timetuner.fitting.grid import on_timesteps
+from timetuner.fitting.method import sample_distance
+from timetuner.fitting.run import announce, prepare, table_metadata
+from timetuner.measuring.verdict import judge
+
 # solver × grid; all take one network evaluation per step (Heun and DPM-Solver-2 take two and are left out, so
 # that every candidate spends the same K evaluations).
 CANDIDATES = (("ddim", "uniform"), ("ddim", "trailing"), ("dpm++", "ays"), ("dpm++", "quadratic"),
@@ -45,9 +52,6 @@ AUTO_TUNED = 1
 @torch.no_grad()
 def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
-    from timetuner.core.trajectories import model_shift
-    from timetuner.fitting.method import sample_distance
-    from timetuner.fitting.run import prepare
 
     ranked, reference = [], None
     own_shift = f"shift{model_shift(setup.base_config):g}"
@@ -69,9 +73,6 @@ def rank_candidates(config, setup) -> list[dict]:
 def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
-    from timetuner.core.trajectories import TRAJECTORIES
-    from timetuner.fitting.grid import on_timesteps
-    from timetuner.fitting.run import prepare
 
     chosen, seen = [], set()
     learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
@@ -102,9 +103,6 @@ def _score(held: dict) -> float:
 
 def fit_auto(config, setup, out, progress: bool = True):
     """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
-    from timetuner.fitting.config import FitResult
-    from timetuner.fitting.run import announce
-    from timetuner.measuring.verdict import judge
 
     started = time.perf_counter()
     ranked = rank_candidates(config, setup)
@@ -139,7 +137,6 @@ def fit_auto(config, setup, out, progress: bool = True):
 def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
     else the identity table of the best plain candidate; both record the whole selection."""
-    from timetuner.fitting.run import table_metadata
 
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
               "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":

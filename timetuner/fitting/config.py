@@ -10,8 +10,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
+from timetuner.core.data import list_images
+from timetuner.core.loading import resolve_model
+from timetuner.core.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set, scale_tag
+from timetuner.core.trajectories import DEFAULT_TRAJECTORY, SCHEDULERS, TRAJECTORIES, check_family
 from timetuner.errors import UserError, check_choice
 from timetuner.fitting.grid import grid_gradient_names
+from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
 from timetuner.table import TauTable, is_flow
 
@@ -19,8 +25,6 @@ PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no 
 
 
 GRID_GRADIENT = grid_gradient_names()  # dpm++, dpm++3m, dpm++1: their learned grids move with τ (fitting.grid's rule)
-
-
 
 
 # e2e Adam iterations: on a learned grid, which already fits the reference, more than 15 did not lower the held-out
@@ -98,8 +102,6 @@ class FitResult:
 def validate(config: FitConfig, flow: bool | None = None) -> None:
     """Every setting checked before any work: one-line UserErrors naming the value and what is accepted.
     `flow`: whether the model is a flow-matching one (None: not known yet, before the model is read)."""
-    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES, check_family
-    from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
     if flow is not None:
@@ -142,7 +144,6 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
             raise UserError(f"--data {config.data!r} gives the clean images of the parallel strategy; accepted: "
                             "--strategy parallel --data …, or no --data")
         if config.data != "digits":
-            from timetuner.core.data import list_images
 
             list_images(config.data)  # a missing, empty or mixed folder is refused before any model is loaded
     if config.objective == "e2e" and config.strategy == "parallel":
@@ -187,7 +188,6 @@ def checked_config(flow: bool | None = None, **options) -> FitConfig:
 def check_before_loading(model: str | None, out, **options) -> FitConfig:
     """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
     model load: the resolved config, or a one-line UserError."""
-    from timetuner.core.loading import resolve_model
 
     folder = Path(resolve_model(model))
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
@@ -213,8 +213,6 @@ def check_before_loading(model: str | None, out, **options) -> FitConfig:
 
 def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, network) -> FitConfig:
     """The config with every conditioning default filled in (so the table records what was used), checked."""
-    from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
-    from timetuner.core.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set
 
     check_applies(kind, model_label, {"--prompts": config.prompts, "--eval-prompts": config.eval_prompts,
                                       "--class-labels": config.class_labels,
@@ -254,7 +252,6 @@ def check_out(out: str | Path | None) -> Path | None:
 
 def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
     """"-cfgS" for a conditional model's table at guidance scale S (None: the pipeline's default), else ""."""
-    from timetuner.core.prompts import DEFAULT_GUIDANCE, scale_tag
 
     if kind is None:
         return ""
@@ -263,7 +260,6 @@ def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
 
 def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
     """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors (tau-auto-nfeN… for auto): what `fit` writes by default."""
-    from timetuner.core.trajectories import DEFAULT_TRAJECTORY
 
     if scheduler == "auto":
         return f"tau-auto-nfe{nfe}{suffix}.safetensors"

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from timetuner.core.cache import exists
+from timetuner.fitting.grid import planned
+from timetuner.fitting.method import OBJECTIVES
+
 BACKWARD_FACTOR = 3  # forward + backward ≈ 3 forwards
 
 
@@ -46,8 +50,6 @@ class Phase:
 
 def plan(run) -> list[Phase]:
     """The phases of `run` (a prepared `timetuner.fitting.run.Run`), in the order the fit runs them."""
-    from timetuner.core.cache import exists
-    from timetuner.fitting.method import OBJECTIVES
 
     config, solver = run.config, run.solver
     guided = 2 if solver.den.guided else 1
@@ -58,7 +60,6 @@ def plan(run) -> list[Phase]:
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
                             cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
     if learned:
-        from timetuner.fitting.grid import planned
 
         phases.append(Phase("grid", "learning the timestep grid (at most)",
                             planned(solver, n, run.known_grid_losses) * guided))

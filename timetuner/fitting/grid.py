@@ -31,6 +31,9 @@ import math
 import torch
 
 from timetuner.core.distance import rms_distance
+from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES, build, flow_sigmas
+from timetuner.errors import UserError
+from timetuner.table import check_grid, check_sigmas
 
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
 GRID_EVALUATIONS = 450  # network evaluations per fit noise that buy a second sweep: one sweep costs at most
@@ -45,7 +48,6 @@ GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
 
 def grid_gradient_names() -> tuple[str, ...]:
     """The named solvers (`core.trajectories`) whose learned grid the gradient can move: by the rule above."""
-    from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES
 
     return tuple(name for name, (cls, _) in SCHEDULERS.items()
                  if cls in GRID_GRADIENT_SCHEDULERS and "learned" in TRAJECTORIES.get(name, {}))
@@ -111,9 +113,6 @@ def named_grids(solver) -> dict[str, list]:
     `set_timesteps(timesteps=…)`: the scheduler's own spacings read off a scheduler set to them, the computed ones
     as they are; a flow solver's as σ grids for its own shift (`set_timesteps(sigmas=…)`). The start of
     `learn_grid` is the one of lowest loss."""
-    from timetuner.core.trajectories import TRAJECTORIES, build, flow_sigmas
-    from timetuner.errors import UserError
-    from timetuner.table import check_grid, check_sigmas
 
     grids = {}
     for name in TRAJECTORIES[solver.name]:

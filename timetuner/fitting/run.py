@@ -29,10 +29,24 @@ from pathlib import Path
 
 import torch
 
-from timetuner.core.distributed import SOLO, World
+from timetuner.core.cache import cache_key
+from timetuner.core.data import load_training_data
+from timetuner.core.denoiser import refuse_integer_timesteps
+from timetuner.core.distributed import SOLO, World, current
+from timetuner.core.progress import bar
+from timetuner.core.prompts import conditioning_for
+from timetuner.core.reference import reference_trajectory
+from timetuner.core.solver import Solver
 from timetuner.errors import UserError
+from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
+from timetuner.fitting.cost import describe, plan, seconds_per_evaluation
+from timetuner.fitting.grid import learn_grid
+from timetuner.fitting.method import OBJECTIVES, FitInputs
+from timetuner.measuring.evaluation import held_out_finals
 from timetuner.measuring.heldout import HeldOut, rows_part
+from timetuner.measuring.verdict import is_better, judge
+from timetuner.measuring.yardstick import FidOptions
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -61,7 +75,6 @@ class Checkpoints:
     def save(self, **state) -> None:
         if self.path is None or not self.world.is_main:
             return
-        from timetuner.files import write_atomic
 
         text = json.dumps({"key": self.key, **self.carried, **state})
         write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
@@ -112,9 +125,6 @@ class Run:
 
     def inputs(self):
         """What the objective and strategy fit against: noises, and the references they need."""
-        from timetuner.core.cache import cache_key
-        from timetuner.core.reference import reference_trajectory
-        from timetuner.fitting.method import OBJECTIVES, FitInputs
 
         config, objective = self.config, OBJECTIVES[self.config.objective]
         x0 = states = final = None
@@ -136,7 +146,6 @@ class Run:
         if config.data is None:
             x0 = self.reference(self.fit_noise, config.seed, self.solver)
             return x0.clamp(-1, 1) if self.model.vae is None else x0  # images live in [-1, 1]; latents do not
-        from timetuner.core.data import load_training_data
 
         shape = den.sample_shape
         data = load_training_data(config.data, shape[1], shape[0])
@@ -145,7 +154,6 @@ class Run:
 
     def yardstick(self, progress: bool = True):
         """The model's yardstick for the verdict (`HeldOut.yardstick`), None without features."""
-        from timetuner.measuring.yardstick import FidOptions
 
         return self.held_out.yardstick(FidOptions(features=self.config.features), progress=progress)
 
@@ -157,8 +165,6 @@ class Run:
     def fit(self, store: Checkpoints, progress: bool = True, phases=None) -> tuple[list[float], list[dict]]:
         """The objective's fit of τ (`timetuner.fitting.method`), resuming from `store`; (τ, rows). `phases`
         (`timetuner.fitting.cost.plan`): a progress bar for the references it computes first."""
-        from timetuner.core.progress import bar
-        from timetuner.fitting.method import OBJECTIVES
 
         show = progress and self.world.is_main
         if self.config.trajectory == "learned":
@@ -179,9 +185,6 @@ class Run:
     def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
         """Fit the solver's grid (`fitting.grid`) and put this run's solvers on it; a checkpoint's grid is taken
         as it is, and every later checkpoint of this fit carries it."""
-        from timetuner.core.progress import bar
-        from timetuner.fitting.grid import learn_grid
-        from timetuner.fitting.method import FitInputs
 
         saved = store.load()
         grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
@@ -211,7 +214,6 @@ class Run:
     def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
         """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
         `timetuner eval` runs them (each process its share)."""
-        from timetuner.measuring.evaluation import held_out_finals
 
         taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
         lo, hi = self.world.shard(self.eval_noise.shape[0])
@@ -222,8 +224,6 @@ class Run:
     def verdict(self, taus: list[float], progress: bool = True, phases=None) -> dict:
         """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`);
         `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
-        from timetuner.core.progress import bar
-        from timetuner.measuring.verdict import judge
 
         show, den = progress and self.world.is_main, self.model.denoiser
         with bar(den, phases, "held-out", show):
@@ -237,10 +237,6 @@ class Run:
 
 def prepare(config: FitConfig, model) -> Run:
     """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
-    from timetuner.core.denoiser import refuse_integer_timesteps
-    from timetuner.core.distributed import current
-    from timetuner.core.prompts import conditioning_for
-    from timetuner.core.solver import Solver
 
     den, kind = model.denoiser, model.kind
     config = resolve_conditioning(config, kind, repr(model.name), model.network)
@@ -281,7 +277,6 @@ def prepare(config: FitConfig, model) -> Run:
 
 def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:
     """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`."""
-    from timetuner.measuring.verdict import is_better
 
     run = prepare(config, setup)
     config, den = run.config, setup.denoiser
@@ -308,7 +303,6 @@ def announce(run: Run, progress: bool):
     """Print the fit's plan and estimated time (`timetuner.fitting.cost`) before any work; the plan, or None (quiet)."""
     import sys
 
-    from timetuner.fitting.cost import describe, plan, seconds_per_evaluation
 
     if not progress:
         return None
@@ -325,7 +319,6 @@ class Progress:
     def __init__(self, run: Run, store: Checkpoints, show: bool):
         from tqdm.auto import tqdm
 
-        from timetuner.fitting.method import OBJECTIVES
 
         config = run.config
         scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"

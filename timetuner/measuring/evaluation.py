@@ -12,9 +12,17 @@ from pathlib import Path
 
 import torch
 
+from timetuner.assets import EVAL_PROMPTS
+from timetuner.core.cache import cache_key
+from timetuner.core.loading import load_model, load_pipeline, network_of
+from timetuner.core.progress import counting
+from timetuner.core.prompts import check_applies, check_disjoint, read_prompts
+from timetuner.core.reference import reference_trajectory
+from timetuner.core.solver import Solver
 from timetuner.errors import UserError
 from timetuner.measuring.heldout import HeldOut
 from timetuner.measuring.metrics import truncation_gap
+from timetuner.measuring.plots import curve_rows, save_gap_plot, save_nfe_plot, save_side_by_side, save_tau_shift_plot
 from timetuner.measuring.verdict import judge
 from timetuner.measuring.yardstick import (
     DEFAULT_GAP_N,
@@ -24,6 +32,8 @@ from timetuner.measuring.yardstick import (
     FidOptions,
     Yardstick,
 )
+from timetuner.scheduler import check_model
+from timetuner.table import TauTable
 
 
 @dataclass
@@ -47,10 +57,6 @@ class Setup:
 
     def __init__(self, table: str, model: str | None, prompts: str | None = None,
                  class_labels: list[int] | None = None, negative_prompt: str | None = None):
-        from timetuner.core.loading import load_model, load_pipeline, network_of
-        from timetuner.core.solver import Solver
-        from timetuner.scheduler import check_model
-        from timetuner.table import TauTable
 
         self.path = table
         self.table = TauTable.load(table)
@@ -78,8 +84,6 @@ class Setup:
     def _held_out_rows(self, prompts, class_labels, negative_prompt) -> tuple[tuple, str]:
         """(the held-out prompts or class labels, the negative prompt) — () for an unconditional model; sets the
         guidance scale."""
-        from timetuner.assets import EVAL_PROMPTS
-        from timetuner.core.prompts import check_applies, check_disjoint, read_prompts
 
         meta = self.table.metadata
         fitted = meta.get("fit_config", {})
@@ -218,7 +222,6 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
     gap_n, distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per
     state to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
     tuned sampler is closer). `progress`: a bar over the network evaluations (at most those planned here)."""
-    from timetuner.core.progress import counting
 
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
@@ -233,8 +236,6 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
 
 def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, reference_steps: int, bootstrap: int,
               yardstick: Yardstick | None) -> Evaluation:
-    from timetuner.core.cache import cache_key
-    from timetuner.core.reference import reference_trajectory
 
     figures, images = _figures(setup, yardstick, noise, seed, cond, g, bootstrap)
     head = setup.view(setup.sampler, cond, 0, g)
@@ -261,7 +262,6 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
     Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
     `progress`: a bar over the network evaluations.
     """
-    from timetuner.core.progress import counting
 
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
@@ -277,7 +277,6 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
 
 def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: dict, noise, cond, n: int,
               bootstrap: int) -> list[dict]:
-    from timetuner.core.solver import Solver
 
     rows = []
     for nfe in steps:
@@ -301,13 +300,6 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_row
                ) -> dict[str, Path]:
     """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given `gap_versus_nfe` rows,
     gap_vs_nfe (the distribution gap against steps; the data FD where there is no reference set)."""
-    from timetuner.measuring.plots import (
-        curve_rows,
-        save_gap_plot,
-        save_nfe_plot,
-        save_side_by_side,
-        save_tau_shift_plot,
-    )
 
     folder, rec = Path(folder), evaluation.record
     label = f"{Path(setup.path).name}, {rec['gap_n']} noises"

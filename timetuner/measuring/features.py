@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timetuner.assets import DIGITS_FEATURES
+from timetuner.core.data import load_digits_tensor
 from timetuner.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,7 +62,6 @@ def train_digits_features(out: str | Path, epochs: int = 60, seed: int = 0, feat
     """Train `DigitsFeatureNet` on the digits train split, save it to `out`, return its record."""
     from safetensors.torch import save_file
 
-    from timetuner.core.data import load_digits_tensor
 
     if epochs < 1:
         raise UserError(f"--epochs {epochs} is invalid; accepted: integers >= 1")
@@ -108,7 +109,6 @@ def load_digits_features(path: str | Path | None = None) -> DigitsFeatureNet:
     """The shipped (or a given) digits feature extractor, in eval mode on CPU."""
     from safetensors.torch import load_file
 
-    from timetuner.assets import DIGITS_FEATURES
 
     folder = Path(path) if path is not None else DIGITS_FEATURES
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE

@@ -24,7 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timetuner.assets import DIGITS_FEATURES
+from timetuner.core.cache import cache_key, cached
+from timetuner.core.data import load_digits_tensor
 from timetuner.errors import UserError
+from timetuner.files import write_atomic
+from timetuner.measuring.features import WEIGHTS_FILE, load_digits_features
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
@@ -103,7 +108,6 @@ def inception_candidates() -> list[Path]:
 def _download(url: str, target: Path, how: str) -> Path:
     import urllib.request
 
-    from timetuner.files import write_atomic
 
     def fetch(tmp: str) -> None:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
@@ -156,8 +160,6 @@ def _content_digest(path: Path) -> str:
 
 def digits_extractor(path: str | None = None) -> FeatureExtractor:
     """The shipped digits network (64-d penultimate layer) on clean-fid's inputs: grey = channel mean."""
-    from timetuner.assets import DIGITS_FEATURES
-    from timetuner.measuring.features import WEIGHTS_FILE, load_digits_features
 
     net = load_digits_features(path)
 
@@ -168,7 +170,6 @@ def digits_extractor(path: str | None = None) -> FeatureExtractor:
     extractor = FeatureExtractor(name=f"digits:{_content_digest(weights)}", model=model, fn_resize=_as_float)
     # Its features are ~40x Inception's scale (x·y/d ≈ 20 on digits): KID uses them in units of their spread
     # on the training digits, a constant of the extractor.
-    from timetuner.core.data import load_digits_tensor
 
     extractor.kid_scale = float(tensor_features(load_digits_tensor("train")[0], extractor).std())
     return extractor
@@ -303,10 +304,8 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
 
     Folder and dataset features are cached on disk; a changed, added or removed file changes the key.
     """
-    from timetuner.core.cache import cache_key, cached
 
     if ref in DATASETS:
-        from timetuner.core.data import load_digits_tensor
 
         images = load_digits_tensor(ref.split(":")[1])[0]
         if n is not None and len(images) < n:

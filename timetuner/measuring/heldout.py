@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from timetuner.core.distributed import SOLO, World
+from timetuner.core.prompts import conditioning_for, rotated
+from timetuner.core.reference import reference_final, reference_final_key
 from timetuner.measuring.yardstick import EVAL_SEED_OFFSET, FidOptions, Yardstick, build_yardstick
 
 SET_STRIDE = 7919  # held-out set s of a fit seed: seed + EVAL_SEED_OFFSET + 7919·s (s = 0: the fit's own verdict set)
@@ -51,7 +53,6 @@ class HeldOut:
     def conditioning(self, n: int, lo: int = 0):
         """The per-sample conditioning of held-out samples lo … lo + n − 1 (sample i: row i mod P); None for an
         unconditional model."""
-        from timetuner.core.prompts import conditioning_for, rotated
 
         model = self.model
         if model.kind is None:
@@ -71,14 +72,12 @@ class HeldOut:
     def reference(self, denoiser, noise: torch.Tensor, seed: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The reference solver's final samples from `noise` (rows `rows` of `seed`'s noises, None: from the first)
         over `denoiser` (a view's, with its conditioning); cached by model, schedule, seeds and conditioning."""
-        from timetuner.core.reference import reference_final
 
         return reference_final(self.model, denoiser, self.reference_solver, self.reference_steps, noise, seed,
                                *rows_part(rows))
 
     def reference_key(self, denoiser, n: int, seed: int, rows: tuple[int, int] | None = None) -> str:
         """The cache key `reference` uses for n noises of `seed` (to tell, before any work, whether it is cached)."""
-        from timetuner.core.reference import reference_final_key
 
         return reference_final_key(self.model, denoiser, self.reference_solver, self.reference_steps, n, seed,
                                    *rows_part(rows))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from timetuner.core.loading import latent_decoder, load_pipeline
+from timetuner.core.solver import initial_noise, sample_images
+from timetuner.core.trajectories import build, make_scheduler
 from timetuner.errors import UserError
+from timetuner.scheduler import TunedScheduler, check_model
 
 
 def pixel_unet(pipeline, model: str | None):
     """The pipeline's unconditional pixel-space UNet2DModel; a UserError for conditional or latent pipelines."""
-    from timetuner.core.loading import latent_decoder
 
     unet = getattr(pipeline, "unet", None)
     if unet is None or type(unet).__name__ != "UNet2DModel" or latent_decoder(pipeline) is not None:
@@ -27,10 +30,6 @@ def sample(model: str | None = None, n: int = 64, steps: int | None = None, sche
     `compare` adds the plain samples (the identity table, same wrapper), else plain is None. Without a table:
     `steps` (default 50) of `scheduler` (default ddim); with one, either given must be the table's.
     """
-    from timetuner.core.loading import load_pipeline
-    from timetuner.core.solver import initial_noise, sample_images
-    from timetuner.core.trajectories import build, make_scheduler
-    from timetuner.scheduler import TunedScheduler, check_model
 
     if n < 1 or (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--n {n}, --steps {steps}, --batch-size {batch_size}: accepted: integers >= 1")

@@ -8,6 +8,7 @@ import torch
 
 from timetuner.core.distance import rms_distance
 from timetuner.measuring.metrics import (
+    describe_change,
     paired_bootstrap,
 )
 from timetuner.measuring.yardstick import Yardstick
@@ -70,7 +71,6 @@ def is_better(held: dict) -> bool:
 
 def describe_judgement(record: dict) -> list[str]:
     """The held-out figures of a `judge` record as lines: distribution gap, x0 gap, data FD, each with its interval."""
-    from timetuner.measuring.metrics import describe_change
 
     lines = []
     if "dist_gap" in record:

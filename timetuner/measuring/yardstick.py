@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from timetuner.core.reference import REFERENCE_SET_SEED, reference_block, reference_key, reference_set
 from timetuner.errors import UserError
+from timetuner.measuring.fid import default_reference, load_extractor, reference_features, tensor_features
 from timetuner.measuring.metrics import (
     feature_statistics,
     frechet_distance,
@@ -49,7 +51,6 @@ class Measure:
     @classmethod
     def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0,
               extractor=None) -> Measure:
-        from timetuner.measuring.fid import default_reference, load_extractor, reference_features
 
         ref = options.ref or default_reference(is_digits_model)
         if ref is None:
@@ -77,7 +78,6 @@ class Measure:
 
 def image_features(images: torch.Tensor, extractor) -> np.ndarray:
     """Features of images in about [-1, 1] (clamped), through clean-fid's path (`fid.tensor_features`)."""
-    from timetuner.measuring.fid import tensor_features
 
     return tensor_features(images.clamp(-1, 1), extractor)
 
@@ -159,8 +159,6 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     (`timetuner.core.distributed`) that share the computing of missing reference blocks."""
     from tqdm.auto import tqdm
 
-    from timetuner.core.reference import REFERENCE_SET_SEED, reference_block, reference_key, reference_set
-    from timetuner.measuring.fid import load_extractor
 
     options = options or FidOptions()
     if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
