@@ -163,3 +163,66 @@ def test_a_learned_sigma_grid_needs_a_static_shift():
     dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
     with pytest.raises(UserError, match="a learned sigma grid needs a static shift; accepted: --trajectory"):
         build("flow-euler", "learned", dynamic, 5)
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    """A tiny Stable Diffusion 3 pipeline saved to a folder: two CLIP text encoders (hidden 8, projection 4: the
+    transformer's 16-wide embeddings and 8-wide pooled projection) and a T5 encoder of width 16."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from tests.tiny import quiet, tiny_latent_vae, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("sd3")
+    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=8, intermediate_size=16, projection_dim=4, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        for _ in range(2)]
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4)
+    pipe = quiet(StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                          vae=tiny_latent_vae(), text_encoder=encoders[0], tokenizer=tokenizer,
+                                          text_encoder_2=encoders[1], tokenizer_2=tokenizer, tokenizer_3=tokenizer,
+                                          text_encoder_3=T5EncoderModel(T5Config(
+                                              vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1,
+                                              num_heads=2, pad_token_id=1, eos_token_id=1))))
+    pipe.save_pretrained(root / "sd3")
+    return root / "sd3"
+
+
+def test_fit_tunes_a_stable_diffusion_3_transformer_and_the_table_runs_in_its_pipeline(sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    from timetuner.core.denoiser import text_conditioning
+    from timetuner.core.loading import load_model
+
+    model = load_model(str(sd3_folder))
+    assert model.flow and model.kind == "text"
+    cond = text_conditioning(model.pipeline, ["a cat", "a dog"], 3)
+    pe, _, pooled, _ = model.pipeline.encode_prompt(["a cat", "a dog"], None, None, negative_prompt=["", ""])
+    assert torch.allclose(cond.values[:, :-1], pe, atol=1e-4) and torch.allclose(cond.values[:, -1, :8], pooled,
+                                                                                   atol=1e-4)
+    assert not cond.values[:, -1, 8:].any()  # the pooled row, zero-padded to the embeddings' width
+    pe, pooled = cond.values[:, :-1], cond.values[:, -1, :8]
+    x, t = torch.randn(3, 4, 8, 8), torch.full((3,), 600.0)
+    own = model.network(hidden_states=x, timestep=t, encoder_hidden_states=pe[[0, 1, 0]],
+                        pooled_projections=pooled[[0, 1, 0]]).sample
+    assert torch.equal(model.denoiser.bind(cond)(x, t), own)  # the pipeline's own call, unguided
+
+    result = fit(str(sd3_folder), progress=False, nfe=3, scheduler="flow-euler", e2e_iters=2, force=True,
+                 prompts=("a cat",), eval_prompts=("a dog",), guidance_scale=3.0, **FAST)
+    table = result.tuned
+    assert table.scheduler_class == "FlowMatchEulerDiscreteScheduler" and not table.is_identity
+    assert table.metadata["guidance_scale"] == 3.0
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a dog", num_inference_steps=3, guidance_scale=3.0, height=8, width=8, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=3.0)
+    tuned = pipe("a dog", num_inference_steps=3, guidance_scale=3.0, height=8, width=8, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert tuned.shape == plain.shape == (1, 8, 8, 3) and not (tuned == plain).all()

@@ -6,6 +6,8 @@ Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern
     UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion)
     DiTTransformer2DModel,           class labels; classifier-free guidance with the null class; DiT's learned-σ
     Transformer2DModel (DiT config)  output channels split off as `DiTPipeline` does
+    SD3Transformer2DModel            prompt and pooled embeddings (Stable Diffusion 3 / 3.5, a flow-matching model);
+                                     classifier-free guidance as `StableDiffusion3Pipeline` does
 
 Conditioning is bound to the denoiser (`Denoiser.bind`), one row per sample of the batches it will see: sample i
 of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exactly as the pipelines do —
@@ -96,6 +98,25 @@ class _TextUNet:
         return uncond + scale * (text - uncond)
 
 
+class _TextSD3:
+    """`SD3Transformer2DModel`: prompt embeddings (L, D) and a pooled projection (D_p ≤ D), which rides in the
+    conditioning as one extra row of the embeddings, zero-padded to D (`text_conditioning`); CFG batch ordered
+    [uncond, cond] as StableDiffusion3Pipeline does."""
+
+    conditional = "text"
+
+    @staticmethod
+    def call(model, x, t, cond):
+        pooled = cond[:, -1, :model.config.pooled_projection_dim]
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
+        uncond, text = out.chunk(2)
+        return uncond + scale * (text - uncond)
+
+
 class _ClassTransformer:
     """DiT: class labels through AdaLN-Zero; CFG batch ordered [cond, null] and learned σ split off as DiTPipeline."""
 
@@ -123,6 +144,7 @@ FAMILIES: dict[str, type] = {
     "UNet2DConditionModel": _TextUNet,
     "DiTTransformer2DModel": _ClassTransformer,
     "Transformer2DModel": _ClassTransformer,
+    "SD3Transformer2DModel": _TextSD3,
 }
 
 
@@ -280,11 +302,24 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
 
 @torch.no_grad()
 def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
-    """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P."""
+    """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P;
+    Stable Diffusion 3's pooled projections appended as one zero-padded row (`_TextSD3`)."""
     device = next(pipe.text_encoder.parameters()).device
-    cond, null = pipe.encode_prompt(list(prompts), device, 1, True, [negative_prompt] * len(prompts))
+    negatives = [negative_prompt] * len(prompts)
+    if getattr(pipe, "transformer", None) is not None and family_of(pipe.transformer) is _TextSD3:
+        cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
+                                                             negative_prompt=negatives)  # CFG on: both branches
+        cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
+    else:
+        cond, null = pipe.encode_prompt(list(prompts), device, 1, True, negatives)
     return Conditioning("text", cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32),
                         cyclic_index(n, len(prompts)))
+
+
+def _with_pooled(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(P, L, D) prompt embeddings with the (P, D_p) pooled projection as row L, zero-padded to D."""
+    row = torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))
+    return torch.cat([embeds, row[:, None].to(embeds.dtype)], dim=1)
 
 
 def class_conditioning(model, labels: list[int], n: int) -> Conditioning:

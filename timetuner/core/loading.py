@@ -163,12 +163,14 @@ def latent_decoder(pipeline):
 
 
 def decode_latents(vae, latents, batch_size: int = 16):
-    """Images in about [-1, 1] from latents, as the pipelines decode them (divide by the VAE's scaling factor)."""
+    """Images in about [-1, 1] from latents, as the pipelines decode them (divide by the VAE's scaling factor; SD3 and
+    Flux then add its shift factor)."""
     import torch
 
     param = next(vae.parameters())
     scale = getattr(vae.config, "scaling_factor", 1.0)
+    shift = getattr(vae.config, "shift_factor", None)
     with torch.no_grad():
-        out = [vae.decode((chunk / scale).to(param.device, param.dtype)).sample.to(torch.float32)
-               for chunk in latents.split(batch_size)]
+        out = [vae.decode((chunk / scale if shift is None else chunk / scale + shift).to(param.device, param.dtype)
+                          ).sample.to(torch.float32) for chunk in latents.split(batch_size)]
     return torch.cat(out).to(latents.device)

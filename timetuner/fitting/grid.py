@@ -94,8 +94,8 @@ def learn_grid(solver, inputs, known: dict | None = None) -> tuple[list[int], di
     while moved and done < allowed:
         done, moved = done + 1, False
         for k in range(1, len(grid)):
-            lo = grid[k + 1] + unit if k + 1 < len(grid) else last
-            hi = grid[k - 1] - unit
+            lo = round(grid[k + 1] + unit, 12) if k + 1 < len(grid) else last
+            hi = round(grid[k - 1] - unit, 12)
 
             def at(v, k: int = k, current: tuple = grid) -> float:
                 return loss(current[:k] + (v,) + current[k + 1:])
@@ -146,16 +146,16 @@ def _lattice_search(f, lo, hi, start, unit=1):
     a, b = lo, hi
     while len(seen) + 2 <= GRID_POINT_LOSSES:
         step = round(GOLDEN * (b - a) / unit) * unit
-        c, d = b - step, a + step
+        c, d = round(b - step, 12), round(a + step, 12)  # on the lattice (integers stay integers)
         if c >= d:
             break
         for v in (c, d):
             if v not in seen:
                 seen[v] = f(v)
         if seen[c] <= seen[d]:
-            b = d - unit
+            b = round(d - unit, 12)
         else:
-            a = c + unit
+            a = round(c + unit, 12)
     return min(seen, key=lambda v: (seen[v], v != start))
 
 
