@@ -95,7 +95,6 @@ def step_of(line: str) -> float:
 
 def check_output_once(config: TrainConfig) -> None:
     """`check_output` on the main process, its verdict on all (one process must not see the other's new run)."""
-
     world = current(config.cpu)
     problem = None
     if world.is_main:
@@ -111,7 +110,6 @@ def check_output_once(config: TrainConfig) -> None:
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, extras: dict) -> None:
     """`accelerator.save_state` and `extras` (EXTRAS_FILE) into checkpoints/checkpoint-STEP via a temp folder; keep
     the newest `keep`."""
-
     root = out / CHECKPOINTS
     final = root / f"checkpoint-{step}"
     if final.exists():

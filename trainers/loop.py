@@ -178,7 +178,6 @@ class _Training:
     def _resume(self, latest: Path) -> None:
         """Model, optimiser, LR scheduler and RNG states (accelerate), then EMA, sampler, step counter and MDLRC;
         the log loses the lines written after the checkpoint (the resumed run writes them again, identically)."""
-
         accelerator = self.accelerator
         if not (latest / EXTRAS_FILE).is_file():
             raise UserError(f"--resume: {str(latest)!r} has no {EXTRAS_FILE} (written by an older timetuner, whose "
@@ -275,7 +274,6 @@ class _Training:
 
     def checkpoint(self, on_checkpoint) -> None:
         """Save a resumable checkpoint, run the caller's hook on the EMA model, redraw sampler.png."""
-
         config, step = self.config, self.state.step
         self.state.loss_ema = self.losses.running
         save_checkpoint(self.accelerator, self.out, step, config.keep_checkpoints,
@@ -290,7 +288,6 @@ class _Training:
     def finish(self) -> None:
         """Write the EMA model as a diffusers pipeline and its sample grid (main process), end the run."""
         from diffusers import DDIMScheduler
-
 
         config, accelerator = self.config, self.accelerator
         accelerator.wait_for_everyone()

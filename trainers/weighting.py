@@ -149,7 +149,6 @@ class _FlowWeighting:
     def __call__(self, t: torch.Tensor, noise_scheduler) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-
         if self._table is None or self._table[0] != id(noise_scheduler):
             sigmas = training_sigmas(noise_scheduler).float()
             self._table = (id(noise_scheduler), compute_loss_weighting_for_sd3(self.scheme, sigmas=sigmas).float())

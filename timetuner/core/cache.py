@@ -116,7 +116,6 @@ def grown(key: str | None, n: int, block: int, compute_block, progress=None, wor
     Several processes (`world`, a `timetuner.core.distributed.World`) take turns over the missing blocks; the main
     process writes the entry, from the count of blocks it read.
     """
-
     world = world or SOLO
     have = read(key)
     rows = have["rows"] if have is not None else None

@@ -17,7 +17,6 @@ from timetuner.table import is_flow
 def resolve_model(model: str | None) -> str:
     """The embedded digits model's folder for None (`digits-flow`: the embedded flow model); a local folder,
     checked; else the string as a hub id."""
-
     if model is None:
         return str(EMBEDDED_MODEL)
     if model in EMBEDDED:
@@ -96,13 +95,11 @@ class ModelSetup:
     @property
     def flow(self) -> bool:
         """Whether the model is a flow-matching one (its scheduler samples x_σ = (1 − σ) x0 + σ ε)."""
-
         return is_flow(self.base_config)
 
     @property
     def weights(self) -> str:
         """The network's weights hash (tables and reference caches are keyed by it)."""
-
         if not hasattr(self, "_weights"):
             self._weights = model_hash(self.network)
         return self._weights
@@ -110,7 +107,6 @@ class ModelSetup:
     @property
     def is_digits(self) -> bool:
         """A pixel-space model of the 8×8 digits (the embedded one, or a `timetuner train --data digits` run)."""
-
         if self.vae is not None or self.denoiser.sample_shape[0] != 1 or not self.path:
             return False
         if Path(self.path).resolve() == EMBEDDED_MODEL.resolve():
@@ -125,7 +121,6 @@ class ModelSetup:
     @classmethod
     def from_network(cls, network, base_config) -> ModelSetup:
         """A bare unconditional network with its pipeline's scheduler config (no pipeline, no files)."""
-
         network.eval().requires_grad_(False)
         return cls(network=network, denoiser=Denoiser(network), base_config=base_config, name="in-memory")
 
@@ -134,7 +129,6 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
                variant: str | None = None, torch_dtype=None) -> ModelSetup:
     """The model `model` names (hub id or folder; None: the embedded digits model), or `pipeline` already loaded
     from it; moved to `device` when given. Networks and VAE are frozen (eval mode, no gradients)."""
-
     path = resolve_model(model)
     if pipeline is None:
         pipeline = load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype)

@@ -126,7 +126,6 @@ def rotated(rows, lo: int) -> tuple:
 def conditioning_for(kind: str | None, pipeline, network, rows: tuple, n: int, negative_prompt: str = ""):
     """Per-sample conditioning of n samples from prompts or class labels (sample i: row i mod P); None if
     the model is unconditional. Text models embed the prompts with the pipeline's own `encode_prompt`."""
-
     if kind is None:
         return None
     if kind == "class":

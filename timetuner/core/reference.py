@@ -99,7 +99,6 @@ def reference_set(denoiser_for, base_config, kind: str, steps: int, n: int, feat
     array; `images` maps final samples to images (the VAE decoder for latent models); `progress(done, total)`;
     `world`: the processes that share the missing blocks (`timetuner.core.distributed`).
     """
-
     size = reference_block(n)
 
     def block(i: int) -> torch.Tensor:
@@ -137,7 +136,6 @@ def reference_final_key(model, denoiser, kind: str, steps: int, n: int, seed: in
 def reference_key(what: str, model, denoiser, kind: str, steps: int, *parts) -> str:
     """The cache key of reference samples or a reference set: the model's weights hash and noise schedule, the
     reference solver and steps, the sample shape and conditioning, and `parts` (seeds, counts, extractor)."""
-
     schedule = {k: v for k, v in dict(model.base_config).items() if not k.startswith("_")}  # not diffusers' version
     return cache_key(what, model.weights, schedule, kind, steps, *parts, list(denoiser.sample_shape),
                      *denoiser.cache_parts())

@@ -114,7 +114,6 @@ class Solver:
     @classmethod
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
-
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
         template, grid = build(scheduler, trajectory, base_config, nfe)
         return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory)
@@ -148,7 +147,6 @@ class Solver:
 
     def fresh(self):
         """A scheduler set to the grid, with no history: the state before evaluation 0."""
-
         sched = copy.deepcopy(self.template)
         set_grid(sched, self.nfe_steps, **self._grid_arguments(), device=self.den.device)
         return sched
@@ -159,7 +157,6 @@ class Solver:
 
     def identity_table(self, **metadata):
         """τ = t for this solver (the plain sampler), carrying `metadata`."""
-
         return TauTable.identity(self.template, self.nfe_steps, **self._grid_arguments(), **metadata)
 
     def model_output(self, sched, x, k: int, tau):
@@ -232,7 +229,6 @@ def sample_images(unet, scheduler, noise: torch.Tensor, num_inference_steps: int
     Unlike `DDPMPipeline`, the solver calls `scale_model_input` and scales the noise by `init_noise_sigma`, so
     σ-space schedulers (Heun, Euler, EDM) sample correctly too. `scheduler` may be a `TunedScheduler`.
     """
-
     denoiser = Denoiser(unet, batch_size=batch_size)
     solver = Solver(denoiser, scheduler, num_inference_steps, step_kwargs={"eta": eta, "generator": generator})
     out = [solver.rollout(chunk.to(device=denoiser.device, dtype=torch.float32)).clamp(-1, 1).cpu()

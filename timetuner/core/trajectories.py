@@ -193,11 +193,10 @@ def flow_shift(sched) -> float:
     return model_shift(config)
 
 
-def unshifted(sched, sigmas) -> list[float]:
-    """The σ grid to hand to `sched.set_timesteps(sigmas=…)` so that it runs `sigmas` (after its shift): the shift's
-    inverse σ / (s − (s − 1)σ), to 7 decimals (what float32 σ hold); a first σ within 1e-5 of 1 is 1 (UniPC starts at
-    1 − 1e-6 to keep log α finite)."""
-    s = flow_shift(sched)
+def unshifted(s: float, sigmas) -> list[float]:
+    """The σ grid to hand to `set_timesteps(sigmas=…)` of a scheduler of static shift s so that it runs `sigmas`
+    (after its shift): the shift's inverse σ / (s − (s − 1)σ), to 7 decimals (what float32 σ hold); a first σ within
+    1e-5 of 1 is 1 (UniPC starts at 1 − 1e-6 to keep log α finite)."""
     grid = [round(float(v) / (s - (s - 1) * float(v)), 7) for v in sigmas]
     return [1.0 if i == 0 and abs(v - 1) < 1e-5 else v for i, v in enumerate(grid)]
 
@@ -206,8 +205,7 @@ def flow_sigmas(sched, num_inference_steps: int, target=None) -> list[float]:
     """The σ grid (before `target`'s shift; `sched`'s own without one) that makes `target` run the σ_0 … σ_{K−1}
     which `sched`, with its own configuration — any named trajectory: shift 1 or 3, Karras, exponential, beta σ —
     runs at K steps."""
-    target = sched if target is None else target
-    flow_shift(target)  # a static one, or the one-line refusal
+    shift = flow_shift(sched if target is None else target)  # a static one, or the one-line refusal
     fresh = type(sched).from_config(sched.config)
     fresh.set_timesteps(num_inference_steps)
-    return unshifted(target, fresh.sigmas[:num_inference_steps].tolist())
+    return unshifted(shift, fresh.sigmas[:num_inference_steps].tolist())

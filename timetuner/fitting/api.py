@@ -26,7 +26,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
     every τ and resumes from `out`'s checkpoint.
     """
-
     config = checked_config(**options)
     out = check_out(out)
     if unet is None:
@@ -36,7 +35,6 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         setup.name = model or setup.name
     config = checked_config(flow=setup.flow, **options)  # the model's family known: its solvers and defaults
     if config.scheduler == "auto":
-
         return fit_auto(config, setup, out, progress)
     return fit_one(config, setup, out, progress)
 
@@ -47,7 +45,6 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
 
     Each table goes to `out` (one scale), to `out` with -cfgS added (several), or to `default_out`.
     """
-
     setup = load_model(model, pipeline=pipeline)  # loaded once, shared by every scale's fit
     kind, pipeline = setup.kind, setup.pipeline
     for scale in guidance_scales:

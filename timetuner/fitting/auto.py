@@ -52,7 +52,6 @@ AUTO_TUNED = 1
 @torch.no_grad()
 def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
-
     ranked, reference = [], None
     own_shift = f"shift{model_shift(setup.base_config):g}"
     for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
@@ -73,7 +72,6 @@ def rank_candidates(config, setup) -> list[dict]:
 def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
-
     chosen, seen = [], set()
     learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
     for candidate in learnable + [c for c in ranked if c not in learnable]:
@@ -103,14 +101,13 @@ def _score(held: dict) -> float:
 
 def fit_auto(config, setup, out, progress: bool = True):
     """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
-
     started = time.perf_counter()
     ranked = rank_candidates(config, setup)
     best_plain = ranked[0]["run"]
     plain_images = best_plain.held_out_images()[0]
     reference = best_plain.held_out_reference()
     yardstick = best_plain.yardstick(progress)
-    label = f"{config.reference}-{config.reference_steps}"
+    label = best_plain.held_out.reference_label
     tuned = []
     for candidate in _to_tune(ranked, config, setup):
         run = candidate["run"]
@@ -137,7 +134,6 @@ def fit_auto(config, setup, out, progress: bool = True):
 def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
     else the identity table of the best plain candidate; both record the whole selection."""
-
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
               "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":
                          c["held_out"]} for c in tuned],

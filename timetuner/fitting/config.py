@@ -102,7 +102,6 @@ class FitResult:
 def validate(config: FitConfig, flow: bool | None = None) -> None:
     """Every setting checked before any work: one-line UserErrors naming the value and what is accepted.
     `flow`: whether the model is a flow-matching one (None: not known yet, before the model is read)."""
-
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
     if flow is not None:
         check_family(config.scheduler, flow, also=("auto",))
@@ -144,7 +143,6 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
             raise UserError(f"--data {config.data!r} gives the clean images of the parallel strategy; accepted: "
                             "--strategy parallel --data …, or no --data")
         if config.data != "digits":
-
             list_images(config.data)  # a missing, empty or mixed folder is refused before any model is loaded
     if config.objective == "e2e" and config.strategy == "parallel":
         raise UserError("--objective e2e fits along the whole trajectory; accepted: --strategy sequential")
@@ -188,7 +186,6 @@ def checked_config(flow: bool | None = None, **options) -> FitConfig:
 def check_before_loading(model: str | None, out, **options) -> FitConfig:
     """Every setting, the output path and what a local model folder says of --nfe, judged before the (slow)
     model load: the resolved config, or a one-line UserError."""
-
     folder = Path(resolve_model(model))
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     saved = None
@@ -213,7 +210,6 @@ def check_before_loading(model: str | None, out, **options) -> FitConfig:
 
 def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, network) -> FitConfig:
     """The config with every conditioning default filled in (so the table records what was used), checked."""
-
     check_applies(kind, model_label, {"--prompts": config.prompts, "--eval-prompts": config.eval_prompts,
                                       "--class-labels": config.class_labels,
                                       "--eval-class-labels": config.eval_class_labels,
@@ -252,7 +248,6 @@ def check_out(out: str | Path | None) -> Path | None:
 
 def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
     """"-cfgS" for a conditional model's table at guidance scale S (None: the pipeline's default), else ""."""
-
     if kind is None:
         return ""
     return "-" + scale_tag(DEFAULT_GUIDANCE[kind] if guidance_scale is None else guidance_scale)
@@ -260,7 +255,6 @@ def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
 
 def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
     """tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors (tau-auto-nfeN… for auto): what `fit` writes by default."""
-
     if scheduler == "auto":
         return f"tau-auto-nfe{nfe}{suffix}.safetensors"
     return f"tau-{scheduler}-{trajectory or DEFAULT_TRAJECTORY.get(scheduler, 'uniform')}-nfe{nfe}{suffix}.safetensors"

@@ -50,7 +50,6 @@ class Phase:
 
 def plan(run) -> list[Phase]:
     """The phases of `run` (a prepared `timetuner.fitting.run.Run`), in the order the fit runs them."""
-
     config, solver = run.config, run.solver
     guided = 2 if solver.den.guided else 1
     n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
@@ -60,7 +59,6 @@ def plan(run) -> list[Phase]:
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
                             cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
     if learned:
-
         phases.append(Phase("grid", "learning the timestep grid (at most)",
                             planned(solver, n, run.known_grid_losses) * guided))
     if "reference_states" in objective.needs:

@@ -48,7 +48,6 @@ GRID_GRADIENT_SCHEDULERS = ("DPMSolverMultistepScheduler",)
 
 def grid_gradient_names() -> tuple[str, ...]:
     """The named solvers (`core.trajectories`) whose learned grid the gradient can move: by the rule above."""
-
     return tuple(name for name, (cls, _) in SCHEDULERS.items()
                  if cls in GRID_GRADIENT_SCHEDULERS and "learned" in TRAJECTORIES.get(name, {}))
 
@@ -118,24 +117,20 @@ def named_grids(solver) -> dict[str, list]:
     for name in TRAJECTORIES[solver.name]:
         if name == "learned":
             continue
-        if solver.flow:  # each named trajectory's σ, as the learned solver (the model's shift) is handed them
-            template, _ = build(solver.name, name, solver.template.config, solver.nfe_steps)
-            grid = flow_sigmas(template, solver.nfe_steps, target=solver.template)
-            try:
-                check_sigmas(grid, solver.nfe_steps)
-            except UserError:
-                continue
-            grids[name] = grid
-            continue
         try:
             template, explicit = build(solver.name, name, solver.template.config, solver.nfe_steps)
-            if explicit is None:
-                template.set_timesteps(solver.nfe_steps)
-                explicit = [int(round(float(v))) for v in template.timesteps]
-            check_grid(explicit, solver.nfe_steps, solver.num_train_timesteps)
+            if solver.flow:  # its σ, as the learned solver (the model's shift) is handed them
+                grid = flow_sigmas(template, solver.nfe_steps, target=solver.template)
+                check_sigmas(grid, solver.nfe_steps)
+            else:
+                if explicit is None:
+                    template.set_timesteps(solver.nfe_steps)
+                    explicit = [int(round(float(v))) for v in template.timesteps]
+                check_grid(explicit, solver.nfe_steps, solver.num_train_timesteps)
+                grid = [int(v) for v in explicit]
         except (UserError, ValueError):
             continue  # e.g. too few distinct timesteps at this K
-        grids[name] = [int(v) for v in explicit]
+        grids[name] = grid
     return grids
 
 

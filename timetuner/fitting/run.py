@@ -101,7 +101,6 @@ class Run:
     eval_solver: object  # the same solver on the held-out conditioning
     fit_noise: torch.Tensor
     eval_noise: torch.Tensor
-    eval_seed: int
     conditioning: tuple  # (fit, held-out) per-sample conditioning, or (None, None)
     held_out: HeldOut
     world: World = SOLO  # the processes this fit is split over (`timetuner.core.distributed`)
@@ -125,7 +124,6 @@ class Run:
 
     def inputs(self):
         """What the objective and strategy fit against: noises, and the references they need."""
-
         config, objective = self.config, OBJECTIVES[self.config.objective]
         x0 = states = final = None
         if config.strategy == "parallel":
@@ -165,7 +163,6 @@ class Run:
     def fit(self, store: Checkpoints, progress: bool = True, phases=None) -> tuple[list[float], list[dict]]:
         """The objective's fit of τ (`timetuner.fitting.method`), resuming from `store`; (τ, rows). `phases`
         (`timetuner.fitting.cost.plan`): a progress bar for the references it computes first."""
-
         show = progress and self.world.is_main
         if self.config.trajectory == "learned":
             self.learn_grid(store, show, phases)
@@ -185,7 +182,6 @@ class Run:
     def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
         """Fit the solver's grid (`fitting.grid`) and put this run's solvers on it; a checkpoint's grid is taken
         as it is, and every later checkpoint of this fit carries it."""
-
         saved = store.load()
         grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
         if grid is None:
@@ -202,6 +198,11 @@ class Run:
         return self.held_out.view(self.eval_solver, self.conditioning[1], lo, hi)
 
     @property
+    def eval_seed(self) -> int:
+        """The held-out noises' seed (the fit's seed + EVAL_SEED_OFFSET)."""
+        return self.held_out.seed
+
+    @property
     def gap_n(self) -> int:
         return min(self.config.eval_gap_samples, self.config.eval_samples)
 
@@ -214,7 +215,6 @@ class Run:
     def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
         """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
         `timetuner eval` runs them (each process its share)."""
-
         taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
         lo, hi = self.world.shard(self.eval_noise.shape[0])
         finals = held_out_finals(lambda a, b: self.held_out_view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
@@ -224,7 +224,6 @@ class Run:
     def verdict(self, taus: list[float], progress: bool = True, phases=None) -> dict:
         """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`);
         `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
-
         show, den = progress and self.world.is_main, self.model.denoiser
         with bar(den, phases, "held-out", show):
             plain, tuned = self.held_out_images(taus)
@@ -237,7 +236,6 @@ class Run:
 
 def prepare(config: FitConfig, model) -> Run:
     """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
-
     den, kind = model.denoiser, model.kind
     config = resolve_conditioning(config, kind, repr(model.name), model.network)
     if config.eval_samples is None:
@@ -271,13 +269,12 @@ def prepare(config: FitConfig, model) -> Run:
     refuse_integer_timesteps(fit_den, solver.num_train_timesteps)
     fit_noise = torch.randn((config.samples, *den.sample_shape), generator=torch.Generator().manual_seed(config.seed))
     return Run(config, model, solver, solver.on(eval_den), fit_noise[lo:hi].to(den.device),
-               held_out.noise(config.eval_samples), held_out.seed, conditioning, held_out, world,
+               held_out.noise(config.eval_samples), conditioning, held_out, world,
                None if (lo, hi) == (0, config.samples) else (lo, hi))
 
 
 def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:
     """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`."""
-
     run = prepare(config, setup)
     config, den = run.config, setup.denoiser
     started = time.perf_counter()
@@ -303,7 +300,6 @@ def announce(run: Run, progress: bool):
     """Print the fit's plan and estimated time (`timetuner.fitting.cost`) before any work; the plan, or None (quiet)."""
     import sys
 
-
     if not progress:
         return None
     phases = plan(run)
@@ -318,7 +314,6 @@ class Progress:
 
     def __init__(self, run: Run, store: Checkpoints, show: bool):
         from tqdm.auto import tqdm
-
 
         config = run.config
         scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"

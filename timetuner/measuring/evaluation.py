@@ -57,7 +57,6 @@ class Setup:
 
     def __init__(self, table: str, model: str | None, prompts: str | None = None,
                  class_labels: list[int] | None = None, negative_prompt: str | None = None):
-
         self.path = table
         self.table = TauTable.load(table)
         pipe = load_pipeline(model)
@@ -77,16 +76,12 @@ class Setup:
         self.scheduler_name, self.trajectory = self.sampler.name, self.sampler.trajectory
         self.weights = self.model.weights
         self.is_digits = self.model.is_digits
-        self.reference = self.held_out.reference_solver
-        self.reference_steps = self.held_out.reference_steps
-        self.reference_label = self.held_out.reference_label
 
     def _held_out_rows(self, prompts, class_labels, negative_prompt) -> tuple[tuple, str]:
         """(the held-out prompts or class labels, the negative prompt) — () for an unconditional model; sets the
         guidance scale."""
 
-        meta = self.table.metadata
-        fitted = meta.get("fit_config", {})
+        meta, fitted = self.table.metadata, self.fitted
         check_applies(self.kind, "this model", {"--prompts": prompts, "--class-labels": class_labels,
                                                 "--negative-prompt": negative_prompt})
         if self.kind is None:
@@ -113,6 +108,19 @@ class Setup:
                             "by commas, e.g. 207,360,387")
         self.conditioning_label = f"class labels {','.join(map(str, labels))}, {scale}"
         return tuple(labels), ""
+
+    @property
+    def reference(self) -> str:
+        """The fit's reference solver ("dpm++" or "ddim"): the same figures as the fit's verdict."""
+        return self.held_out.reference_solver
+
+    @property
+    def reference_steps(self) -> int:
+        return self.held_out.reference_steps
+
+    @property
+    def reference_label(self) -> str:
+        return self.held_out.reference_label
 
     def conditioning(self, n: int):
         """The per-sample conditioning of n held-out samples (sample i: prompt or label i mod P), or None."""
@@ -222,7 +230,6 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
     gap_n, distribution gap and data FD on all n; n and gap_n default to the fit's), and the truncation gap per
     state to a `reference_steps` DDIM trajectory on the first gap_n noises (a diagnostic: where along the way the
     tuned sampler is closer). `progress`: a bar over the network evaluations (at most those planned here)."""
-
     n = setup.default_n if n is None else n
     gap_n = setup.default_gap_n if gap_n is None else gap_n
     _check(n, gap_n, reference_steps, bootstrap)
@@ -236,7 +243,6 @@ def evaluate(setup: Setup, n: int | None = None, gap_n: int | None = None, refer
 
 def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, reference_steps: int, bootstrap: int,
               yardstick: Yardstick | None) -> Evaluation:
-
     figures, images = _figures(setup, yardstick, noise, seed, cond, g, bootstrap)
     head = setup.view(setup.sampler, cond, 0, g)
     key = cache_key("trajectory", setup.weights, setup.sampler.identity_table().metadata, reference_steps, seed, g,
@@ -262,7 +268,6 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
     Rows {"nfe", "plain": {figure: value}[, "tuned": {…}, "dist_gap" / "data_fd": the paired change]}.
     `progress`: a bar over the network evaluations.
     """
-
     if not nfes or min(nfes) < 1:
         raise UserError(f"--nfes {nfes} is invalid; accepted: step counts >= 1, e.g. 5,10,20")
     n = setup.default_n if n is None else n
@@ -277,7 +282,6 @@ def gap_versus_nfe(setup: Setup, yardstick: Yardstick, nfes: list[int], tables: 
 
 def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: dict, noise, cond, n: int,
               bootstrap: int) -> list[dict]:
-
     rows = []
     for nfe in steps:
         table = by_steps.get(nfe)
@@ -300,7 +304,6 @@ def save_plots(setup: Setup, evaluation: Evaluation, folder: str | Path, nfe_row
                ) -> dict[str, Path]:
     """The PNGs: tau_shift, gap_per_step, samples (plain | tuned, same noises) and, given `gap_versus_nfe` rows,
     gap_vs_nfe (the distribution gap against steps; the data FD where there is no reference set)."""
-
     folder, rec = Path(folder), evaluation.record
     label = f"{Path(setup.path).name}, {rec['gap_n']} noises"
     paths = {

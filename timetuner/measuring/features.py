@@ -62,7 +62,6 @@ def train_digits_features(out: str | Path, epochs: int = 60, seed: int = 0, feat
     """Train `DigitsFeatureNet` on the digits train split, save it to `out`, return its record."""
     from safetensors.torch import save_file
 
-
     if epochs < 1:
         raise UserError(f"--epochs {epochs} is invalid; accepted: integers >= 1")
     out = Path(out)
@@ -108,7 +107,6 @@ def train_digits_features(out: str | Path, epochs: int = 60, seed: int = 0, feat
 def load_digits_features(path: str | Path | None = None) -> DigitsFeatureNet:
     """The shipped (or a given) digits feature extractor, in eval mode on CPU."""
     from safetensors.torch import load_file
-
 
     folder = Path(path) if path is not None else DIGITS_FEATURES
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE

@@ -108,7 +108,6 @@ def inception_candidates() -> list[Path]:
 def _download(url: str, target: Path, how: str) -> Path:
     import urllib.request
 
-
     def fetch(tmp: str) -> None:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
@@ -160,7 +159,6 @@ def _content_digest(path: Path) -> str:
 
 def digits_extractor(path: str | None = None) -> FeatureExtractor:
     """The shipped digits network (64-d penultimate layer) on clean-fid's inputs: grey = channel mean."""
-
     net = load_digits_features(path)
 
     def model(x: torch.Tensor) -> torch.Tensor:
@@ -304,9 +302,7 @@ def reference_features(ref: str, extractor: FeatureExtractor, n: int | None = No
 
     Folder and dataset features are cached on disk; a changed, added or removed file changes the key.
     """
-
     if ref in DATASETS:
-
         images = load_digits_tensor(ref.split(":")[1])[0]
         if n is not None and len(images) < n:
             raise UserError(f"--ref {ref} holds {len(images)} images; --n {n} needs at least {n}; accepted: "

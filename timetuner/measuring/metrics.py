@@ -117,7 +117,6 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, seed: int = 
 @torch.no_grad()
 def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024) -> np.ndarray:
     """Features of N×1×H×W images in [-1, 1] under the digits feature extractor (shipped by default)."""
-
     net = extractor if extractor is not None else load_digits_features()
     feats = [net.features(chunk.float().cpu()) for chunk in images.split(batch_size)]
     return torch.cat(feats).numpy()
@@ -125,7 +124,6 @@ def digits_features(images: torch.Tensor, extractor=None, batch_size: int = 1024
 
 def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> float:
     """FD of images against a digits split ("test": held out, "train") in digits-feature space."""
-
     ref = load_digits_tensor(reference)[0]
     return frechet_distance(digits_features(images, extractor), digits_features(ref, extractor))
 

@@ -13,7 +13,6 @@ from timetuner.scheduler import TunedScheduler, check_model
 
 def pixel_unet(pipeline, model: str | None):
     """The pipeline's unconditional pixel-space UNet2DModel; a UserError for conditional or latent pipelines."""
-
     unet = getattr(pipeline, "unet", None)
     if unet is None or type(unet).__name__ != "UNet2DModel" or latent_decoder(pipeline) is not None:
         raise UserError(f"--model {model!r} is not an unconditional pixel-space UNet2DModel pipeline; accepted: "
@@ -30,7 +29,6 @@ def sample(model: str | None = None, n: int = 64, steps: int | None = None, sche
     `compare` adds the plain samples (the identity table, same wrapper), else plain is None. Without a table:
     `steps` (default 50) of `scheduler` (default ddim); with one, either given must be the table's.
     """
-
     if n < 1 or (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--n {n}, --steps {steps}, --batch-size {batch_size}: accepted: integers >= 1")
     if compare and table is None:

@@ -71,7 +71,6 @@ def is_better(held: dict) -> bool:
 
 def describe_judgement(record: dict) -> list[str]:
     """The held-out figures of a `judge` record as lines: distribution gap, x0 gap, data FD, each with its interval."""
-
     lines = []
     if "dist_gap" in record:
         kid = record.get("dist_kid", {})

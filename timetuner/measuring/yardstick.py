@@ -51,7 +51,6 @@ class Measure:
     @classmethod
     def build(cls, options: FidOptions, is_digits_model: bool, n: int | None, seed: int = 0,
               extractor=None) -> Measure:
-
         ref = options.ref or default_reference(is_digits_model)
         if ref is None:
             raise UserError("--fid needs a reference set for this model; accepted: --ref FOLDER (or .zip, a "
@@ -78,7 +77,6 @@ class Measure:
 
 def image_features(images: torch.Tensor, extractor) -> np.ndarray:
     """Features of images in about [-1, 1] (clamped), through clean-fid's path (`fid.tensor_features`)."""
-
     return tensor_features(images.clamp(-1, 1), extractor)
 
 
@@ -158,7 +156,6 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     (features "none", or "auto" on a non-digits model with no data reference given). `world`: the processes
     (`timetuner.core.distributed`) that share the computing of missing reference blocks."""
     from tqdm.auto import tqdm
-
 
     options = options or FidOptions()
     if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
