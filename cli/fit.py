@@ -65,8 +65,12 @@ def fit(
     eval_class_labels: Annotated[str | None, typer.Option(help="DiT: labels for the held-out verdict. Default: "
                                                           "--class-labels, on held-out noises.")] = None,
     guidance_scale: Annotated[str | None, typer.Option(help="Conditional models: classifier-free guidance scale(s);"
-                                                       " 3,5,7.5 fits one table per scale. Default: the pipeline's "
-                                                       "(SD 7.5, DiT 4).")] = None,
+                                                       " 3,5,7.5 fits one table per scale (Flux: its distilled "
+                                                       "guidance). Default: the pipeline's (SD 7.5, SD3 7, Flux 3.5, "
+                                                       "DiT 4).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image side in pixels the table is fitted for (latent "
+                                                   "models: its latents are side / the VAE's factor; Flux's mu "
+                                                   "follows it). Default: the network's own (Flux: 1024).")] = None,
     revision: Revision = None,
     variant: Variant = None,
     dtype: Dtype = None,
@@ -121,7 +125,7 @@ def fit(
                    optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
-                   grid_gradient=grid_gradient,
+                   grid_gradient=grid_gradient, resolution=resolution,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))

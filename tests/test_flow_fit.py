@@ -161,7 +161,7 @@ def test_a_learned_sigma_grid_needs_a_static_shift():
     from timetuner.core.trajectories import build
 
     dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
-    with pytest.raises(UserError, match="a learned sigma grid needs a static shift; accepted: --trajectory"):
+    with pytest.raises(UserError, match="--trajectory learned needs a static shift, and this model.s scheduler shifts"):
         build("flow-euler", "learned", dynamic, 5)
 
 

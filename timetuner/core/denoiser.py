@@ -1,6 +1,7 @@
 """One callable over a diffusers network: `model_output = denoiser(x_in, t)`, with float t into the embedding.
 
-Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern) to this one interface:
+Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern; the adapters live in
+`timetuner.core.families`) to this one interface:
 
     UNet2DModel                      unconditional, pixel or latent space
     UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion)
@@ -8,11 +9,14 @@ Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern
     Transformer2DModel (DiT config)  output channels split off as `DiTPipeline` does
     SD3Transformer2DModel            prompt and pooled embeddings (Stable Diffusion 3 / 3.5, a flow-matching model);
                                      classifier-free guidance as `StableDiffusion3Pipeline` does
+    FluxTransformer2DModel           prompt and pooled embeddings (Flux.1, flow matching) on 2×2-packed latents with
+                                     position ids; guidance distilled into an embedding (one call, no CFG batch)
 
 Conditioning is bound to the denoiser (`Denoiser.bind`), one row per sample of the batches it will see: sample i
 of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exactly as the pipelines do —
 ε̃ = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)) from one batched call of 2N (Ho & Salimans, 2022) — so the guided output is
-what τ is tuned for. Guidance s ≤ 1 is the conditional output alone, as in the pipelines.
+what τ is tuned for. Guidance s ≤ 1 is the conditional output alone, as in the pipelines. A guidance-distilled
+network (Flux.1-dev) takes s as an input instead: one call per evaluation, as `FluxPipeline` makes it.
 
 The raw output (ε, v or x0, as the model was trained) is what the scheduler's `step` consumes, so fitting and
 sampling hand it on unchanged; `timetuner.core.solver.to_epsilon` converts it where a loss compares noise predictions.
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from timetuner.core.families import TextFlux, TextSD3, family_of
 from timetuner.errors import UserError
 
 
@@ -71,97 +76,6 @@ def cyclic_index(n: int, rows: int) -> torch.Tensor:
     return torch.arange(n) % rows
 
 
-# -- model families: one small adapter each, looked up by class name ---------------------------------------------
-class _Unconditional:
-    """`UNet2DModel`: output = model(x, t)."""
-
-    conditional = None
-
-    @staticmethod
-    def call(model, x, t, cond):
-        return model(x, t).sample
-
-
-class _TextUNet:
-    """`UNet2DConditionModel`: cross-attention on prompt embeddings; CFG batch ordered [uncond, cond] as SD does."""
-
-    conditional = "text"
-
-    @staticmethod
-    def call(model, x, t, cond):
-        return model(x, t, encoder_hidden_states=cond).sample
-
-    @classmethod
-    def guided(cls, model, x, t, cond, null, scale: float):
-        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
-        uncond, text = out.chunk(2)
-        return uncond + scale * (text - uncond)
-
-
-class _TextSD3:
-    """`SD3Transformer2DModel`: prompt embeddings (L, D) and a pooled projection (D_p ≤ D), which rides in the
-    conditioning as one extra row of the embeddings, zero-padded to D (`text_conditioning`); CFG batch ordered
-    [uncond, cond] as StableDiffusion3Pipeline does."""
-
-    conditional = "text"
-
-    @staticmethod
-    def call(model, x, t, cond):
-        pooled = cond[:, -1, :model.config.pooled_projection_dim]
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
-
-    @classmethod
-    def guided(cls, model, x, t, cond, null, scale: float):
-        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
-        uncond, text = out.chunk(2)
-        return uncond + scale * (text - uncond)
-
-
-class _ClassTransformer:
-    """DiT: class labels through AdaLN-Zero; CFG batch ordered [cond, null] and learned σ split off as DiTPipeline."""
-
-    conditional = "class"
-
-    @staticmethod
-    def _eps(model, out):
-        channels = model.config.in_channels
-        return out[:, :channels] if model.config.out_channels // 2 == channels else out
-
-    @classmethod
-    def call(cls, model, x, t, cond):
-        return cls._eps(model, model(x, timestep=t, class_labels=cond).sample)
-
-    @classmethod
-    def guided(cls, model, x, t, cond, null, scale: float):
-        eps = cls._eps(model, model(torch.cat([x, x]), timestep=torch.cat([t, t]),
-                                    class_labels=torch.cat([cond, null])).sample)
-        cond_eps, uncond_eps = eps.chunk(2)
-        return uncond_eps + scale * (cond_eps - uncond_eps)
-
-
-FAMILIES: dict[str, type] = {
-    "UNet2DModel": _Unconditional,
-    "UNet2DConditionModel": _TextUNet,
-    "DiTTransformer2DModel": _ClassTransformer,
-    "Transformer2DModel": _ClassTransformer,
-    "SD3Transformer2DModel": _TextSD3,
-}
-
-
-def family_of(model) -> type:
-    """The adapter for a network, by its class (or a diffusers base class); UserError if unsupported."""
-    name = type(model).__name__
-    family = FAMILIES.get(name)
-    if family is None:  # subclasses (wrappers, patched models) adapt like their diffusers base
-        family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
-    if family is None:
-        raise UserError(f"network {name} is not supported; accepted: {', '.join(sorted(FAMILIES))}")
-    if family is _ClassTransformer and getattr(model.config, "num_embeds_ada_norm", None) is None:
-        raise UserError(f"{name} has no class-label embedding (num_embeds_ada_norm is None); accepted: DiT "
-                        "configurations (norm_type='ada_norm_zero' with num_embeds_ada_norm)")
-    return family
-
-
 def _refuse_integer_time_embedding(model) -> None:
     """A learned (lookup-table) time embedding cannot take a fractional τ; a guidance embedding is not CFG."""
     config = model.config
@@ -184,7 +98,7 @@ class Denoiser:
     """
 
     def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
-                 guidance_scale: float | None = None, checkpoint: bool = False):
+                 guidance_scale: float | None = None, checkpoint: bool = False, sample_size: int | None = None):
         self.family = family_of(unet)
         _refuse_integer_time_embedding(unet)
         if conditioning is not None and conditioning.kind != self.family.conditional:
@@ -195,6 +109,7 @@ class Denoiser:
         self.conditioning = conditioning
         self.guidance_scale = guidance_scale
         self.checkpoint = checkpoint
+        self.sample_size = sample_size  # the state's side (latent models: image side / VAE factor); None: the model's
         self._count = [0]  # shared with bound views
         self._watchers: list = []  # callables(n) told of every n evaluations (progress bars); shared with views
         param = next(unet.parameters())
@@ -220,7 +135,9 @@ class Denoiser:
 
     @property
     def guided(self) -> bool:
-        return self.conditioning is not None and self.guidance_scale is not None and self.guidance_scale > 1
+        """Whether an evaluation is a classifier-free-guided batch of 2N (a distilled network's guidance is not)."""
+        return (self.conditioning is not None and self.guidance_scale is not None and self.guidance_scale > 1
+                and not getattr(self.family, "distilled", False))
 
     def bind(self, conditioning: Conditioning | None) -> Denoiser:
         """A view with per-sample `conditioning` (same network, same guidance scale, same evaluation counter)."""
@@ -234,9 +151,27 @@ class Denoiser:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config
-        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        return (c.in_channels, size, size)
+        """(C, H, W) of a state: `sample_size` when set, else the network's own (Flux: its pipeline's default)."""
+        c, family = self.unet.config, self.family
+        size = self.sample_size or getattr(c, "sample_size", None) or family.default_sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (family.channels(self.unet) if hasattr(family, "channels") else c.in_channels, size, size)
+
+    def dynamic_mu(self, config) -> float:
+        """The shift `mu` a pipeline passes a scheduler that shifts by image size (`use_dynamic_shifting`):
+        diffusers' `calculate_shift` of the state's token count (Flux: 2×2 packed; SD3: patches), as FluxPipeline
+        and StableDiffusion3Pipeline compute it."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        shape = self.sample_shape
+        if hasattr(self.family, "tokens"):
+            tokens = self.family.tokens(shape)
+        else:
+            patch = getattr(self.unet.config, "patch_size", None) or 1
+            tokens = (shape[1] // patch) * (shape[2] // patch)
+        return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                     config.get("max_shift", 1.15)))
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         """Network output at (float) timestep t — a scalar or one per sample — in float32, guided if bound so."""
@@ -272,6 +207,8 @@ class Denoiser:
     def _forward(self, x, t, values, null):
         if values is None:
             return self.family.call(self.unet, x, t, None)
+        if getattr(self.family, "distilled", False):
+            return self.family.call(self.unet, x, t, values, self.guidance_scale)
         if self.guided:
             return self.family.guided(self.unet, x, t, values, null, float(self.guidance_scale))
         return self.family.call(self.unet, x, t, values)
@@ -303,10 +240,15 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
 @torch.no_grad()
 def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
     """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P;
-    Stable Diffusion 3's pooled projections appended as one zero-padded row (`_TextSD3`)."""
+    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`).
+    Flux takes no negative prompt (its guidance is distilled): the null rows are the prompts' own, never used."""
     device = next(pipe.text_encoder.parameters()).device
     negatives = [negative_prompt] * len(prompts)
-    if getattr(pipe, "transformer", None) is not None and family_of(pipe.transformer) is _TextSD3:
+    family = family_of(pipe.transformer) if getattr(pipe, "transformer", None) is not None else None
+    if family is TextFlux:
+        cond, pooled, _ = pipe.encode_prompt(list(prompts), None, device=device)
+        cond = null = _with_pooled(cond, pooled)
+    elif family is TextSD3:
         cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
                                                              negative_prompt=negatives)  # CFG on: both branches
         cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)

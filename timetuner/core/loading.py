@@ -146,6 +146,20 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
                       name=model or "embedded:digits-ddpm", path=path, pipeline=pipeline, vae=vae)
 
 
+def state_side(setup: ModelSetup, resolution: int) -> int:
+    """The side of a sample's state for images of `resolution` pixels: the image side for pixel models, side / the
+    VAE's factor for latent ones (Flux packs 2×2 latents, so twice the factor must divide it); UserError if it
+    does not divide."""
+    factor = 1 if setup.vae is None else int(getattr(setup.pipeline, "vae_scale_factor", None)
+                                             or 2 ** (len(setup.vae.config.block_out_channels) - 1))
+    multiple = factor * (2 if hasattr(setup.denoiser.family, "tokens") else 1)
+    multiple *= getattr(setup.network.config, "patch_size", None) or 1
+    if resolution % multiple:
+        raise UserError(f"--resolution {resolution} is not a multiple of {multiple} (the VAE's factor times the "
+                        f"network's patch); accepted: e.g. {max(1, round(resolution / multiple)) * multiple}")
+    return resolution // factor
+
+
 def network_of(pipeline):
     """The denoising network of a pipeline: its `unet`, or its `transformer` (DiT); None if it has neither."""
     return getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)

@@ -27,6 +27,7 @@ import torch
 from timetuner.core.denoiser import Denoiser
 from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build
 from timetuner.errors import UserError
+from timetuner.matching import check_mu
 from timetuner.table import TauTable, is_flow, set_grid
 
 
@@ -89,11 +90,13 @@ class Solver:
     takes any scheduler, a `TunedScheduler` included (whose `timesteps` are then τ: the network times it hands
     out). `grid`: an explicit grid — K integer timesteps, or for a flow-matching scheduler K σ before its shift
     (`set_timesteps(sigmas=…)`). `step_kwargs` go to `scheduler.step` where its signature has them (e.g.
-    `generator` for DDPM).
+    `generator` for DDPM). `mu`: the shift of a scheduler that shifts by image size (`use_dynamic_shifting`, Flux);
+    None: the one the pipeline computes for the denoiser's sample size (`Denoiser.dynamic_mu`).
     """
 
     def __init__(self, denoiser, scheduler, num_inference_steps: int, grid: list | None = None,
-                 name: str | None = None, trajectory: str | None = None, step_kwargs: dict | None = None):
+                 name: str | None = None, trajectory: str | None = None, step_kwargs: dict | None = None,
+                 mu: float | None = None):
         config = scheduler.config
         if num_inference_steps > config.num_train_timesteps:
             raise UserError(f"--nfe {num_inference_steps} exceeds the model's {config.num_train_timesteps} "
@@ -107,6 +110,9 @@ class Solver:
         self.prediction_type = "flow_prediction" if self.flow else config.prediction_type
         self.alphas_cumprod = None if self.flow else scheduler.alphas_cumprod
         self.num_train_timesteps = config.num_train_timesteps
+        if mu is None and config.get("use_dynamic_shifting") and hasattr(denoiser, "dynamic_mu"):
+            mu = denoiser.dynamic_mu(config)
+        self.mu = mu
         first = self.fresh()
         self.t = first.timesteps.detach().to(torch.float64).cpu()  # t_k, one per network evaluation
         self.init_noise_sigma = float(getattr(first, "init_noise_sigma", 1.0))  # flow schedulers: none (1)
@@ -116,6 +122,10 @@ class Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
         template, grid = build(scheduler, trajectory, base_config, nfe)
+        config = template.config
+        if grid is None and config.get("use_dynamic_shifting") and not config.get("use_flow_sigmas"):
+            own = getattr(getattr(denoiser, "family", None), "pipeline_sigmas", None)
+            grid = None if own is None else own(nfe)  # the σ grid the pipeline passes (Flux: linspace(1, 1/N, N))
         return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory)
 
     @classmethod
@@ -128,12 +138,14 @@ class Solver:
             grid = meta.get("sigmas" if solver.flow else "timesteps")
             solver = solver if grid is None else solver.with_grid(grid)
         table.check_scheduler(solver.template)
+        if table.mu is not None:
+            check_mu(table, solver.mu)  # fitted at another sample size: another schedule
         return solver
 
     def with_grid(self, grid: list) -> Solver:
         """The same solver on another explicit grid of K timesteps (flow: K σ before the shift)."""
         return Solver(self.den, self.template, self.nfe_steps, list(grid), name=self.name,
-                      trajectory=self.trajectory, step_kwargs=self.step_kwargs)
+                      trajectory=self.trajectory, step_kwargs=self.step_kwargs, mu=self.mu)
 
     def on(self, denoiser) -> Solver:
         """The same solver over another denoiser (e.g. bound to other conditioning); the grid is shared."""
@@ -152,8 +164,9 @@ class Solver:
         return sched
 
     def _grid_arguments(self) -> dict:
-        """The explicit grid as `set_grid` / `TauTable.identity` take it: `timesteps`, or a flow solver's `sigmas`."""
-        return {"sigmas" if self.flow else "timesteps": self.grid}
+        """The explicit grid as `set_grid` / `TauTable.identity` take it: `timesteps`, or a flow solver's `sigmas`
+        (and `mu` for a scheduler that shifts by image size)."""
+        return {"sigmas" if self.flow else "timesteps": self.grid, **({} if self.mu is None else {"mu": self.mu})}
 
     def identity_table(self, **metadata):
         """τ = t for this solver (the plain sampler), carrying `metadata`."""

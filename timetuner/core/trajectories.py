@@ -157,6 +157,10 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
                         f"{', '.join(sorted(options))}")
     overrides = dict(options[trajectory])
     explicit = overrides.pop("explicit", None)
+    if dynamic_shift(base_config) and ({"shift", "flow_shift"} & set(overrides) or explicit == "learned"):
+        raise UserError(f"--trajectory {trajectory} needs a static shift, and this model's scheduler shifts by image "
+                        "size (use_dynamic_shifting: the pipeline's mu); accepted: "
+                        f"{', '.join(sorted(set(options) - STATIC_ONLY))}")
     sched = make_scheduler(scheduler, base_config)
     if overrides:
         sched = type(sched).from_config(sched.config, **overrides)
@@ -172,6 +176,14 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     elif explicit == "ays":
         timesteps = ays_timesteps(sched.config.num_train_timesteps, num_inference_steps)
     return sched, timesteps
+
+
+STATIC_ONLY = {"shift1", "shift3", "learned"}  # flow trajectories that need a static shift
+
+
+def dynamic_shift(config) -> bool:
+    """Whether a scheduler config shifts its σ by image size (Flux: `use_dynamic_shifting`, `mu` per call)."""
+    return bool(dict(config).get("use_dynamic_shifting"))
 
 
 # -- flow σ grids --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from timetuner.core.trajectories import TRAJECTORIES, model_shift
+from timetuner.core.trajectories import STATIC_ONLY, TRAJECTORIES, dynamic_shift, model_shift
 from timetuner.fitting.config import FitResult
 from timetuner.fitting.grid import on_timesteps
 from timetuner.fitting.method import sample_distance
@@ -54,9 +54,10 @@ def rank_candidates(config, setup) -> list[dict]:
     """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
     ranked, reference = [], None
     own_shift = f"shift{model_shift(setup.base_config):g}"
+    dynamic = dynamic_shift(setup.base_config)
     for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
-        if setup.flow and trajectory == own_shift:
-            continue  # the model's own shift is its "uniform" candidate already
+        if setup.flow and (trajectory == own_shift or dynamic and trajectory in STATIC_ONLY):
+            continue  # the model's own shift is its "uniform" candidate already; Flux's shift is the pipeline's mu
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
             reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)
@@ -73,7 +74,8 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
     chosen, seen = [], set()
-    learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
+    learnable = [] if dynamic_shift(setup.base_config) else [c for c in ranked
+                                                             if "learned" in TRAJECTORIES[c["scheduler"]]]
     for candidate in learnable + [c for c in ranked if c not in learnable]:
         scheduler = candidate["scheduler"]
         if scheduler in seen:

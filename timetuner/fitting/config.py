@@ -12,6 +12,7 @@ from pathlib import Path
 
 from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
 from timetuner.core.data import list_images
+from timetuner.core.families import family_of
 from timetuner.core.loading import resolve_model
 from timetuner.core.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set, scale_tag
 from timetuner.core.trajectories import DEFAULT_TRAJECTORY, SCHEDULERS, TRAJECTORIES, check_family
@@ -73,6 +74,7 @@ class FitConfig:
     reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
+    resolution: int | None = None  # image side in pixels (latents: side / VAE factor); None: the network's own
     force: bool = False
     # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
     guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, DiT 4.0); <= 1: no CFG
@@ -119,6 +121,8 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
     for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
         if value is not None and value < 2:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
+    if config.resolution is not None and config.resolution < 1:
+        raise UserError(f"--resolution {config.resolution} is invalid; accepted: an image side in pixels, e.g. 1024")
     if config.reference_n < 0:
         raise UserError(f"--reference-n {config.reference_n} is invalid; accepted: integers >= 0 (0: no "
                         "distribution gap)")
@@ -216,7 +220,12 @@ def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, 
                                       "--guidance-scale": config.guidance_scale})
     if kind is None:
         return config
-    scale = DEFAULT_GUIDANCE[kind] if config.guidance_scale is None else float(config.guidance_scale)
+    family = family_of(network)
+    if getattr(family, "distilled", False) and config.negative_prompt:
+        raise UserError(f"--negative-prompt {config.negative_prompt!r}: {type(network).__name__} distils guidance into "
+                        "the network (no unconditional branch); accepted: no --negative-prompt")
+    default = getattr(family, "default_guidance", DEFAULT_GUIDANCE[kind])
+    scale = default if config.guidance_scale is None else float(config.guidance_scale)
     if kind == "text":
         fit_prompts = prompt_set(config.prompts, "--prompts", FIT_PROMPTS)
         eval_prompts = prompt_set(config.eval_prompts, "--eval-prompts", EVAL_PROMPTS)

@@ -1,0 +1,150 @@
+"""The model families `Denoiser` adapts, one small adapter each, looked up by the network's class name (see
+`timetuner.core.denoiser`): how each is called, how it is guided, and what its state looks like.
+
+An adapter has `conditional` (None, "text" or "class") and `call(model, x, t, cond)`; a CFG-guided one `guided(model,
+x, t, cond, null, scale)`; a guidance-distilled one (`distilled`) takes the scale in `call`. Optional: the pipeline's
+`default_guidance`, and for networks whose config does not say the state's shape, `channels(model)`,
+`default_sample_size`, `tokens(shape)` (what a shift by image size counts) and `pipeline_sigmas(n)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from timetuner.errors import UserError
+
+
+class Unconditional:
+    """`UNet2DModel`: output = model(x, t)."""
+
+    conditional = None
+
+    @staticmethod
+    def call(model, x, t, cond):
+        return model(x, t).sample
+
+
+class TextUNet:
+    """`UNet2DConditionModel`: cross-attention on prompt embeddings; CFG batch ordered [uncond, cond] as SD does."""
+
+    conditional = "text"
+
+    @staticmethod
+    def call(model, x, t, cond):
+        return model(x, t, encoder_hidden_states=cond).sample
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
+        uncond, text = out.chunk(2)
+        return uncond + scale * (text - uncond)
+
+
+class TextSD3:
+    """`SD3Transformer2DModel`: prompt embeddings (L, D) and a pooled projection (D_p ≤ D), which rides in the
+    conditioning as one extra row of the embeddings, zero-padded to D (`text_conditioning`); CFG batch ordered
+    [uncond, cond] as StableDiffusion3Pipeline does."""
+
+    conditional = "text"
+    default_guidance = 7.0  # StableDiffusion3Pipeline's
+
+    @staticmethod
+    def call(model, x, t, cond):
+        pooled = cond[:, -1, :model.config.pooled_projection_dim]
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
+        uncond, text = out.chunk(2)
+        return uncond + scale * (text - uncond)
+
+
+class TextFlux:
+    """`FluxTransformer2DModel`: the state (C, H, W) packed into (H/2)(W/2) tokens of 4C as `FluxPipeline` packs it,
+    with its position ids (text ids zero); prompt embeddings and the pooled projection as one zero-padded row
+    (`text_conditioning`); time fed as σ (τ/1000). Guidance is distilled: the scale goes into the guidance embedding
+    (when the network has one: Flux.1-dev; Flux.1-schnell has none) in the one call, as FluxPipeline does."""
+
+    conditional = "text"
+    distilled = True
+    default_guidance = 3.5  # FluxPipeline's
+    default_sample_size = 128  # FluxPipeline's latent side (1024 px at the VAE's factor 8)
+
+    @staticmethod
+    def channels(model) -> int:
+        return model.config.in_channels // 4
+
+    @staticmethod
+    def tokens(shape) -> int:
+        return (shape[1] // 2) * (shape[2] // 2)
+
+    @staticmethod
+    def pipeline_sigmas(n: int) -> list[float]:
+        """The σ grid FluxPipeline passes its scheduler on every call (before the shift by `mu`)."""
+        return [float(v) for v in np.linspace(1.0, 1 / n, n)]
+
+    @classmethod
+    def call(cls, model, x, t, cond, scale=None):
+        b, c, h, w = x.shape
+        packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(x.device, x.dtype)
+        embeds, pooled = cond[:, :-1], cond[:, -1, :model.config.pooled_projection_dim]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = None
+        if model.config.guidance_embeds:
+            scale = cls.default_guidance if scale is None else float(scale)
+            guidance = torch.full((b,), scale, device=x.device, dtype=torch.float32)
+        out = model(hidden_states=packed, timestep=t.to(x.dtype) / 1000, guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids).sample
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class ClassTransformer:
+    """DiT: class labels through AdaLN-Zero; CFG batch ordered [cond, null] and learned σ split off as DiTPipeline."""
+
+    conditional = "class"
+
+    @staticmethod
+    def _eps(model, out):
+        channels = model.config.in_channels
+        return out[:, :channels] if model.config.out_channels // 2 == channels else out
+
+    @classmethod
+    def call(cls, model, x, t, cond):
+        return cls._eps(model, model(x, timestep=t, class_labels=cond).sample)
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        eps = cls._eps(model, model(torch.cat([x, x]), timestep=torch.cat([t, t]),
+                                    class_labels=torch.cat([cond, null])).sample)
+        cond_eps, uncond_eps = eps.chunk(2)
+        return uncond_eps + scale * (cond_eps - uncond_eps)
+
+
+FAMILIES: dict[str, type] = {
+    "UNet2DModel": Unconditional,
+    "UNet2DConditionModel": TextUNet,
+    "DiTTransformer2DModel": ClassTransformer,
+    "Transformer2DModel": ClassTransformer,
+    "SD3Transformer2DModel": TextSD3,
+    "FluxTransformer2DModel": TextFlux,
+}
+
+
+def family_of(model) -> type:
+    """The adapter for a network, by its class (or a diffusers base class); UserError if unsupported."""
+    name = type(model).__name__
+    family = FAMILIES.get(name)
+    if family is None:  # subclasses (wrappers, patched models) adapt like their diffusers base
+        family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
+    if family is None:
+        raise UserError(f"network {name} is not supported; accepted: {', '.join(sorted(FAMILIES))}")
+    if family is ClassTransformer and getattr(model.config, "num_embeds_ada_norm", None) is None:
+        raise UserError(f"{name} has no class-label embedding (num_embeds_ada_norm is None); accepted: DiT "
+                        "configurations (norm_type='ada_norm_zero' with num_embeds_ada_norm)")
+    return family
