@@ -50,7 +50,7 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
     setup = load_model(model, pipeline=pipeline)  # loaded once, shared by every scale's fit
     kind, pipeline = setup.kind, setup.pipeline
     for scale in guidance_scales:
-        suffix = scale_suffix(kind, scale)
+        suffix = scale_suffix(kind, scale, setup.network)
         if out is None:
             settings = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(FitConfig)}}
             path = default_out(checked_config(**settings).scheduler, options.get("trajectory"),

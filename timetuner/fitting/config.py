@@ -224,8 +224,7 @@ def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, 
     if getattr(family, "distilled", False) and config.negative_prompt:
         raise UserError(f"--negative-prompt {config.negative_prompt!r}: {type(network).__name__} distils guidance into "
                         "the network (no unconditional branch); accepted: no --negative-prompt")
-    default = getattr(family, "default_guidance", DEFAULT_GUIDANCE[kind])
-    scale = default if config.guidance_scale is None else float(config.guidance_scale)
+    scale = default_guidance(kind, network) if config.guidance_scale is None else float(config.guidance_scale)
     if kind == "text":
         fit_prompts = prompt_set(config.prompts, "--prompts", FIT_PROMPTS)
         eval_prompts = prompt_set(config.eval_prompts, "--eval-prompts", EVAL_PROMPTS)
@@ -255,11 +254,16 @@ def check_out(out: str | Path | None) -> Path | None:
     return out
 
 
-def scale_suffix(kind: str | None, guidance_scale: float | None) -> str:
+def default_guidance(kind: str, network) -> float:
+    """The guidance scale a conditional model's pipeline uses by default (SD 7.5, SD3 7, Flux 3.5, DiT 4)."""
+    return float(getattr(family_of(network), "default_guidance", DEFAULT_GUIDANCE[kind]))
+
+
+def scale_suffix(kind: str | None, guidance_scale: float | None, network=None) -> str:
     """"-cfgS" for a conditional model's table at guidance scale S (None: the pipeline's default), else ""."""
     if kind is None:
         return ""
-    return "-" + scale_tag(DEFAULT_GUIDANCE[kind] if guidance_scale is None else guidance_scale)
+    return "-" + scale_tag(default_guidance(kind, network) if guidance_scale is None else guidance_scale)
 
 
 def default_out(scheduler: str, trajectory: str | None, nfe: int, suffix: str = "") -> str:
