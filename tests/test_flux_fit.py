@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tests.test_flow_fit import FAST
 from timetuner import TunedScheduler
 from timetuner.cli.main import app
-from timetuner.core.denoiser import text_conditioning
+from timetuner.core.denoiser import refuse_integer_timesteps, text_conditioning
 from timetuner.core.loading import load_model, state_side
 from timetuner.core.solver import Solver
 from timetuner.errors import UserError
@@ -22,16 +22,14 @@ SIDE = 16  # pixels; the tiny VAE's factor is 1, so 16×16 latents packed into 8
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    """A tiny Flux.1-dev-like pipeline saved to a folder: a CLIP text encoder (pooled projection 8) and a T5 encoder
-    of width 16, a transformer with a guidance embedding, a scheduler that shifts by image size."""
+def _save_flux(root, guidance_embeds: bool, scheduler):
+    """A tiny Flux.1 pipeline saved to `root`/flux: a CLIP text encoder (pooled projection 8) and a T5 encoder of
+    width 16; a transformer with a guidance embedding (dev) or without (schnell)."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from tests.tiny import quiet, tiny_latent_vae, tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("flux")
     tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
@@ -41,13 +39,25 @@ def flux_folder(tmp_path_factory):
                                  pad_token_id=1, eos_token_id=1))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4), guidance_embeds=True)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256)
+                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+                                         guidance_embeds=guidance_embeds)
     pipe = quiet(FluxPipeline(scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=clip, tokenizer=tokenizer,
                               text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer))
     pipe.save_pretrained(root / "flux")
     return root / "flux"
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """Flux.1-dev-like: a guidance embedding, a scheduler that shifts by image size (its own seq-len settings)."""
+    return _save_flux(tmp_path_factory.mktemp("flux"), True, FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256))
+
+
+@pytest.fixture(scope="module")
+def schnell_folder(tmp_path_factory):
+    """Flux.1-schnell-like: no guidance embedding, a static shift of 1 (FluxPipeline still passes its σ and mu)."""
+    return _save_flux(tmp_path_factory.mktemp("schnell"), False, FlowMatchEulerDiscreteScheduler(shift=1.0))
 
 
 def _pack(x):
@@ -75,6 +85,40 @@ def test_the_fit_s_plain_solver_is_flux_pipeline_s_own_loop(flux_folder):
     theirs = model.pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=3, height=SIDE,
                             width=SIDE, guidance_scale=2.5, latents=_pack(noise), output_type="latent").images
     assert torch.allclose(_pack(ours), theirs, atol=1e-5)
+    # DPM-Solver++ on flow sigmas as a user swaps it into FluxPipeline: the same mu (from the pipeline's config)
+    dpm = Solver.named(den, model.base_config, "flow-dpm++", None, 3)
+    assert dpm.mu == pytest.approx(solver.mu) and dpm.grid is None  # the pipeline passes no σ with flow sigmas
+    model.pipeline.scheduler = type(dpm.template).from_config(model.base_config, **dict(dpm.template.config))
+    theirs = model.pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=3, height=SIDE,
+                            width=SIDE, guidance_scale=2.5, latents=_pack(noise), output_type="latent").images
+    assert torch.allclose(_pack(dpm.rollout(noise)), theirs, atol=1e-5)
+    with pytest.raises(UserError, match="--scheduler flow-heun cannot shift by image size"):
+        Solver.named(den, model.base_config, "flow-heun", None, 3)
+
+
+def test_schnell_samples_at_flux_pipeline_s_sigmas_without_guidance(schnell_folder):
+    model = load_model(str(schnell_folder))
+    model.denoiser.sample_size = SIDE
+    cond = text_conditioning(model.pipeline, ["a cat"], 1)
+    den = model.denoiser.bind(cond)
+    solver = Solver.named(den, model.base_config, "flow-euler", None, 4)
+    assert solver.grid == pytest.approx([1.0, 0.75, 0.5, 0.25]) and solver.mu is None  # static shift: no mu
+    noise = torch.randn((1, 4, SIDE, SIDE), generator=torch.Generator().manual_seed(2))
+    embeds, pooled = cond.values[:, :-1], cond.values[:, -1, :8]
+    theirs = model.pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=4, height=SIDE,
+                            width=SIDE, latents=_pack(noise), output_type="latent").images
+    assert torch.allclose(_pack(solver.rollout(noise)), theirs, atol=1e-5)
+    with pytest.raises(UserError, match="passes mu on every call, which DPMSolverMultistepScheduler takes only"):
+        Solver.named(den, model.base_config, "flow-dpm++", None, 4)
+    result = runner.invoke(app, ["fit", "--model", str(schnell_folder), "--resolution", "16", "--guidance-scale", "3"])
+    assert result.exit_code == 2 and "has no guidance embedding" in result.output
+
+
+def test_a_bfloat16_flux_passes_the_fractional_time_probe(flux_folder):
+    model = load_model(str(flux_folder), torch_dtype=torch.bfloat16)
+    model.denoiser.sample_size = SIDE
+    den = model.denoiser.bind(text_conditioning(model.pipeline, ["a cat"], 1))
+    refuse_integer_timesteps(den)  # 500 and 500.5 are one bfloat16; the probe moves to where they are two
 
 
 def test_fit_tunes_a_flux_transformer_and_the_table_runs_at_its_resolution_only(flux_folder, tmp_path):

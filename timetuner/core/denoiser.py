@@ -171,7 +171,7 @@ class Denoiser:
             tokens = (shape[1] // patch) * (shape[2] // patch)
         return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15)))
+                                     config.get("max_shift", getattr(self.family, "max_shift", 1.15))))
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         """Network output at (float) timestep t — a scalar or one per sample — in float32, guided if bound so."""
@@ -218,9 +218,9 @@ class Denoiser:
 def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000) -> None:
     """Refuse a network that rounds or truncates its timestep (τ would be ignored between integers).
 
-    A cheap probe: one sample at t = T/2 (an even integer) and t + 0.5; identical outputs mean the network
-    cast t to an integer somewhere (`.long()`, an index into a table, round-half-even). Not counted as
-    evaluations.
+    A cheap probe: one sample at t = T/2 (an even integer; t = 10 where the network's dtype holds no fraction
+    there, bfloat16) and t + 0.5; identical outputs mean the network cast t to an integer somewhere (`.long()`, an
+    index into a table, round-half-even). Not counted as evaluations.
     """
     count = denoiser.evaluations
     gen = torch.Generator().manual_seed(0)
@@ -229,6 +229,8 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
     probe = denoiser.bind(None if cond is None else Conditioning(cond.kind, cond.values, cond.null,
                                                                  cond.index[:1]))
     t0 = float(2 * (num_train_timesteps // 4))
+    if float(torch.tensor(t0 + 0.5, dtype=denoiser.dtype)) == t0:  # bf16 holds no fraction at T/2: probe near 0,
+        t0 = 10.0  # where it does (τ's resolution is then the dtype's, exactly as in the pipeline)
     same = torch.equal(probe(x, torch.tensor(t0)), probe(x, torch.tensor(t0 + 0.5)))
     denoiser.evaluations = count
     if same:

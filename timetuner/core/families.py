@@ -48,6 +48,7 @@ class TextSD3:
 
     conditional = "text"
     default_guidance = 7.0  # StableDiffusion3Pipeline's
+    max_shift = 1.16  # StableDiffusion3Pipeline's default for a dynamic shift (FluxPipeline's: 1.15)
 
     @staticmethod
     def call(model, x, t, cond):
@@ -69,7 +70,8 @@ class TextFlux:
 
     conditional = "text"
     distilled = True
-    default_guidance = 3.5  # FluxPipeline's
+    default_guidance = 3.5  # FluxPipeline's (Flux.1-schnell has no guidance embedding: 1, none)
+    passes_mu = True  # FluxPipeline passes mu to every scheduler, shifting by image size or not
     default_sample_size = 128  # FluxPipeline's latent side (1024 px at the VAE's factor 8)
 
     @staticmethod

@@ -80,6 +80,16 @@ def scaled_input(sched, x: torch.Tensor, t) -> torch.Tensor:
     return sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
 
 
+def pipeline_refusal(family, scheduler) -> str | None:
+    """Why a model's pipeline cannot run `scheduler` (None if it can): FluxPipeline passes `mu` on every call,
+    which DPMSolverMultistepScheduler refuses unless it shifts by image size (Flux.1-schnell's config does not)."""
+    if (getattr(family, "passes_mu", False) and not scheduler.config.get("use_dynamic_shifting")
+            and type(scheduler).__name__ == "DPMSolverMultistepScheduler"):
+        return ("the model's pipeline passes mu on every call, which DPMSolverMultistepScheduler takes only with "
+                "use_dynamic_shifting, and this model's scheduler has none; accepted: flow-euler, flow-unipc")
+    return None
+
+
 # -- the solver --------------------------------------------------------------------------------------------------
 
 
@@ -122,10 +132,13 @@ class Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
         template, grid = build(scheduler, trajectory, base_config, nfe)
-        config = template.config
-        if grid is None and config.get("use_dynamic_shifting") and not config.get("use_flow_sigmas"):
-            own = getattr(getattr(denoiser, "family", None), "pipeline_sigmas", None)
-            grid = None if own is None else own(nfe)  # the σ grid the pipeline passes (Flux: linspace(1, 1/N, N))
+        family = getattr(denoiser, "family", None)
+        refusal = pipeline_refusal(family, template)
+        if refusal:
+            raise UserError(f"--scheduler {scheduler}: {refusal}")
+        own = getattr(family, "pipeline_sigmas", None)
+        if grid is None and own is not None and not template.config.get("use_flow_sigmas"):
+            grid = own(nfe)  # the σ grid the pipeline passes on every call (Flux: linspace(1, 1/N, N))
         return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory)
 
     @classmethod

@@ -61,6 +61,9 @@ def check_family(name: str, flow: bool, also: tuple[str, ...] = ()) -> None:
                         f"like this one; accepted: {', '.join((*also, *solvers_for(flow)))}")
 
 
+MU_KEYS = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")  # calculate_shift's settings
+
+
 def make_scheduler(name: str, base_config):
     """A scheduler of kind `name` (ddim, ddpm, dpm2, heun, euler; flow-euler, …) built from a pipeline's scheduler
     config; a solver of the other family (a DDPM solver for a flow model, or the reverse) is a UserError."""
@@ -72,9 +75,16 @@ def make_scheduler(name: str, base_config):
     cls = getattr(diffusers, class_name)
     if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
         overrides = {**overrides, "flow_shift": model_shift(base_config)}
-    if flow:  # keys of another flow class (FlowMatchEuler's dynamic shifting for Heun, …) mean nothing to this one
+    if flow:  # keys of another flow class (FlowMatchEuler's Karras σ for UniPC, …) mean nothing to this one
         accepted = inspect.signature(cls.__init__).parameters
+        if dynamic_shift(base_config) and "use_dynamic_shifting" not in accepted:
+            raise UserError(f"--scheduler {name} cannot shift by image size (mu) as this model's scheduler does "
+                            "(use_dynamic_shifting); accepted: flow-euler, flow-dpm++, flow-unipc")
+        kept = {k: v for k, v in dict(base_config).items() if k in MU_KEYS}  # what a pipeline computes mu from
         base_config = {k: v for k, v in dict(base_config).items() if k in accepted}
+        sched = cls.from_config(base_config, **overrides)
+        sched.register_to_config(**kept)
+        return sched
     return cls.from_config(base_config, **overrides)
 
 

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from timetuner.core.trajectories import STATIC_ONLY, TRAJECTORIES, dynamic_shift, model_shift
+from timetuner.core.solver import pipeline_refusal
+from timetuner.core.trajectories import STATIC_ONLY, TRAJECTORIES, dynamic_shift, make_scheduler, model_shift
 from timetuner.fitting.config import FitResult
 from timetuner.fitting.grid import on_timesteps
 from timetuner.fitting.method import sample_distance
@@ -58,6 +59,8 @@ def rank_candidates(config, setup) -> list[dict]:
     for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
         if setup.flow and (trajectory == own_shift or dynamic and trajectory in STATIC_ONLY):
             continue  # the model's own shift is its "uniform" candidate already; Flux's shift is the pipeline's mu
+        if pipeline_refusal(setup.denoiser.family, make_scheduler(scheduler, setup.base_config)):
+            continue  # a solver the model's pipeline cannot run (DPM-Solver++ under FluxPipeline's mu, schnell)
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
             reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)
