@@ -4,6 +4,7 @@ in FluxPipeline at the resolution it was fitted for and refuses another."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -148,6 +149,12 @@ def test_auto_on_flux_ranks_the_setups_that_follow_its_mu(flux_folder):
     names = {(c["scheduler"], c["trajectory"]) for c in result.table.metadata["auto"]["candidates"]}
     assert {("flow-euler", "uniform"), ("flow-dpm++", "uniform"), ("flow-unipc", "uniform")} <= names
     assert not any(t in ("shift1", "shift3", "learned") for _, t in names)  # Flux's shift is the pipeline's mu
+    pipe = FluxPipeline.from_pretrained(flux_folder)  # the winner's table, whatever its solver, runs in the pipeline
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, result.tuned, unet=pipe.transformer, guidance_scale=3.5)
+    assert type(pipe.scheduler.inner).__name__ == result.tuned.scheduler_class
+    images = pipe("a dog", num_inference_steps=3, height=SIDE, width=SIDE, output_type="np").images
+    assert images.shape == (1, SIDE, SIDE, 3) and np.isfinite(images).all()
 
 
 @pytest.mark.parametrize(("args", "needle"), [
