@@ -41,10 +41,10 @@ class TextUNet:
         return uncond + scale * (text - uncond)
 
 
-class TextSD3:
+class TextSD3(TextUNet):
     """`SD3Transformer2DModel`: prompt embeddings (L, D) and a pooled projection (D_p ≤ D), which rides in the
     conditioning as one extra row of the embeddings, zero-padded to D (`text_conditioning`); CFG batch ordered
-    [uncond, cond] as StableDiffusion3Pipeline does."""
+    [uncond, cond] as StableDiffusion3Pipeline does (the guided call is TextUNet's over this `call`)."""
 
     conditional = "text"
     default_guidance = 7.0  # StableDiffusion3Pipeline's
@@ -54,12 +54,6 @@ class TextSD3:
     def call(model, x, t, cond):
         pooled = cond[:, -1, :model.config.pooled_projection_dim]
         return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
-
-    @classmethod
-    def guided(cls, model, x, t, cond, null, scale: float):
-        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
-        uncond, text = out.chunk(2)
-        return uncond + scale * (text - uncond)
 
 
 class TextFlux:
