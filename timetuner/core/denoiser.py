@@ -157,18 +157,19 @@ class Denoiser:
         size = size if isinstance(size, int) else size[0]
         return (family.channels(self.unet) if hasattr(family, "channels") else c.in_channels, size, size)
 
+    @property
+    def patch(self) -> int:
+        """Latents per token side: the pipeline's packing (Flux: 2) times the network's own `patch_size`."""
+        return getattr(self.family, "packing", 1) * (getattr(self.unet.config, "patch_size", None) or 1)
+
     def dynamic_mu(self, config) -> float:
         """The shift `mu` a pipeline passes a scheduler that shifts by image size (`use_dynamic_shifting`):
         diffusers' `calculate_shift` of the state's token count (Flux: 2×2 packed; SD3: patches), as FluxPipeline
         and StableDiffusion3Pipeline compute it."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        shape = self.sample_shape
-        if hasattr(self.family, "tokens"):
-            tokens = self.family.tokens(shape)
-        else:
-            patch = getattr(self.unet.config, "patch_size", None) or 1
-            tokens = (shape[1] // patch) * (shape[2] // patch)
+        _, h, w = self.sample_shape
+        tokens = (h // self.patch) * (w // self.patch)
         return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                      config.get("max_shift", getattr(self.family, "max_shift", 1.15))))

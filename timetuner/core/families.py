@@ -4,7 +4,8 @@
 An adapter has `conditional` (None, "text" or "class") and `call(model, x, t, cond)`; a CFG-guided one `guided(model,
 x, t, cond, null, scale)`; a guidance-distilled one (`distilled`) takes the scale in `call`. Optional: the pipeline's
 `default_guidance`, and for networks whose config does not say the state's shape, `channels(model)`,
-`default_sample_size`, `tokens(shape)` (what a shift by image size counts) and `pipeline_sigmas(n)`.
+`default_sample_size`, `packing` (latents per token side, before the network's own patches) and
+`pipeline_sigmas(n)`.
 """
 
 from __future__ import annotations
@@ -67,14 +68,11 @@ class TextFlux:
     default_guidance = 3.5  # FluxPipeline's (Flux.1-schnell has no guidance embedding: 1, none)
     passes_mu = True  # FluxPipeline passes mu to every scheduler, shifting by image size or not
     default_sample_size = 128  # FluxPipeline's latent side (1024 px at the VAE's factor 8)
+    packing = 2  # 2×2 latents per token, on top of the network's own patch_size (1)
 
     @staticmethod
     def channels(model) -> int:
         return model.config.in_channels // 4
-
-    @staticmethod
-    def tokens(shape) -> int:
-        return (shape[1] // 2) * (shape[2] // 2)
 
     @staticmethod
     def pipeline_sigmas(n: int) -> list[float]:

@@ -152,8 +152,7 @@ def state_side(setup: ModelSetup, resolution: int) -> int:
     does not divide."""
     factor = 1 if setup.vae is None else int(getattr(setup.pipeline, "vae_scale_factor", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
-    multiple = factor * (2 if hasattr(setup.denoiser.family, "tokens") else 1)
-    multiple *= getattr(setup.network.config, "patch_size", None) or 1
+    multiple = factor * setup.denoiser.patch
     if resolution % multiple:
         raise UserError(f"--resolution {resolution} is not a multiple of {multiple} (the VAE's factor times the "
                         f"network's patch); accepted: e.g. {max(1, round(resolution / multiple)) * multiple}")

@@ -224,8 +224,7 @@ def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, 
     if getattr(family, "distilled", False) and config.negative_prompt:
         raise UserError(f"--negative-prompt {config.negative_prompt!r}: {type(network).__name__} distils guidance into "
                         "the network (no unconditional branch); accepted: no --negative-prompt")
-    if (getattr(family, "distilled", False) and not network.config.guidance_embeds
-            and config.guidance_scale not in (None, 1)):
+    if without_guidance(network) and config.guidance_scale not in (None, 1):
         raise UserError(f"--guidance-scale {config.guidance_scale:g}: {type(network).__name__} has no guidance "
                         "embedding (Flux.1-schnell), so no scale changes its output; accepted: no --guidance-scale")
     scale = default_guidance(kind, network) if config.guidance_scale is None else float(config.guidance_scale)
@@ -260,10 +259,14 @@ def check_out(out: str | Path | None) -> Path | None:
 
 def default_guidance(kind: str, network) -> float:
     """The guidance scale a conditional model's pipeline uses by default (SD 7.5, SD3 7, Flux 3.5, DiT 4)."""
-    family = family_of(network)
-    if getattr(family, "distilled", False) and not network.config.guidance_embeds:
-        return 1.0  # Flux.1-schnell: no guidance embedding, no guidance
-    return float(getattr(family, "default_guidance", DEFAULT_GUIDANCE[kind]))
+    if without_guidance(network):
+        return 1.0
+    return float(getattr(family_of(network), "default_guidance", DEFAULT_GUIDANCE[kind]))
+
+
+def without_guidance(network) -> bool:
+    """A guidance-distilled network without a guidance embedding (Flux.1-schnell): no scale changes its output."""
+    return getattr(family_of(network), "distilled", False) and not network.config.guidance_embeds
 
 
 def scale_suffix(kind: str | None, guidance_scale: float | None, network=None) -> str:
