@@ -11,6 +11,8 @@ Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern
                                      classifier-free guidance as `StableDiffusion3Pipeline` does
     FluxTransformer2DModel           prompt and pooled embeddings (Flux.1, flow matching) on 2×2-packed latents with
                                      position ids; guidance distilled into an embedding (one call, no CFG batch)
+    SanaTransformer2DModel           Gemma prompt embeddings with their attention mask (Sana, flow matching);
+                                     classifier-free guidance as `SanaPipeline` does
 
 Conditioning is bound to the denoiser (`Denoiser.bind`), one row per sample of the batches it will see: sample i
 of a fit uses prompt (or class label) i mod P. Guidance is applied inside, exactly as the pipelines do —
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.families import TextFlux, TextSD3, family_of
+from timetuner.core.families import TextFlux, TextSana, TextSD3, family_of
 from timetuner.errors import UserError
 
 
@@ -243,8 +245,10 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
 @torch.no_grad()
 def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
     """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P;
-    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`).
-    Flux takes no negative prompt (its guidance is distilled): the null rows are the prompts' own, never used."""
+    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`),
+    Sana's attention mask as one extra channel (`TextSana`; its prompts carry the pipeline's default complex human
+    instruction, as `SanaPipeline.__call__` encodes them). Flux takes no negative prompt (its guidance is distilled):
+    the null rows are the prompts' own, never used."""
     device = next(pipe.text_encoder.parameters()).device
     negatives = [negative_prompt] * len(prompts)
     family = family_of(pipe.transformer) if getattr(pipe, "transformer", None) is not None else None
@@ -255,6 +259,13 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
         cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
                                                              negative_prompt=negatives)  # CFG on: both branches
         cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
+    elif family is TextSana:
+        import inspect
+
+        instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+        cond, mask, null, null_mask = pipe.encode_prompt(list(prompts), True, negative_prompt, device=device,
+                                                         complex_human_instruction=instruction)
+        cond, null = _with_mask(cond, mask), _with_mask(null, null_mask)
     else:
         cond, null = pipe.encode_prompt(list(prompts), device, 1, True, negatives)
     return Conditioning("text", cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32),
@@ -265,6 +276,11 @@ def _with_pooled(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """(P, L, D) prompt embeddings with the (P, D_p) pooled projection as row L, zero-padded to D."""
     row = torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))
     return torch.cat([embeds, row[:, None].to(embeds.dtype)], dim=1)
+
+
+def _with_mask(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(P, L, D) prompt embeddings with the (P, L) attention mask as channel D."""
+    return torch.cat([embeds, mask[..., None].to(embeds.dtype)], dim=-1)
 
 
 def class_conditioning(model, labels: list[int], n: int) -> Conditioning:

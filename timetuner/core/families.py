@@ -4,8 +4,8 @@
 An adapter has `conditional` (None, "text" or "class") and `call(model, x, t, cond)`; a CFG-guided one `guided(model,
 x, t, cond, null, scale)`; a guidance-distilled one (`distilled`) takes the scale in `call`. Optional: the pipeline's
 `default_guidance`, and for networks whose config does not say the state's shape, `channels(model)`,
-`default_sample_size`, `packing` (latents per token side, before the network's own patches) and
-`pipeline_sigmas(n)`.
+`default_sample_size`, `packing` (latents per token side, before the network's own patches),
+`pixel_multiple` (what the pipeline requires of an image side) and `pipeline_sigmas(n)`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,25 @@ class TextSD3(TextUNet):
     def call(model, x, t, cond):
         pooled = cond[:, -1, :model.config.pooled_projection_dim]
         return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
+
+
+class TextSana(TextUNet):
+    """`SanaTransformer2DModel`: Gemma prompt embeddings with their attention mask, which rides in the conditioning
+    as one extra channel (`text_conditioning`: SanaPipeline pads every prompt to 300 tokens and masks the padding);
+    time scaled by the network's `timestep_scale`; learned-σ channels split off; CFG batch ordered [uncond, cond]
+    as SanaPipeline does (the guided call is TextUNet's over this `call`)."""
+
+    conditional = "text"
+    default_guidance = 4.5  # SanaPipeline's
+    pixel_multiple = 32  # SanaPipeline takes image sides in multiples of 32 only
+
+    @staticmethod
+    def call(model, x, t, cond):
+        embeds, mask = cond[..., :-1], cond[..., -1]
+        out = model(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                    timestep=t * model.config.timestep_scale).sample
+        channels = model.config.in_channels
+        return out[:, :channels] if model.config.out_channels // 2 == channels else out
 
 
 class TextFlux:
@@ -127,6 +146,7 @@ FAMILIES: dict[str, type] = {
     "Transformer2DModel": ClassTransformer,
     "SD3Transformer2DModel": TextSD3,
     "FluxTransformer2DModel": TextFlux,
+    "SanaTransformer2DModel": TextSana,
 }
 
 
@@ -141,4 +161,8 @@ def family_of(model) -> type:
     if family is ClassTransformer and getattr(model.config, "num_embeds_ada_norm", None) is None:
         raise UserError(f"{name} has no class-label embedding (num_embeds_ada_norm is None); accepted: DiT "
                         "configurations (norm_type='ada_norm_zero' with num_embeds_ada_norm)")
+    if family is TextSana and getattr(model.config, "guidance_embeds", False):
+        raise UserError(f"{name} embeds the guidance scale (guidance_embeds, Sana-Sprint: a consistency model "
+                        "sampled by SCMScheduler in 1-4 steps); accepted: Sana transformers sampled with "
+                        "classifier-free guidance (SanaPipeline)")
     return family

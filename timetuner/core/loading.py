@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,11 @@ def state_side(setup: ModelSetup, resolution: int) -> int:
     does not divide."""
     factor = 1 if setup.vae is None else int(getattr(setup.pipeline, "vae_scale_factor", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
-    multiple = factor * setup.denoiser.patch
+    multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
     if resolution % multiple:
         raise UserError(f"--resolution {resolution} is not a multiple of {multiple} (the VAE's factor times the "
-                        f"network's patch); accepted: e.g. {max(1, round(resolution / multiple)) * multiple}")
+                        f"network's patch, and what its pipeline takes); accepted: e.g. "
+                        f"{max(1, round(resolution / multiple)) * multiple}")
     return resolution // factor
 
 

@@ -75,6 +75,8 @@ def make_scheduler(name: str, base_config):
     cls = getattr(diffusers, class_name)
     if flow and "use_flow_sigmas" in overrides:  # DPM-Solver++ / UniPC keep the model's shift as their flow_shift
         overrides = {**overrides, "flow_shift": model_shift(base_config)}
+    elif flow:  # and FlowMatch Euler / Heun as their shift (from a DPM-Solver++ config: Sana's flow_shift)
+        overrides = {"shift": model_shift(base_config), **overrides}
     if flow:  # keys of another flow class (FlowMatchEuler's Karras σ for UniPC, …) mean nothing to this one
         accepted = inspect.signature(cls.__init__).parameters
         if dynamic_shift(base_config) and "use_dynamic_shifting" not in accepted:
