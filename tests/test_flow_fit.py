@@ -157,12 +157,21 @@ def test_a_learned_sigma_grid_is_fitted_on_a_flow_model_and_replays_in_its_pipel
     assert pipe(batch_size=2, num_inference_steps=4, output_type="np").images.shape == (2, 8, 8, 1)
 
 
-def test_a_learned_sigma_grid_needs_a_static_shift():
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+def test_a_learned_sigma_grid_under_a_dynamic_shift_inverts_the_shift_at_its_mu(time_shift_type):
     from timetuner.core.trajectories import build
 
-    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
-    with pytest.raises(UserError, match="--trajectory learned needs a static shift, and this model.s scheduler shifts"):
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=time_shift_type).config
+    with pytest.raises(UserError, match="shifts its sigmas by the image size .* and no mu is known"):
         build("flow-euler", "learned", dynamic, 5)
+    sched, grid = build("flow-euler", "learned", dynamic, 5, mu=0.9)
+    plain, handed = (FlowMatchEulerDiscreteScheduler.from_config(dynamic) for _ in range(2))
+    plain.set_timesteps(5, mu=0.9)
+    handed.set_timesteps(sigmas=grid, mu=0.9)  # the start grid, shifted at mu, is the solver's own σ
+    assert torch.allclose(handed.sigmas, plain.sigmas, atol=1e-6)
+    stretched = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1).config
+    with pytest.raises(UserError, match="stretches its sigmas to a terminal sigma"):
+        build("flow-euler", "learned", stretched, 5)
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,41 @@ def test_fit_tunes_a_flux_transformer_and_the_table_runs_at_its_resolution_only(
         pipe(**dict(call, height=2 * SIDE, width=2 * SIDE))
 
 
+@pytest.mark.parametrize("scheduler", ["flow-euler", "flow-unipc"])
+def test_a_learned_sigma_grid_at_flux_s_mu_runs_in_flux_pipeline_as_fitted(flux_folder, scheduler):
+    result = fit(str(flux_folder), progress=False, nfe=3, scheduler=scheduler, trajectory="learned", e2e_iters=2,
+                 force=True, prompts=("a cat",), eval_prompts=("a dog",), resolution=SIDE, **FAST)
+    table = result.tuned
+    record = table.metadata["learned_grid"]  # searched from the best named grid at the pipeline's mu
+    assert table.mu is not None and record["loss"] <= min(record["start_losses"].values())
+    if scheduler == "flow-euler":  # FluxPipeline passes its linspace to Euler: the learned grid replaces it
+        assert table.metadata["pipeline_sigmas"] == pytest.approx([1.0, 2 / 3, 1 / 3])
+        assert {"pipeline", "uniform", "karras"} <= set(record["start_losses"])
+    else:  # and no σ to a scheduler on flow sigmas: the table's grid is what it runs
+        assert "pipeline_sigmas" not in table.metadata
+    model = load_model(str(flux_folder))
+    model.denoiser.sample_size = SIDE
+    cond = text_conditioning(model.pipeline, ["a dog"], 1)
+    den = model.denoiser.bind(cond)
+    den.guidance_scale = 3.5
+    solver = Solver.for_table(den, model.base_config, table)
+    assert solver.grid == pytest.approx(table.sigmas) and solver.mu == pytest.approx(table.mu)
+    noise = torch.randn((1, 4, SIDE, SIDE), generator=torch.Generator().manual_seed(3))
+    ours = solver.rollout(noise, taus=table.tau)
+    pipe = model.pipeline  # FluxPipeline passes linspace(1, 1/N, N) and its mu: the table runs its own grid there
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=3.5)
+    embeds, pooled = cond.values[:, :-1], cond.values[:, -1, :8]
+    theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=3, height=SIDE, width=SIDE,
+                  guidance_scale=3.5, latents=_pack(noise), output_type="latent").images
+    assert torch.allclose(_pack(ours), theirs, atol=1e-5)
+    if scheduler == "flow-unipc":
+        return  # FluxPipeline hands a scheduler on flow sigmas no σ at all, a caller's own included
+    custom = [1.0, 0.5, 0.25]  # a σ grid of the caller's own runs plainly
+    pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, sigmas=custom, num_inference_steps=3, height=SIDE,
+         width=SIDE, latents=_pack(noise), output_type="latent")
+    assert pipe.scheduler.inner.sigmas[:3].tolist() != pytest.approx(solver.fresh().sigmas[:3].tolist())
+
+
 def test_auto_on_flux_ranks_the_setups_that_follow_its_mu(flux_folder):
     result = fit(str(flux_folder), progress=False, nfe=3, e2e_iters=2, prompts=("a cat",), eval_prompts=("a dog",),
                  resolution=SIDE, **FAST)

@@ -225,7 +225,8 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         for this step count, expose its τ_k as `timesteps`.
 
         Custom `timesteps` run plain. Custom `sigmas` run plain too, unless they are the σ grid the table was fitted
-        on (Flux passes linspace(1, 1/N, N) on every call: a table fitted through FluxPipeline records it). A
+        on (Flux passes linspace(1, 1/N, N) on every call: a table fitted through FluxPipeline records it) or the
+        pipeline's own grid that the table's learned σ grid replaces (its `pipeline_sigmas`). A
         scheduler with dynamic shifting gets `mu` from the pipeline (it follows the image size): a table applies only
         at the `mu` it was fitted at, and another `mu` is refused in one line rather than run with τ tuned for
         another schedule."""
@@ -237,8 +238,9 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' `retrieve_timesteps` passes custom sigmas without the step count (Flux, SD3 with sigmas=).
         steps = num_inference_steps if num_inference_steps is not None or sigmas is None else len(sigmas)
         table = self.tables.get(steps)
-        if table is not None and (timesteps is not None or (sigmas is not None and not same_sigmas(sigmas,
-                                                                                                   table.sigmas))):
+        own_sigmas = (table is not None and sigmas is not None and not same_sigmas(sigmas, table.sigmas)
+                      and not same_sigmas(sigmas, table.metadata.get("pipeline_sigmas")))
+        if table is not None and (timesteps is not None or own_sigmas):
             table = None  # a schedule of the caller's own: the plain scheduler
         elif table is not None and table.sigmas is not None:
             custom = {"sigmas": as_array(table.sigmas)}  # the table owns its σ grid (the pipeline's, or none)

@@ -90,6 +90,13 @@ def pipeline_refusal(family, scheduler) -> str | None:
     return None
 
 
+def pipeline_grid(family, scheduler, nfe: int) -> list[float] | None:
+    """The σ grid a model's pipeline passes `scheduler` on every call (FluxPipeline: linspace(1, 1/N, N)); None where
+    it passes none (its family has none, or the scheduler is on flow sigmas, which FluxPipeline hands no σ)."""
+    own = getattr(family, "pipeline_sigmas", None)
+    return None if own is None or scheduler.config.get("use_flow_sigmas") else own(nfe)
+
+
 # -- the solver --------------------------------------------------------------------------------------------------
 
 
@@ -131,15 +138,17 @@ class Solver:
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
-        template, grid = build(scheduler, trajectory, base_config, nfe)
+        mu = None  # a shift by image size: the one the pipeline computes for the denoiser's sample size
+        if base_config.get("use_dynamic_shifting") and hasattr(denoiser, "dynamic_mu"):
+            mu = denoiser.dynamic_mu(base_config)
+        template, grid = build(scheduler, trajectory, base_config, nfe, mu=mu)
         family = getattr(denoiser, "family", None)
         refusal = pipeline_refusal(family, template)
         if refusal:
             raise UserError(f"--scheduler {scheduler}: {refusal}")
-        own = getattr(family, "pipeline_sigmas", None)
-        if grid is None and own is not None and not template.config.get("use_flow_sigmas"):
-            grid = own(nfe)  # the σ grid the pipeline passes on every call (Flux: linspace(1, 1/N, N))
-        return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory)
+        if grid is None:
+            grid = pipeline_grid(family, template, nfe)  # what the pipeline passes on every call (Flux), or None
+        return cls(denoiser, template, nfe, grid, name=scheduler, trajectory=trajectory, mu=mu)
 
     @classmethod
     def for_table(cls, denoiser, base_config, table) -> Solver:

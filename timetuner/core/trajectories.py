@@ -14,6 +14,7 @@ explicit one, or a flow solver's own σ grid). Explicit grids travel inside the 
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 
@@ -158,8 +159,9 @@ DEFAULT_TRAJECTORY = {"ddim": "uniform", "dpm2": "logsnr", "dpm++": "ays", "dpm+
                       "flow-unipc": "uniform"}
 
 
-def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int):
-    """(scheduler, explicit timesteps or None) for a named scheduler and trajectory at K steps."""
+def build(scheduler: str, trajectory: str | None, base_config, num_inference_steps: int, mu: float | None = None):
+    """(scheduler, explicit timesteps or None) for a named scheduler and trajectory at K steps; `mu`: the shift by
+    image size a dynamic-shift model's pipeline passes (a learned σ grid starts from the solver's σ at it)."""
     if scheduler not in SCHEDULERS:
         make_scheduler(scheduler, base_config)  # raises the one-line error listing the names
     trajectory = trajectory or DEFAULT_TRAJECTORY[scheduler]
@@ -169,7 +171,7 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
                         f"{', '.join(sorted(options))}")
     overrides = dict(options[trajectory])
     explicit = overrides.pop("explicit", None)
-    if dynamic_shift(base_config) and ({"shift", "flow_shift"} & set(overrides) or explicit == "learned"):
+    if dynamic_shift(base_config) and {"shift", "flow_shift"} & set(overrides):
         raise UserError(f"--trajectory {trajectory} needs a static shift, and this model's scheduler shifts by image "
                         "size (use_dynamic_shifting: the pipeline's mu); accepted: "
                         f"{', '.join(sorted(set(options) - STATIC_ONLY))}")
@@ -178,7 +180,7 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
         sched = type(sched).from_config(sched.config, **overrides)
     timesteps = None
     if explicit == "learned" and scheduler in FLOW_SCHEDULERS:  # a σ grid, starting from the solver's own
-        return sched, flow_sigmas(sched, num_inference_steps)
+        return sched, flow_sigmas(sched, num_inference_steps, mu=mu)
     if explicit == "learned":  # fitted by `timetuner.fitting.grid`, starting from the scheduler's default explicit grid
         explicit = TRAJECTORIES[scheduler][DEFAULT_TRAJECTORY[scheduler]]["explicit"]
     if explicit == "quadratic":
@@ -190,7 +192,7 @@ def build(scheduler: str, trajectory: str | None, base_config, num_inference_ste
     return sched, timesteps
 
 
-STATIC_ONLY = {"shift1", "shift3", "learned"}  # flow trajectories that need a static shift
+STATIC_ONLY = {"shift1", "shift3"}  # flow trajectories that need a static shift
 
 
 def dynamic_shift(config) -> bool:
@@ -205,15 +207,20 @@ def model_shift(config) -> float:
     return float(config.get("shift", config.get("flow_shift", 1.0)))
 
 
-def flow_shift(sched) -> float:
-    """A flow scheduler's static shift s (σ ↦ sσ / (1 + (s − 1)σ)): `shift` of FlowMatch classes, `flow_shift` of
-    DPM-Solver++ / UniPC on flow sigmas. A shift by image size (`mu`) or one stretched to a terminal σ has no fixed
-    inverse and takes no learned grid yet: a UserError."""
+def flow_shift(sched, mu: float | None = None) -> float:
+    """A flow scheduler's shift s (σ ↦ sσ / (1 + (s − 1)σ)): `shift` of FlowMatch classes, `flow_shift` of
+    DPM-Solver++ / UniPC on flow sigmas; under a shift by image size, the one `mu` makes — diffusers' exponential
+    time shift e^μ / (e^μ + 1/σ − 1) is this map with s = e^μ, its linear one with s = μ. One stretched to a terminal
+    σ has no fixed inverse and takes no learned grid: a UserError, as is a dynamic shift without its `mu`."""
     config = sched.config
-    if config.get("use_dynamic_shifting") or config.get("shift_terminal"):
-        raise UserError(f"{type(sched).__name__} shifts its sigmas by the image size (use_dynamic_shifting) or to a "
-                        "terminal sigma (shift_terminal); a learned sigma grid needs a static shift; accepted: "
-                        "--trajectory uniform, shift1, shift3")
+    if config.get("shift_terminal"):
+        raise UserError(f"{type(sched).__name__} stretches its sigmas to a terminal sigma (shift_terminal); a learned "
+                        "sigma grid needs a shift it can invert; accepted: --trajectory uniform, shift1, shift3")
+    if config.get("use_dynamic_shifting"):
+        if mu is None:
+            raise UserError(f"{type(sched).__name__} shifts its sigmas by the image size (use_dynamic_shifting) and "
+                            "no mu is known; accepted: a model whose pipeline computes mu (Flux, SD3)")
+        return mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
     return model_shift(config)
 
 
@@ -225,11 +232,11 @@ def unshifted(s: float, sigmas) -> list[float]:
     return [1.0 if i == 0 and abs(v - 1) < 1e-5 else v for i, v in enumerate(grid)]
 
 
-def flow_sigmas(sched, num_inference_steps: int, target=None) -> list[float]:
+def flow_sigmas(sched, num_inference_steps: int, target=None, mu: float | None = None) -> list[float]:
     """The σ grid (before `target`'s shift; `sched`'s own without one) that makes `target` run the σ_0 … σ_{K−1}
     which `sched`, with its own configuration — any named trajectory: shift 1 or 3, Karras, exponential, beta σ —
-    runs at K steps."""
-    shift = flow_shift(sched if target is None else target)  # a static one, or the one-line refusal
+    runs at K steps; `mu`: the shift by image size both run at (`use_dynamic_shifting`)."""
+    shift = flow_shift(sched if target is None else target, mu)  # an invertible one, or the one-line refusal
     fresh = type(sched).from_config(sched.config)
-    fresh.set_timesteps(num_inference_steps)
+    fresh.set_timesteps(num_inference_steps, **({"mu": mu} if dynamic_shift(fresh.config) else {}))
     return unshifted(shift, fresh.sigmas[:num_inference_steps].tolist())

@@ -77,8 +77,7 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
     chosen, seen = [], set()
-    learnable = [] if dynamic_shift(setup.base_config) else [c for c in ranked
-                                                             if "learned" in TRAJECTORIES[c["scheduler"]]]
+    learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
     for candidate in learnable + [c for c in ranked if c not in learnable]:
         scheduler = candidate["scheduler"]
         if scheduler in seen:

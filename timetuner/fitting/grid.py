@@ -17,8 +17,10 @@ defaults".
 
 Flow-matching solvers (FlowMatchEuler, UniPC on flow sigmas) take a σ grid (`set_timesteps(sigmas=…)`, before their
 shift) instead: the same search over σ_1 … σ_{K−1} on a lattice of 1/T (σ_0 = 1 stays, the last σ ≥ 1/T), from the best
-of the solver's named σ grids (its shifts, Karras / exponential / beta σ) read as σ grids; the table carries it in
-`sigmas`.
+of the solver's named σ grids (its shifts, Karras / exponential / beta σ, and the σ its pipeline passes: Flux's
+linspace) read as σ grids — under a shift by image size at the pipeline's `mu`, whose exponential shift inverts as a
+static one of e^μ; the table carries it in `sigmas` (and, where the pipeline passes σ of its own, which grid it
+replaces: `pipeline_sigmas`).
 
 Several processes: every loss is the mean over all processes' fit noises (`FitInputs.mean`), so each process takes
 the same decisions and holds the same grid.
@@ -31,6 +33,7 @@ import math
 import torch
 
 from timetuner.core.distance import rms_distance
+from timetuner.core.solver import pipeline_grid
 from timetuner.core.trajectories import SCHEDULERS, TRAJECTORIES, build, flow_sigmas
 from timetuner.errors import UserError
 from timetuner.table import check_grid, check_sigmas
@@ -118,9 +121,9 @@ def named_grids(solver) -> dict[str, list]:
         if name == "learned":
             continue
         try:
-            template, explicit = build(solver.name, name, solver.template.config, solver.nfe_steps)
-            if solver.flow:  # its σ, as the learned solver (the model's shift) is handed them
-                grid = flow_sigmas(template, solver.nfe_steps, target=solver.template)
+            template, explicit = build(solver.name, name, solver.template.config, solver.nfe_steps, mu=solver.mu)
+            if solver.flow:  # its σ, as the learned solver (the model's shift, or the pipeline's mu) is handed them
+                grid = flow_sigmas(template, solver.nfe_steps, target=solver.template, mu=solver.mu)
                 check_sigmas(grid, solver.nfe_steps)
             else:
                 if explicit is None:
@@ -131,6 +134,9 @@ def named_grids(solver) -> dict[str, list]:
         except (UserError, ValueError):
             continue  # e.g. too few distinct timesteps at this K
         grids[name] = grid
+    own = pipeline_grid(getattr(solver.den, "family", None), solver.template, solver.nfe_steps)
+    if own is not None:
+        grids["pipeline"] = own  # the σ the pipeline passes on every call (Flux: linspace(1, 1/N, N))
     return grids
 
 

@@ -36,7 +36,7 @@ from timetuner.core.distributed import SOLO, World, current
 from timetuner.core.progress import bar
 from timetuner.core.prompts import conditioning_for
 from timetuner.core.reference import reference_trajectory
-from timetuner.core.solver import Solver
+from timetuner.core.solver import Solver, pipeline_grid
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
@@ -357,6 +357,9 @@ def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: floa
     }
     if run.grid_record is not None:
         meta["learned_grid"] = run.grid_record
+        replaced = pipeline_grid(model.denoiser.family, run.solver.template, run.solver.nfe_steps)
+        if replaced is not None:  # the σ the pipeline passes on every call (Flux), which the learned grid replaces
+            meta["pipeline_sigmas"] = replaced
     if model.kind is not None:
         fit_cond, eval_cond = run.conditioning
         meta["guidance_scale"] = config.guidance_scale
