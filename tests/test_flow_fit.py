@@ -3,6 +3,7 @@ reference, every objective, `auto` ranking the plain flow setups, and tables tha
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
@@ -169,9 +170,28 @@ def test_a_learned_sigma_grid_under_a_dynamic_shift_inverts_the_shift_at_its_mu(
     plain.set_timesteps(5, mu=0.9)
     handed.set_timesteps(sigmas=grid, mu=0.9)  # the start grid, shifted at mu, is the solver's own σ
     assert torch.allclose(handed.sigmas, plain.sigmas, atol=1e-6)
-    stretched = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1).config
-    with pytest.raises(UserError, match="stretches its sigmas to a terminal sigma"):
-        build("flow-euler", "learned", stretched, 5)
+    unipc, grid = build("flow-unipc", "learned", dynamic, 5, mu=0.9)  # UniPC shifts handed σ by mu the same way
+    plain, handed = (type(unipc).from_config(unipc.config) for _ in range(2))
+    plain.set_timesteps(5, mu=0.9)
+    handed.set_timesteps(sigmas=np.array(grid), mu=0.9)
+    assert torch.allclose(handed.sigmas, plain.sigmas, atol=1e-6)
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    (dict(shift=3.0, shift_terminal=0.1), "stretches its sigmas to a terminal sigma"),
+    (dict(shift=3.0, use_karras_sigmas=True), "use_karras_sigmas=True, which rebuilds the sigmas"),
+    (dict(shift=3.0, use_beta_sigmas=True), "use_beta_sigmas=True, which rebuilds the sigmas"),
+    (dict(shift=3.0, invert_sigmas=True), "invert_sigmas=True, which rebuilds the sigmas"),
+])
+def test_a_learned_sigma_grid_is_refused_where_the_scheduler_would_not_run_it(config, needle):
+    from timetuner.core.trajectories import build
+    from timetuner.fitting.auto import takes_learned_grid
+
+    base = FlowMatchEulerDiscreteScheduler(**config).config
+    with pytest.raises(UserError, match=needle):
+        build("flow-euler", "learned", base, 5)
+    assert not takes_learned_grid("flow-euler", base, 5, None)  # auto tunes τ on a named grid there instead
+    assert takes_learned_grid("flow-euler", FlowMatchEulerDiscreteScheduler(shift=3.0).config, 5, None)
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,28 @@ def sana_folder(tmp_path_factory):
     return _save_sana(tmp_path_factory.mktemp("sana"))
 
 
-def test_the_fit_s_plain_solver_is_sana_pipeline_s_own_loop(sana_folder):
-    model = load_model(str(sana_folder))
+def _runs_as_fitted(folder, table, guidance: float = 4.5) -> None:
+    """SanaPipeline with `table` swapped in samples what the fit's solver for the table samples, from the same
+    latents and prompt embeddings."""
+    model = load_model(str(folder))
+    model.denoiser.sample_size = SIDE // 2
+    cond = text_conditioning(model.pipeline, ["a dog"], 1)
+    den = model.denoiser.bind(cond)
+    den.guidance_scale = guidance
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(4))
+    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau)
+    pipe = model.pipeline
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=guidance)
+    theirs = pipe(negative_prompt=None, prompt_embeds=cond.values[..., :-1], prompt_attention_mask=cond.values[..., -1],
+                  negative_prompt_embeds=cond.null[..., :-1], negative_prompt_attention_mask=cond.null[..., -1],
+                  num_inference_steps=table.num_inference_steps, height=SIDE, width=SIDE, guidance_scale=guidance,
+                  latents=noise, output_type="latent", use_resolution_binning=False).images
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fit_s_plain_solver_is_sana_pipeline_s_own_loop(sana_folder, dtype):
+    model = load_model(str(sana_folder), torch_dtype=dtype)
     assert model.flow and model.kind == "text"
     model.denoiser.sample_size = state_side(model, SIDE)
     assert model.denoiser.sample_shape == (4, 16, 16)
@@ -75,7 +95,7 @@ def test_the_fit_s_plain_solver_is_sana_pipeline_s_own_loop(sana_folder):
     embeds, mask, null, null_mask = model.pipeline.encode_prompt(prompts, True, "blurry",
                                                                  complex_human_instruction=instruction)
     assert cond.values.shape == (2, 300, 9) and torch.equal(cond.values[..., -1], mask.float())
-    assert torch.allclose(cond.values[..., :-1], embeds) and torch.allclose(cond.null[..., :-1], null)
+    assert torch.equal(cond.values[..., :-1], embeds.float()) and torch.equal(cond.null[..., :-1], null.float())
     assert torch.equal(cond.null[..., -1], null_mask.float()) and not mask.all()  # the padding is masked
     den = model.denoiser.bind(cond)
     den.guidance_scale = 4.5
@@ -91,7 +111,7 @@ def test_the_fit_s_plain_solver_is_sana_pipeline_s_own_loop(sana_folder):
                             negative_prompt_embeds=null, negative_prompt_attention_mask=null_mask,
                             num_inference_steps=3, height=SIDE, width=SIDE, guidance_scale=4.5, latents=noise,
                             output_type="latent", use_resolution_binning=False).images
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.equal(ours, theirs) if dtype == torch.bfloat16 else torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_fit_tunes_a_sana_transformer_and_the_table_changes_sana_pipeline_s_images(sana_folder):
@@ -108,6 +128,7 @@ def test_fit_tunes_a_sana_transformer_and_the_table_changes_sana_pipeline_s_imag
     pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=4.5)
     tuned = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert tuned.shape == plain.shape == (1, SIDE, SIDE, 3) and not (tuned == plain).all()
+    _runs_as_fitted(sana_folder, table)
 
 
 def test_sana_sprint_is_refused_in_one_line(tmp_path):
@@ -131,6 +152,7 @@ def test_auto_on_sana_ranks_the_flow_setups_and_its_winner_runs_in_sana_pipeline
     images = pipe("a dog", num_inference_steps=3, height=SIDE, width=SIDE, output_type="np",
                   use_resolution_binning=False).images
     assert images.shape == (1, SIDE, SIDE, 3) and np.isfinite(images).all()
+    _runs_as_fitted(sana_folder, result.tuned)  # the winner (a learned σ grid where one takes it) as fitted
 
 
 def test_a_resolution_sana_pipeline_cannot_take_is_refused_in_one_line(sana_folder):

@@ -16,6 +16,12 @@ import torch
 from timetuner.errors import UserError
 
 
+def _parts(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The parts of a packed conditioning row as the pipelines hand them: contiguous tensors (a strided view takes
+    other kernels, which in bfloat16 round differently from the pipeline's call)."""
+    return tuple(v.contiguous() for v in views)
+
+
 class Unconditional:
     """`UNet2DModel`: output = model(x, t)."""
 
@@ -53,15 +59,15 @@ class TextSD3(TextUNet):
 
     @staticmethod
     def call(model, x, t, cond):
-        pooled = cond[:, -1, :model.config.pooled_projection_dim]
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond[:, :-1], pooled_projections=pooled).sample
+        embeds, pooled = _parts(cond[:, :-1], cond[:, -1, :model.config.pooled_projection_dim])
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
 
 
 class TextSana(TextUNet):
     """`SanaTransformer2DModel`: Gemma prompt embeddings with their attention mask, which rides in the conditioning
     as one extra channel (`text_conditioning`: SanaPipeline pads every prompt to 300 tokens and masks the padding);
     time scaled by the network's `timestep_scale`; learned-σ channels split off; CFG batch ordered [uncond, cond]
-    as SanaPipeline does (the guided call is TextUNet's over this `call`)."""
+    and combined in float32, as SanaPipeline does."""
 
     conditional = "text"
     default_guidance = 4.5  # SanaPipeline's
@@ -69,11 +75,17 @@ class TextSana(TextUNet):
 
     @staticmethod
     def call(model, x, t, cond):
-        embeds, mask = cond[..., :-1], cond[..., -1]
+        embeds, mask = _parts(cond[..., :-1], cond[..., -1])
         out = model(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
                     timestep=t * model.config.timestep_scale).sample
         channels = model.config.in_channels
         return out[:, :channels] if model.config.out_channels // 2 == channels else out
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond])).float()
+        uncond, text = out.chunk(2)  # in float32, as SanaPipeline combines them (bf16 / fp16 checkpoints)
+        return uncond + scale * (text - uncond)
 
 
 class TextFlux:
@@ -106,7 +118,7 @@ class TextFlux:
         img_ids[..., 1] += torch.arange(h // 2)[:, None]
         img_ids[..., 2] += torch.arange(w // 2)[None, :]
         img_ids = img_ids.reshape(-1, 3).to(x.device, x.dtype)
-        embeds, pooled = cond[:, :-1], cond[:, -1, :model.config.pooled_projection_dim]
+        embeds, pooled = _parts(cond[:, :-1], cond[:, -1, :model.config.pooled_projection_dim])
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
         guidance = None
         if model.config.guidance_embeds:

@@ -216,6 +216,12 @@ def flow_shift(sched, mu: float | None = None) -> float:
     if config.get("shift_terminal"):
         raise UserError(f"{type(sched).__name__} stretches its sigmas to a terminal sigma (shift_terminal); a learned "
                         "sigma grid needs a shift it can invert; accepted: --trajectory uniform, shift1, shift3")
+    rebuilt = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+               if config.get(k)]
+    if rebuilt:  # these rebuild σ from a grid's ends (or flip it): a learned grid's inner points would do nothing
+        raise UserError(f"{type(sched).__name__} is configured with {rebuilt[0]}=True, which rebuilds the sigmas it is "
+                        "handed; a learned sigma grid needs a scheduler that runs them; accepted: a scheduler config "
+                        f"without {rebuilt[0]}, or a named --trajectory")
     if config.get("use_dynamic_shifting"):
         if mu is None:
             raise UserError(f"{type(sched).__name__} shifts its sigmas by the image size (use_dynamic_shifting) and "

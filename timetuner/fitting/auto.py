@@ -26,7 +26,15 @@ import time
 import torch
 
 from timetuner.core.solver import pipeline_refusal
-from timetuner.core.trajectories import STATIC_ONLY, TRAJECTORIES, dynamic_shift, make_scheduler, model_shift
+from timetuner.core.trajectories import (
+    STATIC_ONLY,
+    TRAJECTORIES,
+    build,
+    dynamic_shift,
+    make_scheduler,
+    model_shift,
+)
+from timetuner.errors import UserError
 from timetuner.fitting.config import FitResult
 from timetuner.fitting.grid import on_timesteps
 from timetuner.fitting.method import sample_distance
@@ -77,7 +85,8 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
     """AUTO_TUNED solvers, each once: those that take a learned grid first (on one: `fitting.grid`, which starts
     from the best of the solver's named grids), then the others on their candidate's grid; each group by rank."""
     chosen, seen = [], set()
-    learnable = [c for c in ranked if "learned" in TRAJECTORIES[c["scheduler"]]]
+    learnable = [c for c in ranked if takes_learned_grid(c["scheduler"], setup.base_config, c["run"].solver.nfe_steps,
+                                                         c["run"].solver.mu)]
     for candidate in learnable + [c for c in ranked if c not in learnable]:
         scheduler = candidate["scheduler"]
         if scheduler in seen:
@@ -93,6 +102,18 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
         if len(chosen) == AUTO_TUNED:
             break
     return chosen
+
+
+def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) -> bool:
+    """Whether a solver can learn its grid on this model (a flow scheduler's shift must be invertible: no terminal
+    stretch, no σ rebuilt from the grid's ends)."""
+    if "learned" not in TRAJECTORIES[scheduler]:
+        return False
+    try:
+        build(scheduler, "learned", base_config, nfe, mu=mu)
+    except UserError:
+        return False
+    return True
 
 
 def _tag(candidate: dict) -> str:
