@@ -285,6 +285,8 @@ def test_a_pipeline_folder_and_a_table_saved_before_the_restructure_still_load()
     assert isinstance(pipe.scheduler, TunedScheduler) and sorted(pipe.scheduler.tables) == [4]
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
-    assert np.allclose(images, np.load(fixtures / "pre-move-images.npy"), atol=1e-6, rtol=0)
+    # Sampled then on another CPU: float32 kernels differ there by a few ulps (2.4e-6 seen on pixels in [0, 1]); a
+    # changed τ, grid or solver moves pixels by orders of magnitude more.
+    assert np.allclose(images, np.load(fixtures / "pre-move-images.npy"), atol=1e-5, rtol=0)
     table = TauTable.load(fixtures / "pre-move-table.safetensors")
     assert torch.equal(table.tau, pipe.scheduler.tables[4].tau) and not table.is_identity
