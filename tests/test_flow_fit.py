@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tests.conftest import tiny_config
 from timetuner import TunedScheduler
 from timetuner.cli.main import app
+from timetuner.core.loading import load_model
 from timetuner.core.reference import reference_trajectory
 from timetuner.core.solver import Solver
 from timetuner.core.trajectories import make_scheduler
@@ -94,6 +95,29 @@ def test_every_objective_fits_a_flow_model_and_the_table_loads_into_its_pipeline
     assert torch.allclose(pipe.scheduler.timesteps.double(), table.tau, atol=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["paper", "teacher"])
+def test_the_parallel_strategy_fits_a_flow_model_from_its_forward_process(flow_run, objective):
+    from timetuner.fitting.method import FitInputs, Parallel
+
+    model = load_model(str(flow_run))
+    solver = Solver.named(model.denoiser, model.base_config, "flow-euler", None, 3)
+    x0 = torch.rand((4, 1, 8, 8)) * 2 - 1
+    parallel = Parallel(solver, FitInputs(torch.zeros_like(x0), x0=x0), seed=0)
+    for k in range(3):  # x_σ = (1 − σ_k) x0 + σ_k ε, with the scheduler positioned at k
+        sched, x = parallel.state(k)
+        sigma = float(solver.fresh().sigmas[k])
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7 + 1_000_003 * k))  # ε of evaluation k
+        assert torch.allclose(x, (1 - sigma) * x0 + sigma * eps, atol=1e-6)
+    result = fit(str(flow_run), progress=False, nfe=3, scheduler="flow-euler", strategy="parallel",
+                 objective=objective, data="digits", force=True, **FAST)
+    table = result.tuned
+    assert table.metadata["strategy"] == "parallel" and not table.is_identity and len(result.rows) == 3
+    pipe = DDPMPipeline.from_pretrained(flow_run)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table)
+    assert pipe(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 1)
+
+
 def test_auto_ranks_the_plain_flow_setups(flow_run):
     result = fit(str(flow_run), progress=False, nfe=3, e2e_iters=2, **FAST)
     record = result.table.metadata["auto"]
@@ -107,7 +131,7 @@ def test_auto_ranks_the_plain_flow_setups(flow_run):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--scheduler", "ddim"], "--scheduler ddim does not sample a flow-matching model"),
-    (["--strategy", "parallel", "--scheduler", "flow-euler"], "--strategy parallel builds"),
+    (["--strategy", "parallel", "--scheduler", "flow-unipc"], "--strategy parallel needs a solver whose evaluations"),
 ])
 def test_fit_on_a_flow_model_refuses_ddpm_only_settings_in_one_line(flow_run, args, needle):
     result = runner.invoke(app, ["fit", "--model", str(flow_run), *args])

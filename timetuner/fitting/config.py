@@ -22,7 +22,7 @@ from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
 from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
 from timetuner.table import TauTable, is_flow
 
-PARALLEL_SCHEDULERS = ("ddim", "euler")  # every evaluation is a whole step: no state carried between them
+PARALLEL_SCHEDULERS = ("ddim", "euler", "flow-euler")  # every evaluation is a whole step: no state carried between
 
 
 GRID_GRADIENT = grid_gradient_names()  # dpm++, dpm++3m, dpm++1: their learned grids move with τ (fitting.grid's rule)
@@ -107,9 +107,6 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
     check_choice("--scheduler", config.scheduler, (*SCHEDULERS, "auto"))
     if flow is not None:
         check_family(config.scheduler, flow, also=("auto",))
-    if flow and config.strategy == "parallel":
-        raise UserError("--strategy parallel builds x_t = α x0 + σ ε of a DDPM-style model, and this is a "
-                        "flow-matching model; accepted: --strategy sequential")
     if config.scheduler == "auto" and (config.trajectory is not None or config.strategy != "sequential"):
         raise UserError("--scheduler auto chooses the solver and its grid and fits along its trajectory; accepted: "
                         "no --trajectory, --strategy sequential (or name one --scheduler)")

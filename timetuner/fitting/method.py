@@ -7,8 +7,9 @@ Strategies (how the state x̃_k at evaluation k is obtained):
   sequential  along the solver's own trajectory from a fixed batch of noises, advanced with the τ already fitted
               (Alg. 1). States are cached: each evaluation costs its own search, never a re-rollout (the official
               code re-runs the trajectory from x_T for every k, O(K²)).
-  parallel    x_{t_k} = α x0 + σ ε, x0 from data or the model's own high-NFE samples (Eq. 11); every k is
-              independent. Needs a solver whose every evaluation is a whole step (ddim, euler).
+  parallel    x_{t_k} = α x0 + σ ε (a flow model's: (1 − σ) x0 + σ ε), x0 from data or the model's own high-NFE
+              samples (Eq. 11); every k is independent. Needs a solver whose every evaluation is a whole step
+              (ddim, euler, flow-euler).
 Objectives (what τ_k minimises):
   paper       Eq. (9)/(11): ‖ε_θ(f(x̃_k, τ_k), t_{k+1}) − ε_θ(x̃_k, t_k)‖², f the real `scheduler.step`.
   teacher     ‖f(x̃_k, τ_k) − x^ref_{k+1}‖²: the state after the step against a high-NFE reference trajectory from
@@ -100,7 +101,8 @@ class Sequential:
 
 
 class Parallel:
-    """Eq. (11): x_{t_k} = α x0 + σ ε with fresh ε for every k, and a scheduler positioned at k.
+    """Eq. (11): x_{t_k} = α x0 + σ ε with fresh ε for every k, and a scheduler positioned at k (a flow scheduler's
+    forward process is its `scale_noise`, x_σ = (1 − σ) x0 + σ ε).
 
     ε of evaluation k comes from its own generator (seed, k), so any process can draw any k's state alone.
     """
@@ -115,6 +117,8 @@ class Parallel:
         gen = torch.Generator().manual_seed(self.seed + 7 + 1_000_003 * k)
         eps = torch.randn(self.x0.shape, generator=gen).to(self.x0.device)
         t_k = sched.timesteps[k : k + 1].expand(self.x0.shape[0])
+        if hasattr(sched, "scale_noise"):  # FlowMatch schedulers: no add_noise
+            return sched, sched.scale_noise(self.x0, t_k, eps)
         return sched, sched.add_noise(self.x0, eps, t_k)
 
     def advance(self, k: int, tau: float) -> None:
