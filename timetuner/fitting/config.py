@@ -45,7 +45,7 @@ class FitConfig:
 
     nfe: int = 10  # num_inference_steps of the sampler (Heun: 2·nfe − 1 network evaluations)
     # None: "auto" (rank the plain solvers, tune the best, ship the best against the best plain one) — or, with a
-    # --trajectory or --strategy parallel, which auto does not take, "ddim" (`resolved`)
+    # --trajectory or --strategy parallel, which auto does not take, "ddim" (a flow model: "flow-euler"; `resolved`)
     scheduler: str | None = None
     trajectory: str | None = None  # None: the scheduler's default (timetuner.core.trajectories.DEFAULT_TRAJECTORY)
     strategy: str = "sequential"
