@@ -137,8 +137,10 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
         pipeline = pipeline.to(device)
     network = network_of(pipeline)
     if network is None:
-        raise UserError(f"--model {model!r} has no unet or transformer; accepted: UNet2DModel pipelines (DDPM, "
-                        "DDIM, LDM), Stable Diffusion (UNet2DConditionModel) or DiT pipelines")
+        from timetuner.core.families import FAMILIES
+
+        raise UserError(f"--model {model!r} has no unet or transformer; accepted: pipelines whose network is one of "
+                        f"{', '.join(sorted(FAMILIES))}")
     network.eval().requires_grad_(False)
     vae = latent_decoder(pipeline)
     if vae is not None:
