@@ -3,7 +3,6 @@
     python bench/train.py                            # headline: uniform, SpeeD, CLTS + MDLRC, adaptive; 3 seeds × 8000
     python bench/train.py --grid ablations           # SpeeD without CAW / k = 2, CLTS alone, MDLRC alone, …
     python bench/train.py --report                   # only the summary and plot of the runs recorded so far
-    python bench/train.py --report --rerun bench/results/train-rerun.jsonl   # with uniform rerun on another CPU
     python bench/train.py --overhead                 # per-step wall-clock cost of each method (a quiet machine)
 
 Protocol (docs/training.md): every method trains the `digits` preset (the embedded model's) for `--steps` iterations
@@ -390,9 +389,6 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/timetuner-bench/train"))
     parser.add_argument("--plot", default="bench/results/train_fd.png")
     parser.add_argument("--report", action="store_true", help="summarise the recorded runs only")
-    parser.add_argument("--rerun", default=None, help="also summarise the runs of this file, each as METHOD-rerun "
-                        "against the main file's uniform (a rerun of uniform on another machine: the noise floor "
-                        "of a single-seed comparison)")
     parser.add_argument("--markdown", action="store_true", help="also print the summary as the README's table")
     parser.add_argument("--overhead", action="store_true", help="time the methods' per-step cost only")
     parser.add_argument("--overhead-steps", type=int, default=200)
@@ -428,9 +424,6 @@ def main() -> None:
                 emit({k: record[k] for k in ("figure", "method", "seed", "fd")})
     wanted = run_key("", 0, args)
     curves = [r for r in read_curves(results) if all(r[k] == wanted[k] for k in KEY[2:])]
-    if args.rerun:
-        curves += [{**r, "method": f"{r['method']}-rerun"} for r in read_curves(Path(args.rerun))
-                   if all(r[k] == wanted[k] for k in KEY[2:])]
     targets = [int(s) for s in args.targets.split(",")]
     lines = summarise(curves, targets)
     if args.markdown:
