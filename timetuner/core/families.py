@@ -36,6 +36,7 @@ class TextUNet:
     """`UNet2DConditionModel`: cross-attention on prompt embeddings; CFG batch ordered [uncond, cond] as SD does."""
 
     conditional = "text"
+    float_guidance = False  # combine the two branches in float32 (SanaPipeline), not the network's dtype (SD, SD3)
 
     @staticmethod
     def call(model, x, t, cond):
@@ -44,7 +45,7 @@ class TextUNet:
     @classmethod
     def guided(cls, model, x, t, cond, null, scale: float):
         out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
-        uncond, text = out.chunk(2)
+        uncond, text = (out.float() if cls.float_guidance else out).chunk(2)
         return uncond + scale * (text - uncond)
 
 
@@ -67,11 +68,12 @@ class TextSana(TextUNet):
     """`SanaTransformer2DModel`: Gemma prompt embeddings with their attention mask, which rides in the conditioning
     as one extra channel (`text_conditioning`: SanaPipeline pads every prompt to 300 tokens and masks the padding);
     time scaled by the network's `timestep_scale`; learned-σ channels split off; CFG batch ordered [uncond, cond]
-    and combined in float32, as SanaPipeline does."""
+    and combined in float32, as SanaPipeline does (TextUNet's guided call over this `call`)."""
 
     conditional = "text"
     default_guidance = 4.5  # SanaPipeline's
     pixel_multiple = 32  # SanaPipeline takes image sides in multiples of 32 only
+    float_guidance = True  # SanaPipeline combines the branches in float32 (bf16 / fp16 checkpoints)
 
     @staticmethod
     def call(model, x, t, cond):
@@ -80,12 +82,6 @@ class TextSana(TextUNet):
                     timestep=t * model.config.timestep_scale).sample
         channels = model.config.in_channels
         return out[:, :channels] if model.config.out_channels // 2 == channels else out
-
-    @classmethod
-    def guided(cls, model, x, t, cond, null, scale: float):
-        out = cls.call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond])).float()
-        uncond, text = out.chunk(2)  # in float32, as SanaPipeline combines them (bf16 / fp16 checkpoints)
-        return uncond + scale * (text - uncond)
 
 
 class TextFlux:

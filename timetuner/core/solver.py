@@ -25,7 +25,7 @@ import math
 import torch
 
 from timetuner.core.denoiser import Denoiser
-from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build
+from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build, dynamic_shift
 from timetuner.errors import UserError
 from timetuner.matching import check_mu
 from timetuner.table import TauTable, is_flow, set_grid
@@ -90,6 +90,12 @@ def pipeline_refusal(family, scheduler) -> str | None:
     return None
 
 
+def pipeline_mu(denoiser, config) -> float | None:
+    """The `mu` a pipeline passes a scheduler config that shifts by image size (`use_dynamic_shifting`), for the
+    denoiser's sample size (`Denoiser.dynamic_mu`); None for a static shift."""
+    return denoiser.dynamic_mu(config) if dynamic_shift(config) and hasattr(denoiser, "dynamic_mu") else None
+
+
 def pipeline_grid(family, scheduler, nfe: int) -> list[float] | None:
     """The σ grid a model's pipeline passes `scheduler` on every call (FluxPipeline: linspace(1, 1/N, N)); None where
     it passes none (its family has none, or the scheduler is on flow sigmas, which FluxPipeline hands no σ)."""
@@ -127,9 +133,7 @@ class Solver:
         self.prediction_type = "flow_prediction" if self.flow else config.prediction_type
         self.alphas_cumprod = None if self.flow else scheduler.alphas_cumprod
         self.num_train_timesteps = config.num_train_timesteps
-        if mu is None and config.get("use_dynamic_shifting") and hasattr(denoiser, "dynamic_mu"):
-            mu = denoiser.dynamic_mu(config)
-        self.mu = mu
+        self.mu = pipeline_mu(denoiser, config) if mu is None else mu
         first = self.fresh()
         self.t = first.timesteps.detach().to(torch.float64).cpu()  # t_k, one per network evaluation
         self.init_noise_sigma = float(getattr(first, "init_noise_sigma", 1.0))  # flow schedulers: none (1)
@@ -138,9 +142,7 @@ class Solver:
     def named(cls, denoiser, base_config, scheduler: str, trajectory: str | None, nfe: int) -> Solver:
         """A named solver and grid (`core.trajectories`) built from a pipeline's scheduler config, at K steps."""
         trajectory = trajectory or DEFAULT_TRAJECTORY.get(scheduler)
-        mu = None  # a shift by image size: the one the pipeline computes for the denoiser's sample size
-        if base_config.get("use_dynamic_shifting") and hasattr(denoiser, "dynamic_mu"):
-            mu = denoiser.dynamic_mu(base_config)
+        mu = pipeline_mu(denoiser, base_config)  # a learned σ grid under a shift by image size starts at it
         template, grid = build(scheduler, trajectory, base_config, nfe, mu=mu)
         family = getattr(denoiser, "family", None)
         refusal = pipeline_refusal(family, template)
