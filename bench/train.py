@@ -46,10 +46,18 @@ METHODS = {
     "momentum-decay": {"mdlrc": True, "mdlrc_compensation": False},
     "lognormal": {"sampler": "lognormal"},
     "min-snr": {"weighting": "min-snr"},
+    # The values the CLTS/MDLRC paper leaves open, one changed at a time from the defaults (the `open-values` grid)
+    "clts+momentum": {"sampler": "clts", "mdlrc": True, "mdlrc_compensation": False},
+    "clts+mdlrc-beta0.7": {"sampler": "clts", "mdlrc": True, "mdlrc_beta1_end": 0.7},
+    "clts+mdlrc-ramp1000": {"sampler": "clts", "mdlrc": True, "clts_ramp_steps": 1000},
+    "clts+mdlrc-mu0.2": {"sampler": "clts", "mdlrc": True, "clts_mu": 0.2},
+    "clts+mdlrc-mu0.5": {"sampler": "clts", "mdlrc": True, "clts_mu": 0.5},
 }
 GRIDS = {"headline": ["uniform", "speed", "clts+mdlrc", "adaptive"],
          "ablations": ["uniform", "speed-no-caw", "speed-ffhq", "clts", "mdlrc", "momentum-decay", "lognormal",
-                       "min-snr"]}
+                       "min-snr"],
+         "open-values": ["uniform", "clts+mdlrc", "clts+momentum", "clts+mdlrc-beta0.7", "clts+mdlrc-ramp1000",
+                         "clts+mdlrc-mu0.2", "clts+mdlrc-mu0.5"]}
 BANDS = 10  # timestep bands of the probe loss: [0, 100), [100, 200), …
 FD_FILE = "fd.jsonl"  # inside a run's work folder: one line per evaluation done
 
@@ -74,6 +82,26 @@ def read_curves(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def as_run(record: dict, args) -> dict | None:
+    """The record as a run of `args`' length: itself, or the first `--steps` iterations of a longer recorded run.
+
+    The bench trains at a constant learning rate after warm-up and sets every schedule (CLTS's ramp, MDLRC's decay,
+    the adaptive sampler's updates) in steps, so a longer run's first S iterations are the S-iteration run; its
+    evaluations up to S must be `--evals`. None when the record cannot stand for such a run."""
+    if any(record[k] != getattr(args, k) for k in ("preset", "n", "eval_steps")) or record["steps"] < args.steps:
+        return None
+    if ",".join(str(s) for s, _ in record["fd"] if s <= args.steps) != args.evals:
+        return None
+
+    def cut(pairs):
+        return [p for p in pairs if p[0] <= args.steps]
+
+    if record["steps"] == args.steps:
+        return record
+    return {**record, "steps": args.steps, "evals": args.evals, "cut_from": record["steps"], "fd": cut(record["fd"]),
+            "probe_loss": cut(record["probe_loss"]), "sampler_bucket_mass": cut(record["sampler_bucket_mass"])}
 
 
 def _probe_batch(n_per_band: int):
@@ -374,7 +402,8 @@ def plot(curves: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="headline", help=f"one of {sorted(GRIDS)}")
+    parser.add_argument("--grid", default=None, help=f"one of {sorted(GRIDS)}; default: headline (the report: every "
+                        "recorded method)")
     parser.add_argument("--methods", default=None, help="comma-separated METHODS; default: the grid's")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--preset", default="digits")
@@ -394,9 +423,9 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=200)
     parser.add_argument("--overhead-repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.grid not in GRIDS:
+    if args.grid is not None and args.grid not in GRIDS:
         parser.error(f"--grid {args.grid!r} is invalid; accepted: {', '.join(sorted(GRIDS))}")
-    methods = args.methods.split(",") if args.methods else GRIDS[args.grid]
+    methods = args.methods.split(",") if args.methods else GRIDS[args.grid or "headline"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods {','.join(unknown)!r} is invalid; accepted: {', '.join(METHODS)}")
@@ -408,7 +437,7 @@ def main() -> None:
     if evals[-1] != args.steps or any(s % args.checkpoint_every for s in evals):
         parser.error(f"--evals {args.evals!r} is invalid; accepted: multiples of --checkpoint-every ending at --steps")
     results = Path(args.results)
-    recorded = {same_run(r) for r in read_curves(results)}
+    recorded = {same_run(r) for r in (as_run(record, args) for record in read_curves(results)) if r is not None}
     jobs = [(m, s) for s in map(int, args.seeds.split(",")) for m in methods
             if same_run(run_key(m, s, args)) not in recorded]
     if not args.report and jobs:
@@ -422,8 +451,11 @@ def main() -> None:
                 with results.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 emit({k: record[k] for k in ("figure", "method", "seed", "fd")})
-    wanted = run_key("", 0, args)
-    curves = [r for r in read_curves(results) if all(r[k] == wanted[k] for k in KEY[2:])]
+    # One curve per (method, seed): the run of this length where recorded, else the start of a longer one.
+    runs = sorted((r for r in (as_run(record, args) for record in read_curves(results)) if r is not None),
+                  key=lambda r: "cut_from" not in r)
+    curves = [r for r in {(r["method"], r["seed"]): r for r in runs}.values()
+              if r["method"] in methods or not (args.grid or args.methods)]
     targets = [int(s) for s in args.targets.split(",")]
     lines = summarise(curves, targets)
     if args.markdown:
