@@ -71,6 +71,8 @@ def fit(
     resolution: Annotated[int | None, typer.Option(help="Image side in pixels the table is fitted for (latent "
                                                    "models: its latents are side / the VAE's factor; Flux's mu "
                                                    "follows it). Default: the network's own (Flux: 1024).")] = None,
+    frames: Annotated[int | None, typer.Option(help="Video models: frames per video the table is fitted for (Wan: "
+                                               "1 + a multiple of 4). Default: the pipeline's (Wan: 81).")] = None,
     revision: Revision = None,
     variant: Variant = None,
     dtype: Dtype = None,
@@ -125,7 +127,7 @@ def fit(
                    optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
-                   grid_gradient=grid_gradient, resolution=resolution,
+                   grid_gradient=grid_gradient, resolution=resolution, frames=frames,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))

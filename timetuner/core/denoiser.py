@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.families import TextFlux, TextSana, TextSD3, family_of
+from timetuner.core.families import TextFlux, TextSana, TextSD3, TextWan, family_of
 from timetuner.errors import UserError
 
 
@@ -100,7 +100,8 @@ class Denoiser:
     """
 
     def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
-                 guidance_scale: float | None = None, checkpoint: bool = False, sample_size: int | None = None):
+                 guidance_scale: float | None = None, checkpoint: bool = False, sample_size: int | None = None,
+                 frames: int | None = None):
         self.family = family_of(unet)
         _refuse_integer_time_embedding(unet)
         if conditioning is not None and conditioning.kind != self.family.conditional:
@@ -112,10 +113,13 @@ class Denoiser:
         self.guidance_scale = guidance_scale
         self.checkpoint = checkpoint
         self.sample_size = sample_size  # the state's side (latent models: image side / VAE factor); None: the model's
+        self.frames = frames  # video models: latent frames of a state (`loading.state_frames`); None: the pipeline's
         self._count = [0]  # shared with bound views
         self._watchers: list = []  # callables(n) told of every n evaluations (progress bars); shared with views
         param = next(unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # The network's dtype as its pipeline reads it (diffusers' `ModelMixin.dtype`: a network that keeps some
+        # modules in float32, as Wan's does, is fed its weights' dtype, not its first parameter's)
+        self.device, self.dtype = param.device, getattr(unet, "dtype", param.dtype)
 
     @property
     def evaluations(self) -> int:
@@ -152,17 +156,22 @@ class Denoiser:
         return [] if self.conditioning is None else [self.conditioning.fingerprint(), self.guidance_scale]
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of a state: `sample_size` when set, else the network's own (Flux: its pipeline's default)."""
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of a state — (C, F, H, W) for a video model — `sample_size` (and `frames`) when set, else the
+        network's own (Flux, Wan: their pipeline's default)."""
         c, family = self.unet.config, self.family
         size = self.sample_size or getattr(c, "sample_size", None) or family.default_sample_size
         size = size if isinstance(size, int) else size[0]
-        return (family.channels(self.unet) if hasattr(family, "channels") else c.in_channels, size, size)
+        channels = family.channels(self.unet) if hasattr(family, "channels") else c.in_channels
+        if hasattr(family, "default_frames"):
+            return (channels, self.frames or family.default_frames, size, size)
+        return (channels, size, size)
 
     @property
     def patch(self) -> int:
         """Latents per token side: the pipeline's packing (Flux: 2) times the network's own `patch_size`."""
-        return getattr(self.family, "packing", 1) * (getattr(self.unet.config, "patch_size", None) or 1)
+        patch = getattr(self.unet.config, "patch_size", None) or 1
+        return getattr(self.family, "packing", 1) * (patch[-1] if isinstance(patch, (tuple, list)) else patch)
 
     def dynamic_mu(self, config) -> float:
         """The shift `mu` a pipeline passes a scheduler that shifts by image size (`use_dynamic_shifting`):
@@ -170,7 +179,7 @@ class Denoiser:
         and StableDiffusion3Pipeline compute it."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        _, h, w = self.sample_shape
+        h, w = self.sample_shape[-2:]
         tokens = (h // self.patch) * (w // self.patch)
         return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
@@ -206,6 +215,12 @@ class Denoiser:
                 out = self._forward(xb, tb, values, null)
             outs.append(out.to(torch.float32))
         return torch.cat(outs)
+
+    def as_handed(self, output: torch.Tensor) -> torch.Tensor:
+        """`output` in the dtype its pipeline hands the scheduler: the network's, for a family whose pipeline keeps
+        its latents in float32 and steps on the network's output as it comes (WanPipeline: in bfloat16 the
+        scheduler's σ·output is then a bfloat16 product); else as computed (float32)."""
+        return output.to(self.dtype) if getattr(self.family, "steps_network_dtype", False) else output
 
     def _forward(self, x, t, values, null):
         if values is None:
@@ -259,6 +274,8 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
         cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
                                                              negative_prompt=negatives)  # CFG on: both branches
         cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
+    elif family is TextWan:
+        cond, null = pipe.encode_prompt(list(prompts), negatives, True, device=device)
     elif family is TextSana:
         import inspect
 

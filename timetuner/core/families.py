@@ -5,7 +5,8 @@ An adapter has `conditional` (None, "text" or "class") and `call(model, x, t, co
 x, t, cond, null, scale)`; a guidance-distilled one (`distilled`) takes the scale in `call`. Optional: the pipeline's
 `default_guidance`, and for networks whose config does not say the state's shape, `channels(model)`,
 `default_sample_size`, `packing` (latents per token side, before the network's own patches),
-`pixel_multiple` (what the pipeline requires of an image side) and `pipeline_sigmas(n)`.
+`pixel_multiple` (what the pipeline requires of an image side) and `pipeline_sigmas(n)`; a video family
+(`default_frames`: the pipeline's default, in latent frames) has states (C, F, H, W).
 """
 
 from __future__ import annotations
@@ -125,6 +126,31 @@ class TextFlux:
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+class TextWan:
+    """`WanTransformer3DModel` (Wan 2.1 text-to-video): states (C, F, H, W) of latent video frames; UMT5 prompt
+    embeddings; CFG as WanPipeline computes it — two calls, conditional and unconditional, combined in the network's
+    dtype (not one batch of 2N: in bfloat16 a batched call rounds differently from the pipeline's)."""
+
+    conditional = "text"
+    default_guidance = 5.0  # WanPipeline's
+    default_frames = 21  # latent frames: WanPipeline's num_frames 81 at the VAE's temporal factor 4
+    default_sample_size = 60  # latent side: 480 px (the short side of WanPipeline's 480×832) at the VAE's factor 8
+    steps_network_dtype = True  # float32 latents, the network-dtype output handed to the scheduler as it comes
+
+    @staticmethod
+    def channels(model) -> int:
+        return model.config.in_channels
+
+    @staticmethod
+    def call(model, x, t, cond):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond).sample
+
+    @classmethod
+    def guided(cls, model, x, t, cond, null, scale: float):
+        text, uncond = cls.call(model, x, t, cond), cls.call(model, x, t, null)
+        return uncond + scale * (text - uncond)
+
+
 class ClassTransformer:
     """DiT: class labels through AdaLN-Zero; CFG batch ordered [cond, null] and learned σ split off as DiTPipeline."""
 
@@ -155,6 +181,7 @@ FAMILIES: dict[str, type] = {
     "SD3Transformer2DModel": TextSD3,
     "FluxTransformer2DModel": TextFlux,
     "SanaTransformer2DModel": TextSana,
+    "WanTransformer3DModel": TextWan,
 }
 
 

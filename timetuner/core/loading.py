@@ -141,6 +141,7 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
 
         raise UserError(f"--model {model!r} has no unet or transformer; accepted: pipelines whose network is one of "
                         f"{', '.join(sorted(FAMILIES))}")
+    _refuse_two_experts(pipeline, model)
     network.eval().requires_grad_(False)
     vae = latent_decoder(pipeline)
     if vae is not None:
@@ -149,11 +150,25 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
                       name=model or "embedded:digits-ddpm", path=path, pipeline=pipeline, vae=vae)
 
 
+def _refuse_two_experts(pipeline, model) -> None:
+    """Wan 2.2's two-expert pipelines (a second transformer below `boundary_ratio`) and per-token timesteps
+    (`expand_timesteps`, TI2V) sample otherwise than one network at one time per state: refused in one line."""
+    config = getattr(pipeline, "config", {})
+    if getattr(pipeline, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
+        raise UserError(f"--model {model!r} switches between two transformers at boundary_ratio (Wan 2.2 A14B); "
+                        "accepted: pipelines with one network (Wan 2.1, SD3, Flux, Sana, ...)")
+    if config.get("expand_timesteps"):
+        raise UserError(f"--model {model!r} feeds per-token timesteps (expand_timesteps, Wan 2.2 TI2V); accepted: "
+                        "pipelines that feed one time per state (Wan 2.1)")
+
+
 def state_side(setup: ModelSetup, resolution: int) -> int:
     """The side of a sample's state for images of `resolution` pixels: the image side for pixel models, side / the
     VAE's factor for latent ones (Flux packs 2×2 latents, so twice the factor must divide it); UserError if it
     does not divide."""
-    factor = 1 if setup.vae is None else int(getattr(setup.pipeline, "vae_scale_factor", None)
+    pipe = setup.pipeline
+    factor = 1 if setup.vae is None else int(getattr(pipe, "vae_scale_factor", None)
+                                             or getattr(pipe, "vae_scale_factor_spatial", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
     multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
     if resolution % multiple:
@@ -161,6 +176,28 @@ def state_side(setup: ModelSetup, resolution: int) -> int:
                         f"network's patch, and what its pipeline takes); accepted: e.g. "
                         f"{max(1, round(resolution / multiple)) * multiple}")
     return resolution // factor
+
+
+def state_frames(setup: ModelSetup, frames: int) -> int:
+    """Latent frames of a video model's state for `frames` video frames (WanPipeline's num_frames: 1 + a multiple of
+    the VAE's temporal factor); UserError for an image model or a count the pipeline would round."""
+    if not hasattr(setup.denoiser.family, "default_frames"):
+        raise UserError(f"--frames {frames} is for video models; accepted: no --frames for "
+                        f"{type(setup.network).__name__} (an image model)")
+    factor = int(getattr(setup.pipeline, "vae_scale_factor_temporal", 4))
+    if frames < 1 or (frames - 1) % factor:
+        raise UserError(f"--frames {frames} is invalid; accepted: 1 + a multiple of {factor} (what the pipeline "
+                        f"samples without rounding), e.g. {max(1, (frames - 1) // factor) * factor + 1}")
+    return (frames - 1) // factor + 1
+
+
+def size_state(setup: ModelSetup, resolution: int | None = None, frames: int | None = None) -> None:
+    """Set the denoiser's state size for images of `resolution` pixels and videos of `frames` frames (None: the
+    model's own), as a fit records them and an evaluation of its table restores them."""
+    if resolution is not None:
+        setup.denoiser.sample_size = state_side(setup, resolution)
+    if frames is not None:
+        setup.denoiser.frames = state_frames(setup, frames)
 
 
 def network_of(pipeline):
@@ -175,10 +212,20 @@ def latent_decoder(pipeline):
 
 def decode_latents(vae, latents, batch_size: int = 16):
     """Images in about [-1, 1] from latents, as the pipelines decode them (divide by the VAE's scaling factor; SD3 and
-    Flux then add its shift factor)."""
+    Flux then add its shift factor). Video latents (N, C, F, H, W) are de-normalised by the VAE's per-channel
+    `latents_mean` / `latents_std` as WanPipeline does and decoded to their frames, N·F' images in sample order."""
     import torch
 
     param = next(vae.parameters())
+    if latents.dim() == 5:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(param.device, param.dtype)
+        inverse_std = (1.0 / torch.tensor(vae.config.latents_std)).view(shape).to(param.device, param.dtype)
+        with torch.no_grad():  # WanPipeline's own arithmetic, so decoded frames match its output
+            videos = [vae.decode(chunk.to(param.device, param.dtype) / inverse_std + mean).sample.to(torch.float32)
+                      for chunk in latents.split(batch_size)]
+        video = torch.cat(videos).to(latents.device)
+        return video.transpose(1, 2).reshape(-1, video.shape[1], *video.shape[-2:])
     scale = getattr(vae.config, "scaling_factor", 1.0)
     shift = getattr(vae.config, "shift_factor", None)
     with torch.no_grad():

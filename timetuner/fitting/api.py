@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from timetuner.core.loading import ModelSetup, load_model, state_side
+from timetuner.core.loading import ModelSetup, load_model, size_state
 from timetuner.fitting.auto import fit_auto
 from timetuner.fitting.config import FitConfig, FitResult, check_out, checked_config, default_out, scale_suffix
 from timetuner.fitting.run import fit_one
@@ -34,8 +34,7 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
         setup = ModelSetup.from_network(unet, base_scheduler_config)
         setup.name = model or setup.name
     config = checked_config(flow=setup.flow, **options)  # the model's family known: its solvers and defaults
-    if config.resolution is not None:
-        setup.denoiser.sample_size = state_side(setup, config.resolution)
+    size_state(setup, config.resolution, config.frames)
     if config.scheduler == "auto":
         return fit_auto(config, setup, out, progress)
     return fit_one(config, setup, out, progress)

@@ -75,6 +75,7 @@ class FitConfig:
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
     resolution: int | None = None  # image side in pixels (latents: side / VAE factor); None: the network's own
+    frames: int | None = None  # video models: frames per video (Wan: 1 + 4k); None: the pipeline's default (81)
     force: bool = False
     # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
     guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, DiT 4.0); <= 1: no CFG
@@ -120,6 +121,8 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
     if config.resolution is not None and config.resolution < 1:
         raise UserError(f"--resolution {config.resolution} is invalid; accepted: an image side in pixels, e.g. 1024")
+    if config.frames is not None and config.frames < 1:
+        raise UserError(f"--frames {config.frames} is invalid; accepted: a frame count, e.g. 81")
     if config.reference_n < 0:
         raise UserError(f"--reference-n {config.reference_n} is invalid; accepted: integers >= 0 (0: no "
                         "distribution gap)")

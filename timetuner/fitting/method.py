@@ -196,7 +196,7 @@ class Paper(PerEvaluation):
         def loss(tau):
             s = copy.deepcopy(sched)
             x_next = solver.advance(s, x, k, tau)
-            return (solver.eps_at(s, x_next, k + 1) - target).pow(2).mean(dim=(1, 2, 3))
+            return (solver.eps_at(s, x_next, k + 1) - target).pow(2).flatten(1).mean(1)
 
         return loss
 
@@ -212,7 +212,7 @@ class Teacher(PerEvaluation):
 
         def loss(tau):
             s = copy.deepcopy(sched)
-            return (solver.advance(s, x, k, tau) - target_next).pow(2).mean(dim=(1, 2, 3))
+            return (solver.advance(s, x, k, tau) - target_next).pow(2).flatten(1).mean(1)
 
         return loss
 

@@ -14,7 +14,7 @@ import torch
 
 from timetuner.assets import EVAL_PROMPTS
 from timetuner.core.cache import cache_key
-from timetuner.core.loading import load_model, load_pipeline, network_of, state_side
+from timetuner.core.loading import load_model, load_pipeline, network_of, size_state
 from timetuner.core.progress import counting
 from timetuner.core.prompts import check_applies, check_disjoint, read_prompts
 from timetuner.core.reference import reference_trajectory
@@ -66,8 +66,8 @@ class Setup:
         self.model = load_model(model, pipeline=pipe, device="cuda" if torch.cuda.is_available() else None)
         self.den, self.vae, self.kind = self.model.denoiser, self.model.vae, self.model.kind
         self.fitted = self.table.metadata.get("fit_config", {})
-        if self.fitted.get("resolution"):  # the image size the table was fitted at (Flux: its mu)
-            self.den.sample_size = state_side(self.model, int(self.fitted["resolution"]))
+        # the image (and video) size the table was fitted at (Flux: its mu)
+        size_state(self.model, self.fitted.get("resolution"), self.fitted.get("frames"))
         rows, negative = self._held_out_rows(prompts, class_labels, negative_prompt)
         self.held_out = HeldOut(self.model, self.table.metadata.get("eval_seed", EVAL_SEED_OFFSET), rows, negative,
                                 self.fitted.get("reference", "dpm++"),  # the fit's reference solver: same figures
