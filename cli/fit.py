@@ -68,9 +68,10 @@ def fit(
                                                        " 3,5,7.5 fits one table per scale (Flux: its distilled "
                                                        "guidance). Default: the pipeline's (SD 7.5, SD3 7, Flux 3.5, "
                                                        "DiT 4).")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Image side in pixels the table is fitted for (latent "
-                                                   "models: its latents are side / the VAE's factor; Flux's mu "
-                                                   "follows it). Default: the network's own (Flux: 1024).")] = None,
+    resolution: Annotated[str | None, typer.Option(help="Image size in pixels the table is fitted for: a side "
+                                                   "(1024) or HEIGHTxWIDTH (768x1344); latent models: its latents "
+                                                   "are size / the VAE's factor; Flux's mu follows it. Default: the "
+                                                   "network's own (Flux: 1024).")] = None,
     frames: Annotated[int | None, typer.Option(help="Video models: frames per video the table is fitted for (Wan: "
                                                "1 + a multiple of 4). Default: the pipeline's (Wan: 81).")] = None,
     revision: Revision = None,
@@ -115,7 +116,7 @@ def fit(
 
     from timetuner.core.distributed import current, launched, relaunch
     from timetuner.core.loading import load_pipeline, parse_dtype, quiet_loading
-    from timetuner.core.prompts import parse_class_labels, parse_guidance_scales
+    from timetuner.core.prompts import parse_class_labels, parse_guidance_scales, parse_resolution
     from timetuner.errors import UserError
     from timetuner.fitting.api import fit_scales
     from timetuner.fitting.config import check_before_loading
@@ -127,7 +128,7 @@ def fit(
                    optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
-                   grid_gradient=grid_gradient, resolution=resolution, frames=frames,
+                   grid_gradient=grid_gradient, resolution=parse_resolution(resolution), frames=frames,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))

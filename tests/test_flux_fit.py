@@ -192,8 +192,38 @@ def test_auto_on_flux_ranks_the_setups_that_follow_its_mu(flux_folder):
     assert images.shape == (1, SIDE, SIDE, 3) and np.isfinite(images).all()
 
 
+def test_a_table_fitted_at_height_by_width_runs_in_flux_pipeline_as_fitted_at_that_size_only(flux_folder, tmp_path):
+    from timetuner.measuring.evaluation import Setup
+
+    size = (SIDE, 2 * SIDE)  # height × width: 8·16 tokens, another mu than the square's
+    result = fit(str(flux_folder), progress=False, nfe=3, scheduler="flow-euler", e2e_iters=2, force=True,
+                 prompts=("a cat",), eval_prompts=("a dog",), resolution=size, **FAST)
+    table = result.tuned
+    assert list(table.metadata["fit_config"]["resolution"]) == list(size) and not table.is_identity
+    table.save(tmp_path / "tau.safetensors")  # eval samples at the size it was fitted at
+    setup = Setup(str(tmp_path / "tau.safetensors"), str(flux_folder))
+    assert setup.den.sample_shape == (4, *size) and setup.sampler.mu == pytest.approx(table.mu)
+    model = load_model(str(flux_folder))
+    model.denoiser.sample_size = state_side(model, size)
+    cond = text_conditioning(model.pipeline, ["a dog"], 1)
+    den = model.denoiser.bind(cond)
+    den.guidance_scale = 3.5
+    noise = torch.randn((1, 4, *size), generator=torch.Generator().manual_seed(5))
+    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau)
+    pipe = model.pipeline
+    pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=3.5)
+    call = dict(prompt_embeds=cond.values[:, :-1], pooled_prompt_embeds=cond.values[:, -1, :8], num_inference_steps=3,
+                guidance_scale=3.5, latents=_pack(noise), output_type="latent")
+    theirs = pipe(**call, height=SIDE, width=2 * SIDE).images  # FluxPipeline's mu at this size is the table's
+    assert torch.allclose(_pack(ours), theirs, atol=1e-5)
+    with pytest.raises(UserError, match="mu follows the image size"):
+        pipe(**dict(call, latents=None), height=2 * SIDE, width=2 * SIDE)
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--resolution", "15"], "--resolution 15 is not a multiple of 2"),
+    (["--resolution", "16x15"], "--resolution 16x15 is not a multiple of 2"),
+    (["--resolution", "16x"], "--resolution 16x is invalid"),
     (["--resolution", "0"], "--resolution 0 is invalid"),
     (["--negative-prompt", "blurry", "--resolution", "16"], "distils guidance into the network"),
     (["--scheduler", "flow-euler", "--trajectory", "shift3", "--resolution", "16"],

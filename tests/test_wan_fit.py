@@ -73,7 +73,7 @@ def _pipeline_latents(pipe, cond, noise, steps: int, guidance: float) -> torch.T
 def test_the_fit_s_plain_solver_is_wan_pipeline_s_own_loop(wan_folder, dtype):
     model = load_model(str(wan_folder), torch_dtype=dtype)
     assert model.flow and model.kind == "text"
-    assert model.denoiser.sample_shape == (16, 21, 60, 60)  # WanPipeline's 81 frames, 480 px (its short side)
+    assert model.denoiser.sample_shape == (16, 21, 60, 104)  # WanPipeline's default: 81 frames of 480 × 832 px
     size_state(model, SIDE, FRAMES)
     assert model.denoiser.sample_shape == SHAPE
     prompts = ["a cat", "a dog"]
@@ -160,3 +160,9 @@ def test_wan_2_2_two_expert_pipelines_are_refused_in_one_line(tmp_path):
     _one_line(runner.invoke(app, ["fit", "--model", str(folder), "--nfe", "3"]), "boundary_ratio")
     with pytest.raises(UserError, match="two transformers"):
         load_model(str(folder))
+
+
+def test_a_wan_state_is_latent_frames_by_height_by_width(wan_folder):
+    model = load_model(str(wan_folder))
+    size_state(model, (32, 64), 9)  # 9 frames of 32 × 64 px: 3 latent frames of 4 × 8 latents
+    assert model.denoiser.sample_shape == (16, 3, 4, 8)

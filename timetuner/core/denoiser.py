@@ -100,7 +100,8 @@ class Denoiser:
     """
 
     def __init__(self, unet, batch_size: int = 1024, conditioning: Conditioning | None = None,
-                 guidance_scale: float | None = None, checkpoint: bool = False, sample_size: int | None = None,
+                 guidance_scale: float | None = None, checkpoint: bool = False,
+                 sample_size: int | tuple[int, int] | None = None,
                  frames: int | None = None):
         self.family = family_of(unet)
         _refuse_integer_time_embedding(unet)
@@ -112,7 +113,8 @@ class Denoiser:
         self.conditioning = conditioning
         self.guidance_scale = guidance_scale
         self.checkpoint = checkpoint
-        self.sample_size = sample_size  # the state's side (latent models: image side / VAE factor); None: the model's
+        # the state's side, or (height, width) (latent models: image size / VAE factor); None: the model's own
+        self.sample_size = sample_size
         self.frames = frames  # video models: latent frames of a state (`loading.state_frames`); None: the pipeline's
         self._count = [0]  # shared with bound views
         self._watchers: list = []  # callables(n) told of every n evaluations (progress bars); shared with views
@@ -161,11 +163,11 @@ class Denoiser:
         network's own (Flux, Wan: their pipeline's default)."""
         c, family = self.unet.config, self.family
         size = self.sample_size or getattr(c, "sample_size", None) or family.default_sample_size
-        size = size if isinstance(size, int) else size[0]
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
         channels = family.channels(self.unet) if hasattr(family, "channels") else c.in_channels
         if hasattr(family, "default_frames"):
-            return (channels, self.frames or family.default_frames, size, size)
-        return (channels, size, size)
+            return (channels, self.frames or family.default_frames, h, w)
+        return (channels, h, w)
 
     @property
     def patch(self) -> int:

@@ -134,7 +134,7 @@ class TextWan:
     conditional = "text"
     default_guidance = 5.0  # WanPipeline's
     default_frames = 21  # latent frames: WanPipeline's num_frames 81 at the VAE's temporal factor 4
-    default_sample_size = 60  # latent side: 480 px (the short side of WanPipeline's 480×832) at the VAE's factor 8
+    default_sample_size = (60, 104)  # latents of WanPipeline's default 480 × 832 px at the VAE's factor 8
     steps_network_dtype = True  # float32 latents, the network-dtype output handed to the scheduler as it comes
 
     @staticmethod

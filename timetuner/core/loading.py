@@ -162,20 +162,22 @@ def _refuse_two_experts(pipeline, model) -> None:
                         "pipelines that feed one time per state (Wan 2.1)")
 
 
-def state_side(setup: ModelSetup, resolution: int) -> int:
-    """The side of a sample's state for images of `resolution` pixels: the image side for pixel models, side / the
-    VAE's factor for latent ones (Flux packs 2×2 latents, so twice the factor must divide it); UserError if it
-    does not divide."""
+def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tuple[int, int]:
+    """The side of a sample's state for images of `resolution` pixels — a side, or (height, width), read from a
+    fit's record as a list too — the image side for pixel models, side / the VAE's factor for latent ones (Flux packs
+    2×2 latents, so twice the factor must divide it); UserError if it does not divide."""
     pipe = setup.pipeline
     factor = 1 if setup.vae is None else int(getattr(pipe, "vae_scale_factor", None)
                                              or getattr(pipe, "vae_scale_factor_spatial", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
     multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
-    if resolution % multiple:
-        raise UserError(f"--resolution {resolution} is not a multiple of {multiple} (the VAE's factor times the "
-                        f"network's patch, and what its pipeline takes); accepted: e.g. "
-                        f"{max(1, round(resolution / multiple)) * multiple}")
-    return resolution // factor
+    sides = tuple(int(v) for v in resolution) if isinstance(resolution, (tuple, list)) else (int(resolution),)
+    if any(side % multiple for side in sides):
+        nearest = "x".join(str(max(1, round(side / multiple)) * multiple) for side in sides)
+        raise UserError(f"--resolution {'x'.join(map(str, sides))} is not a multiple of {multiple} (the VAE's factor "
+                        f"times the network's patch, and what its pipeline takes); accepted: e.g. {nearest}")
+    state = tuple(side // factor for side in sides)
+    return state[0] if len(set(state)) == 1 else state
 
 
 def state_frames(setup: ModelSetup, frames: int) -> int:
@@ -191,7 +193,7 @@ def state_frames(setup: ModelSetup, frames: int) -> int:
     return (frames - 1) // factor + 1
 
 
-def size_state(setup: ModelSetup, resolution: int | None = None, frames: int | None = None) -> None:
+def size_state(setup: ModelSetup, resolution: int | tuple[int, int] | None = None, frames: int | None = None) -> None:
     """Set the denoiser's state size for images of `resolution` pixels and videos of `frames` frames (None: the
     model's own), as a fit records them and an evaluation of its table restores them."""
     if resolution is not None:

@@ -48,6 +48,18 @@ def check_disjoint(fit_prompts: list[str], eval_prompts: list[str], held_out: st
                         "accepted: disjoint prompt sets, so the held-out verdict measures unseen prompts")
 
 
+def parse_resolution(text: str | None) -> int | tuple[int, int] | None:
+    """'1024' → 1024 (a square image's side); '768x1344' → (768, 1344) (height × width, as pipelines take them)."""
+    if text is None:
+        return None
+    parts = str(text).lower().replace("×", "x").split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        sides = tuple(int(p) for p in parts)
+        return sides[0] if len(sides) == 1 or sides[0] == sides[1] else sides
+    raise UserError(f"--resolution {text} is invalid; accepted: an image side in pixels (1024) or "
+                    "HEIGHTxWIDTH (768x1344)")
+
+
 def parse_guidance_scales(text: str | None) -> list[float | None]:
     """'3,5,7.5' → [3.0, 5.0, 7.5]; None → [None] (the pipeline's default scale). Each finite, ≥ 1, distinct."""
     if text is None:

@@ -201,7 +201,9 @@ class Solver:
         return self.den(scaled_input(sched, x, sched.timesteps[k]), tau)
 
     def step(self, sched, output, x, k: int):
-        return sched.step(self.den.as_handed(output), sched.timesteps[k], x, **self.step_kwargs).prev_sample
+        handed = getattr(self.den, "as_handed", None)  # a Denoiser's dtype rule; any other callable: as it returns
+        output = output if handed is None else handed(output)
+        return sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
 
     def advance(self, sched, x, k: int, tau):
         """One evaluation and update with network time τ (in place on `sched`)."""

@@ -74,7 +74,8 @@ class FitConfig:
     reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
-    resolution: int | None = None  # image side in pixels (latents: side / VAE factor); None: the network's own
+    # image side in pixels, or (height, width) (latents: / VAE factor); None: the network's own
+    resolution: int | tuple[int, int] | None = None
     frames: int | None = None  # video models: frames per video (Wan: 1 + 4k); None: the pipeline's default (81)
     force: bool = False
     # Conditional models only (None: the defaults below, resolved and recorded by `fit`).
@@ -119,8 +120,13 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
     for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
         if value is not None and value < 2:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
-    if config.resolution is not None and config.resolution < 1:
-        raise UserError(f"--resolution {config.resolution} is invalid; accepted: an image side in pixels, e.g. 1024")
+    sides = config.resolution if isinstance(config.resolution, (tuple, list)) else (config.resolution,)
+    if config.resolution is not None and (len(sides) not in (1, 2) or min(sides) < 1):
+        raise UserError(f"--resolution {'x'.join(map(str, sides))} is invalid; accepted: an image side in pixels "
+                        "(1024) or (height, width) (768x1344)")
+    if len(set(sides)) == 2 and config.data is not None:
+        raise UserError(f"--resolution {'x'.join(map(str, sides))} is not square and --data images are loaded "
+                        "square; accepted: a square --resolution with --data, or no --data")
     if config.frames is not None and config.frames < 1:
         raise UserError(f"--frames {config.frames} is invalid; accepted: a frame count, e.g. 81")
     if config.reference_n < 0:
