@@ -333,6 +333,29 @@ def markdown(lines: list[dict], targets: list[int]) -> str:
     return "\n".join(rows)
 
 
+def against(curves: list[dict], base: str) -> str:
+    """Each method's FD minus `base`'s at every evaluation, paired by seed: mean [95 % bootstrap interval over
+    seeds] (the open values of a method against its defaults, where uniform's yardstick is too coarse)."""
+    by = {}
+    for c in curves:
+        by.setdefault(c["method"], {})[c["seed"]] = c
+    reference = by.get(base, {})
+    steps = [s for s, _ in next(iter(reference.values()))["fd"]] if reference else []
+    rows = ["| method | seeds | " + " | ".join(f"FD − {base}'s at {s}" for s in steps) + " |",
+            "|" + "---|" * (len(steps) + 2)]
+    for method, runs in by.items():
+        seeds = sorted(set(runs) & set(reference))
+        if method == base or not seeds:
+            continue
+        cells = []
+        for step in steps:
+            diff = [fd_at(runs[s]["fd"], step) - fd_at(reference[s]["fd"], step) for s in seeds]
+            ci = bootstrap_mean(diff) if len(diff) > 1 else None
+            cells.append(f"{np.mean(diff):+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"))
+        rows.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def where_it_learns(curves: list[dict], steps: tuple[int, ...] = (1000, 2000, 8000)) -> str:
     """Why a method is faster or not, measured: its EMA model's probe loss per band of 100 timesteps divided by
     uniform's at the same seed and iteration (mean over paired seeds), beside the sampler's mass per band there."""
@@ -419,6 +442,8 @@ def main() -> None:
     parser.add_argument("--plot", default="bench/results/train_fd.png")
     parser.add_argument("--report", action="store_true", help="summarise the recorded runs only")
     parser.add_argument("--markdown", action="store_true", help="also print the summary as the README's table")
+    parser.add_argument("--against", default=None, help="with --markdown: also each method's FD minus this "
+                        "method's, paired by seed, at every evaluation (e.g. clts+mdlrc for the open-values grid)")
     parser.add_argument("--overhead", action="store_true", help="time the methods' per-step cost only")
     parser.add_argument("--overhead-steps", type=int, default=200)
     parser.add_argument("--overhead-repeats", type=int, default=3)
@@ -462,6 +487,9 @@ def main() -> None:
         print(markdown(lines, targets))
         print()
         print(where_it_learns(curves))
+        if args.against:
+            print()
+            print(against(curves, args.against))
     if curves:
         plot(curves, args.plot)
 
