@@ -64,7 +64,7 @@ class TrainConfig:
     clts_sigma: float = 0.2
     clts_lambda_start: float = 0.0
     clts_lambda_end: float = 0.8
-    clts_ramp_steps: int = 4000  # in steps, never a fraction of --steps (samplers.CLTSSampler)
+    clts_ramp_steps: int = 1000  # measured (docs/training.md); in steps, never a fraction of --steps
     lognormal_mean: float = -1.2
     lognormal_std: float = 1.2
     logit_normal_mean: float = 0.0

@@ -284,7 +284,7 @@ class CLTSSampler(StaticSampler):
 
     def __init__(self, num_train_timesteps: int, noise_scheduler=None, importance: bool = False,
                  mu: float = 0.3, sigma: float = 0.2, lambda_start: float = 0.0, lambda_end: float = 0.8,
-                 ramp_steps: int = 4000):
+                 ramp_steps: int = 1000):
         super().__init__(num_train_timesteps, noise_scheduler, importance)
         self.mu = check_range("--clts-mu", mu, 0.0, 1.0)
         self.sigma = check_range("--clts-sigma", sigma, 0.0, math.inf, low_open=True, high_open=True)
