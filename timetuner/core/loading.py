@@ -10,6 +10,7 @@ from pathlib import Path
 
 from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 from timetuner.core.denoiser import Denoiser
+from timetuner.core.prompts import format_resolution
 from timetuner.errors import UserError, check_choice
 from timetuner.scheduler import model_hash
 from timetuner.table import is_flow
@@ -173,8 +174,8 @@ def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tu
     multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
     sides = tuple(int(v) for v in resolution) if isinstance(resolution, (tuple, list)) else (int(resolution),)
     if any(side % multiple for side in sides):
-        nearest = "x".join(str(max(1, round(side / multiple)) * multiple) for side in sides)
-        raise UserError(f"--resolution {'x'.join(map(str, sides))} is not a multiple of {multiple} (the VAE's factor "
+        nearest = format_resolution([max(1, round(side / multiple)) * multiple for side in sides])
+        raise UserError(f"--resolution {format_resolution(sides)} is not a multiple of {multiple} (the VAE's factor "
                         f"times the network's patch, and what its pipeline takes); accepted: e.g. {nearest}")
     state = tuple(side // factor for side in sides)
     return state[0] if len(set(state)) == 1 else state

@@ -60,6 +60,12 @@ def parse_resolution(text: str | None) -> int | tuple[int, int] | None:
                     "HEIGHTxWIDTH (768x1344)")
 
 
+def format_resolution(resolution: int | tuple[int, ...] | list[int]) -> str:
+    """1024 → '1024'; (768, 1344) or [768, 1344] → '768x1344' — the inverse of parse_resolution, for messages."""
+    sides = resolution if isinstance(resolution, (tuple, list)) else (resolution,)
+    return "x".join(str(side) for side in sides)
+
+
 def parse_guidance_scales(text: str | None) -> list[float | None]:
     """'3,5,7.5' → [3.0, 5.0, 7.5]; None → [None] (the pipeline's default scale). Each finite, ≥ 1, distinct."""
     if text is None:

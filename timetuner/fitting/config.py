@@ -14,7 +14,14 @@ from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
 from timetuner.core.data import list_images
 from timetuner.core.families import family_of
 from timetuner.core.loading import resolve_model
-from timetuner.core.prompts import DEFAULT_GUIDANCE, check_applies, check_disjoint, prompt_set, scale_tag
+from timetuner.core.prompts import (
+    DEFAULT_GUIDANCE,
+    check_applies,
+    check_disjoint,
+    format_resolution,
+    prompt_set,
+    scale_tag,
+)
 from timetuner.core.trajectories import DEFAULT_TRAJECTORY, SCHEDULERS, TRAJECTORIES, check_family
 from timetuner.errors import UserError, check_choice
 from timetuner.fitting.grid import grid_gradient_names
@@ -122,10 +129,10 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
     sides = config.resolution if isinstance(config.resolution, (tuple, list)) else (config.resolution,)
     if config.resolution is not None and (len(sides) not in (1, 2) or min(sides) < 1):
-        raise UserError(f"--resolution {'x'.join(map(str, sides))} is invalid; accepted: an image side in pixels "
+        raise UserError(f"--resolution {format_resolution(sides)} is invalid; accepted: an image side in pixels "
                         "(1024) or (height, width) (768x1344)")
     if len(set(sides)) == 2 and config.data is not None:
-        raise UserError(f"--resolution {'x'.join(map(str, sides))} is not square and --data images are loaded "
+        raise UserError(f"--resolution {format_resolution(sides)} is not square and --data images are loaded "
                         "square; accepted: a square --resolution with --data, or no --data")
     if config.frames is not None and config.frames < 1:
         raise UserError(f"--frames {config.frames} is invalid; accepted: a frame count, e.g. 81")
