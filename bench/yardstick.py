@@ -2,12 +2,16 @@
 
     python bench/yardstick.py [--model M] [--ns 250,500,1000,2000,4000] [--sets 3] [--reference-n 10000]
     python bench/yardstick.py --floor-only --floor-n 4000   # the floor alone, at another n
+    python bench/yardstick.py --model assets/digits-flow --floor-only --floor-sets 6   # + on the leaderboard's sets
 
 On `--sets` independent held-out noise sets, for two samplers at NFE 10 (plain DDIM, uniform steps, and plain
 DPM-Solver++ 2M on Align-Your-Steps steps), from the same noises:
 - "paired": for each n, the 95 % paired-bootstrap interval of the change in distribution gap between them, its
   width against 10 % of DDIM-10's own distribution gap (the issue's bar: width < that), and the x0 gap's;
 - "floor": the distribution gap of the reference sampler's own samples (other noises) and of pure noise;
+- "floor_sets" (with `--floor-sets K`): the reference sampler's own distribution gap on each of the held-out sets
+  1 … K that `bench/solvers.py` scores every method on, and their mean — the floor of the leaderboard's column (one
+  set of n is one draw of it);
 - "subsets": DDIM-10's distribution gap at the default n against random halves of the reference set (the spread
   that comes from the reference set's own size).
 """
@@ -42,6 +46,7 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--floor-n", type=int, default=DEFAULT_N, help="samples of the floor's two sets")
     parser.add_argument("--floor-only", action="store_true", help="only the floor line (at --floor-n)")
+    parser.add_argument("--floor-sets", type=int, default=0, help="also the floor on held-out sets 1 … this many")
     args = parser.parse_args()
     ns = [int(v) for v in args.ns.split(",")]
 
@@ -83,6 +88,14 @@ def main() -> None:
           "kid_reference_sampler_other_noises": round(yard.dist_kid(own), 5),
           "dist_gap_pure_noise": round(yard.dist_gap(noise_feats), 3),
           "kid_pure_noise": round(yard.dist_kid(noise_feats), 5)})
+    if args.floor_sets:
+        own_gaps = [yard.dist_gap(yard.features(reference_samples(den, base, held.noise(args.floor_n, set_seed(s)),
+                                                                  "dpm++", 100)))
+                    for s in range(1, args.floor_sets + 1)]
+        emit({"figure": "floor_sets", "n": args.floor_n, "reference_n": args.reference_n,
+              "sets": list(range(1, args.floor_sets + 1)),
+              "dist_gap_reference_sampler": [round(v, 3) for v in own_gaps],
+              "mean": round(float(np.mean(own_gaps)), 3)})
     if args.floor_only:
         return
     rng = np.random.default_rng(0)
