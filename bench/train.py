@@ -402,16 +402,21 @@ def plot(curves: list[dict], path: str) -> None:
     for c in curves:
         by.setdefault(c["method"], []).append(c)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for method, runs in by.items():
+    palette = plt.get_cmap("tab20").colors  # one colour per method in both panels, distinct up to 20 methods
+    for i, (method, runs) in enumerate(by.items()):
+        color = palette[(2 * i) % 20 + (i // 10) % 2]
+        style = "-" if len(runs) > 1 else "--"  # single-seed runs (ablations) dashed
         steps = [s for s, _ in runs[0]["fd"]]
         fds = np.array([[f for _, f in r["fd"]] for r in runs])
-        ax.plot(steps, fds.mean(0), marker="o", ms=3, label=f"{method} (seeds={len(runs)})")
+        ax.plot(steps, fds.mean(0), style, marker="o", ms=3, color=color, label=f"{method} (seeds={len(runs)})")
         if len(runs) > 1:
-            ax.fill_between(steps, fds.min(0), fds.max(0), alpha=0.15)
+            ax.fill_between(steps, fds.min(0), fds.max(0), color=color, alpha=0.15)
         if method == "adaptive":  # learned: its logged mass per band of 100 timesteps at each evaluation
-            for step, mass in runs[0]["sampler_bucket_mass"][:: max(1, len(steps) // 3)]:
+            logged = runs[0]["sampler_bucket_mass"][:: max(1, len(steps) // 3)]
+            for j, (step, mass) in enumerate(logged):
                 if mass is not None:
-                    bx.step(np.arange(0, 1000, 100), np.asarray(mass) / 100, where="post", alpha=0.7,
+                    bx.step(np.arange(0, 1000, 100), np.asarray(mass) / 100, where="post", color=color,
+                            alpha=0.35 + 0.65 * (j + 1) / len(logged),
                             label=f"adaptive p(t), step {step} (seed {runs[0]['seed']})")
             continue
         config = TrainConfig(out="unused", **runs[0]["config"])
@@ -419,7 +424,7 @@ def plot(curves: list[dict], path: str) -> None:
         sampler, weighting = build_sampler(config, scheduler), build_weighting(config)
         step = steps[-1]
         pw = sampler.probabilities(step) * weighting(torch.arange(1000), scheduler).double()
-        bx.plot(np.arange(1000), (pw / pw.sum()).numpy(), label=f"{method} (step {step})")
+        bx.plot(np.arange(1000), (pw / pw.sum()).numpy(), style, color=color, label=f"{method} (step {step})")
     ax.set_yscale("log")
     ax.set(xlabel="training iteration", ylabel="FD vs held-out digits (digits features)")
     bx.set(xlabel="timestep t", ylabel="p(t)·w(t), normalised")
