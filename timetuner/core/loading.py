@@ -10,7 +10,7 @@ from pathlib import Path
 
 from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 from timetuner.core.denoiser import Denoiser
-from timetuner.core.prompts import format_resolution
+from timetuner.core.prompts import format_resolution, resolution_sides
 from timetuner.errors import UserError, check_choice
 from timetuner.scheduler import model_hash
 from timetuner.table import is_flow
@@ -172,7 +172,7 @@ def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tu
                                              or getattr(pipe, "vae_scale_factor_spatial", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
     multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
-    sides = tuple(int(v) for v in resolution) if isinstance(resolution, (tuple, list)) else (int(resolution),)
+    sides = tuple(int(v) for v in resolution_sides(resolution))
     if any(side % multiple for side in sides):
         nearest = format_resolution([max(1, round(side / multiple)) * multiple for side in sides])
         raise UserError(f"--resolution {format_resolution(sides)} is not a multiple of {multiple} (the VAE's factor "

@@ -60,10 +60,14 @@ def parse_resolution(text: str | None) -> int | tuple[int, int] | None:
                     "HEIGHTxWIDTH (768x1344)")
 
 
+def resolution_sides(resolution: int | tuple[int, ...] | list[int]) -> tuple:
+    """1024 → (1024,); (768, 1344), or [768, 1344] as a fit's record holds it → (768, 1344)."""
+    return tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution,)
+
+
 def format_resolution(resolution: int | tuple[int, ...] | list[int]) -> str:
     """1024 → '1024'; (768, 1344) or [768, 1344] → '768x1344' — the inverse of parse_resolution, for messages."""
-    sides = resolution if isinstance(resolution, (tuple, list)) else (resolution,)
-    return "x".join(str(side) for side in sides)
+    return "x".join(str(side) for side in resolution_sides(resolution))
 
 
 def parse_guidance_scales(text: str | None) -> list[float | None]:

@@ -20,6 +20,7 @@ from timetuner.core.prompts import (
     check_disjoint,
     format_resolution,
     prompt_set,
+    resolution_sides,
     scale_tag,
 )
 from timetuner.core.trajectories import DEFAULT_TRAJECTORY, SCHEDULERS, TRAJECTORIES, check_family
@@ -127,7 +128,7 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
     for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
         if value is not None and value < 2:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 2 (intervals need two samples)")
-    sides = config.resolution if isinstance(config.resolution, (tuple, list)) else (config.resolution,)
+    sides = resolution_sides(config.resolution)
     if config.resolution is not None and (len(sides) not in (1, 2) or min(sides) < 1):
         raise UserError(f"--resolution {format_resolution(sides)} is invalid; accepted: an image side in pixels "
                         "(1024) or (height, width) (768x1344)")
