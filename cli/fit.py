@@ -52,6 +52,14 @@ def fit(
         help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory learned): after the grid search, move the "
              "grid by gradient jointly with τ (LD3). Default: on wherever it applies at --nfe <= 8; above, τ "
              "alone on the searched grid (it served the distribution gap better there: docs/results.md).")] = None,
+    coefficients: Annotated[bool | None, typer.Option(
+        "--coefficients/--no-coefficients",
+        help="e2e: learn the solver's coefficients with τ (per step: corrections on the last data predictions and an "
+             "output scale; dpm++, dpm++3m, unipc, deis, flow-euler, flow-dpm++, flow-unipc). Default: auto tunes "
+             "its solver with and without them and ships what wins on held-out seeds; a named --scheduler fits "
+             "none.")] = None,
+    coefficient_iters: Annotated[int | None, typer.Option(
+        help="e2e with --coefficients: Adam iterations. Default: 60.")] = None,
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "
@@ -128,7 +136,8 @@ def fit(
                    optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
-                   grid_gradient=grid_gradient, resolution=parse_resolution(resolution), frames=frames,
+                   grid_gradient=grid_gradient, coefficients=coefficients, coefficient_iters=coefficient_iters,
+                   resolution=parse_resolution(resolution), frames=frames,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),
                    eval_class_labels=None if eval_labels is None else tuple(eval_labels))

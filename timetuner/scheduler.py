@@ -41,6 +41,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from timetuner.coefficients import Corrector
 from timetuner.errors import UserError
 from timetuner.matching import (  # noqa: F401 (check_model, model_hash: their old home, still imported from here)
     check_model,
@@ -54,7 +55,7 @@ from timetuner.matching import (  # noqa: F401 (check_model, model_hash: their o
     solver_for,
     table_scale,
 )
-from timetuner.table import TauTable, as_array, set_grid
+from timetuner.table import TauTable, as_array, is_flow, set_grid
 
 logger = logging.getLogger(__name__)
 MATCH_ATOL = 1e-4  # how close a table's t must be to the scheduler's own timesteps, and a passed value to τ_k
@@ -64,7 +65,7 @@ OWN = "_timetuner"  # the config key holding the wrapper's own settings
 MAPPED = {"scale_model_input": "_scale_model_input", "scale_noise": "_scale_noise"}
 # Attributes that live on the wrapper itself; every other attribute is the wrapped scheduler's.
 OWN_ATTRIBUTES = frozenset({"inner", "tables", "_own", "_step_params", "_set_params", "_tau", "_tau_values",
-                            "_inner_timesteps", "_k", "_warned"})
+                            "_inner_timesteps", "_k", "_warned", "_corrector"})
 
 
 class TunedScheduler(SchedulerMixin, ConfigMixin):
@@ -87,6 +88,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         self._inner_timesteps = None
         self._k = 0
         self._warned = False
+        self._corrector = None  # the active table's learned coefficients (`timetuner.coefficients`), else None
         for table in (tables or {}).values():
             self._add(TauTable.from_dict(table))
 
@@ -255,7 +257,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
                 self.inner.set_timesteps(num_inference_steps, **args)
             else:
                 self.inner.set_timesteps(**args)
-        self._k, self._tau = 0, None
+        self._k, self._tau, self._corrector = 0, None, None
         if table is None:
             if steps in self.tables and custom:
                 logger.warning("TunedScheduler got a schedule of its own (%s) for %s steps, not the table's grid; "
@@ -274,6 +276,8 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         self._inner_timesteps = t
         self._tau = table.tau.to(device=t.device, dtype=torch.float32)
         self._tau_values = [float(v) for v in self._tau.tolist()]
+        if table.has_coefficients:
+            self._corrector = Corrector(self.inner, table.corrections.float(), table.scale.float(), is_flow(self.inner))
 
     def _inner_t(self, timestep):
         """The solver's t for the value a pipeline passed: t_k for τ_k (k the current evaluation, else the index
@@ -298,12 +302,23 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True, **kwargs):
-        """The wrapped scheduler's update with its own t_k; `eta` and `generator` are named so pipelines pass them."""
+        """The wrapped scheduler's update with its own t_k; `eta` and `generator` are named so pipelines pass them.
+        A table with learned coefficients scales the output handed to it and corrects what it returns."""
         t = self._inner_t(timestep)
         offered = dict(eta=eta, use_clipped_model_output=use_clipped_model_output, generator=generator,
                        variance_noise=variance_noise, **kwargs)
         extra = {k: v for k, v in offered.items() if k in self._step_params}
+        k, corrector = self._k, self._corrector
+        if corrector is not None:
+            model_output = corrector.scaled(k, model_output)
         out = self.inner.step(model_output, t, sample, return_dict=return_dict, **extra)
+        if corrector is not None:
+            prev = out.prev_sample if return_dict else out[0]
+            prev = corrector.corrected(self.inner, k, model_output, sample, prev)
+            if return_dict:
+                out.prev_sample = prev
+            else:
+                out = (prev, *out[1:])
         self._k += 1
         return out
 

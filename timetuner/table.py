@@ -5,8 +5,12 @@ Notation (paper §3, Alg. 1):
     t    the timesteps the solver uses for its update coefficients (the scheduler's own `timesteps`)
     tau  τ, the timesteps the network is fed instead, one per network evaluation
 
-Stored as safetensors (tensors `t`, `tau`, float64) with the metadata as JSON in the header: which scheduler
-and configuration, step count, model, how it was fitted, and how well it did on held-out seeds. No pickle.
+    corrections, scale   optional learned solver coefficients c_{k,j} and output scales o_k
+                         (`timetuner.coefficients`; absent: the solver's own update)
+
+Stored as safetensors (tensors `t`, `tau`, float64, and `corrections`, `scale` where learned) with the metadata as
+JSON in the header: which scheduler and configuration, step count, model, how it was fitted, and how well it did on
+held-out seeds. No pickle.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timetuner.coefficients import check_coefficients, history_length, refusal
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
 
@@ -36,6 +41,8 @@ class TauTable:
     t: torch.Tensor
     tau: torch.Tensor
     metadata: dict = field(default_factory=dict)
+    corrections: torch.Tensor | None = None  # (K, J): c_{k,j}; None with `scale`: no learned coefficients
+    scale: torch.Tensor | None = None  # (K,): o_k
 
     def __post_init__(self):
         t = torch.as_tensor(self.t, dtype=torch.float64).flatten()
@@ -43,6 +50,16 @@ class TauTable:
         object.__setattr__(self, "t", t)
         object.__setattr__(self, "tau", tau)
         _validate(t, tau, self.metadata, source="TauTable")
+        if self.corrections is None and self.scale is None:
+            return
+        n = t.numel()  # one given: the other is the solver's own (no correction, scale 1)
+        corrections = (torch.zeros(n, 1, dtype=torch.float64) if self.corrections is None
+                       else torch.as_tensor(self.corrections, dtype=torch.float64))
+        scale = torch.ones(n, dtype=torch.float64) if self.scale is None else torch.as_tensor(self.scale,
+                                                                                             dtype=torch.float64)
+        check_coefficients(corrections, scale, n, "TauTable")
+        object.__setattr__(self, "corrections", corrections)
+        object.__setattr__(self, "scale", scale)
 
     @property
     def nfe(self) -> int:
@@ -63,9 +80,19 @@ class TauTable:
         return dict(self.metadata.get("scheduler_config", {}))
 
     @property
+    def has_coefficients(self) -> bool:
+        """True when the table carries learned solver coefficients other than the solver's own (c = 0, o = 1)."""
+        return self.corrections is not None and bool(self.corrections.any() or (self.scale != 1).any())
+
+    @property
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(corrections, scale) in float32 as `Solver.rollout` takes them; None without learned coefficients."""
+        return (self.corrections.float(), self.scale.float()) if self.has_coefficients else None
+
+    @property
     def is_identity(self) -> bool:
-        """True when τ = t everywhere (the plain sampler)."""
-        return bool(torch.equal(self.t, self.tau))
+        """True when τ = t everywhere and no coefficients are learned (the plain sampler)."""
+        return bool(torch.equal(self.t, self.tau)) and not self.has_coefficients
 
     @classmethod
     def identity(cls, scheduler, num_inference_steps: int, timesteps: list[int] | None = None,
@@ -107,8 +134,13 @@ class TauTable:
         return None if value is None else float(value)
 
     def with_tau(self, tau, **metadata) -> TauTable:
-        """A copy with new τ values and extra metadata."""
-        return TauTable(self.t, torch.as_tensor(tau, dtype=torch.float64), {**self.metadata, **metadata})
+        """A copy with new τ values and extra metadata (coefficients kept)."""
+        return TauTable(self.t, torch.as_tensor(tau, dtype=torch.float64), {**self.metadata, **metadata},
+                        self.corrections, self.scale)
+
+    def with_coefficients(self, corrections, scale, **metadata) -> TauTable:
+        """A copy with learned solver coefficients (`timetuner.coefficients`; None, None: none)."""
+        return TauTable(self.t, self.tau, {**self.metadata, **metadata}, corrections, scale)
 
     def check_scheduler(self, scheduler) -> None:
         """Raise a UserError unless `scheduler` has this table's class and configuration."""
@@ -123,6 +155,14 @@ class TauTable:
             if key in mine and key in theirs and mine[key] != theirs[key]:
                 raise UserError(f"table made for {name} with {key}={mine[key]!r} cannot load onto one with "
                                 f"{key}={theirs[key]!r}; accepted: the table's configuration")
+        if self.has_coefficients:
+            why = refusal(scheduler)
+            if why:
+                raise UserError(f"table's learned coefficients: {why}")
+            if self.corrections.shape[1] > history_length(scheduler):
+                raise UserError(f"table's corrections reach {self.corrections.shape[1]} outputs back; {name} at "
+                                f"solver_order {scheduler.config.get('solver_order', 1)} keeps "
+                                f"{history_length(scheduler)}; accepted: the solver the table was fitted for")
         lo, hi = time_range(scheduler)
         lo, hi = min(lo, float(self.t.min())), max(hi, float(self.t.max()))  # the grid itself is in range
         if (self.tau < lo - 1e-6).any() or (self.tau > hi + 1e-6).any():
@@ -135,6 +175,8 @@ class TauTable:
 
         header = {"format": FORMAT, "metadata": json.dumps(self.metadata, sort_keys=True, default=_json_default)}
         tensors = {"t": self.t.contiguous(), "tau": self.tau.contiguous()}
+        if self.corrections is not None:
+            tensors.update(corrections=self.corrections.contiguous(), scale=self.scale.contiguous())
         return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
@@ -153,27 +195,32 @@ class TauTable:
         except Exception as err:  # safetensors raises several types for a damaged file
             raise UserError(f"table {str(path)!r} is not a readable safetensors file ({err.__class__.__name__})"
                             "; accepted: a file written by `timetuner fit`") from None
-        if header.get("format") != FORMAT or set(tensors) != {"t", "tau"}:
-            raise UserError(f"table {str(path)!r} is not a timetuner table (format {header.get('format')!r}); "
-                            f"accepted: format {FORMAT!r} with tensors t and tau")
+        if header.get("format") != FORMAT or set(tensors) not in ({"t", "tau"}, {"t", "tau", "corrections", "scale"}):
+            raise UserError(f"table {str(path)!r} is not a timetuner table (format {header.get('format')!r}, tensors "
+                            f"{sorted(tensors)}); accepted: format {FORMAT!r} with tensors t and tau (and "
+                            "corrections, scale)")
         try:
             metadata = json.loads(header["metadata"])
         except (KeyError, json.JSONDecodeError):
             raise UserError(f"table {str(path)!r} has corrupt metadata; accepted: a file written by "
                             "`timetuner fit`") from None
         try:
-            return cls(tensors["t"], tensors["tau"], metadata)
+            return cls(tensors["t"], tensors["tau"], metadata, tensors.get("corrections"), tensors.get("scale"))
         except UserError as err:
             raise UserError(f"table {str(path)!r}: {err}") from None
 
     def to_dict(self) -> dict:
         """Plain JSON-able form (what `TunedScheduler` stores in its saved config)."""
-        return {"t": self.t.tolist(), "tau": self.tau.tolist(), "metadata": self.metadata}
+        coefficients = {} if self.corrections is None else {"corrections": self.corrections.tolist(),
+                                                             "scale": self.scale.tolist()}
+        return {"t": self.t.tolist(), "tau": self.tau.tolist(), "metadata": self.metadata, **coefficients}
 
     @classmethod
     def from_dict(cls, data: dict) -> TauTable:
-        return cls(torch.tensor(data["t"], dtype=torch.float64), torch.tensor(data["tau"], dtype=torch.float64),
-                   dict(data.get("metadata", {})))
+        def tensor(key):
+            return None if data.get(key) is None else torch.tensor(data[key], dtype=torch.float64)
+
+        return cls(tensor("t"), tensor("tau"), dict(data.get("metadata", {})), tensor("corrections"), tensor("scale"))
 
 
 def set_grid(scheduler, num_inference_steps: int, timesteps: list[int] | None = None, device=None,

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from timetuner.coefficients import Corrector
 from timetuner.core.denoiser import Denoiser
 from timetuner.core.trajectories import DEFAULT_TRAJECTORY, build, dynamic_shift
 from timetuner.errors import UserError
@@ -200,14 +201,23 @@ class Solver:
         """Network output at τ for the scaled input of evaluation k (scheduler state as given)."""
         return self.den(scaled_input(sched, x, sched.timesteps[k]), tau)
 
-    def step(self, sched, output, x, k: int):
+    def step(self, sched, output, x, k: int, corrector: Corrector | None = None):
+        """The scheduler's update of evaluation k; with `corrector`, its learned coefficients applied as
+        `TunedScheduler.step` applies them (output scaled before, correction added after)."""
         handed = getattr(self.den, "as_handed", None)  # a Denoiser's dtype rule; any other callable: as it returns
         output = output if handed is None else handed(output)
-        return sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
+        if corrector is not None:
+            output = corrector.scaled(k, output)
+        x_next = sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
+        return x_next if corrector is None else corrector.corrected(sched, k, output, x, x_next)
 
-    def advance(self, sched, x, k: int, tau):
+    def advance(self, sched, x, k: int, tau, corrector: Corrector | None = None):
         """One evaluation and update with network time τ (in place on `sched`)."""
-        return self.step(sched, self.model_output(sched, x, k, tau), x, k)
+        return self.step(sched, self.model_output(sched, x, k, tau), x, k, corrector)
+
+    def corrector(self, sched, coefficients) -> Corrector | None:
+        """A run's `Corrector` for (corrections, scale) on `sched` (None: the solver's own update)."""
+        return None if coefficients is None else Corrector(sched, *coefficients, self.flow)
 
     def eps_at(self, sched, x, k: int):
         """ε_θ at the honest time of evaluation k (t_k), or at t = 0 after the last evaluation."""
@@ -220,19 +230,21 @@ class Solver:
             return x_in + (1.0 - sigma) * self.den(x_in, t)
         return to_epsilon(self.den(x_in, t), x_in, t, self.alphas_cumprod, self.prediction_type)
 
-    def rollout(self, noise, taus=None, keep_states: bool = False, times=None):
+    def rollout(self, noise, taus=None, keep_states: bool = False, times=None, coefficients=None):
         """Sample from unit-variance noise with network times `taus` (None: plain); final state (and states).
         `times`: the solver's own t_k as a (differentiable) tensor in place of its integer grid — the update
         coefficients then follow them (solvers that read their grid only through `scheduler.sigmas`: the learned grid's
-        rule, `timetuner.fitting.grid.takes_grid_gradient`); the last σ (0) stays."""
+        rule, `timetuner.fitting.grid.takes_grid_gradient`); the last σ (0) stays. `coefficients`: learned
+        (corrections, scale) (`timetuner.coefficients`; `TauTable.coefficients`), None: the solver's own update."""
         sched = self.fresh()
         if times is not None:
             sigmas = sigma_at(self.alphas_cumprod, times).to(sched.sigmas.device)
             sched.sigmas = torch.cat([sigmas, sched.sigmas[self.evaluations:].detach()])
+        corrector = self.corrector(sched, coefficients)
         x = noise * self.init_noise_sigma
         states = [x]
         for k in range(self.evaluations):
-            x = self.advance(sched, x, k, sched.timesteps[k] if taus is None else taus[k])
+            x = self.advance(sched, x, k, sched.timesteps[k] if taus is None else taus[k], corrector)
             states.append(x)
         return (x, states) if keep_states else x
 

@@ -8,7 +8,9 @@ them, not with the same solver untuned. So `auto`:
    evaluations per sample each, no held-out data touched;
 2. tunes `AUTO_TUNED` solvers, each once, those that take an explicit grid first, each group by rank: the
    timestep grid where the solver takes one (`fitting.grid`, starting from the best of its named grids), then τ
-   with the configured objective, each with its own checkpoint;
+   with the configured objective, each with its own checkpoint — and, where the solver takes them, a second variant
+   on the same searched grid that learns the solver's coefficients with τ (`timetuner.coefficients`; `--coefficients`
+   keeps only it, `--no-coefficients` only the first);
 3. judges every tuned candidate on the held-out noises against the **best plain candidate** (`evaluation.judge`,
    the same yardstick as everywhere) and writes the tuned table that beats it with the lowest distribution gap
    (x0 gap without one) — or, when none does, the identity table of the best plain candidate: its solver and
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+from timetuner.coefficients import refusal
 from timetuner.core.solver import pipeline_refusal
 from timetuner.core.trajectories import (
     STATIC_ONLY,
@@ -36,8 +39,9 @@ from timetuner.core.trajectories import (
 from timetuner.errors import UserError
 from timetuner.fitting.config import FitResult
 from timetuner.fitting.grid import on_timesteps
+from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.method import sample_distance
-from timetuner.fitting.run import announce, prepare, table_metadata
+from timetuner.fitting.run import announce, prepare, table_metadata, tuned_table
 from timetuner.measuring.verdict import judge
 
 # solver × grid; all take one network evaluation per step (Heun and DPM-Solver-2 take two and are left out, so
@@ -92,7 +96,8 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
             continue
         seen.add(scheduler)
         if candidate in learnable:
-            run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned"), setup)
+            run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory="learned", coefficients=False),
+                          setup)
             # the ranking's rollouts of this solver's named grids: the grid search's start losses, not rolled again
             run.known_grid_losses = {c["grid"]: c["grid_loss"] for c in ranked
                                      if c["scheduler"] == scheduler and on_timesteps(c["run"].solver)}
@@ -101,6 +106,24 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
         if len(chosen) == AUTO_TUNED:
             break
     return chosen
+
+
+def variants(candidate: dict, config, setup):
+    """The tuned variants of one chosen candidate, in order: τ (with its grid), then τ with learned coefficients on
+    the grid the first one searched (prepared once the first is fitted); `config.coefficients` True / False keeps
+    only the second / the first, and a solver that cannot take coefficients has only the first."""
+    first = candidate["run"]
+    takes = refusal(first.solver.template) is None
+    if config.coefficients is not True or not takes:
+        yield {**candidate, "coefficients": False}
+    if config.coefficients is False or not takes:
+        return
+    run = prepare(dataclasses.replace(first.config, coefficients=True), setup)
+    run.known_grid_losses = first.known_grid_losses
+    if first.grid_record is not None:  # fitted above: its searched grid (before any gradient moved it)
+        searched = first.grid_record.get("gradient", {}).get("searched", [float(v) for v in first.solver.grid])
+        run.given_grid = (searched, first.grid_record)
+    yield {**candidate, "run": run, "coefficients": True}
 
 
 def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) -> bool:
@@ -114,7 +137,8 @@ def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) 
 
 
 def _tag(candidate: dict) -> str:
-    return f"{candidate['scheduler']}-{candidate['trajectory']}"
+    return f"{candidate['scheduler']}-{candidate['trajectory']}" + ("+coefficients" if candidate.get("coefficients")
+                                                                    else "")
 
 
 def _score(held: dict) -> float:
@@ -131,11 +155,11 @@ def fit_auto(config, setup, out, progress: bool = True):
     yardstick = best_plain.yardstick(progress)
     label = best_plain.held_out.reference_label
     tuned = []
-    for candidate in _to_tune(ranked, config, setup):
+    for candidate in (v for chosen in _to_tune(ranked, config, setup) for v in variants(chosen, config, setup)):
         run = candidate["run"]
         store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
         taus, rows = run.fit(store, progress, announce(run, progress))  # each tuned candidate's plan, then its fit
-        images = run.held_out_images(taus, plain=False)[0]
+        images = run.held_out_images(taus, plain=False, coefficients=row_coefficients(rows))[0]
         held = run.world.broadcast(judge(yardstick, plain_images, images, reference, label)
                                    if run.world.is_main else None)
         tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store})
@@ -143,12 +167,12 @@ def fit_auto(config, setup, out, progress: bool = True):
     chosen = min(winners, key=lambda c: _score(c["held_out"])) if winners else tuned[0]
     better = bool(winners)
     seconds = time.perf_counter() - started
-    table, tuned_table = _tables(chosen, ranked, tuned, better, seconds, config, setup)
+    table, tuned_one = _tables(chosen, ranked, tuned, better, seconds, config, setup)
     if out is not None and best_plain.world.is_main:
         table.save(out)
         for candidate in tuned:
             candidate["store"].clear()
-    return FitResult(table=table, tuned=tuned_table, rows=chosen["rows"], held_out=chosen["held_out"],
+    return FitResult(table=table, tuned=tuned_one, rows=chosen["rows"], held_out=chosen["held_out"],
                      better=better, seconds=seconds, network_evaluations=setup.denoiser.evaluations,
                      fit_evaluations=setup.denoiser.evaluations, config=chosen["run"].config)
 
@@ -157,8 +181,9 @@ def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
     else the identity table of the best plain candidate; both record the whole selection."""
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
-              "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"], "held_out_vs_best_plain":
-                         c["held_out"]} for c in tuned],
+              "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"],
+                         "coefficients": c.get("coefficients", False), "held_out_vs_best_plain": c["held_out"]}
+                        for c in tuned],
               "best_plain": _tag(ranked[0]),
               "winner": f"{_tag(chosen)} (tuned)" if better else f"{_tag(ranked[0])} (plain)"}
     if config.force and not better:  # written as asked, though the best plain candidate won
@@ -166,11 +191,11 @@ def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     run = chosen["run"]
     meta = table_metadata(run, chosen["rows"], chosen["held_out"], better, seconds, setup.denoiser.evaluations)
     meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}")
-    tuned_table = run.solver.identity_table(**meta).with_tau(torch.tensor(chosen["taus"], dtype=torch.float64))
+    tuned = tuned_table(run, meta, chosen["taus"], row_coefficients(chosen["rows"]))
     if better or config.force:
-        return tuned_table, tuned_table
+        return tuned, tuned
     plain = ranked[0]["run"]
     plain_meta = table_metadata(plain, [], chosen["held_out"], False, seconds, setup.denoiser.evaluations)
     plain_meta.update(auto=record, compared_with=f"best plain candidate {_tag(ranked[0])}",
                       identity_because_not_better=True)
-    return plain.solver.identity_table(**plain_meta), tuned_table
+    return plain.solver.identity_table(**plain_meta), tuned

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from timetuner.assets import EVAL_PROMPTS, FIT_PROMPTS
+from timetuner.coefficients import COEFFICIENT_SOLVERS
 from timetuner.core.data import list_images
 from timetuner.core.families import family_of
 from timetuner.core.loading import resolve_model
@@ -42,6 +43,8 @@ E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
 # The grid gradient's default reach: up to NFE 8 it lowered the distribution gap, at NFE 10 it raised it while
 # lowering the x0 gap (docs/results.md, "The figures behind the defaults").
 GRID_GRADIENT_MAX_NFE = 8
+# Coefficients learned with τ: Adam's step and iterations (docs/results.md, "Learned solver coefficients").
+COEFFICIENT_LR, COEFFICIENT_ITERS = 0.01, 60
 
 
 DEFAULT_EVAL_SAMPLES = DEFAULT_N  # the held-out protocol's constants have one home: timetuner.measuring.yardstick
@@ -79,6 +82,11 @@ class FitConfig:
     # and e2e (`resolved`).
     grid_gradient: bool | None = None
     e2e_grid_lr: float = 0.02  # Adam's step on the grid's log-gaps (0.05 moved it too far at NFE 5)
+    # e2e: learn the solver's coefficients with τ (`timetuner.coefficients`). None: auto tunes its solver both with
+    # and without them and ships what wins on its held-out set; a named solver fits none (`resolved`).
+    coefficients: bool | None = None
+    e2e_coefficient_lr: float = COEFFICIENT_LR  # Adam's step on the corrections and the log output scales
+    coefficient_iters: int | None = None  # e2e iterations of a fit with coefficients; None: COEFFICIENT_ITERS
     reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
@@ -142,7 +150,8 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
                         "distribution gap)")
     for name, value in (("--nfe", config.nfe), ("--samples", config.samples),
                         ("--reference-steps", config.reference_steps), ("--adam-iters", config.adam_iters),
-                        ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points)):
+                        ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points),
+                        ("--coefficient-iters", config.coefficient_iters)):
         if value < 1:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
     if config.grid_gradient and not grid_can_move(config):
@@ -150,6 +159,8 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
                         f"auto, or --scheduler {'/'.join(GRID_GRADIENT)} --trajectory learned, with --objective e2e "
                         f"(given: --scheduler {config.scheduler}, --trajectory {config.trajectory}, --objective "
                         f"{config.objective})")
+    if config.coefficients:
+        check_coefficients_apply(config)
     if config.trajectory is not None and config.trajectory not in TRAJECTORIES.get(config.scheduler, {}):
         raise UserError(f"--trajectory {config.trajectory!r} is not available for --scheduler {config.scheduler}; "
                         f"accepted: {', '.join(sorted(TRAJECTORIES[config.scheduler]))}")
@@ -183,7 +194,22 @@ def resolved(config: FitConfig, flow: bool | None = None) -> FitConfig:
     if config.grid_gradient is None:
         on = config.nfe <= GRID_GRADIENT_MAX_NFE and grid_can_move(config) and not flow
         config = dataclasses.replace(config, grid_gradient=on)
+    if config.coefficients is None and config.scheduler != "auto":
+        config = dataclasses.replace(config, coefficients=False)
+    if config.coefficient_iters is None:
+        config = dataclasses.replace(config, coefficient_iters=COEFFICIENT_ITERS)
     return config
+
+
+def check_coefficients_apply(config: FitConfig) -> None:
+    """--coefficients: an e2e fit (sequential) of a solver that takes them (`timetuner.coefficients`), or auto."""
+    takes = [name for name, (cls, _) in SCHEDULERS.items() if cls in COEFFICIENT_SOLVERS]
+    if config.objective not in (None, "e2e") or config.strategy != "sequential":
+        raise UserError(f"--coefficients are fitted end to end; accepted: --objective e2e --strategy sequential "
+                        f"(given: --objective {config.objective}, --strategy {config.strategy})")
+    if config.scheduler != "auto" and config.scheduler not in takes:
+        raise UserError(f"--coefficients: --scheduler {config.scheduler} cannot take learned coefficients; accepted: "
+                        f"auto, {', '.join(takes)}")
 
 
 def grid_can_move(config: FitConfig) -> bool:

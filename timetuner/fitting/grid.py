@@ -200,16 +200,17 @@ def integer_grid(times: list[float], total: int) -> list[int]:
     return out
 
 
-def on_integer_grid(solver, inputs, times: torch.Tensor, taus: torch.Tensor, before: float):
-    """(grid, τ, loss) of a fit's continuous grid rounded to integer timesteps, the loss of the real rollout on it;
-    the plain solver where rounding undid the gain (not seen in practice)."""
+def on_integer_grid(solver, inputs, times: torch.Tensor, taus: torch.Tensor, before: float, coefficients=None):
+    """(grid, τ, loss, coefficients) of a fit's continuous grid rounded to integer timesteps, the loss of the real
+    rollout on it (with the fit's learned `coefficients`); the plain solver where rounding undid the gain (not seen
+    in practice)."""
     grid = integer_grid(times.tolist(), solver.num_train_timesteps)
     with torch.no_grad():
-        final = solver.with_grid(grid).rollout(inputs.noise, taus)
+        final = solver.with_grid(grid).rollout(inputs.noise, taus, coefficients=coefficients)
         loss = float(inputs.mean(rms_distance(final, inputs.reference_final, eps=1e-12)))
     if loss > before:
-        return solver.t, solver.t.float(), before
-    return torch.tensor(grid, dtype=torch.float64), taus, loss
+        return solver.t, solver.t.float(), before, None
+    return torch.tensor(grid, dtype=torch.float64), taus, loss, coefficients
 
 
 def on_timesteps(solver) -> bool:

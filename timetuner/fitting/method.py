@@ -42,6 +42,7 @@ from timetuner.core.distance import rms_distance
 from timetuner.core.distributed import SOLO, World
 from timetuner.core.solver import Solver
 from timetuner.fitting.grid import GridParameters, moves_grid, on_integer_grid
+from timetuner.fitting.joint import parameters, rows_of
 from timetuner.fitting.search import OPTIMIZERS, adam_json, adam_state
 
 
@@ -220,73 +221,75 @@ class Teacher(PerEvaluation):
 class EndToEnd:
     """All τ jointly: Adam on δ (τ = t + Δ·δ, Δ the local spacing) through the whole trajectory — and, with
     `config.grid_gradient` (`moves_grid`), the grid with them (LD3; `grid.GridParameters`), rounded at the end to
-    integer timesteps, the table's loss measured on the real rounded rollout."""
+    integer timesteps, the table's loss measured on the real rounded rollout; with `config.coefficients`, the
+    solver's learned coefficients with them (`timetuner.coefficients`: corrections c from 0, output scales
+    o = e^u from 1, so the first iteration is the plain solver's)."""
 
     joint = True
     needs = ("reference_final",)
 
+    @staticmethod
+    def iterations(config) -> int:
+        """Adam's iterations: `coefficient_iters` where coefficients are learned, else `e2e_iters`."""
+        return config.coefficient_iters if config.coefficients else config.e2e_iters
+
     def planned(self, solver: Solver, config, n: int) -> tuple[int, bool]:
         """(network evaluations over n samples: one rollout per iteration, the last, the rounded grid; True)."""
-        return solver.evaluations * n * (config.e2e_iters + 1 + moves_grid(solver, config)), True
+        return solver.evaluations * n * (self.iterations(config) + 1 + moves_grid(solver, config)), True
 
     def fit(self, solver: Solver, config, inputs: FitInputs, resume: dict, report) -> tuple[list, list]:
         total, t = solver.num_train_timesteps, solver.t.float()
         spacing = torch.tensor([bracket(solver.t, k, total)[1] - float(solver.t[k]) or 1.0
                                 for k in range(solver.evaluations)]).clamp(min=1.0)
-        delta = torch.tensor(resume.get("delta", [0.0] * solver.evaluations), requires_grad=True)
-        grid = GridParameters(solver.t, resume.get("grid_logits")) if moves_grid(solver, config) else None
-        logits = None if grid is None else grid.logits
-        params = [(delta, config.e2e_lr)] + ([] if grid is None else [(logits, config.e2e_grid_lr)])
-        opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in params])
+        grid = GridParameters(solver.t) if moves_grid(solver, config) else None
+        p, opt = parameters(solver, config, grid, resume.get("params", {}))
         if "adam" in resume:  # resumed: Adam's moments too, so the run continues exactly as it would have
             opt.load_state_dict(adam_state(resume["adam"]))
 
-        def taus_of(d, times=None):
-            return ((t if times is None else times.float()) + spacing * d).clamp(0.0, total - 1.0)
+        def evaluate(values: dict):
+            """(taus, times, coefficients) of a set of parameter values."""
+            times = None if grid is None else grid.times(values["grid_logits"])
+            taus = ((t if times is None else times.float()) + spacing * values["delta"]).clamp(0.0, total - 1.0)
+            coefficients = (values["corrections"], values["log_scale"].exp()) if config.coefficients else None
+            return taus, times, coefficients
 
-        def loss_of(d, w=None):
+        def loss_of(values: dict):
             """(this process's share of the mean distance to differentiate, the mean over all processes)."""
-            times = None if w is None else grid.times(w)
-            per_sample = sample_distance(solver.rollout(inputs.noise, taus_of(d, times), times=times),
-                                         inputs.reference_final)
+            taus, times, coefficients = evaluate(values)
+            final = solver.rollout(inputs.noise, taus, times=times, coefficients=coefficients)
+            per_sample = sample_distance(final, inputs.reference_final)
             return per_sample.sum() / (inputs.total or inputs.noise.shape[0]), float(inputs.mean(per_sample))
 
-        def now():
-            return delta.detach().clone(), None if logits is None else logits.detach().clone()
+        def now() -> dict:
+            return {name: value.detach().clone() for name, value in p.items()}
 
-        # the loss at τ = t: the first iteration's (δ starts at 0), carried by the checkpoint — no rollout of its own
+        # the loss of the plain solver: the first iteration's (every parameter starts there), carried by checkpoints
         before = resume.get("loss_before")
-        if before is None and resume.get("iteration"):  # a checkpoint written before it carried the loss
-            with torch.no_grad():
-                before = loss_of(torch.zeros_like(delta), None if grid is None else grid.start)[1]
-        best = None if "best_loss" not in resume else (resume["best_loss"], torch.tensor(resume["best_delta"]),
-                                                       torch.tensor(resume.get("best_grid_logits", [])))
-        for it in range(int(resume.get("iteration", 0)), config.e2e_iters):
-            share, loss = loss_of(delta, logits)
+        best = None if "best_loss" not in resume else (resume["best_loss"], {
+            name: torch.tensor(value) for name, value in resume["best_params"].items()})
+        for it in range(int(resume.get("iteration", 0)), self.iterations(config)):
+            share, loss = loss_of(p)
             before = loss if before is None else before
-            best = (loss, *now()) if best is None or loss < best[0] else best
+            best = (loss, now()) if best is None or loss < best[0] else best
             opt.zero_grad()
             share.backward()
-            for p, _ in params:
-                inputs.world.sum_(p.grad)
+            for value in p.values():
+                inputs.world.sum_(value.grad)
             opt.step()
-            moved = {} if grid is None else {"grid_logits": logits.tolist(), "best_grid_logits": best[2].tolist()}
-            report(it, {"k": it, "loss": loss}, delta=delta.detach().tolist(), iteration=it + 1, e2e=True,
-                   adam=adam_json(opt), best_loss=best[0], best_delta=best[1].tolist(), loss_before=before, **moved)
+            report(it, {"k": it, "loss": loss}, params={k: v.detach().tolist() for k, v in p.items()},
+                   iteration=it + 1, e2e=True, adam=adam_json(opt), best_loss=best[0],
+                   best_params={k: v.tolist() for k, v in best[1].items()}, loss_before=before)
         with torch.no_grad():
-            last = loss_of(delta, logits)[1]
-        before = last if before is None else before  # no iterations: δ is still 0
-        best = (last, *now()) if best is None or last < best[0] else best
+            last = loss_of(p)[1]
+        before = last if before is None else before  # no iterations: every parameter is still at its start
+        best = (last, now()) if best is None or last < best[0] else best
+        taus, times, coefficients = evaluate(best[1])
+        coefficients = None if coefficients is None else tuple(c.detach() for c in coefficients)
         if grid is None:
-            return _rows(solver.t, taus_of(best[1]), best[0], before)
-        times = grid.times(best[2])
-        return _rows(*on_integer_grid(solver, inputs, times, taus_of(best[1], times), before), before)
-
-
-def _rows(times, taus: torch.Tensor, after: float, before: float) -> tuple[list, list]:
-    taus = taus.tolist()
-    return taus, [{"k": k, "t": float(times[k]), "tau": taus[k], "loss_before": before, "loss_after": after}
-                  for k in range(len(taus))]
+            return rows_of(solver.t, taus.detach(), best[0], before, coefficients)
+        grid_t, taus, after, coefficients = on_integer_grid(solver, inputs, times.detach(), taus.detach(), before,
+                                                            coefficients)
+        return rows_of(grid_t, taus, after, before, coefficients)
 
 
 OBJECTIVES = {"paper": Paper(), "teacher": Teacher(), "e2e": EndToEnd()}

@@ -42,6 +42,7 @@ from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
 from timetuner.fitting.cost import describe, plan, seconds_per_evaluation
 from timetuner.fitting.grid import learn_grid
+from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.method import OBJECTIVES, FitInputs
 from timetuner.measuring.evaluation import held_out_finals
 from timetuner.measuring.heldout import HeldOut, rows_part
@@ -107,6 +108,7 @@ class Run:
     fit_rows: tuple[int, int] | None = None  # which of the fit noises are this process's (None: all of them)
     grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.fitting.grid.learn_grid`)
     known_grid_losses: dict | None = None  # {grid: its loss} measured already on these fit noises (auto's ranking)
+    given_grid: tuple[list, dict] | None = None  # (grid, its record) searched already on these fit noises (auto)
 
     def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
@@ -184,6 +186,9 @@ class Run:
         as it is, and every later checkpoint of this fit carries it."""
         saved = store.load()
         grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
+        if grid is None and self.given_grid is not None:
+            grid, self.grid_record = self.given_grid[0], dict(self.given_grid[1])
+            self.grid_record.pop("gradient", None)  # the other fit's gradient step; this fit takes its own
         if grid is None:
             with bar(self.solver.den, phases, "references", show):
                 final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
@@ -212,21 +217,21 @@ class Run:
         final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self.held_out_view(lo, hi), rows)
         return self.world.gather(self.model.images(final))
 
-    def held_out_images(self, taus=None, plain: bool = True) -> list[torch.Tensor]:
-        """[plain, with `taus`] final images of the held-out noises ([with `taus`] without `plain`), run as
-        `timetuner eval` runs them (each process its share)."""
+    def held_out_images(self, taus=None, plain: bool = True, coefficients=None) -> list[torch.Tensor]:
+        """[plain, with `taus` and `coefficients`] final images of the held-out noises ([tuned] without `plain`),
+        run as `timetuner eval` runs them (each process its share)."""
         taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
         lo, hi = self.world.shard(self.eval_noise.shape[0])
         finals = held_out_finals(lambda a, b: self.held_out_view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
-                                 min(max(self.gap_n - lo, 0), hi - lo), plain)
+                                 min(max(self.gap_n - lo, 0), hi - lo), plain, coefficients)
         return [self.world.gather(self.model.images(f)) for f in finals]
 
-    def verdict(self, taus: list[float], progress: bool = True, phases=None) -> dict:
-        """Plain against tuned on the held-out noises, judged as `timetuner eval` judges them (`evaluation.judge`);
-        `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
+    def verdict(self, taus: list[float], progress: bool = True, phases=None, coefficients=None) -> dict:
+        """Plain against tuned (τ, learned `coefficients`) on the held-out noises, judged as `timetuner eval` judges
+        them (`evaluation.judge`); `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
         show, den = progress and self.world.is_main, self.model.denoiser
         with bar(den, phases, "held-out", show):
-            plain, tuned = self.held_out_images(taus)
+            plain, tuned = self.held_out_images(taus, coefficients=coefficients)
         with bar(den, phases, "held-out references", show):
             reference = self.held_out_reference()
         yardstick = self.yardstick(progress)
@@ -281,12 +286,13 @@ def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -
     store = run.checkpoints(out)
     phases = announce(run, progress)
     taus, rows = run.fit(store, progress, phases)
+    coefficients = row_coefficients(rows)
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
-    held = run.verdict(taus, progress, phases)
+    held = run.verdict(taus, progress, phases, coefficients)
     better = is_better(held)
     seconds = time.perf_counter() - started
     meta = table_metadata(run, rows, held, better, seconds, fit_evaluations)
-    tuned = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
+    tuned = tuned_table(run, meta, taus, coefficients)
     written = tuned if (better or config.force) else run.solver.identity_table(**meta,
                                                                                 identity_because_not_better=True)
     if out is not None and run.world.is_main:
@@ -294,6 +300,12 @@ def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -
         store.clear()
     return FitResult(table=written, tuned=tuned, rows=rows, held_out=held, better=better, seconds=seconds,
                      network_evaluations=den.evaluations, fit_evaluations=fit_evaluations, config=config)
+
+
+def tuned_table(run: Run, meta: dict, taus: list[float], coefficients=None):
+    """The table of a fit's τ (and learned coefficients) on its run's solver, carrying `meta`."""
+    table = run.solver.identity_table(**meta).with_tau(torch.tensor(taus, dtype=torch.float64))
+    return table if coefficients is None else table.with_coefficients(*coefficients)
 
 
 def announce(run: Run, progress: bool):
@@ -317,7 +329,8 @@ class Progress:
 
         config = run.config
         scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"
-        total = config.e2e_iters if OBJECTIVES[config.objective].joint else run.solver.evaluations
+        objective = OBJECTIVES[config.objective]
+        total = objective.iterations(config) if objective.joint else run.solver.evaluations
         self.store = store
         self.bar = tqdm(total=total, desc=f"fit {config.scheduler} nfe={config.nfe}{scale}", disable=not show,
                         dynamic_ncols=True)

@@ -190,15 +190,17 @@ def _check(n: int, gap_n: int, reference_steps: int, bootstrap: int) -> None:
 
 
 @torch.no_grad()
-def held_out_finals(view, noise: torch.Tensor, taus, g: int, plain: bool = True) -> list[torch.Tensor]:
+def held_out_finals(view, noise: torch.Tensor, taus, g: int, plain: bool = True,
+                    coefficients=None) -> list[torch.Tensor]:
     """[plain, tuned] final samples of the held-out noises ([tuned] without `plain`), run as fit's verdict, `eval`
     and the benches all run them: the first g (those with a reference sample) as one batch, the rest as another;
-    `view(lo, hi)` is the solver for samples lo…hi−1 (their conditioning)."""
+    `view(lo, hi)` is the solver for samples lo…hi−1 (their conditioning); tuned: τ = `taus` and the learned
+    `coefficients` (None: none)."""
     n = noise.shape[0]
     finals = []
-    for tt in ((None, taus) if plain else (taus,)):
-        parts = ([view(0, g).rollout(noise[:g], tt)] if g else []) + (
-            [view(g, n).rollout(noise[g:], tt)] if n > g else [])
+    for tt, cc in (((None, None), (taus, coefficients)) if plain else ((taus, coefficients),)):
+        parts = ([view(0, g).rollout(noise[:g], tt, coefficients=cc)] if g else []) + (
+            [view(g, n).rollout(noise[g:], tt, coefficients=cc)] if n > g else [])
         finals.append(torch.cat(parts))
     return finals
 
@@ -215,8 +217,10 @@ def held_out_figures(setup: Setup, yardstick: Yardstick | None, n: int | None = 
 
 
 def _figures(setup: Setup, yardstick, noise, seed: int, cond, g: int, bootstrap: int, taus=None):
-    taus = setup.table.tau.float() if taus is None else taus
-    finals = held_out_finals(lambda lo, hi: setup.view(setup.sampler, cond, lo, hi), noise, taus, g)
+    # the table as it runs (τ and its learned coefficients), or τ of the caller's own on the table's solver
+    taus, coefficients = (setup.table.tau.float(), setup.table.coefficients) if taus is None else (taus, None)
+    finals = held_out_finals(lambda lo, hi: setup.view(setup.sampler, cond, lo, hi), noise, taus, g,
+                             coefficients=coefficients)
     head = setup.view(setup.sampler, cond, 0, g)
     ref_final = setup.held_out.reference(head.den, noise[:g], seed)
     images = [setup.images(f) for f in finals]
@@ -251,7 +255,8 @@ def _evaluate(setup: Setup, noise: torch.Tensor, seed: int, cond, g: int, refere
                     *setup.key_parts(cond))
     refs = reference_trajectory(head, noise[:g], reference_steps, key=key)
     plain = truncation_gap(head, noise[:g], refs, clamp=setup.vae is None)
-    tuned = truncation_gap(head, noise[:g], refs, setup.table.tau.float(), clamp=setup.vae is None)
+    tuned = truncation_gap(head, noise[:g], refs, setup.table.tau.float(), clamp=setup.vae is None,
+                           coefficients=setup.table.coefficients)
     record = {"table": setup.path, "steps": setup.table.num_inference_steps, "conditioning": setup.conditioning_label,
               "trajectory_reference": f"ddim-{reference_steps}", "trajectory_gap_space": setup.space,
               "t": setup.table.t.tolist(), "tau": setup.table.tau.tolist(), "state_times": plain["times"],

@@ -130,15 +130,16 @@ def digits_fd(images: torch.Tensor, reference: str = "test", extractor=None) -> 
 
 @torch.no_grad()
 def truncation_gap(solver, noise: torch.Tensor, reference_states: list[torch.Tensor], taus=None,
-                   clamp: bool = True) -> dict:
+                   clamp: bool = True, coefficients=None) -> dict:
     """Per-state and final RMS distance (VP space) of a few-step rollout to the reference trajectory (paper Fig. 2).
 
     `reference_states` from `timetuner.core.reference.reference_trajectory` for the same solver and noise; `taus`
-    the network timesteps (None: plain). Returns {"times", "per_state": [mean RMS per state], "x0": RMS of the
-    final samples (clamped to [-1, 1] unless `clamp` is False: latents have no such range), "x0_per_sample":
-    that RMS per sample, "final": the final states}.
+    the network timesteps (None: plain), `coefficients` a table's learned ones (None: none). Returns {"times",
+    "per_state": [mean RMS per state], "x0": RMS of the final samples (clamped to [-1, 1] unless `clamp` is False:
+    latents have no such range), "x0_per_sample": that RMS per sample, "final": the final states}.
     """
-    _, states = solver.rollout(noise, None if taus is None else torch.as_tensor(taus), keep_states=True)
+    _, states = solver.rollout(noise, None if taus is None else torch.as_tensor(taus), keep_states=True,
+                               coefficients=coefficients)
     times = solver.state_times()
     per_state = []
     for x, ref, t in zip(states, reference_states, times, strict=True):
