@@ -16,7 +16,11 @@ NFE counts network evaluations. Per NFE, on --sets held-out noise sets that no f
   (`--trajectory learned`, `timetuner.fitting.grid`) with τ = t;
   "grid+tau" — that grid with its e2e τ (`--no-grid-gradient`, the default above NFE 8; one fit gives both; its
   seconds are the fit's); "gradient" — that grid then moved by the e2e gradient jointly with τ (`--grid-gradient`,
-  LD3's joint fit, the default on a learned grid up to NFE 8); "auto" — the table `--scheduler auto` writes.
+  LD3's joint fit, the default on a learned grid up to NFE 8); "auto" — the table `--scheduler auto` writes (its
+  solver tuned with and without learned coefficients, the winner on its own held-out set); "auto-tau" — what auto
+  writes without coefficients (`--no-coefficients`: the default before them); "coefficients" — auto's tuned table
+  with the learned coefficients (`--coefficients --force`); "scale" — the same with the output scales alone
+  (`--coefficient-parts scale`).
 Every method's distribution gap, x0 gap and data FD (the yardstick of `timetuner eval`: n held-out samples, the
 first gap-n with a reference sample) are means over the sets; "vs_best_plain" is the change against the best plain
 configuration (lowest mean distribution gap at that NFE, chosen on these same sets — the comparison is as hard for
@@ -35,7 +39,11 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("tau", "grid", "grid+tau", "gradient", "auto")
+VARIANTS = ("tau", "grid", "grid+tau", "gradient", "auto", "auto-tau", "coefficients", "scale")
+# what is fitted for each variant (a flow model's first three: below); "grid" comes with "grid+tau"
+COMMON_RUNS = {"auto": dict(scheduler="auto"), "auto-tau": dict(scheduler="auto", coefficients=False),
+               "coefficients": dict(scheduler="auto", coefficients=True, force=True),
+               "scale": dict(scheduler="auto", coefficients=True, coefficient_parts="scale", force=True)}
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -70,7 +78,8 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 
 
 def fitted(args, pipe, den, nfe: int) -> dict:
-    """{variant: (solver over `den`, τ or None, fit seconds, auto's winner)} of timetuner's variants at nfe."""
+    """{variant: (solver over `den`, τ or None, fit seconds, auto's winner, learned coefficients or None)} of
+    timetuner's variants at nfe."""
     from timetuner.core.solver import Solver
     from timetuner.fitting.api import fit
     from timetuner.table import is_flow
@@ -78,12 +87,10 @@ def fitted(args, pipe, den, nfe: int) -> dict:
     folder = Path(tempfile.mkdtemp())
     runs = {"tau": dict(scheduler="dpm++", trajectory="ays", force=True),
             "grid+tau": dict(scheduler="dpm++", trajectory="learned", grid_gradient=False, force=True),
-            "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True),
-            "auto": dict(scheduler="auto")}
+            "gradient": dict(scheduler="dpm++", trajectory="learned", grid_gradient=True, force=True), **COMMON_RUNS}
     if is_flow(pipe.scheduler.config):  # the flow pipelines' own Euler: τ alone, the learned σ grid with τ; auto
         runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True),
-                "grid+tau": dict(scheduler="flow-euler", trajectory="learned", force=True),
-                "auto": dict(scheduler="auto")}
+                "grid+tau": dict(scheduler="flow-euler", trajectory="learned", force=True), **COMMON_RUNS}
     out = {}
     for variant, options in runs.items():
         if variant not in args.variants and not (variant == "grid+tau" and "grid" in args.variants):
@@ -95,9 +102,9 @@ def fitted(args, pipe, den, nfe: int) -> dict:
         table = result.tuned if options.get("force") else result.table
         solver = Solver.for_table(den, pipe.scheduler.config, table)
         taus = None if table.is_identity else table.tau.float()
-        out[variant] = (solver, taus, seconds, table.metadata.get("auto", {}).get("winner"))
+        out[variant] = (solver, taus, seconds, table.metadata.get("auto", {}).get("winner"), table.coefficients)
         if variant == "grid+tau":
-            out["grid"] = (solver, None, seconds, None)
+            out["grid"] = (solver, None, seconds, None, None)
     return {k: v for k, v in out.items() if k in args.variants}
 
 
@@ -106,7 +113,8 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
     from timetuner.measuring.verdict import combine_sets, judge
 
     den, base = model.denoiser, model.base_config
-    methods = {name: (solver.on(den), None, None, None) for name, solver in plain_configs(den, base, nfe, args.only)}
+    methods = {name: (solver.on(den), None, None, None, None)
+               for name, solver in plain_configs(den, base, nfe, args.only)}
     plain_names = list(methods)
     methods.update(fitted(args, pipe, den, nfe))
     images = {name: [] for name in methods}
@@ -117,20 +125,21 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
         g = min(args.gap_n, args.n)
         references.append((seed, model.images(held.reference(den, noise[:g], seed))))
         with torch.no_grad():
-            for name, (solver, taus, _, _) in methods.items():
-                images[name].append(model.images(torch.cat([solver.rollout(c, taus)
+            for name, (solver, taus, _, _, coefficients) in methods.items():
+                images[name].append(model.images(torch.cat([solver.rollout(c, taus, coefficients=coefficients)
                                                              for c in noise.split(args.batch)])).cpu())
     own = {name: [_own_figures(yard, imgs, ref.cpu()) for imgs, (_, ref) in zip(images[name], references,
                                                                                   strict=True)] for name in methods}
     score = {name: sum(r.get("dist_gap", r["x0_gap"]) for r in own[name]) / args.sets for name in methods}
     ranked = sorted(plain_names, key=score.get)
     best = ranked[0]
-    for name, (solver, taus, seconds, winner) in methods.items():
+    for name, (solver, taus, seconds, winner, coefficients) in methods.items():
         means = {key: round(sum(r[key] for r in own[name]) / args.sets, 5)
                  for key in ("dist_gap", "x0_gap", "data_fd") if key in own[name][0]}
         record = {"figure": "leaderboard", "nfe": nfe, "method": name,
                   "kind": "plain" if name in plain_names else "timetuner", "evaluations": solver.evaluations,
-                  "steps": solver.nfe_steps, "grid": [round(float(v), 2) for v in solver.t], "tuned": taus is not None,
+                  "steps": solver.nfe_steps, "grid": [round(float(v), 2) for v in solver.t],
+                  "tuned": taus is not None or coefficients is not None, "coefficients": coefficients is not None,
                   **means, "best_plain": best, "sets": args.sets, "n": args.n, "gap_n": min(args.gap_n, args.n)}
         if name != best and (name not in plain_names or name in ranked[:3]):  # intervals: the contenders only
             records = [{"seed": seed, **judge(yard, b, m, ref.cpu(), "dpm++-100", bootstrap=args.bootstrap)}
@@ -182,7 +191,8 @@ def plot(lines: list[dict], path: str, floor: float | None = None) -> None:
         points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"plain {name}")
-    for name, style in (("tau", "C0-s"), ("grid+tau", "C2-D"), ("auto", "C3:o")):
+    for name, style in (("tau", "C0-s"), ("grid+tau", "C2-D"), ("auto-tau", "C1--^"), ("auto", "C3:o"),
+                        ("coefficients", "C4-v")):
         points = sorted((r["nfe"], r["dist_gap"]) for r in rows if r["method"] == name)
         if points:
             ax.plot(*zip(*points, strict=True), style, label=f"timetuner {name}")

@@ -59,7 +59,9 @@ def fit(
              "its solver with and without them and ships what wins on held-out seeds; a named --scheduler fits "
              "none.")] = None,
     coefficient_iters: Annotated[int | None, typer.Option(
-        help="e2e with --coefficients: Adam iterations. Default: 60.")] = None,
+        help="e2e with --coefficients: Adam iterations. Default: 120.")] = None,
+    coefficient_parts: Annotated[str, typer.Option(
+        help="With --coefficients: all, scale (the output scales only) or corrections (only those).")] = "all",
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
                                         )] = False,
     prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "
@@ -137,6 +139,7 @@ def fit(
                    eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
                    reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
                    grid_gradient=grid_gradient, coefficients=coefficients, coefficient_iters=coefficient_iters,
+                   coefficient_parts=coefficient_parts,
                    resolution=parse_resolution(resolution), frames=frames,
                    prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
                    class_labels=None if labels is None else tuple(labels),

@@ -222,7 +222,14 @@ class Denoiser:
         """`output` in the dtype its pipeline hands the scheduler: the network's, for a family whose pipeline keeps
         its latents in float32 and steps on the network's output as it comes (WanPipeline: in bfloat16 the
         scheduler's σ·output is then a bfloat16 product); else as computed (float32)."""
-        return output.to(self.dtype) if getattr(self.family, "steps_network_dtype", False) else output
+        steps = getattr(self.family, "steps_network_dtype", False) or getattr(self.family, "keeps_network_dtype", False)
+        return output.to(self.dtype) if steps else output
+
+    def as_kept(self, state: torch.Tensor) -> torch.Tensor:
+        """A sampler state in the dtype its pipeline keeps it in: the network's, for a family whose pipeline makes
+        its latents in the prompt embeddings' dtype and casts each new state back to it (StableDiffusion3Pipeline,
+        FluxPipeline; in bfloat16 every state is then rounded to bfloat16); else as computed (float32)."""
+        return state.to(self.dtype) if getattr(self.family, "keeps_network_dtype", False) else state
 
     def _forward(self, x, t, values, null):
         if values is None:

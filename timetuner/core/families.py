@@ -57,6 +57,7 @@ class TextSD3(TextUNet):
 
     conditional = "text"
     default_guidance = 7.0  # StableDiffusion3Pipeline's
+    keeps_network_dtype = True  # latents in the prompt embeddings' dtype, each new state cast back to it
     max_shift = 1.16  # StableDiffusion3Pipeline's default for a dynamic shift (FluxPipeline's: 1.15)
 
     @staticmethod
@@ -95,6 +96,7 @@ class TextFlux:
     distilled = True
     default_guidance = 3.5  # FluxPipeline's (Flux.1-schnell has no guidance embedding: 1, none)
     passes_mu = True  # FluxPipeline passes mu to every scheduler, shifting by image size or not
+    keeps_network_dtype = True  # latents in the prompt embeddings' dtype, each new state cast back to it
     default_sample_size = 128  # FluxPipeline's latent side (1024 px at the VAE's factor 8)
     packing = 2  # 2×2 latents per token, on top of the network's own patch_size (1)
 

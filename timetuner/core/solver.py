@@ -209,7 +209,16 @@ class Solver:
         if corrector is not None:
             output = corrector.scaled(k, output)
         x_next = sched.step(output, sched.timesteps[k], x, **self.step_kwargs).prev_sample
-        return x_next if corrector is None else corrector.corrected(sched, k, output, x, x_next)
+        return self.kept(x_next if corrector is None else corrector.corrected(sched, k, output, x, x_next))
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """A state in the dtype the model's pipeline keeps it in (`Denoiser.as_kept`; any other callable: as is)."""
+        keep = getattr(self.den, "as_kept", None)
+        return x if keep is None else keep(x)
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The state before evaluation 0: unit-variance noise scaled by the scheduler's `init_noise_sigma`."""
+        return self.kept(noise * self.init_noise_sigma)
 
     def advance(self, sched, x, k: int, tau, corrector: Corrector | None = None):
         """One evaluation and update with network time τ (in place on `sched`)."""
@@ -241,7 +250,7 @@ class Solver:
             sigmas = sigma_at(self.alphas_cumprod, times).to(sched.sigmas.device)
             sched.sigmas = torch.cat([sigmas, sched.sigmas[self.evaluations:].detach()])
         corrector = self.corrector(sched, coefficients)
-        x = noise * self.init_noise_sigma
+        x = self.start(noise)
         states = [x]
         for k in range(self.evaluations):
             x = self.advance(sched, x, k, sched.timesteps[k] if taus is None else taus[k], corrector)

@@ -44,7 +44,8 @@ E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
 # lowering the x0 gap (docs/results.md, "The figures behind the defaults").
 GRID_GRADIENT_MAX_NFE = 8
 # Coefficients learned with τ: Adam's step and iterations (docs/results.md, "Learned solver coefficients").
-COEFFICIENT_LR, COEFFICIENT_ITERS = 0.01, 60
+COEFFICIENT_LR, COEFFICIENT_ITERS = 0.01, 120
+COEFFICIENT_PARTS = ("all", "scale", "corrections")
 
 
 DEFAULT_EVAL_SAMPLES = DEFAULT_N  # the held-out protocol's constants have one home: timetuner.measuring.yardstick
@@ -87,6 +88,7 @@ class FitConfig:
     coefficients: bool | None = None
     e2e_coefficient_lr: float = COEFFICIENT_LR  # Adam's step on the corrections and the log output scales
     coefficient_iters: int | None = None  # e2e iterations of a fit with coefficients; None: COEFFICIENT_ITERS
+    coefficient_parts: str = "all"  # which coefficients: "all", "scale" (output scales only), "corrections"
     reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
     reference_steps: int = 100
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
@@ -132,6 +134,7 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
     check_choice("--objective", config.objective, OBJECTIVES)
     check_choice("--optimizer", config.optimizer, OPTIMIZERS)
     check_choice("--reference", config.reference, ("dpm++", "ddim"))
+    check_choice("--coefficient-parts", config.coefficient_parts, COEFFICIENT_PARTS)
     check_choice("--features", config.features, ("auto", "digits", "none"))
     for name, value in (("--eval-samples", config.eval_samples), ("--eval-gap-samples", config.eval_gap_samples)):
         if value is not None and value < 2:

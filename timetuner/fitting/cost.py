@@ -58,7 +58,7 @@ def plan(run) -> list[Phase]:
     if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs or learned:
         phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
                             cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
-    if learned:
+    if learned and run.given_grid is None:  # auto's second variant takes the grid the first one searched
         phases.append(Phase("grid", "learning the timestep grid (at most)",
                             planned(solver, n, run.known_grid_losses) * guided))
     if "reference_states" in objective.needs:

@@ -15,13 +15,23 @@ def parameters(solver, config, grid, saved: dict) -> tuple[dict, torch.optim.Ada
     params = {"delta": (torch.zeros(solver.evaluations), config.e2e_lr)}
     if grid is not None:
         params["grid_logits"] = (grid.start, config.e2e_grid_lr)
-    if config.coefficients:
+    if config.coefficients and config.coefficient_parts in ("all", "corrections"):
         width = history_length(solver.template)
         params["corrections"] = (torch.zeros(solver.evaluations, width), config.e2e_coefficient_lr)
+    if config.coefficients and config.coefficient_parts in ("all", "scale"):
         params["log_scale"] = (torch.zeros(solver.evaluations), config.e2e_coefficient_lr)
     p = {name: torch.tensor(saved.get(name, start.tolist()), requires_grad=True)
          for name, (start, _) in params.items()}
     return p, torch.optim.Adam([{"params": [p[name]], "lr": lr} for name, (_, lr) in params.items()])
+
+
+def coefficients_of(values: dict, solver) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corrections, scale) of a set of parameter values; a part not fitted is the solver's own (0, 1)."""
+    corrections = values.get("corrections")
+    if corrections is None:
+        corrections = torch.zeros(solver.evaluations, history_length(solver.template))
+    log_scale = values.get("log_scale", torch.zeros(solver.evaluations))
+    return corrections, log_scale.exp()
 
 
 def rows_of(times, taus: torch.Tensor, after: float, before: float, coefficients=None) -> tuple[list, list]:

@@ -42,7 +42,7 @@ from timetuner.core.distance import rms_distance
 from timetuner.core.distributed import SOLO, World
 from timetuner.core.solver import Solver
 from timetuner.fitting.grid import GridParameters, moves_grid, on_integer_grid
-from timetuner.fitting.joint import parameters, rows_of
+from timetuner.fitting.joint import coefficients_of, parameters, rows_of
 from timetuner.fitting.search import OPTIMIZERS, adam_json, adam_state
 
 
@@ -91,7 +91,7 @@ class Sequential:
 
     def __init__(self, solver: Solver, inputs: FitInputs, seed: int):
         self.solver = solver
-        self.sched, self.x = solver.fresh(), inputs.noise * solver.init_noise_sigma
+        self.sched, self.x = solver.fresh(), solver.start(inputs.noise)
 
     def state(self, k: int):
         return self.sched, self.x
@@ -250,7 +250,7 @@ class EndToEnd:
             """(taus, times, coefficients) of a set of parameter values."""
             times = None if grid is None else grid.times(values["grid_logits"])
             taus = ((t if times is None else times.float()) + spacing * values["delta"]).clamp(0.0, total - 1.0)
-            coefficients = (values["corrections"], values["log_scale"].exp()) if config.coefficients else None
+            coefficients = coefficients_of(values, solver) if config.coefficients else None
             return taus, times, coefficients
 
         def loss_of(values: dict):
