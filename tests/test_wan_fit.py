@@ -79,8 +79,9 @@ def test_the_fit_s_plain_solver_is_wan_pipeline_s_own_loop(wan_folder, dtype):
     prompts = ["a cat", "a dog"]
     cond = text_conditioning(model.pipeline, prompts, 2, negative_prompt="blurry")
     with torch.no_grad():  # as WanPipeline.__call__ encodes (UMT5 takes other kernels with gradients on)
-        embeds, null = model.pipeline.encode_prompt(prompts, "blurry", True)
+        embeds, null = model.pipeline.encode_prompt(prompts, "blurry", True, max_sequence_length=512)
     assert torch.equal(cond.values, embeds.float()) and torch.equal(cond.null, null.float())
+    assert cond.values.shape[1] == 512  # WanPipeline.__call__'s default length, not encode_prompt's 226
     den = model.denoiser.bind(cond)
     den.guidance_scale = 5.0
     assert den.guided
@@ -91,6 +92,10 @@ def test_the_fit_s_plain_solver_is_wan_pipeline_s_own_loop(wan_folder, dtype):
     assert den.evaluations - before == 2 * 2 * 3  # conditional and unconditional call per evaluation
     theirs = _pipeline_latents(model.pipeline, cond, noise, 3, 5.0)
     assert torch.equal(ours, theirs) if dtype == torch.bfloat16 else torch.allclose(ours, theirs, atol=1e-5)
+    # and as a user calls it: prompts, not embeddings, encoded by the pipeline's own __call__ at its defaults
+    called = model.pipeline(prompts, negative_prompt="blurry", num_inference_steps=3, height=SIDE, width=SIDE,
+                            num_frames=FRAMES, guidance_scale=5.0, latents=noise, output_type="latent").frames
+    assert torch.equal(ours, called) if dtype == torch.bfloat16 else torch.allclose(ours, called, atol=1e-5)
 
 
 def test_fit_tunes_a_wan_transformer_and_the_table_runs_in_wan_pipeline(wan_folder):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -272,23 +273,25 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
     Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`),
     Sana's attention mask as one extra channel (`TextSana`; its prompts carry the pipeline's default complex human
     instruction, as `SanaPipeline.__call__` encodes them). Flux takes no negative prompt (its guidance is distilled):
-    the null rows are the prompts' own, never used."""
+    the null rows are the prompts' own, never used. Prompts are tokenised to the length `__call__` asks for by
+    default (WanPipeline: 512 tokens, where its `encode_prompt` alone would take 226; Wan has no text mask, so the
+    length changes the output)."""
     device = next(pipe.text_encoder.parameters()).device
     negatives = [negative_prompt] * len(prompts)
     family = family_of(pipe.transformer) if getattr(pipe, "transformer", None) is not None else None
+    length = {"max_sequence_length": call_default(pipe, "max_sequence_length")} if family in (
+        TextFlux, TextSD3, TextWan) else {}
     if family is TextFlux:
-        cond, pooled, _ = pipe.encode_prompt(list(prompts), None, device=device)
+        cond, pooled, _ = pipe.encode_prompt(list(prompts), None, device=device, **length)
         cond = null = _with_pooled(cond, pooled)
     elif family is TextSD3:
         cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
-                                                             negative_prompt=negatives)  # CFG on: both branches
+                                                             negative_prompt=negatives, **length)  # CFG: both
         cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
     elif family is TextWan:
-        cond, null = pipe.encode_prompt(list(prompts), negatives, True, device=device)
+        cond, null = pipe.encode_prompt(list(prompts), negatives, True, device=device, **length)
     elif family is TextSana:
-        import inspect
-
-        instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+        instruction = call_default(pipe, "complex_human_instruction")
         cond, mask, null, null_mask = pipe.encode_prompt(list(prompts), True, negative_prompt, device=device,
                                                          complex_human_instruction=instruction)
         cond, null = _with_mask(cond, mask), _with_mask(null, null_mask)
@@ -296,6 +299,11 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
         cond, null = pipe.encode_prompt(list(prompts), device, 1, True, negatives)
     return Conditioning("text", cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32),
                         cyclic_index(n, len(prompts)))
+
+
+def call_default(pipe, name: str):
+    """The default of argument `name` of the pipeline's `__call__`: what a plain call of the pipeline uses."""
+    return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
 def _with_pooled(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
