@@ -113,8 +113,47 @@ def model_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+FINGERPRINT_SAMPLES = 256  # weights read by `model_fingerprint`, spread over the model's largest tensors
+FINGERPRINT_RTOL = 2e-2  # float16 and bfloat16 round a float32 weight by at most 2^-11 and 2^-8 of it
+
+
+def model_fingerprint(module: torch.nn.Module) -> dict:
+    """What identifies a network's weights whatever their dtype or device, cheaply: a hash of the tensors' names and
+    shapes, and FINGERPRINT_SAMPLES weights (as float) at fixed positions of its largest tensors — a few hundred
+    values read, not the whole model. Two fingerprints match when the structures are equal and the samples agree
+    within FINGERPRINT_RTOL (`same_model`): the same weights in float32, bfloat16 or float16, on any device."""
+    state = module.state_dict()
+    names = sorted(state)
+    structure = hashlib.sha256("\n".join(f"{n}:{tuple(state[n].shape)}" for n in names).encode()).hexdigest()[:16]
+    floating = sorted((n for n in names if state[n].is_floating_point() and state[n].numel()),
+                      key=lambda n: (-state[n].numel(), n))[:64]
+    samples = []
+    for i, name in enumerate(floating):
+        flat = state[name].detach().reshape(-1)
+        count = FINGERPRINT_SAMPLES // len(floating) + (i < FINGERPRINT_SAMPLES % len(floating))
+        positions = torch.linspace(0, flat.numel() - 1, min(count, flat.numel())).round().long()
+        samples += flat[positions.to(flat.device)].float().cpu().tolist()
+    return {"structure": structure, "samples": [float(v) for v in samples]}
+
+
+def same_model(expected: dict, got: dict) -> bool:
+    """Whether two `model_fingerprint`s are of the same weights (up to the rounding of a 16-bit dtype)."""
+    a, b = expected.get("samples", []), got.get("samples", [])
+    return expected.get("structure") == got.get("structure") and len(a) == len(b) and all(
+        math.isclose(x, y, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
+
+
 def check_model(table: TauTable, unet) -> None:
-    """Raise a UserError if `table` records a model hash that differs from `unet`'s."""
+    """Raise a UserError if `table` was fitted for other weights than `unet`'s: by its fingerprint (the same in any
+    dtype and on any device), or — a table written before fingerprints — by its weights hash (dtype-dependent)."""
+    fingerprint = table.metadata.get("model_fingerprint")
+    if fingerprint:
+        if not same_model(fingerprint, model_fingerprint(unet)):
+            model = table.metadata.get("model", "another model")
+            raise UserError(f"table was fitted for {model} (fingerprint {fingerprint.get('structure')}), not for this "
+                            "model (its weights differ, beyond a float32 / bfloat16 / float16 rounding); accepted: "
+                            "the model the table was fitted for, in any dtype")
+        return
     expected = table.metadata.get("model_hash")
     if expected and model_hash(unet) != expected:
         model = table.metadata.get("model", "another model")

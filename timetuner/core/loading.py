@@ -12,7 +12,7 @@ from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 from timetuner.core.denoiser import Denoiser
 from timetuner.core.prompts import format_resolution, resolution_sides
 from timetuner.errors import UserError, check_choice
-from timetuner.scheduler import model_hash
+from timetuner.matching import model_fingerprint, model_hash
 from timetuner.table import is_flow
 
 
@@ -105,6 +105,14 @@ class ModelSetup:
         if not hasattr(self, "_weights"):
             self._weights = model_hash(self.network)
         return self._weights
+
+    @property
+    def fingerprint(self) -> dict:
+        """The network's weights fingerprint (`matching.model_fingerprint`: the same in any dtype, on any device),
+        which a table records and `TunedScheduler.from_table(..., unet=)` checks."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = model_fingerprint(self.network)
+        return self._fingerprint
 
     @property
     def is_digits(self) -> bool:

@@ -12,9 +12,10 @@ them, not with the same solver untuned. So `auto`:
    on the same searched grid that learns the solver's coefficients with τ (`timetuner.coefficients`; `--coefficients`
    keeps only it, `--no-coefficients` only the first);
 3. judges every tuned candidate on the held-out noises against the **best plain candidate** (`evaluation.judge`,
-   the same yardstick as everywhere) and writes the tuned table that beats it with the lowest distribution gap
-   (x0 gap without one) — or, when none does, the identity table of the best plain candidate: its solver and
-   grid are then what the table brings to a pipeline (`TunedScheduler` carries the table's solver).
+   the same yardstick as everywhere) and writes the tuned table that beats it — of several, a later variant only
+   where it beats the earlier one by the same rule (`_choose`) — or, when none does, the identity table of the
+   best plain candidate: its solver and grid are then what the table brings to a pipeline (`TunedScheduler`
+   carries the table's solver).
 
 The table records every candidate's fit-noise score, each tuned candidate's held-out record against the best
 plain one, and which won.
@@ -109,9 +110,10 @@ def _to_tune(ranked: list[dict], config, setup) -> list[dict]:
 
 
 def variants(candidate: dict, config, setup):
-    """The tuned variants of one chosen candidate, in order: τ (with its grid), then τ with learned coefficients on
-    the grid the first one searched (prepared once the first is fitted); `config.coefficients` True / False keeps
-    only the second / the first, and a solver that cannot take coefficients has only the first."""
+    """The tuned variants of one chosen candidate, in order: τ (with its grid), then the solver's learned coefficients
+    with τ, starting where the first ended (its grid and τ; prepared once the first is fitted); `config.coefficients`
+    True / False keeps only the second (from the plain solver) / the first, and a solver that cannot take
+    coefficients has only the first."""
     first = candidate["run"]
     takes = refusal(first.solver.template) is None
     if config.coefficients is not True or not takes:
@@ -120,9 +122,10 @@ def variants(candidate: dict, config, setup):
         return
     run = prepare(dataclasses.replace(first.config, coefficients=True), setup)
     run.known_grid_losses = first.known_grid_losses
-    if first.grid_record is not None:  # fitted above: its searched grid (before any gradient moved it)
-        searched = first.grid_record.get("gradient", {}).get("searched", [float(v) for v in first.solver.grid])
-        run.given_grid = (searched, first.grid_record)
+    if first.taus is not None:  # fitted above: go on from its grid (searched, and moved where the gradient moved it)
+        run.start_taus = first.taus
+        if first.grid_record is not None:
+            run.given_grid = (list(first.solver.grid), first.grid_record)
     yield {**candidate, "run": run, "coefficients": True}
 
 
@@ -139,10 +142,6 @@ def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) 
 def _tag(candidate: dict) -> str:
     return f"{candidate['scheduler']}-{candidate['trajectory']}" + ("+coefficients" if candidate.get("coefficients")
                                                                     else "")
-
-
-def _score(held: dict) -> float:
-    return held["dist_gap"]["tuned"] if "dist_gap" in held else held["x0_gap"]["tuned"]
 
 
 def fit_auto(config, setup, out, progress: bool = True):
@@ -162,9 +161,9 @@ def fit_auto(config, setup, out, progress: bool = True):
         images = run.held_out_images(taus, plain=False, coefficients=row_coefficients(rows))[0]
         held = run.world.broadcast(judge(yardstick, plain_images, images, reference, label)
                                    if run.world.is_main else None)
-        tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store})
+        tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store, "images": images})
     winners = [c for c in tuned if c["held_out"]["better"]]
-    chosen = min(winners, key=lambda c: _score(c["held_out"])) if winners else tuned[0]
+    chosen = _choose(winners, yardstick, reference, label, run.world) if winners else tuned[0]
     better = bool(winners)
     seconds = time.perf_counter() - started
     table, tuned_one = _tables(chosen, ranked, tuned, better, seconds, config, setup)
@@ -177,12 +176,28 @@ def fit_auto(config, setup, out, progress: bool = True):
                      fit_evaluations=setup.denoiser.evaluations, config=chosen["run"].config)
 
 
+def _choose(winners: list[dict], yardstick, reference, label, world) -> dict:
+    """Of the tuned variants that beat the best plain setup, the one each later variant must beat to replace, by the
+    same rule held against each other (`judge` on their held-out images): a later variant replaces the chosen one
+    only when it is better by the verdict's rule — the x0 gap significantly lower with the distribution gap not
+    significantly higher, or both lower — so a point estimate within the yardstick's noise never decides."""
+    chosen = winners[0]
+    for candidate in winners[1:]:
+        held = world.broadcast(judge(yardstick, chosen["images"], candidate["images"], reference, label)
+                               if world.is_main else None)
+        candidate["against_chosen"] = {"other": _tag(chosen), **held}
+        if held["better"]:
+            chosen = candidate
+    return chosen
+
+
 def _tables(chosen, ranked, tuned, better: bool, seconds: float, config, setup):
     """(the table to write, the chosen tuned table): tuned if it beat the best plain candidate (or `force`),
     else the identity table of the best plain candidate; both record the whole selection."""
     record = {"candidates": [{k: c[k] for k in ("scheduler", "trajectory", "fit_x0_gap")} for c in ranked],
               "tuned": [{"scheduler": c["scheduler"], "trajectory": c["trajectory"],
-                         "coefficients": c.get("coefficients", False), "held_out_vs_best_plain": c["held_out"]}
+                         "coefficients": c.get("coefficients", False), "held_out_vs_best_plain": c["held_out"],
+                         **({"held_out_vs_variant": c["against_chosen"]} if "against_chosen" in c else {})}
                         for c in tuned],
               "best_plain": _tag(ranked[0]),
               "winner": f"{_tag(chosen)} (tuned)" if better else f"{_tag(ranked[0])} (plain)"}

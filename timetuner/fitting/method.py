@@ -242,7 +242,10 @@ class EndToEnd:
         spacing = torch.tensor([bracket(solver.t, k, total)[1] - float(solver.t[k]) or 1.0
                                 for k in range(solver.evaluations)]).clamp(min=1.0)
         grid = GridParameters(solver.t) if moves_grid(solver, config) else None
-        p, opt = parameters(solver, config, grid, resume.get("params", {}))
+        saved = resume.get("params", {})
+        if not saved and resume.get("start_taus") is not None:  # warm: τ of an earlier fit on this grid
+            saved = {"delta": ((torch.tensor(resume["start_taus"]) - t) / spacing).tolist()}
+        p, opt = parameters(solver, config, grid, saved)
         if "adam" in resume:  # resumed: Adam's moments too, so the run continues exactly as it would have
             opt.load_state_dict(adam_state(resume["adam"]))
 

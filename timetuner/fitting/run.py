@@ -109,6 +109,8 @@ class Run:
     grid_record: dict | None = None  # a learned grid's start and losses (`timetuner.fitting.grid.learn_grid`)
     known_grid_losses: dict | None = None  # {grid: its loss} measured already on these fit noises (auto's ranking)
     given_grid: tuple[list, dict] | None = None  # (grid, its record) searched already on these fit noises (auto)
+    start_taus: list[float] | None = None  # e2e: start from these τ (an earlier fit's on the same grid; auto)
+    taus: list[float] | None = None  # what `fit` fitted, once it has
 
     def reference(self, noise: torch.Tensor, seed: int, solver, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Final samples of the reference solver from `noise` (cached by model, schedule, seeds and conditioning;
@@ -171,7 +173,8 @@ class Run:
         with bar(self.solver.den, phases, "references", show):
             inputs = self.inputs()
         report = Progress(self, store, show)
-        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, store.load(), report)
+        resume = store.load() or ({} if self.start_taus is None else {"start_taus": self.start_taus})
+        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, resume, report)
         report.close()
         if self.config.grid_gradient and self.grid_record is not None:  # the e2e fit may have moved the grid
             grid = [int(row["t"]) for row in rows]
@@ -179,6 +182,7 @@ class Run:
                 "searched": [int(v) for v in self.solver.grid], "grid": grid, "loss_before": rows[0]["loss_before"],
                 "loss_after": rows[0]["loss_after"], "lr": self.config.e2e_grid_lr}}
             self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
+        self.taus = taus
         return taus, rows
 
     def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
@@ -356,7 +360,8 @@ def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: floa
 
     config, model = run.config, run.model
     meta = {
-        "model": model.name, "model_hash": model.weights, "trajectory": run.solver.trajectory,
+        "model": model.name, "model_hash": model.weights, "model_fingerprint": model.fingerprint,
+        "trajectory": run.solver.trajectory,
         "scheduler_name": config.scheduler, "strategy": config.strategy, "objective": config.objective,
         "optimizer": config.optimizer, "samples": config.samples, "fit_seed": config.seed,
         "eval_seed": run.eval_seed, "eval_samples": config.eval_samples,

@@ -300,7 +300,8 @@ def _gap_rows(setup: Setup, yardstick: Yardstick, steps: list[int], by_steps: di
         plain = yardstick.features(setup.images(run.rollout(noise)))
         row = {"nfe": nfe, "plain": yardstick.figures(plain)}
         if table is not None and not table.is_identity:
-            tuned = yardstick.features(setup.images(run.rollout(noise, table.tau.float())))
+            tuned = yardstick.features(setup.images(run.rollout(noise, table.tau.float(),
+                                                                coefficients=table.coefficients)))
             row["tuned"] = yardstick.figures(tuned)
             row.update(yardstick.changes(plain, tuned, bootstrap))
         rows.append(row)

@@ -55,7 +55,7 @@ def sample(model: str | None = None, n: int = 64, steps: int | None = None, sche
         return sample_images(unet, wrapped, noise, table.num_inference_steps,
                              generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
 
-    return (run(table.with_tau(table.t)) if compare else None), run(table)
+    return (run(table.with_tau(table.t).with_coefficients(None, None)) if compare else None), run(table)
 
 
 def _check_against_table(table, steps: int | None, scheduler: str | None) -> None:
