@@ -151,6 +151,7 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
         raise UserError(f"--model {model!r} has no unet or transformer; accepted: pipelines whose network is one of "
                         f"{', '.join(sorted(FAMILIES))}")
     _refuse_two_experts(pipeline, model)
+    _refuse_other_conditioning(pipeline, network, model)
     network.eval().requires_grad_(False)
     vae = latent_decoder(pipeline)
     if vae is not None:
@@ -169,6 +170,29 @@ def _refuse_two_experts(pipeline, model) -> None:
     if config.get("expand_timesteps"):
         raise UserError(f"--model {model!r} feeds per-token timesteps (expand_timesteps, Wan 2.2 TI2V); accepted: "
                         "pipelines that feed one time per state (Wan 2.1)")
+
+
+# Pipelines of a supported network that condition it on more than a prompt (an image, a mask, a control image):
+# the fit samples the text-to-image (video) function, not theirs. Matched as parts of the pipeline's class name.
+OTHER_CONDITIONING = ("Fill", "Kontext", "Control", "ImageToVideo", "VACE", "Redux", "Depth", "Canny")
+
+
+def _refuse_other_conditioning(pipeline, network, model) -> None:
+    """Variants the fit does not reproduce, refused in one line: pipelines that condition on an image, a mask or a
+    control (Flux Fill / Kontext / Control, Wan 2.1 image-to-video, …), and networks that take extra input channels
+    for them (in_channels above out_channels: SD inpainting, Flux Fill, Wan I2V)."""
+    name = type(pipeline).__name__
+    part = next((p for p in OTHER_CONDITIONING if p in name), None)
+    if part is not None:
+        raise UserError(f"--model {model!r} is a {name}, which conditions on more than a prompt ({part}); accepted: "
+                        "the text-to-image (video) pipelines the fit samples as they do (FluxPipeline, "
+                        "StableDiffusion3Pipeline, WanPipeline, ...)")
+    config = network.config
+    inputs, outputs = config.get("in_channels"), config.get("out_channels")
+    if inputs and outputs and inputs > outputs:
+        raise UserError(f"--model {model!r}: its {type(network).__name__} takes {inputs} input channels for {outputs} "
+                        "output ones (an image or mask it is conditioned on: inpainting, Fill, image-to-video); "
+                        "accepted: networks conditioned on a prompt or class only")
 
 
 def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tuple[int, int]:

@@ -1,0 +1,42 @@
+"""Variants of supported networks whose conditioning the fit does not reproduce are refused in one line when loaded:
+Flux Fill / Kontext / Control pipelines, Wan image-to-video, networks with extra input channels (inpainting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxKontextPipeline, FluxPipeline
+
+from tests.tiny import quiet, tiny_flux
+from timetuner.core.loading import load_model
+from timetuner.errors import UserError
+
+
+def _flux_as(cls, transformer=None):
+    pipe = tiny_flux(FlowMatchEulerDiscreteScheduler())
+    parts = {k: v for k, v in pipe.components.items() if k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                 "text_encoder_2", "tokenizer_2", "transformer")}
+    if transformer is not None:
+        parts["transformer"] = transformer
+    extra = {"image_encoder": None, "feature_extractor": None} if cls is FluxKontextPipeline else {}
+    return quiet(cls(**parts, **extra))
+
+
+@pytest.mark.parametrize("cls", [FluxKontextPipeline, FluxControlPipeline], ids=lambda c: c.__name__)
+def test_pipelines_that_condition_on_an_image_are_refused(cls):
+    with pytest.raises(UserError, match="conditions on more than a prompt") as err:
+        load_model(None, pipeline=_flux_as(cls))
+    assert "\n" not in str(err.value)
+
+
+def test_a_network_with_extra_input_channels_is_refused():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)  # Flux Fill's shape: image and mask channels beside the latents' (here 32 in, 16 out)
+    fill = FluxTransformer2DModel(patch_size=1, in_channels=32, out_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(UserError, match="32 input channels for 16 output") as err:
+        load_model(None, pipeline=_flux_as(FluxPipeline, fill))
+    assert "\n" not in str(err.value)
+    assert load_model(None, pipeline=_flux_as(FluxPipeline)).flow  # the plain text-to-image pipeline loads
