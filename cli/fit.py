@@ -59,7 +59,7 @@ def fit(
              "its solver with and without them and ships what wins on held-out seeds; a named --scheduler fits "
              "none.")] = None,
     coefficient_iters: Annotated[int | None, typer.Option(
-        help="e2e with --coefficients: Adam iterations. Default: 120.")] = None,
+        help="e2e with --coefficients: Adam iterations. Default: 40.")] = None,
     coefficient_parts: Annotated[str, typer.Option(
         help="With --coefficients: all, scale (the output scales only) or corrections (only those).")] = "all",
     force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."

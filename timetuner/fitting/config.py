@@ -44,7 +44,7 @@ E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
 # lowering the x0 gap (docs/results.md, "The figures behind the defaults").
 GRID_GRADIENT_MAX_NFE = 8
 # Coefficients learned with τ: Adam's step and iterations (docs/results.md, "Learned solver coefficients").
-COEFFICIENT_LR, COEFFICIENT_ITERS = 0.01, 120
+COEFFICIENT_LR, COEFFICIENT_ITERS = 0.02, 40
 COEFFICIENT_PARTS = ("all", "scale", "corrections")
 
 

@@ -266,7 +266,8 @@ class EndToEnd:
         def now() -> dict:
             return {name: value.detach().clone() for name, value in p.items()}
 
-        # the loss of the plain solver: the first iteration's (every parameter starts there), carried by checkpoints
+        # the loss where every parameter starts (the plain solver, or a warm start's τ): the first iteration's, carried
+        # by checkpoints
         before = resume.get("loss_before")
         best = None if "best_loss" not in resume else (resume["best_loss"], {
             name: torch.tensor(value) for name, value in resume["best_params"].items()})
