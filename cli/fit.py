@@ -125,7 +125,7 @@ def fit(
     import torch
 
     from timetuner.core.distributed import current, launched, relaunch
-    from timetuner.core.loading import load_pipeline, parse_dtype, quiet_loading
+    from timetuner.core.loading import default_dtype, load_pipeline, parse_dtype, quiet_loading
     from timetuner.core.prompts import parse_class_labels, parse_guidance_scales, parse_resolution
     from timetuner.errors import UserError
     from timetuner.fitting.api import fit_scales
@@ -150,11 +150,13 @@ def fit(
     if processes > 1 and not launched():
         raise typer.Exit(relaunch(processes, "fit"))
     quiet_loading()
-    pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=parse_dtype(dtype))
+    on_gpu = torch.cuda.is_available() and not cpu
+    torch_dtype = parse_dtype(dtype) or default_dtype(model, on_gpu)  # every component in one dtype
+    pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype)
     world = current(cpu)  # under `accelerate launch`: this process's share and device
     if world.size > 1:
         pipe = pipe.to(world.device)
-    elif torch.cuda.is_available() and not cpu:
+    elif on_gpu:
         pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
     for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, **options):
         if world.is_main:

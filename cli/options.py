@@ -47,8 +47,9 @@ Bootstrap = Annotated[int, typer.Option(help="Paired bootstrap resamples for the
 # Loading a pipeline (hub id or folder): the usual `from_pretrained` arguments.
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.")]
 Variant = Annotated[str | None, typer.Option("--variant", help="Weights variant of --model, e.g. fp16.")]
-Dtype = Annotated[str | None, typer.Option("--dtype", help="Load the weights as float32, float16 or bfloat16; "
-                                           "default: as stored.")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="Load every component as float32, float16 or "
+                                           "bfloat16; default: bfloat16 for transformer pipelines (SD3, Flux, Sana, "
+                                           "Wan, DiT) on a GPU, float32 otherwise.")]
 
 # Conditional models in eval / report: what the held-out samples are conditioned on (default: the table's own).
 HeldOutPrompts = Annotated[str | None, typer.Option(

@@ -40,3 +40,17 @@ def test_a_network_with_extra_input_channels_is_refused():
         load_model(None, pipeline=_flux_as(FluxPipeline, fill))
     assert "\n" not in str(err.value)
     assert load_model(None, pipeline=_flux_as(FluxPipeline)).flow  # the plain text-to-image pipeline loads
+
+
+def test_the_default_dtype_is_bfloat16_for_transformer_pipelines_on_a_gpu_and_float32_otherwise(tiny_run, tmp_path):
+    from tests.test_flux_fit import _save_flux
+    from timetuner.core.loading import default_dtype, load_pipeline
+
+    folder = str(_save_flux(tmp_path, True, FlowMatchEulerDiscreteScheduler()))  # with its CLIP and T5 encoders
+    assert default_dtype(folder, on_gpu=True) == torch.bfloat16
+    assert default_dtype(folder, on_gpu=False) == torch.float32
+    assert default_dtype(str(tiny_run), on_gpu=True) == torch.float32  # a UNet pipeline
+    pipe = load_pipeline(folder, torch_dtype=torch.bfloat16)  # every component in that dtype, text encoders too
+    dtypes = {p.dtype for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+              for p in module.parameters()}
+    assert dtypes == {torch.bfloat16}

@@ -65,6 +65,22 @@ def load_pipeline(model: str | None = None, revision: str | None = None, variant
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def default_dtype(model: str | None, on_gpu: bool):
+    """The dtype a model is run in when `--dtype` is not given, every component in it: bfloat16 for a transformer
+    pipeline (SD3, Flux, Sana, Wan, DiT) on a GPU, as those pipelines are run; float32 otherwise (UNets, any CPU).
+    Reads only the pipeline's `model_index.json`."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if not on_gpu:
+        return torch.float32
+    try:
+        index = DiffusionPipeline.load_config(resolve_model(model))
+    except (OSError, ValueError):
+        return torch.float32  # unreadable here: the load that follows says why
+    return torch.bfloat16 if "transformer" in index else torch.float32
+
+
 def parse_dtype(name: str | None):
     """'float16' → torch.float16 (None stays None: the weights' own dtype)."""
     import torch
