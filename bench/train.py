@@ -18,7 +18,7 @@ Resumable: each finished (method, seed) run is one "curve" line appended to `--r
 unfinished run resumes from its last checkpoint under `--work` (outside the repository). Runs go to `--workers`
 processes of one thread each. Then printed, one JSON line each:
 - "speedup": per method and target iteration s ∈ `--targets`: the iterations it needs to reach uniform's FD at s
-  (same seed; linear between evaluations), as s / those iterations, the mean over seeds and a bootstrap interval
+  (same seed; linear between evaluations), as s / those iterations, the mean over seeds and a Student-t interval
   over seeds; and the final FD's paired difference from uniform with its interval;
 and the plot (`--plot`) of FD against iteration (mean and range over seeds) and of each sampler's p(t)·w(t).
 """
@@ -260,12 +260,12 @@ def fd_at(curve: list[list[float]], step: int) -> float:
     return float(np.interp(step, steps, fds))
 
 
-def bootstrap_mean(values: list[float], resamples: int = 10_000, seed: int = 0) -> list[float]:
-    """95 % percentile interval of the mean over seeds (resampling seeds)."""
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values, dtype=float)
-    means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
-    return [round(float(np.percentile(means, 2.5)), 3), round(float(np.percentile(means, 97.5)), 3)]
+def seed_interval(values: list[float]) -> list[float]:
+    """95 % Student-t interval of the mean over seeds (`measuring.metrics.t_interval`; a percentile bootstrap over
+    three seeds would be their range)."""
+    from timetuner.measuring.metrics import t_interval
+
+    return [round(v, 3) for v in t_interval(values)]
 
 
 def summarise(curves: list[dict], targets: list[int]) -> list[dict]:
@@ -291,17 +291,17 @@ def summarise(curves: list[dict], targets: list[int]) -> list[dict]:
             lines.append({"figure": "speedup", "method": method, "target": target, "seeds": seeds,
                   "ratio_per_seed": [None if r is None else round(r, 3) for r in ratios],
                   "ratio_mean": round(float(np.mean(found)), 3) if len(found) == len(ratios) else None,
-                  "ratio_ci95": bootstrap_mean(found) if len(found) == len(ratios) and len(found) > 1 else None,
+                  "ratio_ci95": seed_interval(found) if len(found) == len(ratios) and len(found) > 1 else None,
                   "not_reached": len(ratios) - len(found),
                   "fd_at_half_minus_uniform": round(float(np.mean(half)), 3),
-                  "fd_at_half_minus_uniform_ci95": bootstrap_mean(half) if len(half) > 1 else None})
+                  "fd_at_half_minus_uniform_ci95": seed_interval(half) if len(half) > 1 else None})
         final = [runs[s]["fd"][-1][1] for s in seeds]
         diff = [runs[s]["fd"][-1][1] - uniform[s]["fd"][-1][1] for s in seeds]
         lines.append({"figure": "final_fd", "method": method, "seeds": seeds,
                       "fd_mean": round(float(np.mean(final)), 3),
               "fd_range": [round(min(final), 3), round(max(final), 3)],
               "minus_uniform_mean": round(float(np.mean(diff)), 3),
-              "minus_uniform_ci95": bootstrap_mean(diff) if len(diff) > 1 else None})
+              "minus_uniform_ci95": seed_interval(diff) if len(diff) > 1 else None})
     for line in lines:
         emit(line)
     return lines
@@ -311,7 +311,7 @@ def markdown(lines: list[dict], targets: list[int]) -> str:
     """The README's training table from the summary lines."""
     speedups = {(r["method"], r["target"]): r for r in lines if r["figure"] == "speedup"}
     head = " | ".join(f"×, uniform's FD at {t}" for t in targets)
-    rows = [f"| method | seeds | {head} | final FD (range) | final FD − uniform [95 % CI] |",
+    rows = [f"| method | seeds | {head} | final FD (range) | final FD − uniform [95 % t-interval over seeds] |",
             "|" + "---|" * (len(targets) + 4)]
     for r in (r for r in lines if r["figure"] == "final_fd"):
         cells = []
@@ -340,7 +340,7 @@ def markdown(lines: list[dict], targets: list[int]) -> str:
 
 
 def against(curves: list[dict], base: str) -> str:
-    """Each method's FD minus `base`'s at every evaluation, paired by seed: mean [95 % bootstrap interval over
+    """Each method's FD minus `base`'s at every evaluation, paired by seed: mean [95 % Student-t interval over
     seeds] (the open values of a method against its defaults, where uniform's yardstick is too coarse)."""
     by = {}
     for c in curves:
@@ -356,7 +356,7 @@ def against(curves: list[dict], base: str) -> str:
         cells = []
         for step in steps:
             diff = [fd_at(runs[s]["fd"], step) - fd_at(reference[s]["fd"], step) for s in seeds]
-            ci = bootstrap_mean(diff) if len(diff) > 1 else None
+            ci = seed_interval(diff) if len(diff) > 1 else None
             cells.append(f"{np.mean(diff):+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"))
         rows.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
