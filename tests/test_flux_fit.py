@@ -163,7 +163,7 @@ def test_a_learned_sigma_grid_at_flux_s_mu_runs_in_flux_pipeline_as_fitted(flux_
     solver = Solver.for_table(den, model.base_config, table)
     assert solver.grid == pytest.approx(table.sigmas) and solver.mu == pytest.approx(table.mu)
     noise = torch.randn((1, 4, SIDE, SIDE), generator=torch.Generator().manual_seed(3))
-    ours = solver.rollout(noise, taus=table.tau)
+    ours = solver.rollout(noise, taus=table.tau, coefficients=table.coefficients)
     pipe = model.pipeline  # FluxPipeline passes linspace(1, 1/N, N) and its mu: the table runs its own grid there
     pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=3.5)
     embeds, pooled = cond.values[:, :-1], cond.values[:, -1, :8]
@@ -209,7 +209,8 @@ def test_a_table_fitted_at_height_by_width_runs_in_flux_pipeline_as_fitted_at_th
     den = model.denoiser.bind(cond)
     den.guidance_scale = 3.5
     noise = torch.randn((1, 4, *size), generator=torch.Generator().manual_seed(5))
-    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau)
+    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau,
+                                                                 coefficients=table.coefficients)
     pipe = model.pipeline
     pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=3.5)
     call = dict(prompt_embeds=cond.values[:, :-1], pooled_prompt_embeds=cond.values[:, -1, :8], num_inference_steps=3,

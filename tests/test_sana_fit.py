@@ -71,7 +71,8 @@ def _runs_as_fitted(folder, table, guidance: float = 4.5) -> None:
     den = model.denoiser.bind(cond)
     den.guidance_scale = guidance
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(4))
-    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau)
+    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau,
+                                                                 coefficients=table.coefficients)
     pipe = model.pipeline
     pipe.scheduler = TunedScheduler.from_table(pipe.scheduler, table, unet=pipe.transformer, guidance_scale=guidance)
     theirs = pipe(negative_prompt=None, prompt_embeds=cond.values[..., :-1], prompt_attention_mask=cond.values[..., -1],

@@ -118,7 +118,8 @@ def test_fit_tunes_a_wan_transformer_and_the_table_runs_in_wan_pipeline(wan_fold
     pipe.scheduler = TunedScheduler.from_table(pipe.scheduler.inner, table, unet=pipe.transformer,
                                                guidance_scale=5.0)
     tuned = _pipeline_latents(pipe, cond, noise, 3, 5.0)
-    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau)
+    ours = Solver.for_table(den, model.base_config, table).rollout(noise, taus=table.tau,
+                                                                 coefficients=table.coefficients)
     assert torch.allclose(ours, tuned, atol=1e-5) and not torch.allclose(tuned, plain, atol=1e-4)
 
 
