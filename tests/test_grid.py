@@ -122,9 +122,9 @@ def test_learned_grid_lowers_the_fit_loss_and_travels_in_the_table(tiny_run, tmp
 
     grids, real = [], Solver.rollout
 
-    def spy(self, noise, taus=None, keep_states=False):
+    def spy(self, noise, taus=None, keep_states=False, **options):
         grids.append(self.grid)
-        return real(self, noise, taus, keep_states)
+        return real(self, noise, taus, keep_states, **options)
 
     setup = Setup(str(out), str(tiny_run))
     with pytest.MonkeyPatch.context() as patch:
