@@ -173,7 +173,9 @@ class Run:
         with bar(self.solver.den, phases, "references", show):
             inputs = self.inputs()
         report = Progress(self, store, show)
-        resume = store.load() or ({} if self.start_taus is None else {"start_taus": self.start_taus})
+        resume = store.load()  # a checkpoint may carry the learned grid alone: the e2e fit then starts afresh
+        if "params" not in resume and self.start_taus is not None:
+            resume = {**resume, "start_taus": self.start_taus}
         taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, resume, report)
         report.close()
         if self.config.grid_gradient and self.grid_record is not None:  # the e2e fit may have moved the grid
