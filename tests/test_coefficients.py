@@ -224,3 +224,23 @@ def test_fit_refuses_coefficients_where_they_do_not_apply_in_one_line(tiny_run, 
     with pytest.raises(UserError, match=needle) as err:
         fit(str(tiny_run), progress=False, nfe=3, **FAST, **args)
     assert "\n" not in str(err.value)
+
+
+def test_auto_s_coefficient_variant_starts_from_the_tau_variant_s_tau_when_it_checkpoints(tiny_run, tmp_path,
+                                                                                           monkeypatch):
+    from timetuner.fitting.method import OBJECTIVES
+
+    e2e, starts = OBJECTIVES["e2e"], []
+    real = type(e2e).fit
+
+    def spy(self, solver, config, inputs, resume, report):
+        taus, rows = real(self, solver, config, inputs, resume, report)
+        starts.append((config.coefficients, resume.get("start_taus"), taus))
+        return taus, rows
+
+    monkeypatch.setattr(type(e2e), "fit", spy)
+    fit(str(tiny_run), out=tmp_path / "a.safetensors", progress=False, nfe=3, coefficient_iters=2, e2e_iters=2,
+        **FAST)
+    (first, none, tau_variant), (second, start, _) = starts
+    assert (first, second) == (False, True) and none is None
+    assert start == pytest.approx(tau_variant)  # the grid checkpoint does not hide the warm start
