@@ -220,31 +220,10 @@ def test_a_learned_sigma_grid_is_refused_where_the_scheduler_would_not_run_it(co
 
 @pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
-    """A tiny Stable Diffusion 3 pipeline saved to a folder: two CLIP text encoders (hidden 8, projection 4: the
-    transformer's 16-wide embeddings and 8-wide pooled projection) and a T5 encoder of width 16."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    """A tiny Stable Diffusion 3 pipeline saved to a folder (`tests.tiny.save_sd3`), static shift 3."""
+    from tests.tiny import save_sd3
 
-    from tests.tiny import quiet, tiny_latent_vae, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("sd3")
-    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
-    torch.manual_seed(0)
-    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=8, intermediate_size=16, projection_dim=4, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-        for _ in range(2)]
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                        pooled_projection_dim=8, out_channels=4)
-    pipe = quiet(StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                          vae=tiny_latent_vae(), text_encoder=encoders[0], tokenizer=tokenizer,
-                                          text_encoder_2=encoders[1], tokenizer_2=tokenizer, tokenizer_3=tokenizer,
-                                          text_encoder_3=T5EncoderModel(T5Config(
-                                              vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1,
-                                              num_heads=2, pad_token_id=1, eos_token_id=1))))
-    pipe.save_pretrained(root / "sd3")
-    return root / "sd3"
+    return save_sd3(tmp_path_factory.mktemp("sd3"), FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 def test_fit_tunes_a_stable_diffusion_3_transformer_and_the_table_runs_in_its_pipeline(sd3_folder):

@@ -25,29 +25,9 @@ def _dynamic():
 @pytest.fixture(scope="module")
 def sd3_patch2_folder(tmp_path_factory):
     """A tiny SD3 pipeline with a 2×2 patch and a scheduler that shifts by image size (SD3.5-like), saved."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from tests.tiny import save_sd3
 
-    from tests.tiny import quiet, tiny_latent_vae, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("sd3p2")
-    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
-    torch.manual_seed(0)
-    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=8, intermediate_size=16, projection_dim=4, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-        for _ in range(2)]
-    transformer = SD3Transformer2DModel(sample_size=SIDE, patch_size=2, in_channels=4, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                        caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
-    pipe = quiet(StableDiffusion3Pipeline(transformer=transformer, scheduler=_dynamic(), vae=tiny_latent_vae(),
-                                          text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
-                                          tokenizer_2=tokenizer, tokenizer_3=tokenizer,
-                                          text_encoder_3=T5EncoderModel(T5Config(
-                                              vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1,
-                                              num_heads=2, pad_token_id=1, eos_token_id=1))))
-    pipe.save_pretrained(root / "sd3")
-    return root / "sd3"
+    return save_sd3(tmp_path_factory.mktemp("sd3p2"), _dynamic(), patch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,28 @@ def tiny_flux(scheduler):
                                          pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
     return quiet(FluxPipeline(scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=None, tokenizer=None,
                               text_encoder_2=None, tokenizer_2=None, transformer=transformer))
+
+
+def save_sd3(root, scheduler, patch_size: int = 1):
+    """A tiny Stable Diffusion 3 pipeline saved to `root`/sd3: two CLIP text encoders (hidden 8, projection 4: the
+    transformer's 16-wide embeddings and 8-wide pooled projection), a T5 encoder of width 16, a one-block transformer
+    of 8×8 latents at `patch_size`."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=8, intermediate_size=16, projection_dim=4, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        for _ in range(2)]
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=patch_size, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+                                 pad_token_id=1, eos_token_id=1))
+    pipe = quiet(StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=tiny_latent_vae(),
+                                          text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                                          tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer))
+    pipe.save_pretrained(root / "sd3")
+    return root / "sd3"
