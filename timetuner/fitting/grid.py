@@ -165,11 +165,12 @@ class GridParameters:
     """A K-point grid t_0 > t_1 > … > t_{K−1} > 0 as K logits w: t_k = t_0 (1 − Σ_{j<k} softmax(w)_j), t_0 fixed —
     strictly decreasing for any w; w = log of the grid's gaps (t_K = 0), `start`, gives back the grid itself."""
 
-    def __init__(self, grid: torch.Tensor, logits: list[float] | None = None):
+    def __init__(self, grid: torch.Tensor):
         t = grid.to(torch.float64)
         self.t0 = float(t[0])
         self.start = (torch.cat([t[:-1] - t[1:], t[-1:]]) / t[0]).log().float()
-        self.logits = torch.tensor(self.start.tolist() if logits is None else logits, requires_grad=True)
+        # the logits at their start, as a tensor to train (the e2e fit trains its own, resumed: `fitting.joint`)
+        self.logits = self.start.clone().requires_grad_(True)
 
     def times(self, logits: torch.Tensor) -> torch.Tensor:
         u = torch.softmax(logits.to(torch.float64), 0)
