@@ -277,7 +277,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         self._tau = table.tau.to(device=t.device, dtype=torch.float32)
         self._tau_values = [float(v) for v in self._tau.tolist()]
         if table.has_coefficients:
-            self._corrector = Corrector(self.inner, table.corrections.float(), table.scale.float(), is_flow(self.inner))
+            self._corrector = Corrector(self.inner, *table.coefficients, is_flow(self.inner))
 
     def _inner_t(self, timestep):
         """The solver's t for the value a pipeline passed: t_k for τ_k (k the current evaluation, else the index
