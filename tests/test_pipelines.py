@@ -13,11 +13,9 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 
-from tests.tiny import quiet, tiny_pixel_unet, tiny_tokenizer, tiny_vae
+from tests.tiny import quiet, tiny_pixel_unet, tiny_sdxl
 from timetuner import TauTable, TunedScheduler
 from timetuner.scheduler import OWN
 
@@ -101,26 +99,7 @@ def test_stable_diffusion_txt2img_img2img_and_inpaint(sd_pipe, name):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    """A tiny SDXL: two CLIP text encoders (the second with a projection), a text_time-conditioned UNet."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    root = tmp_path_factory.mktemp("sdxl")
-    tokenizer, vocab = tiny_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    text = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=6 * 8 + 16)
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 steps_offset=1, timestep_spacing="leading")
-    return quiet(StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler))
+    return tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"])

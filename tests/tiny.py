@@ -109,3 +109,31 @@ def save_sd3(root, scheduler, patch_size: int = 1):
                                           tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=tokenizer))
     pipe.save_pretrained(root / "sd3")
     return root / "sd3"
+
+
+def tiny_sdxl(root, refiner: bool = False):
+    """A tiny SDXL: two CLIP text encoders (the second with a projection), a text_time-conditioned UNet, SDXL's Euler;
+    `refiner`: the refiner's image-to-image pipeline (aesthetic-score conditioning, the second encoder only)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, vocab = tiny_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    text = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)
+    ids = 5 if refiner else 6
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 if refiner else 32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=ids * 8 + 16)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1, timestep_spacing="leading")
+    if refiner:
+        return quiet(diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=tiny_vae(), text_encoder=None, text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+            tokenizer=None, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, requires_aesthetics_score=True))
+    return quiet(diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler))

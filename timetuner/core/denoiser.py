@@ -4,7 +4,8 @@ Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern
 `timetuner.core.families`) to this one interface:
 
     UNet2DModel                      unconditional, pixel or latent space
-    UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion)
+    UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion); SDXL's pooled
+                                     projection and size ids (`addition_embed_type="text_time"`)
     DiTTransformer2DModel,           class labels; classifier-free guidance with the null class; DiT's learned-σ
     Transformer2DModel (DiT config)  output channels split off as `DiTPipeline` does
     SD3Transformer2DModel            prompt and pooled embeddings (Stable Diffusion 3 / 3.5, a flow-matching model);
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.families import TextFlux, TextSana, TextSD3, TextWan, family_of
+from timetuner.core.families import TextFlux, TextSana, TextSD3, TextSDXL, TextWan, family_of
 from timetuner.errors import UserError
 
 
@@ -270,7 +271,8 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
 @torch.no_grad()
 def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
     """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P;
-    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`),
+    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`; SDXL's
+    with the VAE's factor its size ids are made from, `TextSDXL`; its null rows zeros where a plain call makes them),
     Sana's attention mask as one extra channel (`TextSana`; its prompts carry the pipeline's default complex human
     instruction, as `SanaPipeline.__call__` encodes them). Flux takes no negative prompt (its guidance is distilled):
     the null rows are the prompts' own, never used. Prompts are tokenised to the length `__call__` asks for by
@@ -278,7 +280,8 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
     length changes the output)."""
     device = next(pipe.text_encoder.parameters()).device
     negatives = [negative_prompt] * len(prompts)
-    family = family_of(pipe.transformer) if getattr(pipe, "transformer", None) is not None else None
+    network = getattr(pipe, "transformer", None) or pipe.unet
+    family = family_of(network)
     length = {"max_sequence_length": call_default(pipe, "max_sequence_length")} if family in (
         TextFlux, TextSD3, TextWan) else {}
     if family is TextFlux:
@@ -288,6 +291,11 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
         cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
                                                              negative_prompt=negatives, **length)  # CFG: both
         cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
+    elif family is TextSDXL:  # a plain call's negative prompt is None: zeros where the config forces them (SDXL)
+        cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), device=device,
+                                                             negative_prompt=negatives if negative_prompt else None)
+        cond, null = (_with_pooled(e, _with_factor(p, pipe.vae_scale_factor, TextSDXL.pooled_dim(network)))
+                      for e, p in ((cond, pooled), (null, null_pooled)))
     elif family is TextWan:
         cond, null = pipe.encode_prompt(list(prompts), negatives, True, device=device, **length)
     elif family is TextSana:
@@ -310,6 +318,15 @@ def _with_pooled(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """(P, L, D) prompt embeddings with the (P, D_p) pooled projection as row L, zero-padded to D."""
     row = torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))
     return torch.cat([embeds, row[:, None].to(embeds.dtype)], dim=1)
+
+
+def _with_factor(pooled: torch.Tensor, factor: int, dim: int) -> torch.Tensor:
+    """SDXL's (P, D_p) pooled projection with the VAE's factor appended (its size ids are made from the state's
+    size in pixels at each call: `TextSDXL`); D_p must be the UNet's."""
+    if pooled.shape[-1] != dim:
+        raise UserError(f"the pipeline's pooled text projection has {pooled.shape[-1]} values and its UNet takes "
+                        f"{dim}; accepted: an SDXL base pipeline whose second text encoder matches its UNet")
+    return torch.cat([pooled, torch.full_like(pooled[:, :1], float(factor))], dim=1)
 
 
 def _with_mask(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

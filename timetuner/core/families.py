@@ -38,6 +38,8 @@ class TextUNet:
 
     conditional = "text"
     float_guidance = False  # combine the two branches in float32 (SanaPipeline), not the network's dtype (SD, SD3)
+    keeps_network_dtype = True  # latents in the prompt embeddings' dtype, each new state in it (StableDiffusion-
+    # Pipeline: the scheduler steps on the network-dtype output and state, so in bfloat16 every state is bfloat16)
 
     @staticmethod
     def call(model, x, t, cond):
@@ -66,6 +68,31 @@ class TextSD3(TextUNet):
         return model(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
 
 
+class TextSDXL(TextUNet):
+    """`UNet2DConditionModel` with SDXL's added conditioning (`addition_embed_type="text_time"`): the two CLIP
+    encoders' prompt embeddings (L, D) and one extra row holding the pooled projection (D_p) and the VAE's factor
+    (`text_conditioning`), from which the call makes the size conditioning of the state it is given, as
+    `StableDiffusionXLPipeline` does by default: original size = target size = the image's (H, W) in pixels, crop
+    (0, 0), the same for both branches; CFG batch [uncond, cond] in the network's dtype (TextUNet's guided call)."""
+
+    default_guidance = 5.0  # StableDiffusionXLPipeline's
+    size_ids = 6  # original (h, w), crop top-left (y, x), target (h, w)
+
+    @classmethod
+    def pooled_dim(cls, model) -> int:
+        return model.config.projection_class_embeddings_input_dim - cls.size_ids * model.config.addition_time_embed_dim
+
+    @classmethod
+    def call(cls, model, x, t, cond):
+        dim = cls.pooled_dim(model)
+        embeds, pooled = _parts(cond[:, :-1], cond[:, -1, :dim])
+        factor = float(cond[0, -1, dim])
+        h, w = (float(side) * factor for side in x.shape[-2:])
+        sizes = torch.tensor([[h, w, 0.0, 0.0, h, w]], dtype=embeds.dtype, device=x.device).repeat(x.shape[0], 1)
+        return model(x, t, encoder_hidden_states=embeds,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+
+
 class TextSana(TextUNet):
     """`SanaTransformer2DModel`: Gemma prompt embeddings with their attention mask, which rides in the conditioning
     as one extra channel (`text_conditioning`: SanaPipeline pads every prompt to 300 tokens and masks the padding);
@@ -76,6 +103,7 @@ class TextSana(TextUNet):
     default_guidance = 4.5  # SanaPipeline's
     pixel_multiple = 32  # SanaPipeline takes image sides in multiples of 32 only
     float_guidance = True  # SanaPipeline combines the branches in float32 (bf16 / fp16 checkpoints)
+    keeps_network_dtype = False  # SanaPipeline's latents stay float32, the network's output cast to them
 
     @staticmethod
     def call(model, x, t, cond):
@@ -195,6 +223,8 @@ def family_of(model) -> type:
         family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
     if family is None:
         raise UserError(f"network {name} is not supported; accepted: {', '.join(sorted(FAMILIES))}")
+    if family is TextUNet:
+        family = _unet_family(model)
     if family is ClassTransformer and getattr(model.config, "num_embeds_ada_norm", None) is None:
         raise UserError(f"{name} has no class-label embedding (num_embeds_ada_norm is None); accepted: DiT "
                         "configurations (norm_type='ada_norm_zero' with num_embeds_ada_norm)")
@@ -203,3 +233,18 @@ def family_of(model) -> type:
                         "sampled by SCMScheduler in 1-4 steps); accepted: Sana transformers sampled with "
                         "classifier-free guidance (SanaPipeline)")
     return family
+
+
+def _unet_family(model) -> type:
+    """A text UNet's adapter by what else it is conditioned on: nothing (SD 1.x / 2.x), or SDXL's pooled projection
+    and size ids; other added conditioning (images, aesthetic scores) refused in one line."""
+    added = getattr(model.config, "addition_embed_type", None)
+    if added is None:
+        return TextUNet
+    name = type(model).__name__
+    if added != "text_time":
+        raise UserError(f"{name} is conditioned on addition_embed_type={added!r} besides the prompt; accepted: "
+                        "Stable Diffusion 1.x / 2.x UNets and SDXL's ('text_time')")
+    if TextSDXL.pooled_dim(model) <= 0:
+        raise UserError(f"{name}'s added conditioning has fewer than SDXL's six size ids; accepted: SDXL base UNets")
+    return TextSDXL

@@ -203,6 +203,9 @@ def _refuse_other_conditioning(pipeline, network, model) -> None:
         raise UserError(f"--model {model!r} is a {name}, which conditions on more than a prompt ({part}); accepted: "
                         "the text-to-image (video) pipelines the fit samples as they do (FluxPipeline, "
                         "StableDiffusion3Pipeline, WanPipeline, ...)")
+    if getattr(pipeline, "config", {}).get("requires_aesthetics_score"):
+        raise UserError(f"--model {model!r} conditions its UNet on an aesthetic score (the SDXL refiner, an "
+                        "image-to-image stage); accepted: SDXL base and other text-to-image pipelines")
     config = network.config
     inputs, outputs = config.get("in_channels"), config.get("out_channels")
     if inputs and outputs and inputs > outputs:

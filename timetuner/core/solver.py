@@ -217,8 +217,9 @@ class Solver:
         return x if keep is None else keep(x)
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
-        """The state before evaluation 0: unit-variance noise scaled by the scheduler's `init_noise_sigma`."""
-        return self.kept(noise * self.init_noise_sigma)
+        """The state before evaluation 0: unit-variance noise scaled by the scheduler's `init_noise_sigma` — in the
+        dtype the pipeline keeps its latents in, scaled there, as `prepare_latents` scales them (SDXL's Euler)."""
+        return self.kept(self.kept(noise) * self.init_noise_sigma)
 
     def advance(self, sched, x, k: int, tau, corrector: Corrector | None = None):
         """One evaluation and update with network time τ (in place on `sched`)."""
