@@ -88,6 +88,14 @@ def fit(
     variant: Variant = None,
     dtype: Dtype = None,
     cpu: Cpu = False,
+    device: Annotated[str | None, typer.Option(help="Where to fit: cpu, cuda, cuda:N or mps. Default: the GPU where "
+                                               "there is one (--cpu: the CPU).")] = None,
+    offload: Annotated[bool, typer.Option(help="Text models: keep the text encoders on the CPU from the start (they "
+                                          "embed the prompts there, rounded as the CPU rounds). Default: they embed "
+                                          "on the device, then leave it before the fit.")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Print what the fit will spend (network evaluations per "
+                                            "phase, the time at one timed batch's rate, memory) and stop: nothing "
+                                            "is fitted or written.")] = False,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Table file (.safetensors); default: "
                                             "tau-SCHEDULER-TRAJECTORY-nfeN[-cfgS].safetensors. With several "
                                             "--guidance-scale values, -cfgS is added to each.")] = None,
@@ -119,16 +127,18 @@ def fit(
 
         timetuner fit --nfe 10 --processes 2                  # the same launch, made for you
 
+    What a fit will spend (evaluations per phase, time, memory), before spending it:
+
+        timetuner fit --model black-forest-labs/FLUX.1-dev --nfe 10 --plan
+
     Text-to-image and class-conditional models are fitted in latent space on the guided output at each
     --guidance-scale (the table records the scale); the held-out gap is measured on VAE-decoded images.
     """
-    import torch
-
     from timetuner.core.distributed import current, launched, relaunch
-    from timetuner.core.loading import default_dtype, load_pipeline, parse_dtype, quiet_loading
+    from timetuner.core.loading import default_dtype, load_pipeline, parse_device, parse_dtype, place, quiet_loading
     from timetuner.core.prompts import parse_class_labels, parse_guidance_scales, parse_resolution
     from timetuner.errors import UserError
-    from timetuner.fitting.api import fit_scales
+    from timetuner.fitting.api import fit_scales, plan
     from timetuner.fitting.config import check_before_loading
 
     scales = parse_guidance_scales(guidance_scale)
@@ -150,15 +160,23 @@ def fit(
     if processes > 1 and not launched():
         raise typer.Exit(relaunch(processes, "fit"))
     quiet_loading()
-    on_gpu = torch.cuda.is_available() and not cpu
-    torch_dtype = parse_dtype(dtype) or default_dtype(model, on_gpu)  # every component in one dtype
-    pipe = load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype)
+    target = parse_device(device, cpu)  # latent models are impractical to fit on a CPU; the digits model either way
     world = current(cpu)  # under `accelerate launch`: this process's share and device
     if world.size > 1:
-        pipe = pipe.to(world.device)
-    elif on_gpu:
-        pipe = pipe.to("cuda")  # latent models are impractical to fit on a CPU; the digits model is fine either way
-    for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json, **options):
+        if device is not None:
+            raise UserError(f"--device {device} with several processes; accepted: no --device (each process takes "
+                            "its own GPU)")
+        target = world.device
+    torch_dtype = parse_dtype(dtype) or default_dtype(model, target.type == "cuda")  # every component in one dtype
+    pipe = place(load_pipeline(model, revision=revision, variant=variant, torch_dtype=torch_dtype), target, offload)
+    if plan_only:
+        for scale in scales:
+            lines = plan(model, pipeline=pipe, guidance_scale=scale, **options)
+            if world.is_main:
+                typer.echo("\n".join(lines if scale is None else [f"guidance scale {scale:g}", *lines]))
+        return
+    for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json,
+                                   release_text_encoders=target.type == "cuda", **options):
         if world.is_main:
             _report(result, name, force, as_json)
 

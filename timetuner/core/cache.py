@@ -80,6 +80,21 @@ def exists(key: str | None) -> bool:
     return key is not None and (cache_path(key).is_file() or _shipped(key) is not None)
 
 
+def rows_stored(key: str | None, name: str = "rows") -> int:
+    """How many rows of tensor `name` are stored (or shipped) under `key`, from the file's header alone (unchecked:
+    for estimates, not for use); 0 when none."""
+    from safetensors import safe_open
+
+    if not exists(key):
+        return 0
+    path = cache_path(key) if cache_path(key).is_file() else _shipped(key)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice(name).get_shape()[0]) if name in f.keys() else 0  # noqa: SIM118
+    except Exception:  # unreadable: the build that follows says so and rebuilds it
+        return 0
+
+
 def _shipped(key: str) -> Path | None:
     path = assets.SHIPPED_CACHE / f"{key}.safetensors"
     return path if path.is_file() else None

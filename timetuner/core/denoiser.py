@@ -277,8 +277,19 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
     instruction, as `SanaPipeline.__call__` encodes them). Flux takes no negative prompt (its guidance is distilled):
     the null rows are the prompts' own, never used. Prompts are tokenised to the length `__call__` asks for by
     default (WanPipeline: 512 tokens, where its `encode_prompt` alone would take 226; Wan has no text mask, so the
-    length changes the output)."""
-    device = next(pipe.text_encoder.parameters()).device
+    length changes the output). Each prompt list is embedded once per pipeline and dtype (remembered on the pipeline:
+    a fit's later runs reuse it, also once the text encoders have left the GPU)."""
+    encoder = next(pipe.text_encoder.parameters())
+    key = (tuple(prompts), negative_prompt, str(encoder.dtype))
+    memo = pipe.__dict__.setdefault("_timetuner_embeddings", {})
+    if key not in memo:
+        memo[key] = _embedded(pipe, list(prompts), negative_prompt, encoder.device)
+    return Conditioning("text", *memo[key], cyclic_index(n, len(prompts)))
+
+
+@torch.no_grad()
+def _embedded(pipe, prompts: list[str], negative_prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt rows, negative rows) of `text_conditioning`, on the CPU in float32."""
     negatives = [negative_prompt] * len(prompts)
     network = getattr(pipe, "transformer", None) or pipe.unet
     family = family_of(network)
@@ -305,8 +316,7 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
         cond, null = _with_mask(cond, mask), _with_mask(null, null_mask)
     else:
         cond, null = pipe.encode_prompt(list(prompts), device, 1, True, negatives)
-    return Conditioning("text", cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32),
-                        cyclic_index(n, len(prompts)))
+    return cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32)
 
 
 def call_default(pipe, name: str):

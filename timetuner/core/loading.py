@@ -90,6 +90,60 @@ def parse_dtype(name: str | None):
     return getattr(torch, check_choice("--dtype", name, DTYPES))
 
 
+def parse_device(device: str | None, cpu: bool = False):
+    """The device to fit on: `device` ('cpu', 'cuda', 'cuda:1', 'mps'), checked; default the GPU where there is
+    one, unless `cpu`."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    accepted = "accepted: cpu, cuda, cuda:N (an index below the GPU count) or mps"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device; {accepted}") from None
+    if cpu and parsed.type != "cpu":
+        raise UserError(f"--device {device} contradicts --cpu; accepted: one of them")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); {accepted}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here; {accepted}")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device!r} is not supported; {accepted}")
+    return parsed
+
+
+def text_encoders(pipeline) -> dict:
+    """The pipeline's text encoders by component name (text_encoder, text_encoder_2, …); {} for none."""
+    components = getattr(pipeline, "components", {}) or {}
+    return {name: c for name, c in components.items() if name.startswith("text_encoder") and c is not None}
+
+
+def place(pipeline, device, offload: bool = False):
+    """Move every component of `pipeline` to `device`, the text encoders too unless `offload` (they then stay on
+    the CPU and embed the prompts there: less GPU memory, embeddings rounded as the CPU rounds them)."""
+    import torch
+
+    encoders = text_encoders(pipeline) if offload else {}
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            component.to("cpu" if name in encoders else device)
+    return pipeline
+
+
+def release_text_encoders(pipeline) -> None:
+    """Move the text encoders off the GPU (their prompts embedded, the fit needs them no more) and free the memory."""
+    import torch
+
+    moved = False
+    for encoder in text_encoders(pipeline).values():
+        if next(encoder.parameters()).device.type != "cpu":
+            encoder.to("cpu")
+            moved = True
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class ModelSetup:
     """A loaded model, ready to sample and fit: network, denoiser, VAE (latent models) and noise schedule.
@@ -104,6 +158,7 @@ class ModelSetup:
     path: str = ""  # the resolved folder or hub id ("" for a bare network)
     pipeline: object = None
     vae: object = None  # latent models: the autoencoder that decodes samples to images
+    release_encoders: bool = False  # text encoders leave the GPU once a fit has embedded its prompts (the CLI's)
 
     @property
     def kind(self) -> str | None:

@@ -18,18 +18,20 @@ from timetuner.fitting.run import fit_one
 
 
 def fit(model: str | None = None, out: str | Path | None = None, progress: bool = True, unet=None,
-        base_scheduler_config=None, pipeline=None, **options) -> FitResult:
+        base_scheduler_config=None, pipeline=None, release_text_encoders: bool = False, **options) -> FitResult:
     """Fit a τ table for `model` (hub id or folder; default: the embedded digits model); see `FitConfig`.
 
     `pipeline`: the pipeline `model` names, already loaded (and on the device to fit on); `unet` with
     `base_scheduler_config`: a bare unconditional network. Writes the table to `out` when given (the identity
     table if tuning did not beat the plain sampler on held-out seeds, unless `force=True`); checkpoints after
-    every τ and resumes from `out`'s checkpoint.
+    every τ and resumes from `out`'s checkpoint. `release_text_encoders`: move the pipeline's text encoders off the
+    GPU once the prompts are embedded (a pipeline that samples afterwards needs them back: the CLI's choice).
     """
     config = checked_config(**options)
     out = check_out(out)
     if unet is None:
         setup = load_model(model, pipeline=pipeline)
+        setup.release_encoders = release_text_encoders
     else:
         setup = ModelSetup.from_network(unet, base_scheduler_config)
         setup.name = model or setup.name
@@ -40,8 +42,30 @@ def fit(model: str | None = None, out: str | Path | None = None, progress: bool 
     return fit_one(config, setup, out, progress)
 
 
+def plan(model: str | None = None, pipeline=None, **options) -> list[str]:
+    """What `fit(model, **options)` would spend, said before any of it is spent (`timetuner fit --plan`): the
+    network evaluations of each phase, the time they take at one timed batch's rate, and the memory; nothing is
+    fitted or written."""
+    from timetuner.fitting.auto import plan_auto
+    from timetuner.fitting.cost import describe, memory_line, seconds_per_evaluation
+    from timetuner.fitting.cost import plan as phases_of
+    from timetuner.fitting.run import prepare
+
+    checked_config(**options)
+    setup = load_model(model, pipeline=pipeline)
+    config = checked_config(flow=setup.flow, **options)
+    size_state(setup, config.resolution, config.frames)
+    if config.scheduler == "auto":
+        phases, run = plan_auto(config, setup)
+    else:
+        run = prepare(config, setup)
+        phases = phases_of(run)
+    per_evaluation = seconds_per_evaluation(run)
+    return [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
+
+
 def fit_scales(model: str | None, guidance_scales: list[float | None], out: str | None = None, pipeline=None,
-               **options):
+               release_text_encoders: bool = False, **options):
     """Fit one table per classifier-free guidance scale (None: the pipeline's default); yields (path, result).
 
     Each table goes to `out` (one scale), to `out` with -cfgS added (several), or to `default_out`.
@@ -56,4 +80,5 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
                                options.get("nfe", 10), suffix)
         else:
             path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
-        yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale, **options)
+        yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale,
+                        release_text_encoders=release_text_encoders, **options)

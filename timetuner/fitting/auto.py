@@ -62,17 +62,25 @@ FLOW_CANDIDATES = (("flow-euler", "uniform"), ("flow-euler", "shift1"), ("flow-e
 AUTO_TUNED = 1
 
 
-@torch.no_grad()
-def rank_candidates(config, setup) -> list[dict]:
-    """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
-    ranked, reference = [], None
+def candidates(setup) -> list[tuple[str, str]]:
+    """The (solver, grid) candidates auto ranks on this model."""
     own_shift = f"shift{model_shift(setup.base_config):g}"
     dynamic = dynamic_shift(setup.base_config)
+    chosen = []
     for scheduler, trajectory in FLOW_CANDIDATES if setup.flow else CANDIDATES:
         if setup.flow and (trajectory == own_shift or dynamic and trajectory in STATIC_ONLY):
             continue  # the model's own shift is its "uniform" candidate already; Flux's shift is the pipeline's mu
         if pipeline_refusal(setup.denoiser.family, make_scheduler(scheduler, setup.base_config)):
             continue  # a solver the model's pipeline cannot run (DPM-Solver++ under FluxPipeline's mu, schnell)
+        chosen.append((scheduler, trajectory))
+    return chosen
+
+
+@torch.no_grad()
+def rank_candidates(config, setup) -> list[dict]:
+    """Every candidate's plain x0 gap to the reference on the fit noises, best first; each with its prepared run."""
+    ranked, reference = [], None
+    for scheduler, trajectory in candidates(setup):
         run = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory), setup)
         if reference is None:  # the same noises and reference solver for every candidate: one cache entry
             reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)
@@ -137,6 +145,39 @@ def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) 
     except UserError:
         return False
     return True
+
+
+def plan_auto(config, setup) -> tuple[list, object]:
+    """(the phases `fit_auto` will run, the first run they are timed on), before any of them: the fit noises'
+    references, the ranking's rollouts, the best plain setup's held-out samples, references and reference set, then
+    each tuned variant's grid, fit and held-out samples — planned for the first candidate solver that takes a learned
+    grid (the ranking may pick another; all spend the same evaluations per step)."""
+    from timetuner.fitting.cost import Phase, plan
+
+    options = candidates(setup)
+    first = prepare(dataclasses.replace(config, scheduler=options[0][0], trajectory=options[0][1]), setup)
+    solver, guided = first.solver, 2 if first.solver.den.guided else 1
+    share = first.fit_noise.shape[0]
+    held_out = [p for p in plan(first) if p.key.startswith("held-out")]
+    phases = [*(p for p in plan(first) if p.key == "references"),
+              Phase("ranking", f"ranking {len(options)} plain setups on the fit noises",
+                    len(options) * share * solver.evaluations * guided),
+              *(dataclasses.replace(p, name="held-out samples of the best plain setup",
+                                    evaluations=p.evaluations // 2) if p.key == "held-out" else p for p in held_out)]
+    learnable = [c for c in options if takes_learned_grid(c[0], setup.base_config, solver.nfe_steps, solver.mu)]
+    scheduler = (learnable or options)[0][0]
+    trajectory = "learned" if learnable else options[0][1]
+    tuned = prepare(dataclasses.replace(config, scheduler=scheduler, trajectory=trajectory, coefficients=False), setup)
+    for variant in variants({"run": tuned, "scheduler": scheduler, "trajectory": trajectory}, config, setup):
+        run, tag = variant["run"], _tag(variant)
+        if variant["coefficients"] and config.coefficients is None:
+            run.given_grid = ([], {})  # the second variant takes the first one's grid
+        for p in plan(run):
+            if p.key in ("grid", "fitting"):
+                phases.append(dataclasses.replace(p, name=f"{tag}: {p.name}"))
+            elif p.key == "held-out":
+                phases.append(dataclasses.replace(p, name=f"{tag}: held-out samples", evaluations=p.evaluations // 2))
+    return phases, first
 
 
 def _tag(candidate: dict) -> str:

@@ -22,6 +22,7 @@ import torch
 from timetuner.core.cache import exists
 from timetuner.fitting.grid import planned
 from timetuner.fitting.method import OBJECTIVES
+from timetuner.measuring.yardstick import FidOptions
 
 BACKWARD_FACTOR = 3  # forward + backward ≈ 3 forwards
 
@@ -75,15 +76,23 @@ def plan(run) -> list[Phase]:
     key = run.reference_key(g_hi - g_lo, run.eval_seed, run.held_out_view(g_lo, g_hi), rows)
     phases.append(Phase("held-out references", "reference samples of the held-out noises",
                         (g_hi - g_lo) * steps * guided, cached=exists(key)))
+    missing = run.held_out.reference_set_to_compute(FidOptions(features=config.features))
+    if missing is not None:  # the distribution gap's yardstick: its reference set, shared by the processes
+        phases.append(Phase("held-out reference set", f"the distribution gap's reference set ({config.reference_n:,} "
+                            f"samples, {missing:,} to compute)", -(-missing // run.world.size) * steps * guided,
+                            cached=missing == 0))
     return phases
 
 
 @torch.no_grad()
 def seconds_per_evaluation(run) -> dict[str, float]:
     """Seconds per network evaluation in a batch of the fit noises and in one of the held-out noises, each from one
-    timed call (not counted as evaluations)."""
+    timed call (not counted as evaluations); on a GPU also "peak": the most memory allocated during those calls."""
     timings = {}
     lo, hi = run.world.shard(run.eval_noise.shape[0])
+    cuda = run.fit_noise.is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.fit_noise.device)
     for name, solver, noise in (("fit", run.solver, run.fit_noise), ("held-out", run.held_out_view(lo, hi),
                                                                      run.eval_noise[lo:hi])):
         den = solver.den
@@ -92,11 +101,40 @@ def seconds_per_evaluation(run) -> dict[str, float]:
         den(x[:1] if den.conditioning is None else x, t)  # warm-up: first-call allocations would inflate it
         started = time.perf_counter()
         den(x, t)
-        if x.is_cuda:
+        if cuda:
             torch.cuda.synchronize(x.device)
         timings[name] = (time.perf_counter() - started) / (x.shape[0] * (2 if den.guided else 1))
         den.evaluations = before
+    if cuda:
+        timings["peak"] = torch.cuda.max_memory_allocated(run.fit_noise.device)
     return timings
+
+
+def weights_by_device(pipeline, network) -> dict[str, int]:
+    """Bytes of parameters and buffers per device over the pipeline's modules (the network alone without one)."""
+    modules = [c for c in (pipeline.components.values() if pipeline is not None else [network])
+               if isinstance(c, torch.nn.Module)]
+    sizes: dict[str, int] = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            device = str(tensor.device)
+            sizes[device] = sizes.get(device, 0) + tensor.numel() * tensor.element_size()
+    return sizes
+
+
+def memory_line(run, per_evaluation: dict) -> str:
+    """Where the model's weights sit, and on a GPU the peak of the timed forward batches (a fit that differentiates,
+    e2e, holds more: its activations are recomputed per network call, gradient checkpointing, not stored)."""
+    sizes = weights_by_device(run.model.pipeline, run.model.network)
+    weights = ", ".join(f"{_gib(size)} on {device}" for device, size in sorted(sizes.items()))
+    line = f"memory: weights {weights}"
+    if "peak" in per_evaluation:
+        line += f"; peak in a timed forward batch {_gib(per_evaluation['peak'])}"
+    return line
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
 
 
 def describe(phases: list[Phase], per_evaluation: dict[str, float], processes: int = 1) -> list[str]:
@@ -110,8 +148,7 @@ def describe(phases: list[Phase], per_evaluation: dict[str, float], processes: i
     share = f" per process ({processes} processes)" if processes > 1 else ""
     lines.insert(0, f"plan: {total:,} network evaluations{share}, about {_duration(seconds)} (from one timed batch: "
                     f"{per_evaluation['fit'] * 1e3:.3g} ms each in the fit's, {per_evaluation['held-out'] * 1e3:.3g} "
-                    "ms in the held-out ones'); the distribution-gap reference set, where not cached, has a bar of "
-                    "its own")
+                    "ms in the held-out ones')")
     return lines
 
 

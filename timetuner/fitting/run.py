@@ -33,6 +33,7 @@ from timetuner.core.cache import cache_key
 from timetuner.core.data import load_training_data
 from timetuner.core.denoiser import refuse_integer_timesteps
 from timetuner.core.distributed import SOLO, World, current
+from timetuner.core.loading import release_text_encoders
 from timetuner.core.progress import bar
 from timetuner.core.prompts import conditioning_for
 from timetuner.core.reference import reference_trajectory
@@ -40,7 +41,7 @@ from timetuner.core.solver import Solver, pipeline_grid
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
-from timetuner.fitting.cost import describe, plan, seconds_per_evaluation
+from timetuner.fitting.cost import describe, memory_line, plan, seconds_per_evaluation
 from timetuner.fitting.grid import learn_grid
 from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.method import OBJECTIVES, FitInputs
@@ -265,6 +266,8 @@ def prepare(config: FitConfig, model) -> Run:
                        config.reference_steps, config.reference_n, world)
     conditioning = (conditioning_for(kind, model.pipeline, model.network, fit_rows, config.samples,
                                      config.negative_prompt), held_out.conditioning(config.eval_samples))
+    if model.release_encoders:  # the prompts are embedded (and remembered): the network gets the GPU's memory
+        release_text_encoders(model.pipeline)
     den.guidance_scale = config.guidance_scale
     if model.vae is not None:
         # Latent models are large: e2e / adam differentiate through every network call, so recompute activations
@@ -323,7 +326,8 @@ def announce(run: Run, progress: bool):
     phases = plan(run)
     per_evaluation = seconds_per_evaluation(run)
     if run.world.is_main:
-        print("\n".join(describe(phases, per_evaluation, run.world.size)), file=sys.stderr, flush=True)
+        lines = [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
+        print("\n".join(lines), file=sys.stderr, flush=True)
     return phases
 
 

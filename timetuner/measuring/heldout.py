@@ -16,7 +16,13 @@ import torch
 from timetuner.core.distributed import SOLO, World
 from timetuner.core.prompts import conditioning_for, rotated
 from timetuner.core.reference import reference_final, reference_final_key
-from timetuner.measuring.yardstick import EVAL_SEED_OFFSET, FidOptions, Yardstick, build_yardstick
+from timetuner.measuring.yardstick import (
+    EVAL_SEED_OFFSET,
+    FidOptions,
+    Yardstick,
+    build_yardstick,
+    reference_set_to_compute,
+)
 
 SET_STRIDE = 7919  # held-out set s of a fit seed: seed + EVAL_SEED_OFFSET + 7919·s (s = 0: the fit's own verdict set)
 
@@ -81,6 +87,11 @@ class HeldOut:
 
         return reference_final_key(self.model, denoiser, self.reference_solver, self.reference_steps, n, seed,
                                    *rows_part(rows))
+
+    def reference_set_to_compute(self, options: FidOptions | None = None) -> int | None:
+        """Samples of the yardstick's reference set not cached yet (None: no yardstick applies): for a plan."""
+        return reference_set_to_compute(self.model, self.denoiser_for, self.reference_solver, self.reference_steps,
+                                        self.reference_n, options)
 
     def yardstick(self, options: FidOptions | None = None, reference_n: int | None = None, data: bool = True,
                   progress: bool = True, data_n: int | None = None) -> Yardstick | None:

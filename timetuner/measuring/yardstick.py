@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from timetuner.core.cache import rows_stored
 from timetuner.core.reference import REFERENCE_SET_SEED, reference_block, reference_key, reference_set
 from timetuner.errors import UserError
 from timetuner.measuring.fid import default_reference, load_extractor, reference_features, tensor_features
@@ -145,6 +146,24 @@ class Yardstick:
         if self.data is not None:
             out["data_measure"] = self.data.label
         return out
+
+
+def reference_set_to_compute(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
+                             options: FidOptions | None = None) -> int | None:
+    """How many samples of `build_yardstick`'s reference set are not cached yet (0: all are), None where no
+    yardstick applies; from the cache file's header and the feature extractor's name (the extractor is loaded, as the
+    yardstick will load it: a missing Inception file is said now), no sample computed."""
+    options = options or FidOptions()
+    if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
+        return None
+    if reference_n <= 0:
+        return 0
+    block = reference_block(reference_n)
+    extractor = load_extractor(resolve_features(options.features, model.is_digits), options.inception_weights)
+    key = reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
+                        REFERENCE_SET_SEED, block, extractor.name)
+    have = rows_stored(key) // block * block
+    return max(0, -(-reference_n // block) * block - have)
 
 
 def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,

@@ -1,0 +1,93 @@
+"""Before a fit on a real checkpoint: `timetuner fit --plan` says what the fit will spend (every phase, the reference
+set included, and the memory) and stops; `--device` is checked in one line; text encoders can stay on the CPU
+(`--offload`) or leave the device once the prompts are embedded, and each prompt list is embedded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.test_conditional import one_thread
+from timetuner.cli.main import app
+from timetuner.core.loading import load_model, parse_device, place, text_encoders
+from timetuner.errors import UserError
+from timetuner.fitting import run as fitting_run
+from timetuner.fitting.api import fit, fit_scales, plan
+
+runner = CliRunner()
+FAST = dict(samples=16, eval_samples=16, reference_steps=10, reference_n=500, search_points=5, search_refine=4)
+
+
+def _total(lines: list[str]) -> int:
+    return int(lines[0].split("plan: ")[1].split(" network")[0].replace(",", ""))
+
+
+def test_plan_stops_before_any_work_and_writes_nothing(tiny_run, tmp_path):
+    out = tmp_path / "t.safetensors"
+    result = runner.invoke(app, ["fit", "--model", str(tiny_run), "--nfe", "3", "--plan", "--out", str(out),
+                                 "--samples", "16", "--eval-samples", "16", "--reference-steps", "10",
+                                 "--reference-n", "500"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("plan: ") and "network evaluations" in lines[0]
+    assert any("ranking" in line for line in lines) and any("+coefficients: fitting" in line for line in lines)
+    assert any("reference set (500 samples" in line for line in lines)  # the distribution gap's yardstick, costed
+    assert lines[-1].startswith("memory: weights ") and "on cpu" in lines[-1]
+    assert not list(tmp_path.iterdir())  # no table, no checkpoint
+
+
+@pytest.mark.parametrize(("scheduler", "reference_n"), [("ddim", 300), ("auto", 200)])
+def test_the_plan_s_evaluations_are_close_to_what_the_fit_then_spends(tiny_run, scheduler, reference_n):
+    options = dict(FAST, nfe=3, scheduler=scheduler, e2e_iters=3, coefficient_iters=3, seed=23, force=True,
+                   reference_n=reference_n)  # a reference set of its own size: not cached by another test
+    lines = plan(str(tiny_run), **options)
+    planned = _total(lines)
+    cached = [line for line in lines if line.endswith(": cached")]
+    assert not any("reference set" in line for line in cached)
+    result = fit(str(tiny_run), progress=False, **options)
+    assert 0.5 * result.network_evaluations <= planned <= 2.0 * result.network_evaluations
+    assert any("reference set" in line and line.endswith(": cached") for line in plan(str(tiny_run), **options))
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "gpu0"])
+def test_a_device_this_machine_lacks_is_refused_in_one_line(device):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    with pytest.raises(UserError, match="accepted: cpu, cuda") as err:
+        parse_device(device)
+    assert "\n" not in str(err.value)
+    assert parse_device(None, cpu=True) == torch.device("cpu") and parse_device("cpu") == torch.device("cpu")
+    result = runner.invoke(app, ["fit", "--device", device, "--nfe", "3"])
+    assert result.exit_code == 2 and f"--device {device}" in result.output.replace("'", "")
+
+
+def test_offload_keeps_the_text_encoders_on_the_cpu_and_moves_the_rest(sd_folders):
+    model = load_model(str(sd_folders["sd"]))
+    pipe = place(model.pipeline, "meta", offload=True)  # any device but the CPU shows what moves
+    assert set(text_encoders(pipe)) == {"text_encoder"}
+    assert next(pipe.text_encoder.parameters()).device.type == "cpu"
+    assert next(pipe.unet.parameters()).device.type == "meta" and next(pipe.vae.parameters()).device.type == "meta"
+
+
+def test_prompts_are_embedded_once_and_the_encoders_released_after_the_first_fit_s_embedding(sd_folders, monkeypatch):
+    model = load_model(str(sd_folders["sd"]))
+    pipe, calls, released = model.pipeline, [], []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: calls.append(len(released)) or encode(*a, **k))
+    monkeypatch.setattr(fitting_run, "release_text_encoders", lambda p: released.append(p))
+    with one_thread():
+        results = list(fit_scales(str(sd_folders["sd"]), [3.0, 7.5], pipeline=pipe, progress=False, nfe=2,
+                                  scheduler="ddim", e2e_iters=1, prompts=("a cat",), eval_prompts=("a dog",),
+                                  release_text_encoders=True, samples=4, eval_samples=4, eval_gap_samples=4,
+                                  reference_steps=4, reference_n=8))
+    assert len(results) == 2 and all(r.config.guidance_scale in (3.0, 7.5) for _, r in results)
+    assert calls == [0, 0]  # the fit's and the held-out prompts, each once, both before the encoders left
+    assert released and all(p is pipe for p in released)
+    calls.clear()
+    released.clear()
+    with one_thread():
+        fit(str(sd_folders["sd"]), pipeline=pipe, progress=False, nfe=2, scheduler="ddim", e2e_iters=1,
+            prompts=("a cat",), eval_prompts=("a dog",), samples=4, eval_samples=4, eval_gap_samples=4,
+            reference_steps=4, reference_n=8)
+    assert not released  # a library call keeps the user's pipeline as it was
