@@ -70,14 +70,16 @@ def test_offload_keeps_the_text_encoders_on_the_cpu_and_moves_the_rest(sd_folder
     assert next(pipe.unet.parameters()).device.type == "meta" and next(pipe.vae.parameters()).device.type == "meta"
 
 
-def test_prompts_are_embedded_once_and_the_encoders_released_after_the_first_fit_s_embedding(sd_folders, monkeypatch):
+def test_prompts_are_embedded_once_and_the_encoders_released_after_the_first_fit_s_embedding(sd_folders, monkeypatch,
+                                                                                            tmp_path):
     model = load_model(str(sd_folders["sd"]))
     pipe, calls, released = model.pipeline, [], []
     encode = pipe.encode_prompt
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: calls.append(len(released)) or encode(*a, **k))
     monkeypatch.setattr(fitting_run, "release_text_encoders", lambda p: released.append(p))
     with one_thread():
-        results = list(fit_scales(str(sd_folders["sd"]), [3.0, 7.5], pipeline=pipe, progress=False, nfe=2,
+        results = list(fit_scales(str(sd_folders["sd"]), [3.0, 7.5], out=str(tmp_path / "t.safetensors"),
+                                  pipeline=pipe, progress=False, nfe=2,
                                   scheduler="ddim", e2e_iters=1, prompts=("a cat",), eval_prompts=("a dog",),
                                   release_text_encoders=True, samples=4, eval_samples=4, eval_gap_samples=4,
                                   reference_steps=4, reference_n=8))
@@ -91,3 +93,11 @@ def test_prompts_are_embedded_once_and_the_encoders_released_after_the_first_fit
             prompts=("a cat",), eval_prompts=("a dog",), samples=4, eval_samples=4, eval_gap_samples=4,
             reference_steps=4, reference_n=8)
     assert not released  # a library call keeps the user's pipeline as it was
+
+
+def test_a_latent_text_model_s_plan_times_a_batch_smaller_than_its_fit_noises(sd_folders):
+    """The timed batch (16 latents) takes its own conditioning rows, not all the fit noises' (it raised before)."""
+    with one_thread():
+        lines = plan(str(sd_folders["sd"]), nfe=2, scheduler="ddim", samples=40, eval_samples=24, eval_gap_samples=8,
+                     reference_steps=4, prompts=("a cat", "a dog"), eval_prompts=("a bird",))
+    assert "ms each in the fit's" in lines[0] and "fitting" in "\n".join(lines)

@@ -97,6 +97,8 @@ def seconds_per_evaluation(run) -> dict[str, float]:
                                                                      run.eval_noise[lo:hi])):
         den = solver.den
         x, t = noise[: min(noise.shape[0], den.batch_size)], solver.t[0].item()
+        if den.conditioning is not None:  # the rows of the timed batch's samples only
+            den = den.bind(den.conditioning.slice(0, x.shape[0]))
         before = den.evaluations
         den(x[:1] if den.conditioning is None else x, t)  # warm-up: first-call allocations would inflate it
         started = time.perf_counter()
