@@ -128,6 +128,23 @@ def test_a_table_runs_only_on_its_sigma_grid_and_at_its_mu(caplog):
     assert torch.allclose(wrapped.timesteps.double(), static.t * 0.96)
 
 
+def test_an_identity_table_runs_plainly_at_any_image_size():
+    """Nothing in an identity table is tuned for one size: at another mu the pipeline's own schedule runs, as plain."""
+    cls, config = diffusers.FlowMatchEulerDiscreteScheduler, dict(use_dynamic_shifting=True)
+    identity = TauTable.identity(cls(**config), STEPS, sigmas=FLUX_SIGMAS, mu=0.8)
+    wrapped = TunedScheduler.from_table(cls(**config), identity)
+    for mu in (0.8, 1.1):
+        plain = cls(**config)
+        plain.set_timesteps(STEPS, sigmas=FLUX_SIGMAS, mu=mu)
+        wrapped.set_timesteps(STEPS, sigmas=FLUX_SIGMAS, mu=mu)
+        assert torch.equal(wrapped.timesteps, plain.timesteps) and torch.equal(wrapped.sigmas, plain.sigmas)
+    learned = TauTable.identity(cls(**config), STEPS, sigmas=FLUX_SIGMAS * 0.9 + 0.1 * FLUX_SIGMAS ** 2, mu=0.8,
+                                learned_grid={"grid": "searched"}, pipeline_sigmas=FLUX_SIGMAS.tolist())
+    # (a learned grid is tuned for its size; the pipeline's own σ, which it replaces, is recorded as a fit records it)
+    with pytest.raises(UserError, match="mu follows the image size"):
+        TunedScheduler.from_table(cls(**config), learned).set_timesteps(STEPS, sigmas=FLUX_SIGMAS, mu=1.1)
+
+
 def test_flow_tables_refuse_ddpm_schedulers_and_the_reverse():
     flow = TauTable.identity(diffusers.FlowMatchEulerDiscreteScheduler(), STEPS)
     with pytest.raises(UserError, match="fitted on a flow-matching model and this DDIMScheduler samples a DDPM-style"):

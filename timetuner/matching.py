@@ -63,10 +63,16 @@ def same_sigmas(passed, fitted: list[float] | None) -> bool:
     return len(passed) == len(fitted) and all(abs(a - b) <= 1e-6 for a, b in zip(passed, fitted, strict=True))
 
 
+def same_mu(table: TauTable, mu) -> bool:
+    """Whether the pipeline's dynamic shift `mu` is the one the table was fitted at."""
+    fitted = table.mu
+    return fitted is not None and mu is not None and math.isclose(float(mu), fitted, rel_tol=0, abs_tol=1e-6)
+
+
 def check_mu(table: TauTable, mu) -> None:
     """A flow table runs at the dynamic shift it was fitted at; another one is refused in one line."""
     fitted = table.mu
-    if fitted is not None and mu is not None and math.isclose(float(mu), fitted, rel_tol=0, abs_tol=1e-6):
+    if same_mu(table, mu):
         return
     raise UserError(f"table for {table.num_inference_steps} steps was fitted at mu={fitted} and the pipeline "
                     f"passes mu={None if mu is None else float(mu)} (mu follows the image size); accepted: the image "

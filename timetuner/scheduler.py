@@ -47,6 +47,7 @@ from timetuner.matching import (  # noqa: F401 (check_model, model_hash: their o
     check_model,
     check_mu,
     model_hash,
+    same_mu,
     same_scale,
     same_sigmas,
     scale_name,
@@ -231,7 +232,8 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         pipeline's own grid that the table's learned σ grid replaces (its `pipeline_sigmas`). A
         scheduler with dynamic shifting gets `mu` from the pipeline (it follows the image size): a table applies only
         at the `mu` it was fitted at, and another `mu` is refused in one line rather than run with τ tuned for
-        another schedule."""
+        another schedule; an identity table (τ = t on a named grid) tunes nothing for a size and runs plainly at any
+        other `mu`."""
         custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
         for name in custom:
             if name not in self._set_params:
@@ -247,7 +249,10 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         elif table is not None and table.sigmas is not None:
             custom = {"sigmas": as_array(table.sigmas)}  # the table owns its σ grid (the pipeline's, or none)
         if table is not None and self.inner.config.get("use_dynamic_shifting"):
-            check_mu(table, kwargs.get("mu"))
+            if table.is_identity and "learned_grid" not in table.metadata:  # nothing tuned for one size: any mu
+                table = table if same_mu(table, kwargs.get("mu")) else None
+            else:
+                check_mu(table, kwargs.get("mu"))
         if table is not None and "timesteps" in table.metadata:
             # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
             set_grid(self.inner, steps, table.metadata["timesteps"], device=device)
