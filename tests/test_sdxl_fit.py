@@ -14,7 +14,7 @@ from tests.test_flow_fit import FAST
 from tests.tiny import tiny_sdxl
 from timetuner import TunedScheduler
 from timetuner.core.denoiser import text_conditioning
-from timetuner.core.families import TextSDXL
+from timetuner.core.families.sdxl import TextSDXL
 from timetuner.core.loading import load_model
 from timetuner.core.solver import Solver
 from timetuner.errors import UserError

@@ -249,10 +249,7 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
         elif table is not None and table.sigmas is not None:
             custom = {"sigmas": as_array(table.sigmas)}  # the table owns its σ grid (the pipeline's, or none)
         if table is not None and self.inner.config.get("use_dynamic_shifting"):
-            if table.is_identity and "learned_grid" not in table.metadata:  # nothing tuned for one size: any mu
-                table = table if same_mu(table, kwargs.get("mu")) else None
-            else:
-                check_mu(table, kwargs.get("mu"))
+            table = _at_mu(table, kwargs.get("mu"))
         if table is not None and "timesteps" in table.metadata:
             # The table was fitted on an explicit grid (e.g. log-SNR): the wrapped scheduler runs that grid.
             set_grid(self.inner, steps, table.metadata["timesteps"], device=device)
@@ -362,3 +359,12 @@ class TunedScheduler(SchedulerMixin, ConfigMixin):
             if abs(value - expected) <= MATCH_ATOL * max(1.0, abs(expected)):
                 return k
         return None
+
+
+def _at_mu(table, mu):
+    """The table to run at the pipeline's dynamic shift `mu`: itself at the `mu` it was fitted at; at another, None
+    (plain) for an identity table, which tunes nothing for one size, and a one-line refusal for any other."""
+    if table.is_identity and "learned_grid" not in table.metadata:
+        return table if same_mu(table, mu) else None
+    check_mu(table, mu)
+    return table

@@ -1,7 +1,7 @@
 """One callable over a diffusers network: `model_output = denoiser(x_in, t)`, with float t into the embedding.
 
 Every model family is adapted *at the edge* (k-diffusion's `external.py` pattern; the adapters live in
-`timetuner.core.families`) to this one interface:
+`timetuner.core.families`, one module per family) to this one interface:
 
     UNet2DModel                      unconditional, pixel or latent space
     UNet2DConditionModel             prompt embeddings; classifier-free guidance (Stable Diffusion); SDXL's pooled
@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.families import TextFlux, TextSana, TextSD3, TextSDXL, TextWan, family_of
+from timetuner.core.families import family_of
 from timetuner.errors import UserError
 
 
@@ -147,7 +146,7 @@ class Denoiser:
     def guided(self) -> bool:
         """Whether an evaluation is a classifier-free-guided batch of 2N (a distilled network's guidance is not)."""
         return (self.conditioning is not None and self.guidance_scale is not None and self.guidance_scale > 1
-                and not getattr(self.family, "distilled", False))
+                and not self.family.distilled)
 
     def bind(self, conditioning: Conditioning | None) -> Denoiser:
         """A view with per-sample `conditioning` (same network, same guidance scale, same evaluation counter)."""
@@ -166,8 +165,8 @@ class Denoiser:
         c, family = self.unet.config, self.family
         size = self.sample_size or getattr(c, "sample_size", None) or family.default_sample_size
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
-        channels = family.channels(self.unet) if hasattr(family, "channels") else c.in_channels
-        if hasattr(family, "default_frames"):
+        channels = family.channels(self.unet)
+        if family.default_frames is not None:
             return (channels, self.frames or family.default_frames, h, w)
         return (channels, h, w)
 
@@ -175,7 +174,7 @@ class Denoiser:
     def patch(self) -> int:
         """Latents per token side: the pipeline's packing (Flux: 2) times the network's own `patch_size`."""
         patch = getattr(self.unet.config, "patch_size", None) or 1
-        return getattr(self.family, "packing", 1) * (patch[-1] if isinstance(patch, (tuple, list)) else patch)
+        return self.family.packing * (patch[-1] if isinstance(patch, (tuple, list)) else patch)
 
     def dynamic_mu(self, config) -> float:
         """The shift `mu` a pipeline passes a scheduler that shifts by image size (`use_dynamic_shifting`):
@@ -187,7 +186,7 @@ class Denoiser:
         tokens = (h // self.patch) * (w // self.patch)
         return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", getattr(self.family, "max_shift", 1.15))))
+                                     config.get("max_shift", self.family.max_shift)))
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         """Network output at (float) timestep t — a scalar or one per sample — in float32, guided if bound so."""
@@ -224,19 +223,19 @@ class Denoiser:
         """`output` in the dtype its pipeline hands the scheduler: the network's, for a family whose pipeline keeps
         its latents in float32 and steps on the network's output as it comes (WanPipeline: in bfloat16 the
         scheduler's σ·output is then a bfloat16 product); else as computed (float32)."""
-        steps = getattr(self.family, "steps_network_dtype", False) or getattr(self.family, "keeps_network_dtype", False)
+        steps = self.family.steps_network_dtype or self.family.keeps_network_dtype
         return output.to(self.dtype) if steps else output
 
     def as_kept(self, state: torch.Tensor) -> torch.Tensor:
         """A sampler state in the dtype its pipeline keeps it in: the network's, for a family whose pipeline makes
         its latents in the prompt embeddings' dtype and casts each new state back to it (StableDiffusion3Pipeline,
         FluxPipeline; in bfloat16 every state is then rounded to bfloat16); else as computed (float32)."""
-        return state.to(self.dtype) if getattr(self.family, "keeps_network_dtype", False) else state
+        return state.to(self.dtype) if self.family.keeps_network_dtype else state
 
     def _forward(self, x, t, values, null):
         if values is None:
             return self.family.call(self.unet, x, t, None)
-        if getattr(self.family, "distilled", False):
+        if self.family.distilled:
             return self.family.call(self.unet, x, t, values, self.guidance_scale)
         if self.guided:
             return self.family.guided(self.unet, x, t, values, null, float(self.guidance_scale))
@@ -270,15 +269,11 @@ def refuse_integer_timesteps(denoiser: Denoiser, num_train_timesteps: int = 1000
 
 @torch.no_grad()
 def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "") -> Conditioning:
-    """Prompt embeddings through the pipeline's own `encode_prompt` (as `__call__` makes them), sample i ↦ i mod P;
-    Stable Diffusion 3's and Flux's pooled projections appended as one zero-padded row (`TextSD3`, `TextFlux`; SDXL's
-    with the VAE's factor its size ids are made from, `TextSDXL`; its null rows zeros where a plain call makes them),
-    Sana's attention mask as one extra channel (`TextSana`; its prompts carry the pipeline's default complex human
-    instruction, as `SanaPipeline.__call__` encodes them). Flux takes no negative prompt (its guidance is distilled):
-    the null rows are the prompts' own, never used. Prompts are tokenised to the length `__call__` asks for by
-    default (WanPipeline: 512 tokens, where its `encode_prompt` alone would take 226; Wan has no text mask, so the
-    length changes the output). Each prompt list is embedded once per pipeline and dtype (remembered on the pipeline:
-    a fit's later runs reuse it, also once the text encoders have left the GPU)."""
+    """Prompt embeddings as the pipeline's `__call__` makes them (its family's `encode`, through the pipeline's own
+    `encode_prompt` at `__call__`'s defaults), sample i ↦ i mod P; what a family's network takes besides (a pooled
+    projection, an attention mask, SDXL's size factor) rides in the rows as that family packs it. Each prompt list is
+    embedded once per pipeline and dtype (remembered on the pipeline: a fit's later runs reuse it, also once the text
+    encoders have left the GPU)."""
     encoder = next(pipe.text_encoder.parameters())
     key = (tuple(prompts), negative_prompt, str(encoder.dtype))
     memo = pipe.__dict__.setdefault("_timetuner_embeddings", {})
@@ -289,59 +284,10 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
 
 @torch.no_grad()
 def _embedded(pipe, prompts: list[str], negative_prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt rows, negative rows) of `text_conditioning`, on the CPU in float32."""
-    negatives = [negative_prompt] * len(prompts)
+    """(prompt rows, negative rows) of `text_conditioning`: the family's `encode`, on the CPU in float32."""
     network = getattr(pipe, "transformer", None) or pipe.unet
-    family = family_of(network)
-    length = {"max_sequence_length": call_default(pipe, "max_sequence_length")} if family in (
-        TextFlux, TextSD3, TextWan) else {}
-    if family is TextFlux:
-        cond, pooled, _ = pipe.encode_prompt(list(prompts), None, device=device, **length)
-        cond = null = _with_pooled(cond, pooled)
-    elif family is TextSD3:
-        cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), None, None, device=device,
-                                                             negative_prompt=negatives, **length)  # CFG: both
-        cond, null = _with_pooled(cond, pooled), _with_pooled(null, null_pooled)
-    elif family is TextSDXL:  # a plain call's negative prompt is None: zeros where the config forces them (SDXL)
-        cond, null, pooled, null_pooled = pipe.encode_prompt(list(prompts), device=device,
-                                                             negative_prompt=negatives if negative_prompt else None)
-        cond, null = (_with_pooled(e, _with_factor(p, pipe.vae_scale_factor, TextSDXL.pooled_dim(network)))
-                      for e, p in ((cond, pooled), (null, null_pooled)))
-    elif family is TextWan:
-        cond, null = pipe.encode_prompt(list(prompts), negatives, True, device=device, **length)
-    elif family is TextSana:
-        instruction = call_default(pipe, "complex_human_instruction")
-        cond, mask, null, null_mask = pipe.encode_prompt(list(prompts), True, negative_prompt, device=device,
-                                                         complex_human_instruction=instruction)
-        cond, null = _with_mask(cond, mask), _with_mask(null, null_mask)
-    else:
-        cond, null = pipe.encode_prompt(list(prompts), device, 1, True, negatives)
+    cond, null = family_of(network).encode(pipe, network, prompts, negative_prompt, device)
     return cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32)
-
-
-def call_default(pipe, name: str):
-    """The default of argument `name` of the pipeline's `__call__`: what a plain call of the pipeline uses."""
-    return inspect.signature(type(pipe).__call__).parameters[name].default
-
-
-def _with_pooled(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """(P, L, D) prompt embeddings with the (P, D_p) pooled projection as row L, zero-padded to D."""
-    row = torch.nn.functional.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))
-    return torch.cat([embeds, row[:, None].to(embeds.dtype)], dim=1)
-
-
-def _with_factor(pooled: torch.Tensor, factor: int, dim: int) -> torch.Tensor:
-    """SDXL's (P, D_p) pooled projection with the VAE's factor appended (its size ids are made from the state's
-    size in pixels at each call: `TextSDXL`); D_p must be the UNet's."""
-    if pooled.shape[-1] != dim:
-        raise UserError(f"the pipeline's pooled text projection has {pooled.shape[-1]} values and its UNet takes "
-                        f"{dim}; accepted: an SDXL base pipeline whose second text encoder matches its UNet")
-    return torch.cat([pooled, torch.full_like(pooled[:, :1], float(factor))], dim=1)
-
-
-def _with_mask(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(P, L, D) prompt embeddings with the (P, L) attention mask as channel D."""
-    return torch.cat([embeds, mask[..., None].to(embeds.dtype)], dim=-1)
 
 
 def class_conditioning(model, labels: list[int], n: int) -> Conditioning:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 from timetuner.core.denoiser import Denoiser
+from timetuner.core.families import FAMILIES, family_of
 from timetuner.core.prompts import format_resolution, resolution_sides
 from timetuner.errors import UserError, check_choice
 from timetuner.matching import model_fingerprint, model_hash
@@ -217,56 +218,15 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
         pipeline = pipeline.to(device)
     network = network_of(pipeline)
     if network is None:
-        from timetuner.core.families import FAMILIES
-
         raise UserError(f"--model {model!r} has no unet or transformer; accepted: pipelines whose network is one of "
-                        f"{', '.join(sorted(FAMILIES))}")
-    _refuse_two_experts(pipeline, model)
-    _refuse_other_conditioning(pipeline, network, model)
+                        f"{', '.join(FAMILIES)}")
+    family_of(network).check_pipeline(pipeline, model)
     network.eval().requires_grad_(False)
     vae = latent_decoder(pipeline)
     if vae is not None:
         vae.eval().requires_grad_(False)
     return ModelSetup(network=network, denoiser=Denoiser(network), base_config=pipeline.scheduler.config,
                       name=model or "embedded:digits-ddpm", path=path, pipeline=pipeline, vae=vae)
-
-
-def _refuse_two_experts(pipeline, model) -> None:
-    """Wan 2.2's two-expert pipelines (a second transformer below `boundary_ratio`) and per-token timesteps
-    (`expand_timesteps`, TI2V) sample otherwise than one network at one time per state: refused in one line."""
-    config = getattr(pipeline, "config", {})
-    if getattr(pipeline, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
-        raise UserError(f"--model {model!r} switches between two transformers at boundary_ratio (Wan 2.2 A14B); "
-                        "accepted: pipelines with one network (Wan 2.1, SD3, Flux, Sana, ...)")
-    if config.get("expand_timesteps"):
-        raise UserError(f"--model {model!r} feeds per-token timesteps (expand_timesteps, Wan 2.2 TI2V); accepted: "
-                        "pipelines that feed one time per state (Wan 2.1)")
-
-
-# Pipelines of a supported network that condition it on more than a prompt (an image, a mask, a control image):
-# the fit samples the text-to-image (video) function, not theirs. Matched as parts of the pipeline's class name.
-OTHER_CONDITIONING = ("Fill", "Kontext", "Control", "ImageToVideo", "VACE", "Redux", "Depth", "Canny")
-
-
-def _refuse_other_conditioning(pipeline, network, model) -> None:
-    """Variants the fit does not reproduce, refused in one line: pipelines that condition on an image, a mask or a
-    control (Flux Fill / Kontext / Control, Wan 2.1 image-to-video, …), and networks that take extra input channels
-    for them (in_channels above out_channels: SD inpainting, Flux Fill, Wan I2V)."""
-    name = type(pipeline).__name__
-    part = next((p for p in OTHER_CONDITIONING if p in name), None)
-    if part is not None:
-        raise UserError(f"--model {model!r} is a {name}, which conditions on more than a prompt ({part}); accepted: "
-                        "the text-to-image (video) pipelines the fit samples as they do (FluxPipeline, "
-                        "StableDiffusion3Pipeline, WanPipeline, ...)")
-    if getattr(pipeline, "config", {}).get("requires_aesthetics_score"):
-        raise UserError(f"--model {model!r} conditions its UNet on an aesthetic score (the SDXL refiner, an "
-                        "image-to-image stage); accepted: SDXL base and other text-to-image pipelines")
-    config = network.config
-    inputs, outputs = config.get("in_channels"), config.get("out_channels")
-    if inputs and outputs and inputs > outputs:
-        raise UserError(f"--model {model!r}: its {type(network).__name__} takes {inputs} input channels for {outputs} "
-                        "output ones (an image or mask it is conditioned on: inpainting, Fill, image-to-video); "
-                        "accepted: networks conditioned on a prompt or class only")
 
 
 def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tuple[int, int]:
@@ -277,7 +237,7 @@ def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tu
     factor = 1 if setup.vae is None else int(getattr(pipe, "vae_scale_factor", None)
                                              or getattr(pipe, "vae_scale_factor_spatial", None)
                                              or 2 ** (len(setup.vae.config.block_out_channels) - 1))
-    multiple = math.lcm(factor * setup.denoiser.patch, getattr(setup.denoiser.family, "pixel_multiple", 1))
+    multiple = math.lcm(factor * setup.denoiser.patch, setup.denoiser.family.pixel_multiple)
     sides = tuple(int(v) for v in resolution_sides(resolution))
     if any(side % multiple for side in sides):
         nearest = format_resolution([max(1, round(side / multiple)) * multiple for side in sides])
@@ -290,7 +250,7 @@ def state_side(setup: ModelSetup, resolution: int | tuple[int, int]) -> int | tu
 def state_frames(setup: ModelSetup, frames: int) -> int:
     """Latent frames of a video model's state for `frames` video frames (WanPipeline's num_frames: 1 + a multiple of
     the VAE's temporal factor); UserError for an image model or a count the pipeline would round."""
-    if not hasattr(setup.denoiser.family, "default_frames"):
+    if setup.denoiser.family.default_frames is None:
         raise UserError(f"--frames {frames} is for video models; accepted: no --frames for "
                         f"{type(setup.network).__name__} (an image model)")
     factor = int(getattr(setup.pipeline, "vae_scale_factor_temporal", 4))

@@ -108,7 +108,6 @@ def scale_tag(scale: float) -> str:
     return f"cfg{scale:g}"
 
 
-DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0}  # StableDiffusionPipeline's and DiTPipeline's own defaults
 TEXT_OPTIONS = ("--prompts", "--eval-prompts", "--negative-prompt")
 CLASS_OPTIONS = ("--class-labels", "--eval-class-labels")
 

@@ -84,7 +84,7 @@ def scaled_input(sched, x: torch.Tensor, t) -> torch.Tensor:
 def pipeline_refusal(family, scheduler) -> str | None:
     """Why a model's pipeline cannot run `scheduler` (None if it can): FluxPipeline passes `mu` on every call,
     which DPMSolverMultistepScheduler refuses unless it shifts by image size (Flux.1-schnell's config does not)."""
-    if (getattr(family, "passes_mu", False) and not scheduler.config.get("use_dynamic_shifting")
+    if (family is not None and family.passes_mu and not scheduler.config.get("use_dynamic_shifting")
             and type(scheduler).__name__ == "DPMSolverMultistepScheduler"):
         return ("the model's pipeline passes mu on every call, which DPMSolverMultistepScheduler takes only with "
                 "use_dynamic_shifting, and this model's scheduler has none; accepted: flow-euler, flow-unipc")
@@ -100,8 +100,9 @@ def pipeline_mu(denoiser, config) -> float | None:
 def pipeline_grid(family, scheduler, nfe: int) -> list[float] | None:
     """The σ grid a model's pipeline passes `scheduler` on every call (FluxPipeline: linspace(1, 1/N, N)); None where
     it passes none (its family has none, or the scheduler is on flow sigmas, which FluxPipeline hands no σ)."""
-    own = getattr(family, "pipeline_sigmas", None)
-    return None if own is None or scheduler.config.get("use_flow_sigmas") else own(nfe)
+    if family is None or scheduler.config.get("use_flow_sigmas"):
+        return None
+    return family.pipeline_sigmas(nfe)
 
 
 # -- the solver --------------------------------------------------------------------------------------------------

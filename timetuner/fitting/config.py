@@ -16,7 +16,6 @@ from timetuner.core.data import list_images
 from timetuner.core.families import family_of
 from timetuner.core.loading import resolve_model
 from timetuner.core.prompts import (
-    DEFAULT_GUIDANCE,
     check_applies,
     check_disjoint,
     format_resolution,
@@ -264,7 +263,7 @@ def resolve_conditioning(config: FitConfig, kind: str | None, model_label: str, 
     if kind is None:
         return config
     family = family_of(network)
-    if getattr(family, "distilled", False) and config.negative_prompt:
+    if family.distilled and config.negative_prompt:
         raise UserError(f"--negative-prompt {config.negative_prompt!r}: {type(network).__name__} distils guidance into "
                         "the network (no unconditional branch); accepted: no --negative-prompt")
     if without_guidance(network) and config.guidance_scale not in (None, 1):
@@ -304,12 +303,12 @@ def default_guidance(kind: str, network) -> float:
     """The guidance scale a conditional model's pipeline uses by default (SD 7.5, SD3 7, Flux 3.5, DiT 4)."""
     if without_guidance(network):
         return 1.0
-    return float(getattr(family_of(network), "default_guidance", DEFAULT_GUIDANCE[kind]))
+    return float(family_of(network).default_guidance)
 
 
 def without_guidance(network) -> bool:
     """A guidance-distilled network without a guidance embedding (Flux.1-schnell): no scale changes its output."""
-    return getattr(family_of(network), "distilled", False) and not network.config.guidance_embeds
+    return family_of(network).without_guidance(network)
 
 
 def scale_suffix(kind: str | None, guidance_scale: float | None, network=None) -> str:
