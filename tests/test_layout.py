@@ -157,3 +157,21 @@ def test_nothing_is_unpickled_and_no_code_runs_from_a_model_folder():
             if func.endswith(("register_for_checkpointing", "pickle.load", "pickle.loads")):
                 offending.append((name, func))
     assert offending == []
+
+
+def test_no_model_family_is_named_outside_its_own_module():
+    """A family is one module under core/families/: no other module tests for one by name (docs/architecture.md)."""
+    from timetuner.core.families import FAMILIES, Family
+
+    names, todo = set(), list(Family.__subclasses__())
+    while todo:
+        family = todo.pop()
+        todo += family.__subclasses__()
+        names.add(family.__name__)
+    assert len(set(FAMILIES.values())) >= 7 and len(names) >= 8 and "TextSDXL" in names
+    outside = [f"{name} names {used}" for name, path, tree in modules(*PACKAGES)
+               if not name.startswith("timetuner.core.families") for node in ast.walk(tree)
+               if isinstance(node, ast.Name | ast.alias | ast.Attribute)
+               for used in [getattr(node, "id", None) or getattr(node, "name", None) or getattr(node, "attr", None)]
+               if used in names]
+    assert outside == []
