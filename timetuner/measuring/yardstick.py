@@ -148,20 +148,29 @@ class Yardstick:
         return out
 
 
+def _applies(model, options: FidOptions) -> bool:
+    """Whether a yardstick applies: features not "none", and "auto" only on digits models or with a data reference."""
+    return options.features != "none" and (options.features != "auto" or model.is_digits or options.ref is not None)
+
+
+def _reference_set_key(model, denoiser_for, reference: str, reference_steps: int, block: int, extractor) -> str:
+    return reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
+                         REFERENCE_SET_SEED, block, extractor.name)
+
+
 def reference_set_to_compute(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
                              options: FidOptions | None = None) -> int | None:
     """How many samples of `build_yardstick`'s reference set are not cached yet (0: all are), None where no
     yardstick applies; from the cache file's header and the feature extractor's name (the extractor is loaded, as the
     yardstick will load it: a missing Inception file is said now), no sample computed."""
     options = options or FidOptions()
-    if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
+    if not _applies(model, options):
         return None
     if reference_n <= 0:
         return 0
     block = reference_block(reference_n)
     extractor = load_extractor(resolve_features(options.features, model.is_digits), options.inception_weights)
-    key = reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
-                        REFERENCE_SET_SEED, block, extractor.name)
+    key = _reference_set_key(model, denoiser_for, reference, reference_steps, block, extractor)
     have = rows_stored(key) // block * block
     return max(0, -(-reference_n // block) * block - have)
 
@@ -177,7 +186,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     from tqdm.auto import tqdm
 
     options = options or FidOptions()
-    if options.features == "none" or (options.features == "auto" and not model.is_digits and options.ref is None):
+    if not _applies(model, options):
         return None
     name = resolve_features(options.features, model.is_digits)
     extractor = load_extractor(name, options.inception_weights)
@@ -186,8 +195,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     features = None
     if reference_n > 0:
         block = reference_block(reference_n)
-        key = reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
-                            REFERENCE_SET_SEED, block, extractor.name)
+        key = _reference_set_key(model, denoiser_for, reference, reference_steps, block, extractor)
         bar = None
 
         def advance(done: int, total: int) -> None:  # a bar only when blocks are computed (not on a cache hit)
