@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.families import family_of
+from timetuner.core.families import family_of, network_of
 from timetuner.errors import UserError
 
 
@@ -285,7 +285,7 @@ def text_conditioning(pipe, prompts: list[str], n: int, negative_prompt: str = "
 @torch.no_grad()
 def _embedded(pipe, prompts: list[str], negative_prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt rows, negative rows) of `text_conditioning`: the family's `encode`, on the CPU in float32."""
-    network = getattr(pipe, "transformer", None) or pipe.unet
+    network = network_of(pipe)
     cond, null = family_of(network).encode(pipe, network, prompts, negative_prompt, device)
     return cond.detach().to("cpu", torch.float32), null.detach().to("cpu", torch.float32)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from timetuner.assets import EMBEDDED, EMBEDDED_MODEL
 from timetuner.core.denoiser import Denoiser
-from timetuner.core.families import FAMILIES, family_of
+from timetuner.core.families import FAMILIES, family_of, network_of
 from timetuner.core.prompts import format_resolution, resolution_sides
 from timetuner.errors import UserError, check_choice
 from timetuner.matching import model_fingerprint, model_hash
@@ -220,7 +220,7 @@ def load_model(model: str | None = None, pipeline=None, device=None, revision: s
     if network is None:
         raise UserError(f"--model {model!r} has no unet or transformer; accepted: pipelines whose network is one of "
                         f"{', '.join(FAMILIES)}")
-    family_of(network).check_pipeline(pipeline, model)
+    family_of(network).check_pipeline(pipeline, network, model)
     network.eval().requires_grad_(False)
     vae = latent_decoder(pipeline)
     if vae is not None:
@@ -267,11 +267,6 @@ def size_state(setup: ModelSetup, resolution: int | tuple[int, int] | None = Non
         setup.denoiser.sample_size = state_side(setup, resolution)
     if frames is not None:
         setup.denoiser.frames = state_frames(setup, frames)
-
-
-def network_of(pipeline):
-    """The denoising network of a pipeline: its `unet`, or its `transformer` (DiT); None if it has neither."""
-    return getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
 
 
 def latent_decoder(pipeline):

@@ -14,7 +14,8 @@ import torch
 
 from timetuner.assets import EVAL_PROMPTS
 from timetuner.core.cache import cache_key
-from timetuner.core.loading import load_model, load_pipeline, network_of, size_state
+from timetuner.core.families import network_of
+from timetuner.core.loading import load_model, load_pipeline, size_state
 from timetuner.core.progress import counting
 from timetuner.core.prompts import check_applies, check_disjoint, read_prompts
 from timetuner.core.reference import reference_trajectory

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from timetuner.core.families.base import Family, call_default
+from timetuner.core.families.base import Family, call_default, network_of
 from timetuner.errors import UserError
 
 
@@ -42,4 +42,4 @@ def family_of(model) -> type[Family]:
     return family.resolve(model)
 
 
-__all__ = ["FAMILIES", "Family", "call_default", "family_of"]
+__all__ = ["FAMILIES", "Family", "call_default", "family_of", "network_of"]

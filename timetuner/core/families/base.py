@@ -49,7 +49,7 @@ class Family:
         return cls if sub is None else sub.resolve(model)
 
     @classmethod
-    def check_pipeline(cls, pipeline, model_name) -> None:
+    def check_pipeline(cls, pipeline, network, model_name) -> None:
         """Refuse, in one line, pipelines of this network whose conditioning the fit does not reproduce: an image, a
         mask or a control (Flux Fill / Kontext / Control, Wan image-to-video, …), and networks with more input than
         output channels for them (SD inpainting, Flux Fill, Wan I2V)."""
@@ -59,7 +59,6 @@ class Family:
             raise UserError(f"--model {model_name!r} is a {name}, which conditions on more than a prompt ({part}); "
                             "accepted: the text-to-image (video) pipelines the fit samples as they do (FluxPipeline, "
                             "StableDiffusion3Pipeline, WanPipeline, ...)")
-        network = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
         config = network.config
         inputs, outputs = config.get("in_channels"), config.get("out_channels")
         if inputs and outputs and inputs > outputs:
@@ -97,6 +96,11 @@ class Family:
     def encode(cls, pipe, network, prompts: list[str], negative_prompt: str, device):
         """(prompt rows, negative rows) as the pipeline's `__call__` embeds them (text families)."""
         raise UserError(f"{type(network).__name__} takes {cls.conditional or 'no'} conditioning, not prompts")
+
+
+def network_of(pipeline):
+    """The denoising network of a pipeline: its `transformer` (DiT), or its `unet`; None if it has neither."""
+    return getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
 
 
 def call_default(pipe, name: str):

@@ -31,11 +31,11 @@ class TextSDXL(TextUNet):
         return cls
 
     @classmethod
-    def check_pipeline(cls, pipeline, model_name) -> None:
+    def check_pipeline(cls, pipeline, network, model_name) -> None:
         if getattr(pipeline, "config", {}).get("requires_aesthetics_score"):
             raise UserError(f"--model {model_name!r} conditions its UNet on an aesthetic score (the SDXL refiner, an "
                             "image-to-image stage); accepted: SDXL base and other text-to-image pipelines")
-        super().check_pipeline(pipeline, model_name)
+        super().check_pipeline(pipeline, network, model_name)
 
     @classmethod
     def pooled_dim(cls, model) -> int:

@@ -19,7 +19,7 @@ class TextWan(Family):
     steps_network_dtype = True  # float32 latents, the network-dtype output handed to the scheduler as it comes
 
     @classmethod
-    def check_pipeline(cls, pipeline, model_name) -> None:
+    def check_pipeline(cls, pipeline, network, model_name) -> None:
         """Also Wan 2.2's two-expert pipelines (a second transformer below `boundary_ratio`) and per-token timesteps
         (`expand_timesteps`, TI2V): they sample otherwise than one network at one time per state."""
         config = getattr(pipeline, "config", {})
@@ -29,7 +29,7 @@ class TextWan(Family):
         if config.get("expand_timesteps"):
             raise UserError(f"--model {model_name!r} feeds per-token timesteps (expand_timesteps, Wan 2.2 TI2V); "
                             "accepted: pipelines that feed one time per state (Wan 2.1)")
-        super().check_pipeline(pipeline, model_name)
+        super().check_pipeline(pipeline, network, model_name)
 
     @staticmethod
     def call(model, x, t, cond):
