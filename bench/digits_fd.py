@@ -46,12 +46,8 @@ def interval(features: np.ndarray, statistic, resamples: int = 200, seed: int = 
 
 
 def main() -> None:
-    from timetuner.core.data import load_digits_tensor
-    from timetuner.core.loading import load_model
-    from timetuner.core.solver import Solver
-    from timetuner.core.trajectories import make_scheduler
-    from timetuner.measuring.metrics import paired_bootstrap
-    from timetuner.measuring.yardstick import DEFAULT_REFERENCE_N, build_yardstick
+    from timetuner.core import Solver, load_digits_tensor, load_model, make_scheduler
+    from timetuner.measuring import DEFAULT_REFERENCE_N, build_yardstick, paired_bootstrap
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")

@@ -42,11 +42,8 @@ def held_out_paper_loss(sampler, taus, noise) -> float:
 
 
 def optimiser_comparison(args) -> None:
-    from timetuner.core.denoiser import Denoiser
-    from timetuner.core.loading import load_pipeline
-    from timetuner.core.solver import Solver
-    from timetuner.fitting.api import fit
-    from timetuner.fitting.config import EVAL_SEED_OFFSET
+    from timetuner.core import Denoiser, Solver, load_pipeline
+    from timetuner.fitting import EVAL_SEED_OFFSET, fit
 
     pipe = load_pipeline(None)
     sampler = Solver.named(Denoiser(pipe.unet.eval()), pipe.scheduler.config, "ddim", None, 10)
@@ -83,9 +80,7 @@ def figures(held: dict) -> dict:
 
 def over_sets(table_path, taus, args) -> dict:
     """Plain vs `taus` on --sets independent held-out noise sets (the table's own held-out seed first)."""
-    from timetuner.measuring.evaluation import Setup, held_out_figures
-    from timetuner.measuring.heldout import set_seed
-    from timetuner.measuring.verdict import combine_sets
+    from timetuner.measuring import Setup, combine_sets, held_out_figures, set_seed
 
     setup = Setup(str(table_path), None)
     yard = setup.yardstick(progress=False)
@@ -96,7 +91,7 @@ def over_sets(table_path, taus, args) -> dict:
 def default_fit_time(args) -> None:
     import tempfile
 
-    from timetuner.fitting.api import fit
+    from timetuner.fitting import fit
 
     for nfe in [int(v) for v in args.default_nfes.split(",")]:
         out = tempfile.mkdtemp() + "/t.safetensors"
@@ -113,7 +108,7 @@ def default_fit_time(args) -> None:
 def quality_grid(args) -> None:
     import tempfile
 
-    from timetuner.fitting.api import fit
+    from timetuner.fitting import fit
 
     configs = [tuple(c.split("/")) for c in args.configs.split(",")]
     nfes = [int(v) for v in args.nfes.split(",")] if args.nfes else ([5, 10] if args.quick else [5, 10, 20])

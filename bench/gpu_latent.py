@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1)
@@ -56,11 +53,12 @@ def emit(**row) -> None:
 def build(size: str, folder: Path, device: str, dtype: torch.dtype) -> dict:
     """A randomly initialised SD-shaped pipeline, saved to `folder`; returns the parameter counts."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from test_conditional import _tiny_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from timetuner.tiny import tiny_tokenizer
+
     shapes = SIZES[size]
-    tokenizer, vocab_size = _tiny_tokenizer(folder.parent / "tokenizer-src")
+    tokenizer, vocab_size = tiny_tokenizer(folder.parent / "tokenizer-src")
     tokenizer.model_max_length = shapes["text"]["max_position_embeddings"]
     torch.manual_seed(0)
     with torch.device(device):
@@ -92,8 +90,8 @@ def main() -> None:
 
     from transformers.utils import logging as transformers_logging
 
-    from timetuner.core.loading import load_pipeline
-    from timetuner.fitting.api import fit
+    from timetuner.core import load_pipeline
+    from timetuner.fitting import fit
 
     transformers_logging.set_verbosity_error()  # the shipped prompts are longer than a tiny tokenizer's 16 tokens
 

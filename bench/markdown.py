@@ -1,7 +1,8 @@
-"""Render the JSON lines of bench/fit.py and bench/train.py as the Markdown tables of docs/results.md.
+"""Render the JSON lines of bench/fit.py, bench/solvers.py and bench/train.py --overhead as the Markdown tables of
+docs/results.md.
 
     python bench/fit.py | tee fit.jsonl && python bench/markdown.py fit.jsonl
-    python bench/train.py --steps 1200 --eval-every 200 | tee train.jsonl && python bench/markdown.py train.jsonl
+    python bench/train.py --overhead | tee overhead.jsonl && python bench/markdown.py overhead.jsonl
     python bench/markdown.py bench/results/solvers.jsonl          # the leaderboard (bench/solvers.py)
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+from timetuner.measuring import markdown_table
 
 
 def _cell(figure: dict | None, digits: int) -> str:
@@ -24,14 +27,13 @@ def _cell(figure: dict | None, digits: int) -> str:
 
 def quality_table(quality: list[dict]) -> None:
     sets = quality[0].get("sets", 1) if quality else 1
-    print(f"| solver | grid | NFE | objective | distribution gap plain → tuned | x0 gap plain → tuned | "
-          f"data FD plain → tuned (secondary) | verdict | fit s |   (means over {sets} held-out noise sets)")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in quality:
-        verdict = "better" if r["better"] else "**not better**"
-        print(f"| {r['scheduler']} | {r['trajectory']} | {r['nfe']} | {r['objective']} | "
-              f"{_cell(r.get('dist_gap'), 2)} | {_cell(r.get('x0_gap'), 4)} | {_cell(r.get('data_fd'), 2)} | "
-              f"{verdict} | {r['fit_seconds']} |")
+    print(f"(means over {sets} held-out noise sets)")
+    print(markdown_table(
+        ["solver", "grid", "NFE", "objective", "distribution gap plain → tuned", "x0 gap plain → tuned",
+         "data FD plain → tuned (secondary)", "verdict", "fit s"],
+        [[r["scheduler"], r["trajectory"], str(r["nfe"]), r["objective"], _cell(r.get("dist_gap"), 2),
+          _cell(r.get("x0_gap"), 4), _cell(r.get("data_fd"), 2), "better" if r["better"] else "**not better**",
+          str(r["fit_seconds"])] for r in quality]))
 
 
 def gap_nfe_figure(quality: list[dict], path: str = "bench/results/gap_vs_nfe.png", objective: str = "e2e") -> None:
@@ -41,7 +43,7 @@ def gap_nfe_figure(quality: list[dict], path: str = "bench/results/gap_vs_nfe.pn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from timetuner.measuring.plots import draw_nfe_curve, save_figure
+    from timetuner.measuring import draw_nfe_curve, save_figure
 
     configs = sorted({(r["scheduler"], r["trajectory"]) for r in quality})
     fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 3.0), squeeze=False)
@@ -62,14 +64,13 @@ def gap_nfe_figure(quality: list[dict], path: str = "bench/results/gap_vs_nfe.pn
 
 
 def optimizer_table(rows: list[dict]) -> None:
-    print("| optimiser | fit network evaluations | all evaluations (incl. held-out check) | wall s | "
-          "held-out paper loss plain → tuned | held-out x0 gap plain → tuned |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['optimizer']}{' (' + str(r['adam_iters']) + ' it/τ)' if r['adam_iters'] else ''} | "
-              f"{r['fit_network_evaluations']:,} | {r['network_evaluations']:,} | {r['seconds']} | "
-              f"{r['held_out_paper_loss_plain']:.4f} → {r['held_out_paper_loss_tuned']:.4f} | "
-              f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f} |")
+    print(markdown_table(
+        ["optimiser", "fit network evaluations", "all evaluations (incl. held-out check)", "wall s",
+         "held-out paper loss plain → tuned", "held-out x0 gap plain → tuned"],
+        [[f"{r['optimizer']}{' (' + str(r['adam_iters']) + ' it/τ)' if r['adam_iters'] else ''}",
+          f"{r['fit_network_evaluations']:,}", f"{r['network_evaluations']:,}", str(r["seconds"]),
+          f"{r['held_out_paper_loss_plain']:.4f} → {r['held_out_paper_loss_tuned']:.4f}",
+          f"{r['gap_plain']:.4f} → {r['gap_tuned']:.4f}"] for r in rows]))
     if len(rows) == 2:
         search, adam = rows
         fit_ratio = adam["fit_network_evaluations"] / search["fit_network_evaluations"]
@@ -78,27 +79,12 @@ def optimizer_table(rows: list[dict]) -> None:
               "check both share).")
 
 
-def train_tables(speedup: list[dict], overhead: list[dict], draw: list[dict]) -> None:
-    if speedup:
-        print("| method | iterations to uniform's final FD: speed-up (median, range over seeds) | per seed | "
-              "final FD mean (range) |")
-        print("|---|---|---|---|")
-        for r in speedup:
-            reached = sum(v is not None for v in r["ratio_per_seed"])
-            ratio = "not reached" if r["ratio_median"] is None else (
-                f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
-                + (f" on the {reached} of {len(r['ratio_per_seed'])} seeds that reach it"
-                   if reached < len(r["ratio_per_seed"]) else ""))
-            per_seed = ", ".join("—" if v is None else f"{v:.2f}" for v in r["ratio_per_seed"])
-            low, high = r["final_fd_range"]
-            print(f"| {r['method']} | {ratio} | {per_seed} | {r['final_fd_mean']:.2f} ({low:.2f}–{high:.2f}) |")
-    if overhead:
-        cost = {r["method"]: r["ms_per_step"] for r in draw}
-        print("\n| method | seconds / training step | overhead vs uniform | draw + weight alone, ms / step |")
-        print("|---|---|---|---|")
-        for r in overhead:
-            print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['overhead_pct']:+.1f} % | "
-                  f"{cost.get(r['method'], '—')} |")
+def overhead_table(overhead: list[dict], draw: list[dict]) -> None:
+    """bench/train.py --overhead's lines (its speed-up tables: `bench/train.py --report --markdown`)."""
+    cost = {r["method"]: r["ms_per_step"] for r in draw}
+    print(markdown_table(["method", "seconds / training step", "overhead vs uniform", "draw + weight alone, ms / step"],
+                         [[r["method"], f"{r['seconds_per_step']:.4f}", f"{r['overhead_pct']:+.1f} %",
+                           str(cost.get(r["method"], "—"))] for r in overhead]))
 
 
 def _versus(figure: dict | None) -> str:
@@ -111,9 +97,7 @@ def _versus(figure: dict | None) -> str:
 
 def leaderboard_table(rows: list[dict], plain_shown: int = 4) -> None:
     """Per NFE: the best `plain_shown` plain configurations (by distribution gap) and timetuner's variants."""
-    print("| NFE | method | distribution gap | x0 gap | data FD | dist. gap vs best plain [95 % CI of the change] | "
-          "x0 gap vs best plain | fit s |")
-    print("|---|---|---|---|---|---|---|---|")
+    cells = []
     for nfe in sorted({r["nfe"] for r in rows}):
         at = [r for r in rows if r["nfe"] == nfe]
         if all(r["kind"] == "plain" for r in at):
@@ -125,10 +109,12 @@ def leaderboard_table(rows: list[dict], plain_shown: int = 4) -> None:
             if r["kind"] == "plain" and r["method"] == r["best_plain"]:
                 name += " (best plain)"
             vs = r.get("vs_best_plain", {})
-            fd = r.get("data_fd", float("nan"))
-            print(f"| {nfe} | {name} | {r['dist_gap']:.2f} | {r['x0_gap']:.4f} | {fd:.2f} | "
-                  f"{_versus(vs.get('dist_gap'))} | {_versus(vs.get('x0_gap'))} | {r.get('fit_seconds', '')} |")
-        print(f"| {nfe} | ({len(plain)} plain configurations in all) | | | | | | |")
+            cells.append([str(nfe), name, f"{r['dist_gap']:.2f}", f"{r['x0_gap']:.4f}",
+                          f"{r.get('data_fd', float('nan')):.2f}", _versus(vs.get("dist_gap")),
+                          _versus(vs.get("x0_gap")), str(r.get("fit_seconds", ""))])
+        cells.append([str(nfe), f"({len(plain)} plain configurations in all)", *[""] * 6])
+    print(markdown_table(["NFE", "method", "distribution gap", "x0 gap", "data FD",
+                          "dist. gap vs best plain [95 % CI of the change]", "x0 gap vs best plain", "fit s"], cells))
 
 
 def main(paths: list[str]) -> None:
@@ -144,9 +130,9 @@ def main(paths: list[str]) -> None:
     if "optimizer" in by:
         print()
         optimizer_table(by["optimizer"])
-    if "speedup" in by or "overhead" in by:
+    if "overhead" in by:
         print()
-        train_tables(by.get("speedup", []), by.get("overhead", []), by.get("draw_cost", []))
+        overhead_table(by["overhead"], by.get("draw_cost", []))
     for r in records:
         if r["figure"] in ("default_fit", "sampling_time", "machine", "paired", "floor", "subsets", "sampler",
                            "floor_train_vs_test", "forward_256_seconds"):

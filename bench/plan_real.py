@@ -5,7 +5,7 @@ evaluations (docs/conditional.md and docs/flow.md, "Running on a real checkpoint
     python bench/plan_real.py --nfe 5
 
 No hub access here: each model is a stand-in with the real pipeline class and the real scheduler configuration but
-one-block networks (the test suite's builders). A plan's evaluation counts depend on the pipeline (guided or
+one-block networks (`timetuner.tiny`). A plan's evaluation counts depend on the pipeline (guided or
 distilled), the scheduler (auto's candidates, its solver's evaluations) and the fit's settings, not on the network's
 size, so these counts are the real models'; the time per evaluation is not (`--plan` times it on your machine).
 """
@@ -13,11 +13,8 @@ size, so these counts are the real models'; the time per evaluation is not (`--p
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny builders
 
 SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
@@ -28,8 +25,7 @@ def stand_ins(root: Path) -> dict[str, Path]:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.test_flux_fit import _save_flux
-    from tests.tiny import save_sd3, tiny_sdxl, tiny_tokenizer, tiny_vae
+    from timetuner.tiny import save_flux, save_sd3, tiny_sdxl, tiny_tokenizer, tiny_vae
 
     tokenizer, vocab = tiny_tokenizer(root / "tok")
     torch.manual_seed(0)
@@ -48,7 +44,7 @@ def stand_ins(root: Path) -> dict[str, Path]:
     sd.save_pretrained(root / "sd15")
     tiny_sdxl(root / "sdxl-parts").save_pretrained(root / "sdxl")
     save_sd3(root / "sd35", diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    _save_flux(root / "fluxdev", True, diffusers.FlowMatchEulerDiscreteScheduler(
+    save_flux(root / "fluxdev", True, diffusers.FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096))
     return {"SD 1.5": root / "sd15", "SDXL": root / "sdxl", "SD3.5-medium": root / "sd35" / "sd3",
@@ -59,8 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nfe", type=int, default=10)
     args = parser.parse_args()
-    from timetuner.core.loading import quiet_loading
-    from timetuner.fitting.api import plan
+    from timetuner.core import quiet_loading
+    from timetuner.fitting import plan
 
     quiet_loading()
     root = Path(tempfile.mkdtemp())

@@ -27,7 +27,7 @@ OBJECTIVE_ARGS = {"e2e": ["--objective", "e2e"], "paper": ["--objective", "paper
 
 
 def fit_command(processes: int, args: list[str]) -> list[str]:
-    from timetuner.core.distributed import launch_command
+    from timetuner.core import launch_command
 
     if processes == 1:
         return [sys.executable, "-m", "timetuner.cli.main", "fit", *args]

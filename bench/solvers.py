@@ -56,9 +56,8 @@ def emit(record: dict, out: Path | None) -> None:
 
 def plain_configs(den, base, nfe: int, only: list[str] | None):
     """(name, solver) of every plain configuration making exactly nfe network evaluations."""
-    from timetuner.core.solver import Solver
-    from timetuner.core.trajectories import TRAJECTORIES
-    from timetuner.errors import UserError
+    from timetuner import UserError
+    from timetuner.core import TRAJECTORIES, Solver
 
     for scheduler, grids in TRAJECTORIES.items():
         if scheduler == "ddpm":
@@ -80,9 +79,9 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 def fitted(args, pipe, den, nfe: int) -> dict:
     """{variant: (solver over `den`, τ or None, fit seconds, auto's winner, learned coefficients or None)} of
     timetuner's variants at nfe."""
-    from timetuner.core.solver import Solver
-    from timetuner.fitting.api import fit
-    from timetuner.table import is_flow
+    from timetuner import is_flow
+    from timetuner.core import Solver
+    from timetuner.fitting import fit
 
     folder = Path(tempfile.mkdtemp())
     runs = {"tau": dict(scheduler="dpm++", trajectory="ays", force=True),
@@ -109,8 +108,7 @@ def fitted(args, pipe, den, nfe: int) -> dict:
 
 
 def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
-    from timetuner.measuring.heldout import HeldOut, set_seed
-    from timetuner.measuring.verdict import combine_sets, judge
+    from timetuner.measuring import HeldOut, combine_sets, judge, set_seed
 
     den, base = model.denoiser, model.base_config
     methods = {name: (solver.on(den), None, None, None, None)
@@ -178,7 +176,7 @@ def plot(lines: list[dict], path: str, floor: float | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from timetuner.measuring.plots import save_figure
+    from timetuner.measuring import save_figure
 
     rows = [r for r in lines if r.get("figure") == "leaderboard" and "dist_gap" in r]
     complete = {r["nfe"] for r in rows if r["kind"] != "plain"}  # NFEs whose run reached timetuner's variants
@@ -246,8 +244,8 @@ def main() -> None:
         args.variants = args.variants or "tau,grid"
     args.variants = (args.variants or ",".join(VARIANTS)).split(",")
     args.only = args.only.split(",") if args.only else None
-    from timetuner.core.loading import load_model, load_pipeline
-    from timetuner.measuring.yardstick import DEFAULT_REFERENCE_N, build_yardstick
+    from timetuner.core import load_model, load_pipeline
+    from timetuner.measuring import DEFAULT_REFERENCE_N, build_yardstick
 
     pipe = load_pipeline(args.model)
     if torch.cuda.is_available():

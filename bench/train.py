@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timetuner.measuring import markdown_table
+from timetuner.trainers import against_table, by_method, half_table, speedup_table, summarise
+
 # CLTS's ramp was 4000 steps by default until the open-values grid measured 1000 faster (docs/training.md): the runs
 # recorded before pin it, so that they rerun as they ran.
 RAMP_4000 = {"clts_ramp_steps": 4000}
@@ -112,7 +115,7 @@ def as_run(record: dict, args) -> dict | None:
 
 def _probe_batch(n_per_band: int):
     """A fixed held-out batch: test digits, noise and timesteps spread evenly over each band."""
-    from timetuner.core.data import load_digits_tensor
+    from timetuner.core import load_digits_tensor
 
     gen = torch.Generator().manual_seed(424242)
     test = load_digits_tensor("test")[0]
@@ -127,8 +130,8 @@ def _probe_batch(n_per_band: int):
 def _evaluate(step: int, unet, noise_scheduler, noise, probe) -> dict:
     from diffusers import DDIMScheduler
 
-    from timetuner.core.solver import sample_images
-    from timetuner.measuring.metrics import digits_fd
+    from timetuner.core import sample_images
+    from timetuner.measuring import digits_fd
 
     # The run's own scheduler config (clip_sample false): DDIM built from a clipping config would score haze.
     scheduler = DDIMScheduler.from_config(noise_scheduler.config)
@@ -152,10 +155,8 @@ def _init(args) -> None:
 
 def train_one(job: tuple[str, int]) -> dict:
     """Train one (method, seed) to the end, evaluating at each of `--evals`; resumes from its work folder."""
-    from timetuner.core.solver import initial_noise
-    from timetuner.trainers import TrainConfig, train
-    from timetuner.trainers.config import noise_scheduler_for
-    from timetuner.trainers.loop import checkpoint_dirs
+    from timetuner.core import initial_noise
+    from timetuner.trainers import TrainConfig, checkpoint_dirs, noise_scheduler_for, train
 
     method, seed = job
     args = ARGS
@@ -206,8 +207,7 @@ def overhead(methods: list[str], args) -> None:
 
     from diffusers import DDPMScheduler
 
-    from timetuner.trainers import TrainConfig, train
-    from timetuner.trainers.loop import build_sampler, build_weighting
+    from timetuner.trainers import TrainConfig, build_sampler, build_weighting, train
 
     noise_scheduler, x0 = DDPMScheduler(num_train_timesteps=1000, clip_sample=False), torch.randn(128, 1, 8, 8)
     for method in methods:
@@ -241,137 +241,13 @@ def overhead(methods: list[str], args) -> None:
               "threads": torch.get_num_threads()})
 
 
-def steps_to_reach(curve: list[list[float]], target: float) -> float | None:
-    """First iteration where FD ≤ target, linear between evaluations; None if never."""
-    previous = None
-    for step, fd in curve:
-        if fd <= target:
-            if previous is None:
-                return float(step)
-            s0, f0 = previous
-            return s0 + (step - s0) * (f0 - target) / (f0 - fd)
-        previous = (step, fd)
-    return None
-
-
-def fd_at(curve: list[list[float]], step: int) -> float:
-    """FD at `step`, linear between evaluations."""
-    steps, fds = zip(*curve, strict=True)
-    return float(np.interp(step, steps, fds))
-
-
-def seed_interval(values: list[float]) -> list[float]:
-    """95 % Student-t interval of the mean over seeds (`measuring.metrics.t_interval`; a percentile bootstrap over
-    three seeds would be their range)."""
-    from timetuner.measuring.metrics import t_interval
-
-    return [round(v, 3) for v in t_interval(values)]
-
-
-def summarise(curves: list[dict], targets: list[int]) -> list[dict]:
-    """Emit and return the "speedup" and "final_fd" lines of the recorded curves."""
-    lines = []
-    by = {}
-    for c in curves:
-        by.setdefault(c["method"], {})[c["seed"]] = c
-    uniform = by.get("uniform", {})
-    for method, runs in by.items():
-        seeds = sorted(set(runs) & set(uniform))
-        if not seeds:
-            continue
-        for target in targets:
-            ratios = []
-            for seed in seeds:
-                reached = steps_to_reach(runs[seed]["fd"], fd_at(uniform[seed]["fd"], target))
-                ratios.append(None if reached is None else target / reached)
-            found = [r for r in ratios if r is not None]
-            # The 2x test, robust where curves are flat: FD at half the iterations minus uniform's at the target
-            # (paired); an interval below zero shows >= 2x, one above zero shows < 2x.
-            half = [fd_at(runs[seed]["fd"], target // 2) - fd_at(uniform[seed]["fd"], target) for seed in seeds]
-            lines.append({"figure": "speedup", "method": method, "target": target, "seeds": seeds,
-                  "ratio_per_seed": [None if r is None else round(r, 3) for r in ratios],
-                  "ratio_mean": round(float(np.mean(found)), 3) if len(found) == len(ratios) else None,
-                  "ratio_ci95": seed_interval(found) if len(found) == len(ratios) and len(found) > 1 else None,
-                  "not_reached": len(ratios) - len(found),
-                  "fd_at_half_minus_uniform": round(float(np.mean(half)), 3),
-                  "fd_at_half_minus_uniform_ci95": seed_interval(half) if len(half) > 1 else None})
-        final = [runs[s]["fd"][-1][1] for s in seeds]
-        diff = [runs[s]["fd"][-1][1] - uniform[s]["fd"][-1][1] for s in seeds]
-        lines.append({"figure": "final_fd", "method": method, "seeds": seeds,
-                      "fd_mean": round(float(np.mean(final)), 3),
-              "fd_range": [round(min(final), 3), round(max(final), 3)],
-              "minus_uniform_mean": round(float(np.mean(diff)), 3),
-              "minus_uniform_ci95": seed_interval(diff) if len(diff) > 1 else None})
-    for line in lines:
-        emit(line)
-    return lines
-
-
-def markdown(lines: list[dict], targets: list[int]) -> str:
-    """The README's training table from the summary lines."""
-    speedups = {(r["method"], r["target"]): r for r in lines if r["figure"] == "speedup"}
-    head = " | ".join(f"×, uniform's FD at {t}" for t in targets)
-    rows = [f"| method | seeds | {head} | final FD (range) | final FD − uniform [95 % t-interval over seeds] |",
-            "|" + "---|" * (len(targets) + 4)]
-    for r in (r for r in lines if r["figure"] == "final_fd"):
-        cells = []
-        for t in targets:
-            s = speedups[r["method"], t]
-            if s["ratio_mean"] is None:
-                cells.append(f"not reached on {s['not_reached']} of {len(s['seeds'])} seeds")
-            else:
-                ci = "" if s["ratio_ci95"] is None else f" [{s['ratio_ci95'][0]:.2f}, {s['ratio_ci95'][1]:.2f}]"
-                cells.append(f"{s['ratio_mean']:.2f}×{ci}")
-        ci = "" if r["minus_uniform_ci95"] is None else (
-            f" [{r['minus_uniform_ci95'][0]:+.2f}, {r['minus_uniform_ci95'][1]:+.2f}]")
-        rows.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + f" | {r['fd_mean']:.2f} "
-                    f"({r['fd_range'][0]:.2f}–{r['fd_range'][1]:.2f}) | {r['minus_uniform_mean']:+.2f}{ci} |")
-    head = " | ".join(f"FD at {t // 2} − uniform's at {t}" for t in targets)
-    rows += ["", f"| method | seeds | {head} |", "|" + "---|" * (len(targets) + 2)]
-    for method in dict.fromkeys(m for m, _ in speedups):
-        cells = []
-        for t in targets:
-            s = speedups[method, t]
-            ci = s["fd_at_half_minus_uniform_ci95"]
-            interval = "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
-            cells.append(f"{s['fd_at_half_minus_uniform']:+.2f}{interval}")
-        rows.append(f"| {method} | {len(speedups[method, targets[0]]['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def against(curves: list[dict], base: str) -> str:
-    """Each method's FD minus `base`'s at every evaluation, paired by seed: mean [95 % Student-t interval over
-    seeds] (the open values of a method against its defaults, where uniform's yardstick is too coarse)."""
-    by = {}
-    for c in curves:
-        by.setdefault(c["method"], {})[c["seed"]] = c
-    reference = by.get(base, {})
-    steps = [s for s, _ in next(iter(reference.values()))["fd"]] if reference else []
-    rows = ["| method | seeds | " + " | ".join(f"FD − {base}'s at {s}" for s in steps) + " |",
-            "|" + "---|" * (len(steps) + 2)]
-    for method, runs in by.items():
-        seeds = sorted(set(runs) & set(reference))
-        if method == base or not seeds:
-            continue
-        cells = []
-        for step in steps:
-            diff = [fd_at(runs[s]["fd"], step) - fd_at(reference[s]["fd"], step) for s in seeds]
-            ci = seed_interval(diff) if len(diff) > 1 else None
-            cells.append(f"{np.mean(diff):+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"))
-        rows.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def where_it_learns(curves: list[dict], steps: tuple[int, ...] = (1000, 2000, 8000)) -> str:
     """Why a method is faster or not, measured: its EMA model's probe loss per band of 100 timesteps divided by
     uniform's at the same seed and iteration (mean over paired seeds), beside the sampler's mass per band there."""
-    by = {}
-    for c in curves:
-        by.setdefault(c["method"], {})[c["seed"]] = c
-    uniform = by.get("uniform", {})
-    bands = " | ".join(f"{100 * b}–{100 * (b + 1)}" for b in range(BANDS))
-    rows = [f"| method | iteration | what | {bands} |", "|" + "---|" * (BANDS + 3)]
-    for method, runs in by.items():
+    grouped = by_method(curves)
+    uniform = grouped.get("uniform", {})
+    rows = []
+    for method, runs in grouped.items():
         seeds = sorted(set(runs) & set(uniform)) if method != "uniform" else []
         for step in steps:
             loss = [np.asarray(dict(map(tuple, runs[s]["probe_loss"])).get(step, np.nan))
@@ -379,12 +255,11 @@ def where_it_learns(curves: list[dict], steps: tuple[int, ...] = (1000, 2000, 80
             mass = [dict(map(tuple, runs[s]["sampler_bucket_mass"])).get(step) for s in seeds]
             if not loss or np.isnan(np.mean(loss)):
                 continue
-            rows.append(f"| {method} | {step} | loss ÷ uniform's | "
-                        + " | ".join(f"{v:.2f}" for v in np.mean(loss, 0)) + " |")
+            rows.append([method, str(step), "loss ÷ uniform's", *[f"{v:.2f}" for v in np.mean(loss, 0)]])
             if all(m is not None for m in mass):
-                rows.append(f"| {method} | {step} | sampler mass | "
-                            + " | ".join(f"{v:.3f}" for v in np.mean(mass, 0)) + " |")
-    return "\n".join(rows)
+                rows.append([method, str(step), "sampler mass", *[f"{v:.3f}" for v in np.mean(mass, 0)]])
+    bands = [f"{100 * b}–{100 * (b + 1)}" for b in range(BANDS)]
+    return markdown_table(["method", "iteration", "what", *bands], rows)
 
 
 def plot(curves: list[dict], path: str) -> None:
@@ -394,13 +269,10 @@ def plot(curves: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from diffusers import DDPMScheduler
 
-    from timetuner.measuring.plots import save_figure
-    from timetuner.trainers import TrainConfig
-    from timetuner.trainers.loop import build_sampler, build_weighting
+    from timetuner.measuring import save_figure
+    from timetuner.trainers import TrainConfig, build_sampler, build_weighting
 
-    by = {}
-    for c in curves:
-        by.setdefault(c["method"], []).append(c)
+    by = {method: list(runs.values()) for method, runs in by_method(curves).items()}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     palette = plt.get_cmap("tab20").colors  # one colour per method in both panels, distinct up to 20 methods
     for i, (method, runs) in enumerate(by.items()):
@@ -494,13 +366,17 @@ def main() -> None:
               if r["method"] in methods or not (args.grid or args.methods)]
     targets = [int(s) for s in args.targets.split(",")]
     lines = summarise(curves, targets)
+    for line in lines:
+        emit(line)
     if args.markdown:
-        print(markdown(lines, targets))
+        print(speedup_table(lines, targets))
+        print()
+        print(half_table(lines, targets))
         print()
         print(where_it_learns(curves))
         if args.against:
             print()
-            print(against(curves, args.against))
+            print(against_table(curves, args.against))
     if curves:
         plot(curves, args.plot)
 

@@ -30,12 +30,17 @@ def emit(record: dict) -> None:
 
 
 def main() -> None:
-    from timetuner.core.loading import load_model
-    from timetuner.core.reference import reference_samples
-    from timetuner.core.solver import Solver
-    from timetuner.measuring.heldout import HeldOut, set_seed
-    from timetuner.measuring.metrics import feature_statistics, frechet_distance, paired_bootstrap
-    from timetuner.measuring.yardstick import DEFAULT_N, DEFAULT_REFERENCE_N, build_yardstick
+    from timetuner.core import Solver, load_model, reference_samples
+    from timetuner.measuring import (
+        DEFAULT_N,
+        DEFAULT_REFERENCE_N,
+        HeldOut,
+        build_yardstick,
+        feature_statistics,
+        frechet_distance,
+        paired_bootstrap,
+        set_seed,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded model")

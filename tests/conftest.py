@@ -15,7 +15,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from tests.tiny import quiet, tiny_tokenizer, tiny_vae
+from timetuner.tiny import quiet, tiny_tokenizer, tiny_vae
 
 torch.set_num_threads(2)
 # diffusers' own scheduler tests (vendored) run only through tests/test_diffusers_suite.py, which sets this

@@ -12,7 +12,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteScheduler
 
-from tests.tiny import tiny_pixel_unet
 from timetuner import TauTable, TunedScheduler
 from timetuner.coefficients import COEFFICIENT_SOLVERS, history_length
 from timetuner.core.denoiser import Denoiser, text_conditioning
@@ -20,6 +19,7 @@ from timetuner.core.solver import Solver
 from timetuner.core.trajectories import make_scheduler
 from timetuner.errors import UserError
 from timetuner.fitting.api import fit
+from timetuner.tiny import tiny_pixel_unet
 
 DDPM_BASE = DDIMScheduler(num_train_timesteps=1000).config
 FLOW_BASE = FlowMatchEulerDiscreteScheduler(shift=3.0).config

@@ -27,13 +27,13 @@ from diffusers import (
 )
 from typer.testing import CliRunner
 
-from tests.tiny import quiet
 from timetuner import TauTable, TunedScheduler
 from timetuner.cli.main import app
 from timetuner.core.denoiser import Denoiser, class_conditioning, refuse_integer_timesteps, text_conditioning
 from timetuner.core.solver import Solver
 from timetuner.errors import UserError
 from timetuner.fitting.api import fit
+from timetuner.tiny import quiet
 
 runner = CliRunner()
 FIT_PROMPTS = ["a red cube on a table", "a blue sphere in the sky", "a green cat"]

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from tests.tiny import tiny_pixel_unet
 from timetuner import TauTable, TunedScheduler
 from timetuner.core.trajectories import make_scheduler
 from timetuner.errors import UserError
 from timetuner.matching import model_fingerprint, model_hash, same_model
+from timetuner.tiny import tiny_pixel_unet
 
 BASE = make_scheduler("dpm++", {"num_train_timesteps": 1000}).config
 

@@ -220,8 +220,8 @@ def test_a_learned_sigma_grid_is_refused_where_the_scheduler_would_not_run_it(co
 
 @pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
-    """A tiny Stable Diffusion 3 pipeline saved to a folder (`tests.tiny.save_sd3`), static shift 3."""
-    from tests.tiny import save_sd3
+    """A tiny Stable Diffusion 3 pipeline saved to a folder (`timetuner.tiny.save_sd3`), static shift 3."""
+    from timetuner.tiny import save_sd3
 
     return save_sd3(tmp_path_factory.mktemp("sd3"), FlowMatchEulerDiscreteScheduler(shift=3.0))
 

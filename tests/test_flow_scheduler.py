@@ -13,10 +13,10 @@ import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from tests.tiny import tiny_flux, tiny_sd3
 from timetuner import TauTable, TunedScheduler
 from timetuner.errors import UserError
 from timetuner.table import is_flow
+from timetuner.tiny import tiny_flux, tiny_sd3
 
 STEPS = 5
 FLUX_SIGMAS = np.linspace(1.0, 1 / STEPS, STEPS)  # what FluxPipeline passes on every call

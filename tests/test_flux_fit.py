@@ -18,47 +18,23 @@ from timetuner.core.loading import load_model, state_side
 from timetuner.core.solver import Solver
 from timetuner.errors import UserError
 from timetuner.fitting.api import fit
+from timetuner.tiny import save_flux
 
 SIDE = 16  # pixels; the tiny VAE's factor is 1, so 16×16 latents packed into 8·8 tokens
 runner = CliRunner()
 
 
-def _save_flux(root, guidance_embeds: bool, scheduler):
-    """A tiny Flux.1 pipeline saved to `root`/flux: a CLIP text encoder (pooled projection 8) and a T5 encoder of
-    width 16; a transformer with a guidance embedding (dev) or without (schnell)."""
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from tests.tiny import quiet, tiny_latent_vae, tiny_tokenizer
-
-    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-                                 pad_token_id=1, eos_token_id=1))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
-                                         guidance_embeds=guidance_embeds)
-    pipe = quiet(FluxPipeline(scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=clip, tokenizer=tokenizer,
-                              text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer))
-    pipe.save_pretrained(root / "flux")
-    return root / "flux"
-
-
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
     """Flux.1-dev-like: a guidance embedding, a scheduler that shifts by image size (its own seq-len settings)."""
-    return _save_flux(tmp_path_factory.mktemp("flux"), True, FlowMatchEulerDiscreteScheduler(
+    return save_flux(tmp_path_factory.mktemp("flux"), True, FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256))
 
 
 @pytest.fixture(scope="module")
 def schnell_folder(tmp_path_factory):
     """Flux.1-schnell-like: no guidance embedding, a static shift of 1 (FluxPipeline still passes its σ and mu)."""
-    return _save_flux(tmp_path_factory.mktemp("schnell"), False, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    return save_flux(tmp_path_factory.mktemp("schnell"), False, FlowMatchEulerDiscreteScheduler(shift=1.0))
 
 
 def _pack(x):

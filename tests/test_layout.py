@@ -175,3 +175,40 @@ def test_no_model_family_is_named_outside_its_own_module():
                for used in [getattr(node, "id", None) or getattr(node, "name", None) or getattr(node, "attr", None)]
                if used in names]
     assert outside == []
+
+
+PUBLIC = ("timetuner", "timetuner.core", "timetuner.fitting", "timetuner.measuring", "timetuner.trainers",
+          "timetuner.assets", "timetuner.tiny")
+
+
+def test_bench_uses_only_the_public_api():
+    """bench/ is a user of the library: it imports the names the packages export (`__all__`), nothing from the
+    tests, no private module, and sets no import path of its own."""
+    import importlib
+
+    wrong = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("timetuner", "tests")):
+                if node.module not in PUBLIC:
+                    wrong.append(f"{path.name} imports from {node.module}")
+                    continue
+                exported = getattr(importlib.import_module(node.module), "__all__", None)
+                wrong += [f"{path.name} imports {node.module}.{a.name}" for a in node.names
+                          if exported is not None and a.name not in exported]
+            elif isinstance(node, ast.Import):
+                wrong += [f"{path.name} imports {a.name}" for a in node.names
+                          if a.name.startswith(("timetuner.", "tests")) or a.name.startswith("test_")]
+            elif isinstance(node, ast.Attribute) and ast.unparse(node) == "sys.path":
+                wrong.append(f"{path.name} changes sys.path")
+    assert wrong == []
+
+
+@pytest.mark.parametrize("package", ["timetuner", "timetuner.core", "timetuner.fitting", "timetuner.measuring",
+                                     "timetuner.trainers"])
+def test_every_exported_name_resolves(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    assert module.__all__ and all(getattr(module, name) is not None for name in module.__all__)

@@ -25,16 +25,16 @@ def _dynamic():
 @pytest.fixture(scope="module")
 def sd3_patch2_folder(tmp_path_factory):
     """A tiny SD3 pipeline with a 2×2 patch and a scheduler that shifts by image size (SD3.5-like), saved."""
-    from tests.tiny import save_sd3
+    from timetuner.tiny import save_sd3
 
     return save_sd3(tmp_path_factory.mktemp("sd3p2"), _dynamic(), patch_size=2)
 
 
 @pytest.fixture(scope="module")
 def flux_dynamic_folder(tmp_path_factory):
-    from tests.test_flux_fit import _save_flux
+    from timetuner.tiny import save_flux
 
-    return _save_flux(tmp_path_factory.mktemp("fluxdt"), True, _dynamic())
+    return save_flux(tmp_path_factory.mktemp("fluxdt"), True, _dynamic())
 
 
 def _pack(x):

@@ -15,9 +15,9 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 
-from tests.tiny import quiet, tiny_pixel_unet, tiny_sdxl
 from timetuner import TauTable, TunedScheduler
 from timetuner.scheduler import OWN
+from timetuner.tiny import quiet, tiny_pixel_unet, tiny_sdxl
 
 STEPS = 4
 PROMPTS = ["a yellow boat at sea", "an orange house"]

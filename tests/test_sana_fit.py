@@ -32,7 +32,7 @@ def _save_sana(root, **transformer):
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
-    from tests.tiny import quiet, tiny_tokenizer
+    from timetuner.tiny import quiet, tiny_tokenizer
 
     tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
     torch.manual_seed(0)

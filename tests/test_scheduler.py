@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
-from tests.tiny import tiny_pixel_unet
 from timetuner import TauTable, TunedScheduler
 from timetuner.core.solver import sample_images
 from timetuner.core.trajectories import make_scheduler
 from timetuner.errors import UserError
+from timetuner.tiny import tiny_pixel_unet
 
 
 @pytest.fixture(scope="module")

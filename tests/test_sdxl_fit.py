@@ -11,7 +11,6 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
 from tests.test_conditional import one_thread
 from tests.test_flow_fit import FAST
-from tests.tiny import tiny_sdxl
 from timetuner import TunedScheduler
 from timetuner.core.denoiser import text_conditioning
 from timetuner.core.families.sdxl import TextSDXL
@@ -19,6 +18,7 @@ from timetuner.core.loading import load_model
 from timetuner.core.solver import Solver
 from timetuner.errors import UserError
 from timetuner.fitting.api import fit
+from timetuner.tiny import tiny_sdxl
 
 PROMPTS = ["a cat", "a dog"]
 SIDE = 16  # pixels: 8×8 latents at the tiny VAE's factor 2

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxKontextPipeline, FluxPipeline
 
-from tests.tiny import quiet, tiny_flux
 from timetuner.core.loading import load_model
 from timetuner.errors import UserError
+from timetuner.tiny import quiet, tiny_flux
 
 
 def _flux_as(cls, transformer=None):
@@ -43,10 +43,10 @@ def test_a_network_with_extra_input_channels_is_refused():
 
 
 def test_the_default_dtype_is_bfloat16_for_transformer_pipelines_on_a_gpu_and_float32_otherwise(tiny_run, tmp_path):
-    from tests.test_flux_fit import _save_flux
     from timetuner.core.loading import default_dtype, load_pipeline
+    from timetuner.tiny import save_flux
 
-    folder = str(_save_flux(tmp_path, True, FlowMatchEulerDiscreteScheduler()))  # with its CLIP and T5 encoders
+    folder = str(save_flux(tmp_path, True, FlowMatchEulerDiscreteScheduler()))  # with its CLIP and T5 encoders
     assert default_dtype(folder, on_gpu=True) == torch.bfloat16
     assert default_dtype(folder, on_gpu=False) == torch.float32
     assert default_dtype(str(tiny_run), on_gpu=True) == torch.float32  # a UNet pipeline

@@ -41,7 +41,7 @@ def _save_wan(root, two_experts: bool = False):
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from tests.tiny import quiet, tiny_tokenizer
+    from timetuner.tiny import quiet, tiny_tokenizer
 
     tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 from timetuner.errors import UserError  # noqa: E402
 from timetuner.scheduler import TunedScheduler  # noqa: E402
-from timetuner.table import TauTable  # noqa: E402
+from timetuner.table import TauTable, is_flow  # noqa: E402
 
 
 def fit(model: str | None = None, out=None, **options):
@@ -24,4 +24,11 @@ def fit(model: str | None = None, out=None, **options):
     return run(model, out, **options)
 
 
-__all__ = ["TauTable", "TunedScheduler", "UserError", "__version__", "fit"]
+def plan(model: str | None = None, **options) -> list[str]:
+    """What a fit of `model` would compute and cost, before any of it; see `timetuner.fitting.api.plan`."""
+    from timetuner.fitting.api import plan as lines
+
+    return lines(model, **options)
+
+
+__all__ = ["TauTable", "TunedScheduler", "UserError", "__version__", "fit", "is_flow", "plan"]

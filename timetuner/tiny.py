@@ -1,4 +1,6 @@
-"""Builders of tiny pipeline components in code (nothing from a hub): tokenizer, VAE, quiet pipelines."""
+"""Tiny pipelines and components of the model families, built in code with random weights (nothing from a hub):
+what the tests fit and load, the benchmarks' stand-ins for real checkpoints, and a start for a new family's test
+(docs/architecture.md). Each builds in about a second on a CPU."""
 
 from __future__ import annotations
 
@@ -137,3 +139,26 @@ def tiny_sdxl(root, refiner: bool = False):
         vae=tiny_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler))
+
+
+def save_flux(root, guidance_embeds: bool, scheduler):
+    """A tiny Flux.1 pipeline saved to `root`/flux: a CLIP text encoder (pooled projection 8) and a T5 encoder of
+    width 16; a transformer with a guidance embedding (dev) or without (schnell)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, vocab_size = tiny_tokenizer(root / "tokenizer-src")
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+                                 pad_token_id=1, eos_token_id=1))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+                                         guidance_embeds=guidance_embeds)
+    pipe = quiet(FluxPipeline(scheduler=scheduler, vae=tiny_latent_vae(), text_encoder=clip, tokenizer=tokenizer,
+                              text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer))
+    pipe.save_pretrained(root / "flux")
+    return root / "flux"

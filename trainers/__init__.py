@@ -1,10 +1,13 @@
 """Training companion: timestep samplers, loss weightings, MDLRC and the `timetuner train` loop."""
 
 from timetuner.trainers.adaptive import AdaptiveSampler, BetaPolicy
+from timetuner.trainers.checkpoints import checkpoint_dirs
+from timetuner.trainers.config import build_sampler, build_weighting, noise_scheduler_for
 from timetuner.trainers.densities import LogitNormalSampler, LogNormalSampler, ModeSampler
 from timetuner.trainers.loop import TrainConfig, train
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.presets import PRESETS, Preset, get_preset
+from timetuner.trainers.report import against_table, by_method, half_table, speedup_table, summarise
 from timetuner.trainers.samplers import (
     SAMPLERS,
     CLTSSampler,
@@ -46,10 +49,19 @@ __all__ = [
     "TimestepSampler",
     "TrainConfig",
     "UniformSampler",
+    "against_table",
+    "build_sampler",
+    "build_weighting",
+    "by_method",
+    "checkpoint_dirs",
     "get_preset",
+    "half_table",
     "make_sampler",
     "make_weighting",
+    "noise_scheduler_for",
     "register_sampler",
     "register_weighting",
+    "speedup_table",
+    "summarise",
     "train",
 ]

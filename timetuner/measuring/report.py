@@ -106,7 +106,8 @@ def tau_rows(table) -> list[list[str]]:
             for k, (t, tau) in enumerate(zip(table.t.tolist(), table.tau.tolist(), strict=True))]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table of `header` and `rows` (cells as strings; a "|" in a cell is escaped)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -141,7 +142,7 @@ def write_report(folder: str | Path, table, record: dict, plots: dict[str, Path]
     if command:
         body.append(f"<p>Made with <code>{html.escape(command)}</code>.</p>")
     for title, header, rows in sections:
-        md += [f"## {title}", "", _md_table(header, rows), ""]
+        md += [f"## {title}", "", markdown_table(header, rows), ""]
         body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
     md += ["## Plots", ""]
     body.append("<h2>Plots</h2>")
