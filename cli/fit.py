@@ -1,4 +1,8 @@
-"""`timetuner fit`: fit a τ table for a model and a few-step sampler, judged on held-out seeds."""
+"""`timetuner fit`: fit a τ table for a model and a few-step sampler, judged on held-out seeds.
+
+The options that are `FitConfig` fields take their name, type and default from it (this module describes them);
+the others (loading, placement, output) are the command's own.
+"""
 
 from __future__ import annotations
 
@@ -7,83 +11,82 @@ from typing import Annotated
 
 import typer
 
-from timetuner.cli.options import Cpu, Dtype, Model, Revision, Seed, Variant, user_command
+from timetuner.cli.options import Cpu, Dtype, Model, Revision, Variant, options_from, user_command
+from timetuner.fitting.auto import CANDIDATES
+from timetuner.fitting.config import (
+    COEFFICIENT_ITERS,
+    COEFFICIENT_PARTS,
+    DEFAULT_LATENT_N,
+    DEFAULT_N,
+    E2E_ITERS,
+    E2E_ITERS_LEARNED_GRID,
+    GRID_GRADIENT_MAX_NFE,
+    FitConfig,
+)
+
+HELP = {
+    "nfe": "Sampler steps (num_inference_steps).",
+    "scheduler": f"auto (the default: rank {len(CANDIDATES)} plain solver × grid setups, learn the grid and τ of the "
+                 "best solver that takes a grid, and ship the best against the best plain setup), ddim (the default "
+                 "with --trajectory or --strategy parallel), dpm2 (DPM-Solver-2), dpm++ / dpm++3m / dpm++1 "
+                 "(DPM-Solver++ 2M / 3M / order 1), unipc (UniPC-bh2), deis, heun, euler; flow-matching models: "
+                 "flow-euler (the default with --trajectory), flow-heun, flow-dpm++, flow-unipc.",
+    "trajectory": "uniform, trailing, linspace, quadratic, logsnr, karras, ays (Align-Your-Steps), learned (fitted to "
+                  "the model: dpm++, dpm++3m, dpm++1, dpm2; a sigma grid for flow-euler, flow-unipc); flow: shift1, "
+                  "shift3, exponential, beta; default per scheduler (ddim: uniform, dpm2: logsnr, dpm++: ays, heun: "
+                  "karras, flow: the model's shift).",
+    "strategy": "sequential (Alg. 1) or parallel (Eq. 11).",
+    "objective": "e2e (the default: best on held-out figures), paper (Eq. 9/11; the default with --strategy "
+                 "parallel) or teacher.",
+    "optimizer": "search (bracketed 1-D search) or adam (official recipe).",
+    "samples": "Noises the fit uses.",
+    "eval_samples": f"Held-out noises for the verdict (distribution gap and data FD). Default: {DEFAULT_N} "
+                    f"({DEFAULT_LATENT_N} for latent models).",
+    "eval_gap_samples": "Of those, how many carry the x0 gap (each needs a reference sample).",
+    "reference_n": "Reference-solver samples the distribution gap is measured against (cached by model; grown when "
+                   "more are asked).",
+    "data": "parallel: x0 from 'digits' or an image folder; default: the model's own high-NFE samples.",
+    "reference_steps": "Steps of the DPM-Solver++ reference (the converged sampler every gap is measured to).",
+    "adam_iters": "adam: iterations per τ.",
+    "e2e_iters": f"e2e: Adam iterations on all τ. Default: {E2E_ITERS_LEARNED_GRID} on a learned grid (auto's), "
+                 f"{E2E_ITERS} otherwise.",
+    "grid_gradient": "e2e on a learned DPM-Solver++ grid (auto's, or --trajectory learned): after the grid search, "
+                     "move the grid by gradient jointly with τ (LD3). Default: on wherever it applies at --nfe <= "
+                     f"{GRID_GRADIENT_MAX_NFE}; above, τ alone on the searched grid (why: docs/results.md).",
+    "coefficients": "e2e: learn the solver's coefficients with τ (per step: corrections on the last data predictions "
+                    "and an output scale; dpm++, dpm++3m, unipc, deis, flow-euler, flow-dpm++, flow-unipc). Default: "
+                    "auto tunes its solver with and without them and ships what wins on held-out seeds; a named "
+                    "--scheduler fits none.",
+    "coefficient_iters": f"e2e with --coefficients: Adam iterations. Default: {COEFFICIENT_ITERS}.",
+    "coefficient_parts": f"With --coefficients: {', '.join(COEFFICIENT_PARTS)} (all; the output scales only; only "
+                         "the corrections).",
+    "force": "Write the tuned table even when it is not better on held-out seeds.",
+    "prompts": "Text models: a prompt file (one per line) or one prompt; sample i uses prompt i mod P. Default: the "
+               "shipped assets/prompts/fit.txt.",
+    "eval_prompts": "Text models: held-out prompts for the verdict, disjoint from --prompts. Default: "
+                    "assets/prompts/eval.txt.",
+    "negative_prompt": "Text models: the unconditional branch of guidance.",
+    "class_labels": "DiT: class labels, e.g. 207,360,387; sample i uses label i mod P. Default: 16 classes spread "
+                    "over the range.",
+    "eval_class_labels": "DiT: labels for the held-out verdict. Default: --class-labels, on held-out noises.",
+    "guidance_scale": "Conditional models: classifier-free guidance scale(s); 3,5,7.5 fits one table per scale "
+                      "(Flux: its distilled guidance). Default: the pipeline's (SD 7.5, SD3 7, Flux 3.5, DiT 4).",
+    "resolution": "Image size in pixels the table is fitted for: a side (1024) or HEIGHTxWIDTH (768x1344); latent "
+                  "models: its latents are size / the VAE's factor; Flux's mu follows it. Default: the network's own "
+                  "(Flux: 1024).",
+    "frames": "Video models: frames per video the table is fitted for (Wan: 1 + a multiple of 4). Default: the "
+              "pipeline's (Wan: 81).",
+    "seed": "Seed of every random draw; same seed, same result.",
+}
+# Options the command reads as text and parses (lists, sizes) before they become FitConfig's values.
+AS_TEXT = {name: str | None for name in ("prompts", "eval_prompts", "class_labels", "eval_class_labels",
+                                          "guidance_scale", "resolution")}
 
 
 @user_command
+@options_from(FitConfig, HELP, names={"seed": ("--seed",)}, types=AS_TEXT)
 def fit(
     model: Model = None,
-    nfe: Annotated[int, typer.Option(help="Sampler steps (num_inference_steps).")] = 10,
-    scheduler: Annotated[str | None, typer.Option(help="auto (the default: rank 12 plain solver × grid setups, learn "
-                                                  "the grid and τ of the best solver that takes a grid, and ship the "
-                                                  "best against the best plain setup), ddim (the default "
-                                                  "with --trajectory or --strategy parallel), dpm2 (DPM-Solver-2), "
-                                                  "dpm++ / dpm++3m / dpm++1 (DPM-Solver++ 2M / 3M / order 1), unipc "
-                                                  "(UniPC-bh2), deis, heun, euler; flow-matching models: flow-euler "
-                                                  "(the default with --trajectory), flow-heun, flow-dpm++, flow-unipc."
-                                                  )] = None,
-    trajectory: Annotated[str | None, typer.Option(help="uniform, trailing, linspace, quadratic, logsnr, karras, ays "
-                                                   "(Align-Your-Steps), learned (fitted to the model: dpm++, dpm++3m, "
-                                                   "dpm++1, dpm2; a sigma grid for flow-euler, flow-unipc); flow: "
-                                                   "shift1, shift3, exponential, beta; default per scheduler (ddim: "
-                                                   "uniform, dpm2: logsnr, dpm++: ays, heun: karras, flow: the "
-                                                   "model's shift).")] = None,
-    strategy: Annotated[str, typer.Option(help="sequential (Alg. 1) or parallel (Eq. 11).")] = "sequential",
-    objective: Annotated[str | None, typer.Option(help="e2e (the default: best on held-out figures), paper "
-                                                  "(Eq. 9/11; the default with --strategy parallel) or teacher."
-                                                  )] = None,
-    optimizer: Annotated[str, typer.Option(help="search (bracketed 1-D search) or adam (official recipe).")] = "search",
-    samples: Annotated[int, typer.Option(help="Noises the fit uses.")] = 128,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out noises for the verdict (distribution gap and "
-                                                     "data FD). Default: 1000 (256 for latent models).")] = None,
-    eval_gap_samples: Annotated[int, typer.Option(help="Of those, how many carry the x0 gap (each needs a "
-                                                  "reference sample).")] = 256,
-    reference_n: Annotated[int, typer.Option(help="Reference-solver samples the distribution gap is measured "
-                                             "against (cached by model; grown when more are asked).")] = 10_000,
-    data: Annotated[str | None, typer.Option(help="parallel: x0 from 'digits' or an image folder; default: the "
-                                             "model's own high-NFE samples.")] = None,
-    reference_steps: Annotated[int, typer.Option(help="Steps of the DPM-Solver++ reference (the converged sampler "
-                                                 "every gap is measured to).")] = 100,
-    adam_iters: Annotated[int, typer.Option(help="adam: iterations per τ.")] = 500,
-    e2e_iters: Annotated[int | None, typer.Option(
-        help="e2e: Adam iterations on all τ. Default: 15 on a learned grid (auto's), 40 otherwise.")] = None,
-    grid_gradient: Annotated[bool | None, typer.Option(
-        "--grid-gradient/--no-grid-gradient",
-        help="e2e on a learned DPM-Solver++ grid (auto's, or --trajectory learned): after the grid search, move the "
-             "grid by gradient jointly with τ (LD3). Default: on wherever it applies at --nfe <= 8; above, τ "
-             "alone on the searched grid (it served the distribution gap better there: docs/results.md).")] = None,
-    coefficients: Annotated[bool | None, typer.Option(
-        "--coefficients/--no-coefficients",
-        help="e2e: learn the solver's coefficients with τ (per step: corrections on the last data predictions and an "
-             "output scale; dpm++, dpm++3m, unipc, deis, flow-euler, flow-dpm++, flow-unipc). Default: auto tunes "
-             "its solver with and without them and ships what wins on held-out seeds; a named --scheduler fits "
-             "none.")] = None,
-    coefficient_iters: Annotated[int | None, typer.Option(
-        help="e2e with --coefficients: Adam iterations. Default: 40.")] = None,
-    coefficient_parts: Annotated[str, typer.Option(
-        help="With --coefficients: all, scale (the output scales only) or corrections (only those).")] = "all",
-    force: Annotated[bool, typer.Option(help="Write the tuned table even when it is not better on held-out seeds."
-                                        )] = False,
-    prompts: Annotated[str | None, typer.Option(help="Text models: a prompt file (one per line) or one prompt; "
-                                                "sample i uses prompt i mod P. Default: the shipped "
-                                                "assets/prompts/fit.txt.")] = None,
-    eval_prompts: Annotated[str | None, typer.Option(help="Text models: held-out prompts for the verdict, disjoint "
-                                                     "from --prompts. Default: assets/prompts/eval.txt.")] = None,
-    negative_prompt: Annotated[str, typer.Option(help="Text models: the unconditional branch of guidance.")] = "",
-    class_labels: Annotated[str | None, typer.Option(help="DiT: class labels, e.g. 207,360,387; sample i uses label "
-                                                     "i mod P. Default: 16 classes spread over the range.")] = None,
-    eval_class_labels: Annotated[str | None, typer.Option(help="DiT: labels for the held-out verdict. Default: "
-                                                          "--class-labels, on held-out noises.")] = None,
-    guidance_scale: Annotated[str | None, typer.Option(help="Conditional models: classifier-free guidance scale(s);"
-                                                       " 3,5,7.5 fits one table per scale (Flux: its distilled "
-                                                       "guidance). Default: the pipeline's (SD 7.5, SD3 7, Flux 3.5, "
-                                                       "DiT 4).")] = None,
-    resolution: Annotated[str | None, typer.Option(help="Image size in pixels the table is fitted for: a side "
-                                                   "(1024) or HEIGHTxWIDTH (768x1344); latent models: its latents "
-                                                   "are size / the VAE's factor; Flux's mu follows it. Default: the "
-                                                   "network's own (Flux: 1024).")] = None,
-    frames: Annotated[int | None, typer.Option(help="Video models: frames per video the table is fitted for (Wan: "
-                                               "1 + a multiple of 4). Default: the pipeline's (Wan: 81).")] = None,
     revision: Revision = None,
     variant: Variant = None,
     dtype: Dtype = None,
@@ -101,9 +104,9 @@ def fit(
                                             "--guidance-scale values, -cfgS is added to each.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per table (a line each) instead of "
                                           "the table.")] = False,
-    seed: Seed = 0,
     processes: Annotated[int, typer.Option(help="Split the fit over this many processes (`accelerate launch` "
                                            "--multi_gpu: one GPU each, or CPU processes over gloo).")] = 1,
+    **settings,
 ) -> None:
     """Fit one network timestep τ per evaluation of a few-step sampler, and write the table.
 
@@ -141,19 +144,12 @@ def fit(
     from timetuner.fitting.api import fit_scales, plan
     from timetuner.fitting.config import check_before_loading
 
-    scales = parse_guidance_scales(guidance_scale)
-    labels = parse_class_labels(class_labels)
-    eval_labels = parse_class_labels(eval_class_labels, "--eval-class-labels")
-    options = dict(nfe=nfe, scheduler=scheduler, trajectory=trajectory, strategy=strategy, objective=objective,
-                   optimizer=optimizer, samples=samples, eval_samples=eval_samples, seed=seed,
-                   eval_gap_samples=eval_gap_samples, reference_n=reference_n, data=data,
-                   reference_steps=reference_steps, adam_iters=adam_iters, e2e_iters=e2e_iters, force=force,
-                   grid_gradient=grid_gradient, coefficients=coefficients, coefficient_iters=coefficient_iters,
-                   coefficient_parts=coefficient_parts,
-                   resolution=parse_resolution(resolution), frames=frames,
-                   prompts=prompts, eval_prompts=eval_prompts, negative_prompt=negative_prompt,
-                   class_labels=None if labels is None else tuple(labels),
-                   eval_class_labels=None if eval_labels is None else tuple(eval_labels))
+    scales = parse_guidance_scales(settings.pop("guidance_scale"))
+    labels = parse_class_labels(settings["class_labels"])
+    eval_labels = parse_class_labels(settings["eval_class_labels"], "--eval-class-labels")
+    options = {**settings, "resolution": parse_resolution(settings["resolution"]),
+               "class_labels": None if labels is None else tuple(labels),
+               "eval_class_labels": None if eval_labels is None else tuple(eval_labels)}
     check_before_loading(model, out, **options)  # every setting and path, before the slow model load
     if processes < 1:
         raise UserError(f"--processes {processes} is invalid; accepted: integers >= 1")
@@ -178,7 +174,7 @@ def fit(
     for name, result in fit_scales(model, scales, out=out, pipeline=pipe, progress=not as_json,
                                    release_text_encoders=target.type == "cuda", **options):
         if world.is_main:
-            _report(result, name, force, as_json)
+            _report(result, name, settings["force"], as_json)
 
 
 def _report(result, name: str, force: bool, as_json: bool) -> None:

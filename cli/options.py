@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
+import typing
 from typing import Annotated
 
 import typer
@@ -33,6 +36,35 @@ def user_command(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def options_from(config, helps: dict[str, str], names: dict[str, tuple[str, ...]] | None = None,
+                 panels: dict[str, str] | None = None, types: dict[str, object] | None = None):
+    """A decorator: the command also takes one option per field of the dataclass `config` that `helps` describes —
+    its name, type and default are the field's (the dataclass is their one home), `names[field]` its flags,
+    `types[field]` the type the command parses itself (a list written as text) — passed as keyword arguments."""
+    hints, names, panels, types = typing.get_type_hints(config), names or {}, panels or {}, types or {}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    unknown = set(helps) - set(fields)
+    if unknown:
+        raise TypeError(f"{config.__name__} has no fields {sorted(unknown)}")
+    generated = [inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY,
+        default=inspect.Parameter.empty if fields[name].default is dataclasses.MISSING else fields[name].default,
+        annotation=Annotated[types.get(name, hints[name]),
+                             typer.Option(*names.get(name, ()), help=help_text, rich_help_panel=panels.get(name))])
+        for name, help_text in helps.items()]
+
+    def decorate(fn):
+        own_hints = typing.get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=own_hints[p.name], kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        parameters = own + generated
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=None)
+        fn.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+        return fn
+
+    return decorate
 
 
 Features = Annotated[str, typer.Option(

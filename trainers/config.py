@@ -13,11 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from timetuner.errors import UserError, check_choice
+from timetuner.trainers import adaptive, densities  # noqa: F401 (their samplers register on import)
 from timetuner.trainers.mdlrc import MDLRC
 from timetuner.trainers.objectives import FLOW_WEIGHTINGS, OBJECTIVES, check_flow_method
 from timetuner.trainers.presets import get_preset
 from timetuner.trainers.samplers import SAMPLERS, make_sampler, schedule_of, speed_setting, speed_threshold
 from timetuner.trainers.weighting import WEIGHTINGS, make_weighting
+
+
+def method_default(method: str, kwarg: str):
+    """The default of `kwarg` in the `__init__` of the sampler or weighting registered as `method` (or MDLRC): the
+    one home of a method's hyperparameter defaults, which `TrainConfig` and `timetuner train` read from there."""
+    owner = MDLRC if method == "mdlrc" else SAMPLERS.get(method) or WEIGHTINGS[method]
+    return inspect.signature(owner.__init__).parameters[kwarg].default
 
 
 @dataclass(frozen=True)
@@ -46,37 +54,38 @@ class TrainConfig:
     weighting: str | None = None  # None: "caw" with the speed sampler (the published method), "none" otherwise
     importance: bool = False  # weight 1/(T·p(t)): non-uniform sampling as an unbiased uniform objective
     # Method hyperparameters: a field "<name>_<kwarg>" is passed as <kwarg> to the sampler or weighting <name>.
-    speed_setting: str = "paper"  # the published values the None fields below take (samplers.SPEED_SETTINGS)
+    # the published values the None fields below take (samplers.SPEED_SETTINGS)
+    speed_setting: str = method_default("speed", "setting")
     speed_k: float | None = None
     speed_tau: int | None = None
     speed_r: float | None = None  # set: τ from SpeeD's threshold formula instead of speed_tau
     speed_dual: bool | None = None
     caw_lam: float | None = None
     caw_tau: int | None = None  # None: speed_tau (or τ from speed_r)
-    adaptive_update_every: int = 40
-    adaptive_subset: int = 3
-    adaptive_buffer: int = 20
-    adaptive_lr: float = 1e-2
-    adaptive_entropy: float = 1e-2
-    adaptive_probe_stride: int = 1
-    adaptive_reward: str = "vlb"
-    clts_mu: float = 0.3
-    clts_sigma: float = 0.2
-    clts_lambda_start: float = 0.0
-    clts_lambda_end: float = 0.8
-    clts_ramp_steps: int = 1000  # measured (docs/training.md); in steps, never a fraction of --steps
-    lognormal_mean: float = -1.2
-    lognormal_std: float = 1.2
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
-    mode_scale: float = 1.29
-    min_snr_gamma: float = 5.0
-    p2_k: float = 1.0
-    p2_gamma: float = 1.0
+    adaptive_update_every: int = method_default("adaptive", "update_every")
+    adaptive_subset: int = method_default("adaptive", "subset")
+    adaptive_buffer: int = method_default("adaptive", "buffer")
+    adaptive_lr: float = method_default("adaptive", "lr")
+    adaptive_entropy: float = method_default("adaptive", "entropy")
+    adaptive_probe_stride: int = method_default("adaptive", "probe_stride")
+    adaptive_reward: str = method_default("adaptive", "reward")
+    clts_mu: float = method_default("clts", "mu")
+    clts_sigma: float = method_default("clts", "sigma")
+    clts_lambda_start: float = method_default("clts", "lambda_start")
+    clts_lambda_end: float = method_default("clts", "lambda_end")
+    clts_ramp_steps: int = method_default("clts", "ramp_steps")  # in steps, never a fraction of --steps
+    lognormal_mean: float = method_default("lognormal", "mean")
+    lognormal_std: float = method_default("lognormal", "std")
+    logit_normal_mean: float = method_default("logit-normal", "mean")
+    logit_normal_std: float = method_default("logit-normal", "std")
+    mode_scale: float = method_default("mode", "scale")
+    min_snr_gamma: float = method_default("min-snr", "gamma")
+    p2_k: float = method_default("p2", "k")
+    p2_gamma: float = method_default("p2", "gamma")
     mdlrc: bool = False
-    mdlrc_beta1_end: float = 0.5
+    mdlrc_beta1_end: float = method_default("mdlrc", "beta1_end")
     mdlrc_steps: int = 8000  # in steps, never a fraction of --steps (mdlrc.MDLRC)
-    mdlrc_compensation: bool = True  # False: the momentum decay alone (an ablation)
+    mdlrc_compensation: bool = method_default("mdlrc", "compensation")  # False: the momentum decay alone
     hflip: bool = False
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2

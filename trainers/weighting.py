@@ -15,6 +15,7 @@ import torch
 
 from timetuner.errors import UserError, check_choice
 from timetuner.trainers.objectives import training_sigmas
+from timetuner.trainers.samplers import SPEED_SETTINGS
 
 
 @runtime_checkable
@@ -106,12 +107,13 @@ class ChangeAwareWeighting:
     g_t = ∂_t(1 − ᾱ_t) (the change of the process variance, numerical gradient); below the threshold τ,
     w_t = (1 − λ) + (2λ − 1)(g_t − min g)/(max g − min g) — g rescaled to [1 − λ, λ] with min/max over all
     T — and w_t = 1 at and above τ (the suppressed convergence area). Per sample, not renormalised.
-    λ ∈ [0.5, 1] is the symmetry ceiling (the published 0.6); τ should match the sampler's (700).
+    λ ∈ [0.5, 1] is the symmetry ceiling; τ should match the sampler's (defaults: SpeeD's published setting,
+    `samplers.SPEED_SETTINGS["paper"]`).
     """
 
     name: ClassVar[str] = "caw"
 
-    def __init__(self, lam: float = 0.6, tau: int = 700):
+    def __init__(self, lam: float = SPEED_SETTINGS["paper"]["lam"], tau: int = SPEED_SETTINGS["paper"]["tau"]):
         if not (math.isfinite(lam) and 0.5 <= lam <= 1.0):
             raise UserError(f"--caw-lambda {lam!r} is invalid; accepted: a number in [0.5, 1]")
         if int(tau) != tau or tau < 1:

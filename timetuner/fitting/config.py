@@ -27,7 +27,13 @@ from timetuner.core.trajectories import DEFAULT_TRAJECTORY, SCHEDULERS, TRAJECTO
 from timetuner.errors import UserError, check_choice
 from timetuner.fitting.grid import grid_gradient_names
 from timetuner.fitting.method import OBJECTIVES, OPTIMIZERS, STRATEGIES
-from timetuner.measuring.yardstick import DEFAULT_N, EVAL_SEED_OFFSET  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
+from timetuner.measuring.yardstick import (  # noqa: F401 (EVAL_SEED_OFFSET: its old home)
+    DEFAULT_GAP_N,
+    DEFAULT_LATENT_N,
+    DEFAULT_N,
+    DEFAULT_REFERENCE_N,
+    EVAL_SEED_OFFSET,
+)
 from timetuner.table import TauTable, is_flow
 
 PARALLEL_SCHEDULERS = ("ddim", "euler", "flow-euler")  # every evaluation is a whole step: no state carried between
@@ -65,9 +71,9 @@ class FitConfig:
     objective: str | None = None
     optimizer: str = "search"
     samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
-    eval_samples: int | None = None  # held-out noises; None: 1000 for pixel models, 256 for latent
-    eval_gap_samples: int = 256  # of which the first this many carry the x0 gap (paired: precise at this size)
-    reference_n: int = 10_000  # samples of the reference solver the distribution gap is measured against
+    eval_samples: int | None = None  # held-out noises; None: DEFAULT_N for pixel models, DEFAULT_LATENT_N for latent
+    eval_gap_samples: int = DEFAULT_GAP_N  # of which the first this many carry the x0 gap
+    reference_n: int = DEFAULT_REFERENCE_N  # samples of the reference solver the distribution gap is measured against
     seed: int = 0
     data: str | None = None  # parallel strategy: "digits" or an image folder; None: the model's own samples
     search_points: int = 7

@@ -48,7 +48,7 @@ from timetuner.fitting.method import OBJECTIVES, FitInputs
 from timetuner.measuring.evaluation import held_out_finals
 from timetuner.measuring.heldout import HeldOut, rows_part
 from timetuner.measuring.verdict import is_better, judge
-from timetuner.measuring.yardstick import FidOptions
+from timetuner.measuring.yardstick import DEFAULT_LATENT_N, FidOptions
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -251,7 +251,8 @@ def prepare(config: FitConfig, model) -> Run:
     den, kind = model.denoiser, model.kind
     config = resolve_conditioning(config, kind, repr(model.name), model.network)
     if config.eval_samples is None:
-        config = dataclasses.replace(config, eval_samples=DEFAULT_EVAL_SAMPLES if model.vae is None else 256)
+        default = DEFAULT_EVAL_SAMPLES if model.vae is None else DEFAULT_LATENT_N
+        config = dataclasses.replace(config, eval_samples=default)
     if model.vae is not None:
         if config.features == "digits":
             raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "

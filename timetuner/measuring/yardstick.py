@@ -22,7 +22,8 @@ from timetuner.measuring.metrics import (
 FD_RESAMPLES = 200  # each FD resample costs a matrix square root: capped, whatever --bootstrap asks
 
 
-DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md); latent models: 256
+DEFAULT_N = 1000  # held-out samples of the distribution gap and data FD (docs/measuring.md)
+DEFAULT_LATENT_N = 256  # the same for latent models, whose samples are decoded by the VAE
 EVAL_SEED_OFFSET = 1_000_003  # held-out noises come from the fit's seed + this: never the fit's own
 
 
