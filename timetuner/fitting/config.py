@@ -42,11 +42,11 @@ PARALLEL_SCHEDULERS = ("ddim", "euler", "flow-euler")  # every evaluation is a w
 GRID_GRADIENT = grid_gradient_names()  # dpm++, dpm++3m, dpm++1: their learned grids move with τ (fitting.grid's rule)
 
 
-# e2e Adam iterations: on a learned grid, which already fits the reference, more than 15 did not lower the held-out
-# x0 gap; a fixed grid, where τ moves further, keeps 40 (docs/results.md, "The figures behind the defaults").
+# e2e Adam iterations: fewer on a learned grid, which already fits the reference, than on a fixed grid, where τ moves
+# further (chosen by held-out figures: docs/results.md, "The figures behind the defaults").
 E2E_ITERS, E2E_ITERS_LEARNED_GRID = 40, 15
-# The grid gradient's default reach: up to NFE 8 it lowered the distribution gap, at NFE 10 it raised it while
-# lowering the x0 gap (docs/results.md, "The figures behind the defaults").
+# The grid gradient's default reach in NFE: where it lowered the held-out distribution gap (docs/results.md, "The
+# figures behind the defaults").
 GRID_GRADIENT_MAX_NFE = 8
 # Coefficients learned with τ: Adam's step and iterations (docs/results.md, "Learned solver coefficients").
 COEFFICIENT_LR, COEFFICIENT_ITERS = 0.02, 40
@@ -70,7 +70,7 @@ class FitConfig:
     # whose states are independent of the other τ by construction.
     objective: str | None = None
     optimizer: str = "search"
-    samples: int = 128  # fit noises; 128 keeps the default e2e fit under a minute on 2 CPU cores
+    samples: int = 128  # fit noises (its cost on the embedded model: docs/results.md)
     eval_samples: int | None = None  # held-out noises; None: DEFAULT_N for pixel models, DEFAULT_LATENT_N for latent
     eval_gap_samples: int = DEFAULT_GAP_N  # of which the first this many carry the x0 gap
     reference_n: int = DEFAULT_REFERENCE_N  # samples of the reference solver the distribution gap is measured against
@@ -87,7 +87,7 @@ class FitConfig:
     # wherever it applies up to GRID_GRADIENT_MAX_NFE — auto's grid, and --trajectory learned with a DPM-Solver++
     # and e2e (`resolved`).
     grid_gradient: bool | None = None
-    e2e_grid_lr: float = 0.02  # Adam's step on the grid's log-gaps (0.05 moved it too far at NFE 5)
+    e2e_grid_lr: float = 0.02  # Adam's step on the grid's log-gaps (docs/results.md, "The figures behind the defaults")
     # e2e: learn the solver's coefficients with τ (`timetuner.coefficients`). None: auto tunes its solver both with
     # and without them and ships what wins on its held-out set; a named solver fits none (`resolved`).
     coefficients: bool | None = None

@@ -41,7 +41,7 @@ from timetuner.table import check_grid, check_sigmas
 GRID_POINT_LOSSES = 6  # losses (one K-step rollout of the fit noises each) per grid point and sweep
 GRID_EVALUATIONS = 450  # network evaluations per fit noise that buy a second sweep: one sweep costs at most
 # K·(K−1)·5 (5 new losses per point), 450 at K = 10, so K ≤ 7 gets a second sweep and K = 8, 10 one
-GRID_MAX_SWEEPS = 2  # a third sweep did not lower the held-out x0 gap, at more time (docs/results.md)
+GRID_MAX_SWEEPS = 2  # more sweeps cost time without a lower held-out x0 gap (docs/results.md)
 GOLDEN = (math.sqrt(5) - 1) / 2
 # The grid gradient's one rule: it applies where the solver reads its grid only through `scheduler.sigmas` (torch
 # arithmetic), so that a rollout is differentiable in t_k (`Solver.rollout(times=…)`): DPM-Solver++ of any order.
