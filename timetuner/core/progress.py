@@ -1,21 +1,9 @@
 """Progress bars that count network evaluations as the network makes them (every call of a `Denoiser` inside the
-block advances the bar); `bar` takes the phases of a fit's plan (`timetuner.fitting.cost.plan`)."""
+block advances the bar): a fit's steps (`timetuner.fitting.steps.bars`) and the evaluation's samples."""
 
 from __future__ import annotations
 
 import contextlib
-
-
-@contextlib.contextmanager
-def bar(denoiser, phases: list | None, key: str, show: bool):
-    """A progress bar over the evaluations of the phases named `key`, advanced by every network call inside the
-    block (none without `phases`, or when they are cached)."""
-    mine = [p for p in phases or [] if p.key == key and not p.cached]
-    if not mine:
-        yield
-        return
-    with counting(denoiser, sum(p.evaluations for p in mine), " and ".join(p.name for p in mine), show):
-        yield
 
 
 @contextlib.contextmanager

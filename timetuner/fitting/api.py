@@ -48,8 +48,8 @@ def plan(model: str | None = None, pipeline=None, **options) -> list[str]:
     fitted or written."""
     from timetuner.fitting.auto import plan_auto
     from timetuner.fitting.cost import describe, memory_line, seconds_per_evaluation
-    from timetuner.fitting.cost import plan as phases_of
     from timetuner.fitting.run import prepare
+    from timetuner.fitting.steps import plan as phases_of
 
     checked_config(**options)
     setup = load_model(model, pipeline=pipeline)
@@ -76,8 +76,8 @@ def fit_scales(model: str | None, guidance_scales: list[float | None], out: str 
         suffix = scale_suffix(kind, scale, setup.network)
         if out is None:
             settings = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(FitConfig)}}
-            path = default_out(checked_config(**settings).scheduler, options.get("trajectory"),
-                               options.get("nfe", 10), suffix)
+            config = checked_config(**settings)
+            path = default_out(config.scheduler, options.get("trajectory"), config.nfe, suffix)
         else:
             path = out if len(guidance_scales) == 1 else out.removesuffix(".safetensors") + suffix + ".safetensors"
         yield path, fit(model, out=path, pipeline=pipeline, guidance_scale=scale,

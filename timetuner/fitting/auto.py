@@ -43,7 +43,7 @@ from timetuner.fitting.grid import on_timesteps
 from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.method import sample_distance
 from timetuner.fitting.run import announce, prepare, table_metadata, tuned_table
-from timetuner.measuring.verdict import judge
+from timetuner.fitting.steps import Phase, bars, fitting_steps, perform, verdict_steps
 
 # solver × grid; all take one network evaluation per step (Heun and DPM-Solver-2 take two and are left out, so
 # that every candidate spends the same K evaluations).
@@ -148,22 +148,17 @@ def takes_learned_grid(scheduler: str, base_config, nfe: int, mu: float | None) 
 
 
 def plan_auto(config, setup) -> tuple[list, object]:
-    """(the phases `fit_auto` will run, the first run they are timed on), before any of them: the fit noises'
-    references, the ranking's rollouts, the best plain setup's held-out samples, references and reference set, then
-    each tuned variant's grid, fit and held-out samples — planned for the first candidate solver that takes a learned
-    grid (the ranking may pick another; all spend the same evaluations per step)."""
-    from timetuner.fitting.cost import Phase, plan
-
+    """(the phases `fit_auto` will run, the first run they are timed on), before any of them — the phases of the same
+    steps: the fit noises' references, the ranking's rollouts, the best plain setup's verdict steps, then each tuned
+    variant's grid, fit and held-out samples — planned for the first candidate solver that takes a learned grid (the
+    ranking may pick another; all spend the same evaluations per step)."""
     options = candidates(setup)
     first = prepare(dataclasses.replace(config, scheduler=options[0][0], trajectory=options[0][1]), setup)
     solver, guided = first.solver, 2 if first.solver.den.guided else 1
-    share = first.fit_noise.shape[0]
-    held_out = [p for p in plan(first) if p.key.startswith("held-out")]
-    phases = [*(p for p in plan(first) if p.key == "references"),
+    phases = [*(s.phase for s in fitting_steps(first) if s.result == "final"),
               Phase("ranking", f"ranking {len(options)} plain setups on the fit noises",
-                    len(options) * share * solver.evaluations * guided),
-              *(dataclasses.replace(p, name="held-out samples of the best plain setup",
-                                    evaluations=p.evaluations // 2) if p.key == "held-out" else p for p in held_out)]
+                    len(options) * first.fit_noise.shape[0] * solver.evaluations * guided),
+              *(s.phase for s in verdict_steps(first, tuned=False) if s.listed)]
     learnable = [c for c in options if takes_learned_grid(c[0], setup.base_config, solver.nfe_steps, solver.mu)]
     scheduler = (learnable or options)[0][0]
     trajectory = "learned" if learnable else options[0][1]
@@ -172,11 +167,9 @@ def plan_auto(config, setup) -> tuple[list, object]:
         run, tag = variant["run"], _tag(variant)
         if variant["coefficients"] and config.coefficients is None:
             run.given_grid = ([], {})  # the second variant takes the first one's grid
-        for p in plan(run):
-            if p.key in ("grid", "fitting"):
-                phases.append(dataclasses.replace(p, name=f"{tag}: {p.name}"))
-            elif p.key == "held-out":
-                phases.append(dataclasses.replace(p, name=f"{tag}: held-out samples", evaluations=p.evaluations // 2))
+        steps = [*(s for s in fitting_steps(run) if s.result in ("grid", "fitting")),
+                 *verdict_steps(run, plain=False, references=False)]
+        phases += [dataclasses.replace(s.phase, name=f"{tag}: {s.phase.name}") for s in steps if s.listed]
     return phases, first
 
 
@@ -186,25 +179,28 @@ def _tag(candidate: dict) -> str:
 
 
 def fit_auto(config, setup, out, progress: bool = True):
-    """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written."""
+    """`fit` with `--scheduler auto` (see the module's docstring); returns the `FitResult` of what was written. The
+    best plain setup runs the verdict's steps untuned, each tuned variant the fitting steps and its tuned held-out
+    samples (`timetuner.fitting.steps`), judged against the best plain setup's."""
     started = time.perf_counter()
     ranked = rank_candidates(config, setup)
     best_plain = ranked[0]["run"]
-    plain_images = best_plain.held_out_images()[0]
-    reference = best_plain.held_out_reference()
-    yardstick = best_plain.yardstick(progress)
-    label = best_plain.held_out.reference_label
+    on_step = bars(setup.denoiser, progress and best_plain.world.is_main)
+    plain = perform(verdict_steps(best_plain, tuned=False, progress=progress), on_step)
     tuned = []
     for candidate in (v for chosen in _to_tune(ranked, config, setup) for v in variants(chosen, config, setup)):
         run = candidate["run"]
         store = run.checkpoints(None if out is None else out.with_name(f"{out.stem}.{_tag(candidate)}{out.suffix}"))
-        taus, rows = run.fit(store, progress, announce(run, progress))  # each tuned candidate's plan, then its fit
-        images = run.held_out_images(taus, plain=False, coefficients=row_coefficients(rows))[0]
-        held = run.world.broadcast(judge(yardstick, plain_images, images, reference, label)
-                                   if run.world.is_main else None)
+        steps = [*fitting_steps(run, store, progress and run.world.is_main),
+                 *verdict_steps(run, plain=False, references=False)]
+        announce(run, steps, progress)  # each tuned candidate's plan, then its steps
+        done = perform(steps, on_step)
+        images = done["images"]["tuned"]
+        held = run.judge(plain["images"]["plain"], images, plain["reference"], plain["yardstick"])
+        taus, rows = done["fitting"]
         tuned.append({**candidate, "taus": taus, "rows": rows, "held_out": held, "store": store, "images": images})
     winners = [c for c in tuned if c["held_out"]["better"]]
-    chosen = _choose(winners, yardstick, reference, label, run.world) if winners else tuned[0]
+    chosen = _choose(winners, best_plain, plain["reference"], plain["yardstick"]) if winners else tuned[0]
     better = bool(winners)
     seconds = time.perf_counter() - started
     table, tuned_one = _tables(chosen, ranked, tuned, better, seconds, config, setup)
@@ -217,15 +213,14 @@ def fit_auto(config, setup, out, progress: bool = True):
                      fit_evaluations=setup.denoiser.evaluations, config=chosen["run"].config)
 
 
-def _choose(winners: list[dict], yardstick, reference, label, world) -> dict:
+def _choose(winners: list[dict], run, reference, yardstick) -> dict:
     """Of the tuned variants that beat the best plain setup, the one each later variant must beat to replace, by the
     same rule held against each other (`judge` on their held-out images): a later variant replaces the chosen one
     only when it is better by the verdict's rule — the x0 gap significantly lower with the distribution gap not
     significantly higher, or both lower — so a point estimate within the yardstick's noise never decides."""
     chosen = winners[0]
     for candidate in winners[1:]:
-        held = world.broadcast(judge(yardstick, chosen["images"], candidate["images"], reference, label)
-                               if world.is_main else None)
+        held = run.judge(chosen["images"], candidate["images"], reference, yardstick)
         candidate["against_chosen"] = {"other": _tag(chosen), **held}
         if held["better"]:
             chosen = candidate

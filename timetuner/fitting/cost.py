@@ -1,10 +1,8 @@
-"""What a fit will cost, said before it is paid: planned network evaluations per phase, a time estimate from one
-timed batch, and a progress bar per phase that counts the evaluations as the network makes them.
+"""What a fit will cost, said before it is paid: a time estimate of its plan (the phases of its steps,
+`timetuner.fitting.steps.plan`) from one timed batch, and where its memory goes.
 
     phases = plan(run)                      # references, fitting, held-out samples and their references
     print("\n".join(describe(phases, seconds_per_evaluation(run))))
-    with bar(run.model.denoiser, phases, "fitting", show=True):
-        ...                                 # every network call of the block advances the bar
 
 A network evaluation is one sample through the network (two with classifier-free guidance), as
 `Denoiser.evaluations` counts them; one process's share under several processes. Phases whose results are
@@ -15,73 +13,10 @@ are costed at three forward passes (the backward pass takes about two).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from timetuner.core.cache import exists
-from timetuner.fitting.grid import planned
-from timetuner.fitting.method import OBJECTIVES
-from timetuner.measuring.yardstick import FidOptions
-
-BACKWARD_FACTOR = 3  # forward + backward ≈ 3 forwards
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One phase of a fit: a name, its network evaluations, and whether they are differentiated or cached."""
-
-    key: str  # "references", "grid", "fitting", "held-out", "held-out references"
-    name: str
-    evaluations: int
-    gradient: bool = False
-    cached: bool = False
-
-    @property
-    def cost(self) -> int:
-        """Forward-pass equivalents this phase will spend (0 when cached)."""
-        return 0 if self.cached else self.evaluations * (BACKWARD_FACTOR if self.gradient else 1)
-
-    @property
-    def batch(self) -> str:
-        """Whose batches the phase runs: the fit noises' or the held-out noises' (a larger batch, cheaper per
-        sample)."""
-        return "held-out" if self.key.startswith("held-out") else "fit"
-
-
-def plan(run) -> list[Phase]:
-    """The phases of `run` (a prepared `timetuner.fitting.run.Run`), in the order the fit runs them."""
-    config, solver = run.config, run.solver
-    guided = 2 if solver.den.guided else 1
-    n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
-    phases = []
-    learned = config.trajectory == "learned"
-    if config.strategy == "parallel" and config.data is None or "reference_final" in objective.needs or learned:
-        phases.append(Phase("references", "reference samples of the fit noises", n * steps * guided,
-                            cached=exists(run.reference_key(n, config.seed, solver, run.fit_rows))))
-    if learned and run.given_grid is None:  # auto's second variant takes the grid the first one searched
-        phases.append(Phase("grid", "learning the timestep grid (at most)",
-                            planned(solver, n, run.known_grid_losses) * guided))
-    if "reference_states" in objective.needs:
-        phases.append(Phase("references", "reference trajectories of the fit noises",
-                            n * (steps + solver.evaluations) * guided))
-    evaluations, gradient = objective.planned(solver, config, n)
-    if config.strategy == "parallel":  # the processes take turns over the evaluations
-        evaluations = -(-evaluations // run.world.size)
-    phases.append(Phase("fitting", f"fitting ({config.strategy}, {config.objective}, {config.optimizer})",
-                        evaluations * guided, gradient))
-    lo, hi = run.world.shard(run.eval_noise.shape[0])
-    phases.append(Phase("held-out", "held-out samples, plain and tuned", 2 * (hi - lo) * solver.evaluations * guided))
-    g_lo, g_hi, rows = run.held_out_share()
-    key = run.reference_key(g_hi - g_lo, run.eval_seed, run.held_out_view(g_lo, g_hi), rows)
-    phases.append(Phase("held-out references", "reference samples of the held-out noises",
-                        (g_hi - g_lo) * steps * guided, cached=exists(key)))
-    missing = run.held_out.reference_set_to_compute(FidOptions(features=config.features))
-    if missing is not None:  # the distribution gap's yardstick: its reference set, shared by the processes
-        phases.append(Phase("held-out reference set", f"the distribution gap's reference set ({config.reference_n:,} "
-                            f"samples, {missing:,} to compute)", -(-missing // run.world.size) * steps * guided,
-                            cached=missing == 0))
-    return phases
+from timetuner.fitting.steps import Phase, plan  # noqa: F401 (a fit's phases are its steps': their home)
 
 
 @torch.no_grad()

@@ -29,24 +29,18 @@ from pathlib import Path
 
 import torch
 
-from timetuner.core.cache import cache_key
-from timetuner.core.data import load_training_data
 from timetuner.core.denoiser import refuse_integer_timesteps
 from timetuner.core.distributed import SOLO, World, current
 from timetuner.core.loading import release_text_encoders
-from timetuner.core.progress import bar
 from timetuner.core.prompts import conditioning_for
-from timetuner.core.reference import reference_trajectory
 from timetuner.core.solver import Solver, pipeline_grid
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
-from timetuner.fitting.cost import describe, memory_line, plan, seconds_per_evaluation
-from timetuner.fitting.grid import learn_grid
+from timetuner.fitting.cost import describe, memory_line, seconds_per_evaluation
 from timetuner.fitting.joint import row_coefficients
-from timetuner.fitting.method import OBJECTIVES, FitInputs
-from timetuner.measuring.evaluation import held_out_finals
-from timetuner.measuring.heldout import HeldOut, rows_part
+from timetuner.fitting.steps import bars, fitting_steps, perform, verdict_steps
+from timetuner.measuring.heldout import HeldOut
 from timetuner.measuring.verdict import is_better, judge
 from timetuner.measuring.yardstick import DEFAULT_LATENT_N, FidOptions
 
@@ -127,34 +121,6 @@ class Run:
         lo, hi = self.world.shard(self.gap_n)
         return lo, hi, None if self.world.size == 1 else (lo, hi)
 
-    def inputs(self):
-        """What the objective and strategy fit against: noises, and the references they need."""
-        config, objective = self.config, OBJECTIVES[self.config.objective]
-        x0 = states = final = None
-        if config.strategy == "parallel":
-            x0 = self._parallel_x0()
-        if "reference_states" in objective.needs:
-            key = cache_key("trajectory", self.model.weights, self.solver.identity_table().metadata,
-                            config.reference_steps, config.seed, config.samples, *self.solver.den.cache_parts(),
-                            *rows_part(self.fit_rows))
-            states = reference_trajectory(self.solver, self.fit_noise, config.reference_steps, key=key)
-        if "reference_final" in objective.needs:
-            final = self.reference(self.fit_noise, config.seed, self.solver, self.fit_rows)
-        return FitInputs(self.fit_noise, x0=x0, reference_states=states, reference_final=final, world=self.world,
-                         total=config.samples)
-
-    def _parallel_x0(self) -> torch.Tensor:
-        """Eq. (11)'s x0: data when given, else the model's own high-NFE samples."""
-        config, den = self.config, self.model.denoiser
-        if config.data is None:
-            x0 = self.reference(self.fit_noise, config.seed, self.solver)
-            return x0.clamp(-1, 1) if self.model.vae is None else x0  # images live in [-1, 1]; latents do not
-
-        shape = den.sample_shape
-        data = load_training_data(config.data, shape[1], shape[0])
-        idx = torch.randint(0, len(data), (config.samples,), generator=torch.Generator().manual_seed(config.seed + 1))
-        return data[idx].to(den.device)
-
     def yardstick(self, progress: bool = True):
         """The model's yardstick for the verdict (`HeldOut.yardstick`), None without features."""
 
@@ -164,46 +130,6 @@ class Run:
         """The checkpoint beside `out` that only this fit (config, model, conditioning) resumes from."""
         return Checkpoints(out, {"config": dataclasses.asdict(self.config), "model_hash": self.model.weights,
                                  "conditioning": self.solver.den.cache_parts()}, self.world)
-
-    def fit(self, store: Checkpoints, progress: bool = True, phases=None) -> tuple[list[float], list[dict]]:
-        """The objective's fit of τ (`timetuner.fitting.method`), resuming from `store`; (τ, rows). `phases`
-        (`timetuner.fitting.cost.plan`): a progress bar for the references it computes first."""
-        show = progress and self.world.is_main
-        if self.config.trajectory == "learned":
-            self.learn_grid(store, show, phases)
-        with bar(self.solver.den, phases, "references", show):
-            inputs = self.inputs()
-        report = Progress(self, store, show)
-        resume = store.load()  # a checkpoint may carry the learned grid alone: the e2e fit then starts afresh
-        if "params" not in resume and self.start_taus is not None:
-            resume = {**resume, "start_taus": self.start_taus}
-        taus, rows = OBJECTIVES[self.config.objective].fit(self.solver, self.config, inputs, resume, report)
-        report.close()
-        if self.config.grid_gradient and self.grid_record is not None:  # the e2e fit may have moved the grid
-            grid = [int(row["t"]) for row in rows]
-            self.grid_record = {**self.grid_record, "gradient": {
-                "searched": [int(v) for v in self.solver.grid], "grid": grid, "loss_before": rows[0]["loss_before"],
-                "loss_after": rows[0]["loss_after"], "lr": self.config.e2e_grid_lr}}
-            self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
-        self.taus = taus
-        return taus, rows
-
-    def learn_grid(self, store: Checkpoints, show: bool, phases=None) -> None:
-        """Fit the solver's grid (`fitting.grid`) and put this run's solvers on it; a checkpoint's grid is taken
-        as it is, and every later checkpoint of this fit carries it."""
-        saved = store.load()
-        grid, self.grid_record = saved.get("grid"), saved.get("grid_record")
-        if grid is None and self.given_grid is not None:
-            grid, self.grid_record = self.given_grid[0], dict(self.given_grid[1])
-            self.grid_record.pop("gradient", None)  # the other fit's gradient step; this fit takes its own
-        if grid is None:
-            with bar(self.solver.den, phases, "references", show):
-                final = self.reference(self.fit_noise, self.config.seed, self.solver, self.fit_rows)
-            inputs = FitInputs(self.fit_noise, reference_final=final, world=self.world, total=self.config.samples)
-            with bar(self.solver.den, phases, "grid", show):
-                grid, self.grid_record = learn_grid(self.solver, inputs, self.known_grid_losses)
-        store.carry(grid=grid, grid_record=self.grid_record)
-        self.solver, self.eval_solver = self.solver.with_grid(grid), self.eval_solver.with_grid(grid)
 
     def held_out_view(self, lo: int, hi: int):
         """The solver of held-out samples lo…hi−1, on their conditioning."""
@@ -224,24 +150,15 @@ class Run:
         final = self.reference(self.eval_noise[lo:hi], self.eval_seed, self.held_out_view(lo, hi), rows)
         return self.world.gather(self.model.images(final))
 
-    def held_out_images(self, taus=None, plain: bool = True, coefficients=None) -> list[torch.Tensor]:
-        """[plain, with `taus` and `coefficients`] final images of the held-out noises ([tuned] without `plain`),
-        run as `timetuner eval` runs them (each process its share)."""
-        taus = None if taus is None else torch.tensor(taus, dtype=torch.float32)
-        lo, hi = self.world.shard(self.eval_noise.shape[0])
-        finals = held_out_finals(lambda a, b: self.held_out_view(lo + a, lo + b), self.eval_noise[lo:hi], taus,
-                                 min(max(self.gap_n - lo, 0), hi - lo), plain, coefficients)
-        return [self.world.gather(self.model.images(f)) for f in finals]
+    def verdict(self, steps: list, done: dict, on_step=None) -> dict:
+        """Run the verdict's `steps` (`timetuner.fitting.steps.verdict_steps`: held-out samples, their references,
+        the yardstick) after the fitting steps' results `done`, and judge plain against tuned."""
+        perform(steps, on_step, done)
+        return self.judge(done["images"]["plain"], done["images"]["tuned"], done["reference"], done["yardstick"])
 
-    def verdict(self, taus: list[float], progress: bool = True, phases=None, coefficients=None) -> dict:
-        """Plain against tuned (τ, learned `coefficients`) on the held-out noises, judged as `timetuner eval` judges
-        them (`evaluation.judge`); `phases` (`timetuner.fitting.cost.plan`): progress bars for its samples."""
-        show, den = progress and self.world.is_main, self.model.denoiser
-        with bar(den, phases, "held-out", show):
-            plain, tuned = self.held_out_images(taus, coefficients=coefficients)
-        with bar(den, phases, "held-out references", show):
-            reference = self.held_out_reference()
-        yardstick = self.yardstick(progress)
+    def judge(self, plain: torch.Tensor, tuned: torch.Tensor, reference: torch.Tensor, yardstick) -> dict:
+        """Plain against tuned held-out images, judged as `timetuner eval` judges them (`verdict.judge`), the same
+        record on every process."""
         label = self.held_out.reference_label
         return self.world.broadcast(judge(yardstick, plain, tuned, reference, label) if self.world.is_main else None)
 
@@ -289,19 +206,22 @@ def prepare(config: FitConfig, model) -> Run:
 
 
 def fit_one(config: FitConfig, setup, out: Path | None, progress: bool = True) -> FitResult:
-    """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`."""
+    """Fit one solver's τ (`config.scheduler`) for a loaded model, judge it on held-out noises, write `out`: the
+    steps of `timetuner.fitting.steps`, announced as the plan, then run in that order."""
     run = prepare(config, setup)
-    config, den = run.config, setup.denoiser
+    config, den, show = run.config, setup.denoiser, progress and run.world.is_main
     started = time.perf_counter()
     store = run.checkpoints(out)
-    phases = announce(run, progress)
-    taus, rows = run.fit(store, progress, phases)
-    coefficients = row_coefficients(rows)
+    fitting, verdict = fitting_steps(run, store, show), verdict_steps(run, progress=progress)
+    announce(run, [*fitting, *verdict], progress)
+    done = perform(fitting, bars(den, show))
     fit_evaluations = den.evaluations  # what fitting cost, before the held-out verdict
-    held = run.verdict(taus, progress, phases, coefficients)
+    held = run.verdict(verdict, done, bars(den, show))
+    taus, rows = done["fitting"]
     better = is_better(held)
     seconds = time.perf_counter() - started
     meta = table_metadata(run, rows, held, better, seconds, fit_evaluations)
+    coefficients = row_coefficients(rows)
     tuned = tuned_table(run, meta, taus, coefficients)
     written = tuned if (better or config.force) else run.solver.identity_table(**meta,
                                                                                 identity_because_not_better=True)
@@ -318,45 +238,18 @@ def tuned_table(run: Run, meta: dict, taus: list[float], coefficients=None):
     return table if coefficients is None else table.with_coefficients(*coefficients)
 
 
-def announce(run: Run, progress: bool):
-    """Print the fit's plan and estimated time (`timetuner.fitting.cost`) before any work; the plan, or None (quiet)."""
+def announce(run: Run, steps: list, progress: bool) -> None:
+    """Print the plan of `steps` (`timetuner.fitting.steps`) and its estimated time (`timetuner.fitting.cost`) before
+    any of them runs (nothing when quiet)."""
     import sys
 
     if not progress:
-        return None
-    phases = plan(run)
+        return
     per_evaluation = seconds_per_evaluation(run)
     if run.world.is_main:
+        phases = [step.phase for step in steps if step.listed]
         lines = [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
         print("\n".join(lines), file=sys.stderr, flush=True)
-    return phases
-
-
-class Progress:
-    """`report(k, row, **state)` for the method: a progress bar, and a checkpoint whenever state comes with it."""
-
-    def __init__(self, run: Run, store: Checkpoints, show: bool):
-        from tqdm.auto import tqdm
-
-        config = run.config
-        scale = "" if run.model.kind is None else f" cfg={config.guidance_scale:g}"
-        objective = OBJECTIVES[config.objective]
-        total = objective.iterations(config) if objective.joint else run.solver.evaluations
-        self.store = store
-        self.bar = tqdm(total=total, desc=f"fit {config.scheduler} nfe={config.nfe}{scale}", disable=not show,
-                        dynamic_ncols=True)
-
-    def __call__(self, k: int, row: dict, **state) -> None:
-        self.bar.update(1)
-        if "tau" in row:
-            self.bar.set_postfix(t=f"{row['t']:.1f}", tau=f"{row['tau']:.2f}", refresh=False)
-        else:
-            self.bar.set_postfix(loss=f"{row['loss']:.5f}", refresh=False)
-        if state:
-            self.store.save(**state)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def table_metadata(run: Run, rows: list, held: dict, better: bool, seconds: float, fit_evaluations: int) -> dict:
