@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from timetuner.errors import UserError
+from timetuner.measuring.yardstick import DEFAULT_GAP_N, DEFAULT_N, DEFAULT_REFERENCE_N
 
 Seed = Annotated[int, typer.Option("--seed", help="Seed of every random draw; same seed, same result.")]
 Model = Annotated[
@@ -94,11 +95,11 @@ NegativePrompt = Annotated[str | None, typer.Option(
 
 # eval / report: how many held-out samples, and the fine reference the gaps are measured against.
 HeldOutN = Annotated[int | None, typer.Option("--n", help="Held-out noises (samples of the distribution gap and data "
-                                              "FD). Default: the fit's (1000 for pixel models).")]
+                                              f"FD). Default: the fit's ({DEFAULT_N:,} for pixel models).")]
 GapN = Annotated[int | None, typer.Option(help="Of those, how many carry the x0 gap and the truncation gap per state "
-                                          "(the costly part). Default: the fit's (256).")]
+                                          f"(the costly part). Default: the fit's ({DEFAULT_GAP_N}).")]
 ReferenceN = Annotated[int | None, typer.Option(help="Reference-solver samples the distribution gap is measured "
                                                 "against (cached; grown when more are asked). Default: the fit's "
-                                                "(10000).")]
+                                                f"({DEFAULT_REFERENCE_N:,}).")]
 ReferenceSteps = Annotated[int, typer.Option(help="Steps of the DDIM trajectory of the per-state truncation gap "
                                              "(cached on disk).")]
