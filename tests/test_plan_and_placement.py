@@ -101,3 +101,20 @@ def test_a_latent_text_model_s_plan_times_a_batch_smaller_than_its_fit_noises(sd
         lines = plan(str(sd_folders["sd"]), nfe=2, scheduler="ddim", samples=40, eval_samples=24, eval_gap_samples=8,
                      reference_steps=4, prompts=("a cat", "a dog"), eval_prompts=("a bird",))
     assert "ms each in the fit's" in lines[0] and "fitting" in "\n".join(lines)
+
+
+def test_the_differentiated_peak_runs_one_backward_pass_and_counts_nothing(tiny_run, monkeypatch):
+    """The plan's GPU memory figure for e2e: one forward and backward pass of a fit batch (the CUDA memory counters
+    replaced here, as this machine has no GPU), which leaves the evaluation counter and the network as they were."""
+    from timetuner.fitting.config import FitConfig
+    from timetuner.fitting.cost import _differentiated_peak
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1234)
+    run = fitting_run.prepare(FitConfig(nfe=3, scheduler="ddim", **FAST), load_model(str(tiny_run)))
+    before = run.solver.den.evaluations
+    assert _differentiated_peak(run.solver, run.fit_noise) == 1234
+    assert calls == ["reset", "sync"] and run.solver.den.evaluations == before
+    assert all(p.grad is None for p in run.model.network.parameters())  # frozen: the gradient reached the input only

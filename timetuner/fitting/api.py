@@ -47,7 +47,7 @@ def plan(model: str | None = None, pipeline=None, **options) -> list[str]:
     network evaluations of each phase, the time they take at one timed batch's rate, and the memory; nothing is
     fitted or written."""
     from timetuner.fitting.auto import plan_auto
-    from timetuner.fitting.cost import describe, memory_line, seconds_per_evaluation
+    from timetuner.fitting.cost import plan_lines
     from timetuner.fitting.run import prepare
     from timetuner.fitting.steps import plan as phases_of
 
@@ -60,8 +60,7 @@ def plan(model: str | None = None, pipeline=None, **options) -> list[str]:
     else:
         run = prepare(config, setup)
         phases = phases_of(run)
-    per_evaluation = seconds_per_evaluation(run)
-    return [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
+    return plan_lines(run, phases)
 
 
 def fit_scales(model: str | None, guidance_scales: list[float | None], out: str | None = None, pipeline=None,

@@ -19,10 +19,19 @@ import torch
 from timetuner.fitting.steps import Phase, plan  # noqa: F401 (a fit's phases are its steps': their home)
 
 
+def plan_lines(run, phases: list[Phase]) -> list[str]:
+    """What the user reads before a fit: each phase's evaluations, the total and its time at one timed batch's rate,
+    and the memory (on a GPU with the peak of a differentiated batch where a phase differentiates)."""
+    per_evaluation = seconds_per_evaluation(run, differentiated=any(p.gradient and not p.cached for p in phases))
+    return [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
+
+
 @torch.no_grad()
-def seconds_per_evaluation(run) -> dict[str, float]:
+def seconds_per_evaluation(run, differentiated: bool = False) -> dict[str, float]:
     """Seconds per network evaluation in a batch of the fit noises and in one of the held-out noises, each from one
-    timed call (not counted as evaluations); on a GPU also "peak": the most memory allocated during those calls."""
+    timed call (not counted as evaluations); on a GPU also "peak": the most memory allocated during those calls,
+    and with `differentiated` "differentiated peak": during one forward and backward pass of a fit batch (what an
+    e2e step holds per network call)."""
     timings = {}
     lo, hi = run.world.shard(run.eval_noise.shape[0])
     cuda = run.fit_noise.is_cuda
@@ -44,7 +53,25 @@ def seconds_per_evaluation(run) -> dict[str, float]:
         den.evaluations = before
     if cuda:
         timings["peak"] = torch.cuda.max_memory_allocated(run.fit_noise.device)
+        if differentiated:
+            timings["differentiated peak"] = _differentiated_peak(run.solver, run.fit_noise)
     return timings
+
+
+def _differentiated_peak(solver, noise: torch.Tensor) -> int:
+    """The most GPU memory allocated during one forward and backward pass of a fit batch through the network (as
+    the e2e objective differentiates it: gradient checkpointing where the denoiser uses it)."""
+    den = solver.den
+    x = noise[: min(noise.shape[0], den.batch_size)].detach().clone().requires_grad_(True)
+    if den.conditioning is not None:
+        den = den.bind(den.conditioning.slice(0, x.shape[0]))
+    before = den.evaluations
+    torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.enable_grad():
+        den(x, solver.t[0].item()).float().square().mean().backward()
+    den.evaluations = before
+    torch.cuda.synchronize(x.device)
+    return torch.cuda.max_memory_allocated(x.device)
 
 
 def weights_by_device(pipeline, network) -> dict[str, int]:
@@ -60,13 +87,15 @@ def weights_by_device(pipeline, network) -> dict[str, int]:
 
 
 def memory_line(run, per_evaluation: dict) -> str:
-    """Where the model's weights sit, and on a GPU the peak of the timed forward batches (a fit that differentiates,
-    e2e, holds more: its activations are recomputed per network call, gradient checkpointing, not stored)."""
+    """Where the model's weights sit, and on a GPU the peak of the timed forward batches and of a differentiated one
+    (e2e: activations recomputed per network call, gradient checkpointing, where the denoiser uses it)."""
     sizes = weights_by_device(run.model.pipeline, run.model.network)
     weights = ", ".join(f"{_gib(size)} on {device}" for device, size in sorted(sizes.items()))
     line = f"memory: weights {weights}"
     if "peak" in per_evaluation:
         line += f"; peak in a timed forward batch {_gib(per_evaluation['peak'])}"
+    if "differentiated peak" in per_evaluation:
+        line += f", in a forward and backward batch {_gib(per_evaluation['differentiated peak'])}"
     return line
 
 

@@ -37,7 +37,7 @@ from timetuner.core.solver import Solver, pipeline_grid
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
 from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
-from timetuner.fitting.cost import describe, memory_line, seconds_per_evaluation
+from timetuner.fitting.cost import plan_lines
 from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.steps import bars, fitting_steps, perform, verdict_steps
 from timetuner.measuring.heldout import HeldOut
@@ -245,10 +245,8 @@ def announce(run: Run, steps: list, progress: bool) -> None:
 
     if not progress:
         return
-    per_evaluation = seconds_per_evaluation(run)
+    lines = plan_lines(run, [step.phase for step in steps if step.listed])  # every process times its batch
     if run.world.is_main:
-        phases = [step.phase for step in steps if step.listed]
-        lines = [*describe(phases, per_evaluation, run.world.size), memory_line(run, per_evaluation)]
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
