@@ -148,6 +148,11 @@ class Denoiser:
         return (self.conditioning is not None and self.guidance_scale is not None and self.guidance_scale > 1
                 and not self.family.distilled)
 
+    @property
+    def per_sample(self) -> int:
+        """Network evaluations one sample costs per call, as `evaluations` counts them: 2 when guided, else 1."""
+        return 2 if self.guided else 1
+
     def bind(self, conditioning: Conditioning | None) -> Denoiser:
         """A view with per-sample `conditioning` (same network, same guidance scale, same evaluation counter)."""
         view = copy.copy(self)
@@ -197,7 +202,7 @@ class Denoiser:
             raise RuntimeError("a conditional network needs Denoiser.bind(conditioning) before it is called")
         if cond is not None and len(cond) != x.shape[0]:
             raise RuntimeError(f"the bound conditioning has {len(cond)} rows but the batch has {x.shape[0]} samples")
-        calls = x.shape[0] * (2 if self.guided else 1)
+        calls = x.shape[0] * self.per_sample
         self.evaluations += calls
         for watcher in self._watchers:
             watcher(calls)

@@ -154,7 +154,7 @@ def plan_auto(config, setup) -> tuple[list, object]:
     ranking may pick another; all spend the same evaluations per step)."""
     options = candidates(setup)
     first = prepare(dataclasses.replace(config, scheduler=options[0][0], trajectory=options[0][1]), setup)
-    solver, guided = first.solver, 2 if first.solver.den.guided else 1
+    solver, guided = first.solver, first.solver.den.per_sample
     phases = [*(s.phase for s in fitting_steps(first) if s.result == "final"),
               Phase("ranking", f"ranking {len(options)} plain setups on the fit noises",
                     len(options) * first.fit_noise.shape[0] * solver.evaluations * guided),

@@ -49,7 +49,7 @@ def seconds_per_evaluation(run, differentiated: bool = False) -> dict[str, float
         den(x, t)
         if cuda:
             torch.cuda.synchronize(x.device)
-        timings[name] = (time.perf_counter() - started) / (x.shape[0] * (2 if den.guided else 1))
+        timings[name] = (time.perf_counter() - started) / (x.shape[0] * den.per_sample)
         den.evaluations = before
     if cuda:
         timings["peak"] = torch.cuda.max_memory_allocated(run.fit_noise.device)

@@ -4,7 +4,7 @@
     → held-out samples → their references → the distribution gap's reference set                `verdict_steps`
 
 then the verdict and the table (`timetuner.fitting.run.fit_one`). Each step is a phase of the plan
-(`timetuner.fitting.cost.Phase`: its network evaluations, cached or not) together with the work that spends them, so
+(`Phase`: its network evaluations, cached or not) together with the work that spends them, so
 the plan a fit announces (`plan`) is the list it then runs (`perform`), and `--scheduler auto` runs the same steps
 for its best plain setup and for each tuned variant (`timetuner.fitting.auto`). Progress is a callback per step
 (`bars`: a bar over its network evaluations).
@@ -69,7 +69,7 @@ def fitting_steps(run, store=None, show: bool = False) -> list[Step]:
     """The steps that fit `run`'s τ (a prepared `timetuner.fitting.run.Run`), checkpointed in `store`; the last one's
     result, "fitting", is (τ, rows). A learned grid replaces the run's solvers when its step runs."""
     config, solver = run.config, run.solver
-    guided = 2 if solver.den.guided else 1
+    guided = solver.den.per_sample
     n, steps, objective = run.fit_noise.shape[0], config.reference_steps, OBJECTIVES[config.objective]
     learned = config.trajectory == "learned"
     chosen = []
@@ -102,7 +102,7 @@ def verdict_steps(run, plain: bool = True, tuned: bool = True, references: bool 
     coefficients of the "fitting" result), and with `references` the reference solver's images of the x0 gap's
     noises and the yardstick (its reference set grown where short)."""
     config, solver = run.config, run.solver
-    guided, steps = 2 if solver.den.guided else 1, config.reference_steps
+    guided, steps = solver.den.per_sample, config.reference_steps
     lo, hi = run.world.shard(run.eval_noise.shape[0])
     which = " and ".join(name for name, wanted in (("plain", plain), ("tuned", tuned)) if wanted)
     chosen = [Step(Phase("held-out", f"held-out samples, {which}", (plain + tuned) * (hi - lo) * solver.evaluations
