@@ -26,6 +26,12 @@ first gap-n with a reference sample) are means over the sets; "vs_best_plain" is
 configuration (lowest mean distribution gap at that NFE, chosen on these same sets — the comparison is as hard for
 timetuner as it can be) with 95 % intervals over the sets (`evaluation.combine_sets`), for timetuner's variants and
 the next two plain configurations.
+
+Cheaper fits, run only when named in --variants: "auto-s64", "auto-s32" (auto on 64 or 32 fit noises), "auto-r50",
+"auto-r25" (a 50- or 25-step reference for the fit and its own verdict; the sets here keep dpm++-100): what a
+cheaper default for big models costs (docs/results.md, "A cheaper fit for big models"). Every timetuner line
+carries its fit's seconds and network evaluations, its own held-out verdict included ("fit_seconds",
+"fit_evaluations": `FitResult.network_evaluations`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ VARIANTS = ("tau", "grid", "grid+tau", "gradient", "auto", "auto-tau", "coeffici
 COMMON_RUNS = {"auto": dict(scheduler="auto"), "auto-tau": dict(scheduler="auto", coefficients=False),
                "coefficients": dict(scheduler="auto", coefficients=True, force=True),
                "scale": dict(scheduler="auto", coefficients=True, coefficient_parts="scale", force=True)}
+BUDGETS = {"auto-s64": dict(scheduler="auto", samples=64), "auto-s32": dict(scheduler="auto", samples=32),
+           "auto-r50": dict(scheduler="auto", reference_steps=50),
+           "auto-r25": dict(scheduler="auto", reference_steps=25)}
 
 
 def emit(record: dict, out: Path | None) -> None:
@@ -77,7 +86,7 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 
 
 def fitted(args, pipe, den, nfe: int) -> dict:
-    """{variant: (solver over `den`, τ or None, fit seconds, auto's winner, learned coefficients or None)} of
+    """{variant: (solver over `den`, τ or None, (fit seconds, evaluations), auto's winner, learned coefficients or None)} of
     timetuner's variants at nfe."""
     from timetuner import is_flow
     from timetuner.core import Solver
@@ -90,14 +99,16 @@ def fitted(args, pipe, den, nfe: int) -> dict:
     if is_flow(pipe.scheduler.config):  # the flow pipelines' own Euler: τ alone, the learned σ grid with τ; auto
         runs = {"tau": dict(scheduler="flow-euler", trajectory="uniform", force=True),
                 "grid+tau": dict(scheduler="flow-euler", trajectory="learned", force=True), **COMMON_RUNS}
+    runs.update(BUDGETS)
     out = {}
     for variant, options in runs.items():
         if variant not in args.variants and not (variant == "grid+tau" and "grid" in args.variants):
             continue
         started = time.perf_counter()
+        options = {"samples": args.samples, **options}
         result = fit(args.model, out=folder / f"{variant}-{nfe}.safetensors", pipeline=pipe, progress=False, nfe=nfe,
-                     samples=args.samples, seed=0, **options)
-        seconds = round(time.perf_counter() - started, 1)
+                     seed=0, **options)
+        seconds = (round(time.perf_counter() - started, 1), result.network_evaluations)
         table = result.tuned if options.get("force") else result.table
         solver = Solver.for_table(den, pipe.scheduler.config, table)
         taus = None if table.is_identity else table.tau.float()
@@ -144,7 +155,7 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
                        for b, m, (seed, ref) in zip(images[best], images[name], references, strict=True)]
             record["vs_best_plain"] = _figures(combine_sets(records))
         if seconds is not None:
-            record["fit_seconds"] = seconds
+            record["fit_seconds"], record["fit_evaluations"] = seconds
         if winner is not None:
             record["auto_winner"] = winner
         emit(record, out)
