@@ -18,6 +18,7 @@ from timetuner.measuring.fid import (
     INCEPTION_FILE,
     check_reference,
     digits_extractor,
+    extractor_name,
     load_extractor,
     reference_features,
     tensor_features,
@@ -206,6 +207,24 @@ def test_the_inception_path_runs_through_clean_fids_wrapper(monkeypatch, tmp_pat
     feats = tensor_features(images, extractor)
     assert feats.shape == (4, 2048) and np.isfinite(feats).all()
     assert not np.allclose(feats[0], feats[1])  # different digits, different features
+
+
+def test_an_extractor_s_name_is_known_without_loading_its_network(monkeypatch, tmp_path):
+    """The reference set's cache key holds the extractor's name; a fit asks it before the verdict without loading
+    Inception a second time (`extractor_name`), and a missing file is still said at once."""
+    torch.manual_seed(0)
+    path = tmp_path / "stand-in.pt"
+    torch.jit.save(torch.jit.script(_StandInInception()), str(path))
+    monkeypatch.setenv(INCEPTION_ENV, str(path))
+    assert extractor_name("inception") == load_extractor("inception").name
+    assert extractor_name("digits") == load_extractor("digits").name
+    loads = []
+    monkeypatch.setattr("cleanfid.inception_torchscript.InceptionV3W", lambda *a, **k: loads.append(a))
+    extractor_name("inception")
+    assert loads == []
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    with pytest.raises(UserError, match="do not exist"):
+        extractor_name("inception")
 
 
 def test_a_users_module_is_an_extractor(digits):

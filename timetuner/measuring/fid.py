@@ -135,8 +135,11 @@ def inception_extractor(weights: str | None = None, device: torch.device | None 
     except (RuntimeError, OSError, AttributeError) as err:
         raise UserError(f"Inception weights {str(path)!r} cannot be loaded ({err.__class__.__name__}); accepted: "
                         f"the TorchScript file {INCEPTION_FILE} from {INCEPTION_URL}") from None
-    return FeatureExtractor(name=f"inception:{_file_digest(path)}", model=model, fn_resize=build_resizer("clean"),
-                            device=device)
+    return FeatureExtractor(name=_inception_name(path), model=model, fn_resize=build_resizer("clean"), device=device)
+
+
+def _inception_name(path: Path) -> str:
+    return f"inception:{_file_digest(path)}"
 
 
 def _linked_folder(path: Path) -> Path:
@@ -164,13 +167,16 @@ def digits_extractor(path: str | None = None) -> FeatureExtractor:
     def model(x: torch.Tensor) -> torch.Tensor:
         return net.features(x.float().mean(dim=1, keepdim=True) / 127.5 - 1.0)
 
-    weights = Path(path or DIGITS_FEATURES) / WEIGHTS_FILE
-    extractor = FeatureExtractor(name=f"digits:{_content_digest(weights)}", model=model, fn_resize=_as_float)
+    extractor = FeatureExtractor(name=_digits_name(path), model=model, fn_resize=_as_float)
     # Its features are ~40x Inception's scale (x·y/d ≈ 20 on digits): KID uses them in units of their spread
     # on the training digits, a constant of the extractor.
 
     extractor.kid_scale = float(tensor_features(load_digits_tensor("train")[0], extractor).std())
     return extractor
+
+
+def _digits_name(path: str | None) -> str:
+    return f"digits:{_content_digest(Path(path or DIGITS_FEATURES) / WEIGHTS_FILE)}"
 
 
 def module_extractor(spec: str) -> FeatureExtractor:
@@ -202,6 +208,17 @@ def load_extractor(features: str, inception_weights_path: str | None = None) -> 
     if ":" in features:
         return module_extractor(features)
     raise UserError(f"--features {features!r} is not known; accepted: inception, digits, package.module:factory")
+
+
+def extractor_name(features: str, inception_weights_path: str | None = None) -> str:
+    """The name `load_extractor(features, …)` gives its extractor (cache keys hold it), from its weights' digest
+    without loading the network (a user's module is loaded); a missing Inception file is said here, as loading it
+    would say it."""
+    if features == "inception":
+        return _inception_name(inception_weights(inception_weights_path))
+    if features == "digits":
+        return _digits_name(None)
+    return load_extractor(features).name
 
 
 # -- features --------------------------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ import torch
 from timetuner.core.cache import rows_stored
 from timetuner.core.reference import REFERENCE_SET_SEED, reference_block, reference_key, reference_set
 from timetuner.errors import UserError
-from timetuner.measuring.fid import default_reference, load_extractor, reference_features, tensor_features
+from timetuner.measuring.fid import (
+    default_reference,
+    extractor_name,
+    load_extractor,
+    reference_features,
+    tensor_features,
+)
 from timetuner.measuring.metrics import (
     feature_statistics,
     frechet_distance,
@@ -154,23 +160,23 @@ def _applies(model, options: FidOptions) -> bool:
     return options.features != "none" and (options.features != "auto" or model.is_digits or options.ref is not None)
 
 
-def _reference_set_key(model, denoiser_for, reference: str, reference_steps: int, block: int, extractor) -> str:
+def _reference_set_key(model, denoiser_for, reference: str, reference_steps: int, block: int, extractor: str) -> str:
     return reference_key("reference-set", model, denoiser_for(0, block), reference, reference_steps,
-                         REFERENCE_SET_SEED, block, extractor.name)
+                         REFERENCE_SET_SEED, block, extractor)
 
 
 def reference_set_to_compute(model, denoiser_for, reference: str, reference_steps: int, reference_n: int,
                              options: FidOptions | None = None) -> int | None:
     """How many samples of `build_yardstick`'s reference set are not cached yet (0: all are), None where no
-    yardstick applies; from the cache file's header and the feature extractor's name (the extractor is loaded, as the
-    yardstick will load it: a missing Inception file is said now), no sample computed."""
+    yardstick applies; from the cache file's header and the feature extractor's name (`fid.extractor_name`: the
+    network is not loaded, a missing Inception file is said now), no sample computed."""
     options = options or FidOptions()
     if not _applies(model, options):
         return None
     if reference_n <= 0:
         return 0
     block = reference_block(reference_n)
-    extractor = load_extractor(resolve_features(options.features, model.is_digits), options.inception_weights)
+    extractor = extractor_name(resolve_features(options.features, model.is_digits), options.inception_weights)
     key = _reference_set_key(model, denoiser_for, reference, reference_steps, block, extractor)
     have = rows_stored(key) // block * block
     return max(0, -(-reference_n // block) * block - have)
@@ -196,7 +202,7 @@ def build_yardstick(model, denoiser_for, reference: str, reference_steps: int, r
     features = None
     if reference_n > 0:
         block = reference_block(reference_n)
-        key = _reference_set_key(model, denoiser_for, reference, reference_steps, block, extractor)
+        key = _reference_set_key(model, denoiser_for, reference, reference_steps, block, extractor.name)
         bar = None
 
         def advance(done: int, total: int) -> None:  # a bar only when blocks are computed (not on a cache hit)
