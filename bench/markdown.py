@@ -4,6 +4,7 @@ docs/results.md.
     python bench/fit.py | tee fit.jsonl && python bench/markdown.py fit.jsonl
     python bench/train.py --overhead | tee overhead.jsonl && python bench/markdown.py overhead.jsonl
     python bench/markdown.py bench/results/solvers.jsonl          # the leaderboard (bench/solvers.py)
+    python bench/markdown.py bench/results/solvers-budget.jsonl   # with the cheaper fits' table
 """
 
 from __future__ import annotations
@@ -117,6 +118,35 @@ def leaderboard_table(rows: list[dict], plain_shown: int = 4) -> None:
                           "dist. gap vs best plain [95 % CI of the change]", "x0 gap vs best plain", "fit s"], cells))
 
 
+def budget_table(rows: list[dict], base: str = "auto") -> None:
+    """bench/solvers.py's cheaper fits (`--variants auto,auto-s64,…`): per NFE each fit's cost, its figures against
+    the best plain configuration, and the paired change of its x0 and distribution gaps against `base` over the
+    held-out sets (95 % Student-t interval of the mean per-set difference)."""
+    from timetuner.measuring import t_interval
+
+    cells = []
+    for nfe in sorted({r["nfe"] for r in rows}, reverse=True):
+        tuned = {r["method"]: r for r in rows if r["nfe"] == nfe and r["kind"] == "timetuner"}
+        if base not in tuned:
+            continue
+        for name, r in tuned.items():
+            vs, against = r["vs_best_plain"], []
+            for key, digits in (("x0_gap", 4), ("dist_gap", 2)):
+                if name == base:
+                    against.append("—")
+                    continue
+                diff = [c - b for b, c in zip(tuned[base]["vs_best_plain"][key]["per_set"], vs[key]["per_set"],
+                                              strict=True)]
+                low, high = t_interval(diff)
+                against.append(f"{sum(diff) / len(diff):+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+                               + ("" if low > 0 or high < 0 else " n.s."))
+            cells.append([str(nfe), name, r.get("auto_winner", "—"), f"{r['fit_seconds']}",
+                          f"{r['x0_gap']:.4f}", _versus(vs["x0_gap"]), f"{r['dist_gap']:.2f}",
+                          _versus(vs["dist_gap"]), *against])
+    print(markdown_table(["NFE", "fit", "shipped", "fit s", "x0 gap", "vs best plain", "dist. gap", "vs best plain",
+                          f"x0 gap − {base}'s", f"dist. gap − {base}'s"], cells))
+
+
 def main(paths: list[str]) -> None:
     records = [json.loads(line) for path in paths for line in open(path) if line.strip().startswith("{")]
     by = {}
@@ -127,6 +157,9 @@ def main(paths: list[str]) -> None:
         gap_nfe_figure(by["quality"])
     if "leaderboard" in by:
         leaderboard_table(by["leaderboard"])
+        if any(r["method"].startswith("auto-") and r["method"] != "auto-tau" for r in by["leaderboard"]):
+            print()
+            budget_table([r for r in by["leaderboard"] if r["kind"] == "plain" or r["method"].startswith("auto")])
     if "optimizer" in by:
         print()
         optimizer_table(by["optimizer"])

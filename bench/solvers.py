@@ -86,8 +86,8 @@ def plain_configs(den, base, nfe: int, only: list[str] | None):
 
 
 def fitted(args, pipe, den, nfe: int) -> dict:
-    """{variant: (solver over `den`, τ or None, (fit seconds, evaluations), auto's winner, learned coefficients or None)} of
-    timetuner's variants at nfe."""
+    """{variant: (solver over `den`, τ or None, (fit seconds, evaluations), auto's winner, learned coefficients or
+    None)} of timetuner's variants at nfe."""
     from timetuner import is_flow
     from timetuner.core import Solver
     from timetuner.fitting import fit

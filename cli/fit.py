@@ -20,7 +20,11 @@ from timetuner.fitting.config import (
     DEFAULT_N,
     E2E_ITERS,
     E2E_ITERS_LEARNED_GRID,
+    FIT_SAMPLES,
+    FIT_SAMPLES_LATENT,
     GRID_GRADIENT_MAX_NFE,
+    REFERENCE_STEPS,
+    REFERENCE_STEPS_LATENT,
     FitConfig,
 )
 
@@ -39,14 +43,16 @@ HELP = {
     "objective": "e2e (the default: best on held-out figures), paper (Eq. 9/11; the default with --strategy "
                  "parallel) or teacher.",
     "optimizer": "search (bracketed 1-D search) or adam (official recipe).",
-    "samples": "Noises the fit uses.",
+    "samples": f"Noises the fit uses. Default: {FIT_SAMPLES} ({FIT_SAMPLES_LATENT} for latent models, whose fit costs "
+               "hours on one GPU: docs/results.md).",
     "eval_samples": f"Held-out noises for the verdict (distribution gap and data FD). Default: {DEFAULT_N} "
                     f"({DEFAULT_LATENT_N} for latent models).",
     "eval_gap_samples": "Of those, how many carry the x0 gap (each needs a reference sample).",
     "reference_n": "Reference-solver samples the distribution gap is measured against (cached by model; grown when "
                    "more are asked).",
     "data": "parallel: x0 from 'digits' or an image folder; default: the model's own high-NFE samples.",
-    "reference_steps": "Steps of the DPM-Solver++ reference (the converged sampler every gap is measured to).",
+    "reference_steps": "Steps of the DPM-Solver++ reference (the converged sampler every gap is measured to). "
+                       f"Default: {REFERENCE_STEPS} ({REFERENCE_STEPS_LATENT} for latent models).",
     "adam_iters": "adam: iterations per τ.",
     "e2e_iters": f"e2e: Adam iterations on all τ. Default: {E2E_ITERS_LEARNED_GRID} on a learned grid (auto's), "
                  f"{E2E_ITERS} otherwise.",

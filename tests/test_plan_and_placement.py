@@ -118,3 +118,42 @@ def test_the_differentiated_peak_runs_one_backward_pass_and_counts_nothing(tiny_
     assert _differentiated_peak(run.solver, run.fit_noise) == 1234
     assert calls == ["reset", "sync"] and run.solver.den.evaluations == before
     assert all(p.grad is None for p in run.model.network.parameters())  # frozen: the gradient reached the input only
+
+
+def test_a_latent_model_s_fit_takes_the_cheaper_defaults_and_an_explicit_value_wins(sd_folders, tiny_run):
+    """Fit noises, reference steps and held-out noises default by the model's kind (`config.for_model`): the pixel
+    figures for the embedded-size models, the cheaper ones for latent models; a value the user gives is kept."""
+    from timetuner.fitting.config import (
+        DEFAULT_EVAL_SAMPLES,
+        DEFAULT_LATENT_N,
+        FIT_SAMPLES,
+        FIT_SAMPLES_LATENT,
+        REFERENCE_STEPS,
+        REFERENCE_STEPS_LATENT,
+        FitConfig,
+    )
+
+    with one_thread():
+        latent = fitting_run.prepare(FitConfig(nfe=2, scheduler="ddim"), load_model(str(sd_folders["sd"])))
+        given = fitting_run.prepare(FitConfig(nfe=2, scheduler="ddim", samples=8, reference_steps=7),
+                                    load_model(str(sd_folders["sd"])))
+    pixel = fitting_run.prepare(FitConfig(nfe=2, scheduler="ddim"), load_model(str(tiny_run)))
+    assert (latent.config.samples, latent.config.reference_steps, latent.config.eval_samples) == (
+        FIT_SAMPLES_LATENT, REFERENCE_STEPS_LATENT, DEFAULT_LATENT_N)
+    assert latent.fit_noise.shape[0] == FIT_SAMPLES_LATENT and latent.held_out.reference_steps == REFERENCE_STEPS_LATENT
+    assert (pixel.config.samples, pixel.config.reference_steps, pixel.config.eval_samples) == (
+        FIT_SAMPLES, REFERENCE_STEPS, DEFAULT_EVAL_SAMPLES)
+    assert (given.config.samples, given.config.reference_steps, given.fit_noise.shape[0]) == (8, 7, 8)
+
+
+def test_a_plan_of_hours_says_how_to_spend_less():
+    """From an hour on, the plan's lines end with the options that lower the cost and where their price in quality
+    is measured; a short fit's plan does not."""
+    from timetuner.fitting.cost import LONG_FIT, describe
+    from timetuner.fitting.steps import Phase
+
+    phases = [Phase("fitting", "fitting", 1000, gradient=True), Phase("verdict", "held-out samples", 500)]
+    long = describe(phases, {"fit": LONG_FIT / 1000, "held-out": LONG_FIT / 1000})
+    short = describe(phases, {"fit": 1e-3, "held-out": 1e-3})
+    assert "--samples" in long[-1] and "A cheaper fit for big models" in long[-1] and " h" in long[0]
+    assert not any("--samples" in line for line in short)

@@ -86,8 +86,8 @@ def rank_candidates(config, setup) -> list[dict]:
             reference = run.reference(run.fit_noise, config.seed, run.solver, run.fit_rows)
         final = run.solver.rollout(run.fit_noise)
         # over every process's share of the fit noises: the x0 gap (clamped images), and the learned grid's loss
-        gap = run.world.mean(sample_distance(final.clamp(-1, 1), reference.clamp(-1, 1)), config.samples)
-        loss = run.world.mean(sample_distance(final, reference), config.samples)
+        gap = run.world.mean(sample_distance(final.clamp(-1, 1), reference.clamp(-1, 1)), run.config.samples)
+        loss = run.world.mean(sample_distance(final, reference), run.config.samples)
         ranked.append({"scheduler": scheduler, "trajectory": trajectory, "fit_x0_gap": float(gap),
                        "grid_loss": float(loss), "grid": tuple(int(v) for v in run.solver.t), "run": run})
     return sorted(ranked, key=lambda c: c["fit_x0_gap"])

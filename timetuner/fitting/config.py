@@ -54,6 +54,11 @@ COEFFICIENT_PARTS = ("all", "scale", "corrections")
 
 
 DEFAULT_EVAL_SAMPLES = DEFAULT_N  # the held-out protocol's constants have one home: timetuner.measuring.yardstick
+# Fit noises and reference steps: pixel models (the embedded ones) and latent models (every published checkpoint,
+# whose plan at the pixel defaults says hours on one GPU). The latent ones were chosen by measurement on the embedded
+# models: docs/results.md, "A cheaper fit for big models".
+FIT_SAMPLES, FIT_SAMPLES_LATENT = 128, 64
+REFERENCE_STEPS, REFERENCE_STEPS_LATENT = 100, 50
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class FitConfig:
     # whose states are independent of the other τ by construction.
     objective: str | None = None
     optimizer: str = "search"
-    samples: int = 128  # fit noises (its cost on the embedded model: docs/results.md)
+    samples: int | None = None  # fit noises; None: FIT_SAMPLES, FIT_SAMPLES_LATENT for latent models (`for_model`)
     eval_samples: int | None = None  # held-out noises; None: DEFAULT_N for pixel models, DEFAULT_LATENT_N for latent
     eval_gap_samples: int = DEFAULT_GAP_N  # of which the first this many carry the x0 gap
     reference_n: int = DEFAULT_REFERENCE_N  # samples of the reference solver the distribution gap is measured against
@@ -95,7 +100,7 @@ class FitConfig:
     coefficient_iters: int | None = None  # e2e iterations of a fit with coefficients; None: COEFFICIENT_ITERS
     coefficient_parts: str = "all"  # which coefficients: "all", "scale" (output scales only), "corrections"
     reference: str = "dpm++"  # reference sampler: "dpm++" (DPM-Solver++ 2M) or "ddim"
-    reference_steps: int = 100
+    reference_steps: int | None = None  # None: REFERENCE_STEPS, REFERENCE_STEPS_LATENT for latent models
     features: str = "auto"  # "digits", "none" or "auto" (digits for digits models)
     # image side in pixels, or (height, width) (latents: / VAE factor); None: the network's own
     resolution: int | tuple[int, int] | None = None
@@ -160,7 +165,7 @@ def validate(config: FitConfig, flow: bool | None = None) -> None:
                         ("--reference-steps", config.reference_steps), ("--adam-iters", config.adam_iters),
                         ("--e2e-iters", config.e2e_iters), ("--search-points", config.search_points),
                         ("--coefficient-iters", config.coefficient_iters)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{name} {value} is invalid; accepted: integers >= 1")
     if config.grid_gradient and not grid_can_move(config):
         raise UserError("--grid-gradient moves a learned grid with τ by the e2e gradient; accepted: --scheduler "
@@ -207,6 +212,15 @@ def resolved(config: FitConfig, flow: bool | None = None) -> FitConfig:
     if config.coefficient_iters is None:
         config = dataclasses.replace(config, coefficient_iters=COEFFICIENT_ITERS)
     return config
+
+
+def for_model(config: FitConfig, latent: bool) -> FitConfig:
+    """The config with the defaults that depend on the model's size filled in: fit noises, reference steps and
+    held-out noises, cheaper for latent models (see the constants above)."""
+    defaults = {"samples": FIT_SAMPLES_LATENT if latent else FIT_SAMPLES,
+                "reference_steps": REFERENCE_STEPS_LATENT if latent else REFERENCE_STEPS,
+                "eval_samples": DEFAULT_LATENT_N if latent else DEFAULT_EVAL_SAMPLES}
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
 def check_coefficients_apply(config: FitConfig) -> None:

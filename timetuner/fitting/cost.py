@@ -18,6 +18,8 @@ import torch
 
 from timetuner.fitting.steps import Phase, plan  # noqa: F401 (a fit's phases are its steps': their home)
 
+LONG_FIT = 3600  # seconds from which the plan says how to spend less
+
 
 def plan_lines(run, phases: list[Phase]) -> list[str]:
     """What the user reads before a fit: each phase's evaluations, the total and its time at one timed batch's rate,
@@ -115,6 +117,10 @@ def describe(phases: list[Phase], per_evaluation: dict[str, float], processes: i
     lines.insert(0, f"plan: {total:,} network evaluations{share}, about {_duration(seconds)} (from one timed batch: "
                     f"{per_evaluation['fit'] * 1e3:.3g} ms each in the fit's, {per_evaluation['held-out'] * 1e3:.3g} "
                     "ms in the held-out ones')")
+    if seconds >= LONG_FIT:
+        lines.append(f"  {_duration(seconds)}: fewer --samples, --no-coefficients, or one --scheduler with its "
+                     "--trajectory cost less (what each costs in quality: docs/results.md, \"A cheaper fit for big "
+                     "models\")")
     return lines
 
 

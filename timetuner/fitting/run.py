@@ -36,13 +36,13 @@ from timetuner.core.prompts import conditioning_for
 from timetuner.core.solver import Solver, pipeline_grid
 from timetuner.errors import UserError
 from timetuner.files import write_atomic
-from timetuner.fitting.config import DEFAULT_EVAL_SAMPLES, EVAL_SEED_OFFSET, FitConfig, FitResult, resolve_conditioning
+from timetuner.fitting.config import EVAL_SEED_OFFSET, FitConfig, FitResult, for_model, resolve_conditioning
 from timetuner.fitting.cost import plan_lines
 from timetuner.fitting.joint import row_coefficients
 from timetuner.fitting.steps import bars, fitting_steps, perform, verdict_steps
 from timetuner.measuring.heldout import HeldOut
 from timetuner.measuring.verdict import is_better, judge
-from timetuner.measuring.yardstick import DEFAULT_LATENT_N, FidOptions
+from timetuner.measuring.yardstick import FidOptions
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -167,9 +167,7 @@ def prepare(config: FitConfig, model) -> Run:
     """Resolve the conditioning, bind it, build the solver and draw the fit and held-out noises."""
     den, kind = model.denoiser, model.kind
     config = resolve_conditioning(config, kind, repr(model.name), model.network)
-    if config.eval_samples is None:
-        default = DEFAULT_EVAL_SAMPLES if model.vae is None else DEFAULT_LATENT_N
-        config = dataclasses.replace(config, eval_samples=default)
+    config = for_model(config, latent=model.vae is not None)
     if model.vae is not None:
         if config.features == "digits":
             raise UserError("--features digits needs a pixel-space digits model, and this model samples latents; "
