@@ -43,8 +43,8 @@ HELP = {
     "objective": "e2e (the default: best on held-out figures), paper (Eq. 9/11; the default with --strategy "
                  "parallel) or teacher.",
     "optimizer": "search (bracketed 1-D search) or adam (official recipe).",
-    "samples": f"Noises the fit uses. Default: {FIT_SAMPLES} ({FIT_SAMPLES_LATENT} for latent models, whose fit costs "
-               "hours on one GPU: docs/results.md).",
+    "samples": f"Noises the fit uses. Default: {FIT_SAMPLES} ({FIT_SAMPLES_LATENT} for latent models: half the cost, "
+               "most of the gain; docs/results.md).",
     "eval_samples": f"Held-out noises for the verdict (distribution gap and data FD). Default: {DEFAULT_N} "
                     f"({DEFAULT_LATENT_N} for latent models).",
     "eval_gap_samples": "Of those, how many carry the x0 gap (each needs a reference sample).",

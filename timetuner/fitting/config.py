@@ -215,8 +215,8 @@ def resolved(config: FitConfig, flow: bool | None = None) -> FitConfig:
 
 
 def for_model(config: FitConfig, latent: bool) -> FitConfig:
-    """The config with the defaults that depend on the model's size filled in: fit noises, reference steps and
-    held-out noises, cheaper for latent models (see the constants above)."""
+    """The config with the defaults that depend on the model's kind filled in: fit noises, reference steps and
+    held-out noises, fewer for latent models (see the constants above); a value given is kept."""
     defaults = {"samples": FIT_SAMPLES_LATENT if latent else FIT_SAMPLES,
                 "reference_steps": REFERENCE_STEPS_LATENT if latent else REFERENCE_STEPS,
                 "eval_samples": DEFAULT_LATENT_N if latent else DEFAULT_EVAL_SAMPLES}
