@@ -159,7 +159,7 @@ def main(paths: list[str]) -> None:
         leaderboard_table(by["leaderboard"])
         if any(r["method"].startswith("auto-") and r["method"] != "auto-tau" for r in by["leaderboard"]):
             print()
-            budget_table([r for r in by["leaderboard"] if r["kind"] == "plain" or r["method"].startswith("auto")])
+            budget_table([r for r in by["leaderboard"] if r["method"].startswith("auto")])
     if "optimizer" in by:
         print()
         optimizer_table(by["optimizer"])

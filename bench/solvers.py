@@ -108,13 +108,13 @@ def fitted(args, pipe, den, nfe: int) -> dict:
         options = {"samples": args.samples, **options}
         result = fit(args.model, out=folder / f"{variant}-{nfe}.safetensors", pipeline=pipe, progress=False, nfe=nfe,
                      seed=0, **options)
-        seconds = (round(time.perf_counter() - started, 1), result.network_evaluations)
+        cost = (round(time.perf_counter() - started, 1), result.network_evaluations)
         table = result.tuned if options.get("force") else result.table
         solver = Solver.for_table(den, pipe.scheduler.config, table)
         taus = None if table.is_identity else table.tau.float()
-        out[variant] = (solver, taus, seconds, table.metadata.get("auto", {}).get("winner"), table.coefficients)
+        out[variant] = (solver, taus, cost, table.metadata.get("auto", {}).get("winner"), table.coefficients)
         if variant == "grid+tau":
-            out["grid"] = (solver, None, seconds, None, None)
+            out["grid"] = (solver, None, cost, None, None)
     return {k: v for k, v in out.items() if k in args.variants}
 
 
@@ -142,7 +142,7 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
     score = {name: sum(r.get("dist_gap", r["x0_gap"]) for r in own[name]) / args.sets for name in methods}
     ranked = sorted(plain_names, key=score.get)
     best = ranked[0]
-    for name, (solver, taus, seconds, winner, coefficients) in methods.items():
+    for name, (solver, taus, cost, winner, coefficients) in methods.items():
         means = {key: round(sum(r[key] for r in own[name]) / args.sets, 5)
                  for key in ("dist_gap", "x0_gap", "data_fd") if key in own[name][0]}
         record = {"figure": "leaderboard", "nfe": nfe, "method": name,
@@ -154,8 +154,8 @@ def leaderboard(args, model, pipe, yard, nfe: int, out: Path | None) -> None:
             records = [{"seed": seed, **judge(yard, b, m, ref.cpu(), "dpm++-100", bootstrap=args.bootstrap)}
                        for b, m, (seed, ref) in zip(images[best], images[name], references, strict=True)]
             record["vs_best_plain"] = _figures(combine_sets(records))
-        if seconds is not None:
-            record["fit_seconds"], record["fit_evaluations"] = seconds
+        if cost is not None:
+            record["fit_seconds"], record["fit_evaluations"] = cost
         if winner is not None:
             record["auto_winner"] = winner
         emit(record, out)
